@@ -1,0 +1,217 @@
+"""bltkit's model directory format (docs/checkpoint_format.md): `config.json` + `model.safetensors`,
+plus `entropy_model/` (same two files) for a BLT that patches by entropy.
+
+Directories are written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written model where a good one was. Loading checks every key and shape and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CONFIG_VERSION, BLTConfig, EntropyModelConfig, from_dict, to_dict
+
+FORMAT = "bltkit"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+ENTROPY_DIR = "entropy_model"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, corrupt, or does not match its config."""
+
+
+def _config_payload(cfg: BLTConfig | EntropyModelConfig) -> dict:
+    kind = "blt" if isinstance(cfg, BLTConfig) else "entropy_model"
+    return {"format": FORMAT, "config_version": CONFIG_VERSION, "kind": kind, **to_dict(cfg)}
+
+
+def _write_dir(state: dict[str, torch.Tensor], cfg, out: Path, dtype: torch.dtype | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        v = v.contiguous()
+        if v.data_ptr() in seen:  # safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.data_ptr())
+        tensors[k] = v
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(_config_payload(cfg), indent=2) + "\n")
+
+
+def atomic_dir(path: str | os.PathLike):
+    """Context manager yielding a temporary directory that replaces `path` on success."""
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Save a `BLT` or `EntropyModel` as a bltkit model directory (atomically)."""
+    from .model import BLT
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        if isinstance(model, BLT):
+            _write_dir(model.blt_state_dict(), model.config, tmp, dtype)
+            if model.entropy_model is not None:
+                _write_dir(model.entropy_model.state_dict(), model.entropy_model.config, tmp / ENTROPY_DIR, dtype)
+        else:
+            _write_dir(model.state_dict(), model.config, tmp, dtype)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> BLTConfig | EntropyModelConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; a bltkit model is a folder with {CONFIG} and {WEIGHTS}")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no {CONFIG}; is it a bltkit model directory? "
+                              "(convert foreign checkpoints with `blt convert`)")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if d.get("format") != FORMAT:
+        hint = " (a transformers or Meta checkpoint? use `blt convert SRC DST --from hf|meta`)" \
+            if "model_type" in d or "args" in d else ""
+        raise CheckpointError(f"{cfg_file} is not a bltkit config (format={d.get('format')!r}){hint}")
+    version = d.get("config_version", 0)
+    if version > CONFIG_VERSION:
+        raise CheckpointError(f"{cfg_file} has config_version {version}, newer than this bltkit "
+                              f"({CONFIG_VERSION}); upgrade bltkit")
+    d = migrate_config(d)
+    kind = d.pop("kind", "blt")
+    cls = BLTConfig if kind == "blt" else EntropyModelConfig
+    try:
+        return from_dict(cls, d)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def migrate_config(d: dict) -> dict:
+    """Bring an older saved config to CONFIG_VERSION (version 1 is the first)."""
+    d = dict(d)
+    if d.get("config_version", 1) < 1:
+        raise CheckpointError(f"unknown config_version {d.get('config_version')}")
+    return d
+
+
+def load_state(path: Path, device) -> dict[str, torch.Tensor]:
+    f = path / WEIGHTS
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    try:
+        return load_file(str(f), device=str(device) if device is not None else "cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{f} is unreadable or truncated ({e}); re-save or re-convert the model") from None
+
+
+def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path, skip_prefix: str = "") -> None:
+    """Raise CheckpointError naming every missing, unexpected or misshapen tensor."""
+    expected = {k: v.shape for k, v in module.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
+              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}")
+    if shapes:
+        problems.append("shape mismatch: " + "; ".join(shapes[:8]))
+    if problems:
+        raise CheckpointError(f"{where / WEIGHTS} does not match {where / CONFIG}: " + " | ".join(problems))
+
+
+def _build(cfg):
+    from .model import BLT, EntropyModel
+
+    with torch.device("meta"):
+        return BLT(cfg) if isinstance(cfg, BLTConfig) else EntropyModel(cfg)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None):
+    """Load a bltkit model directory as a `BLT` (or `EntropyModel`), in eval mode.
+
+    Args:
+        path: the model directory.
+        device: where to put the weights (default CPU).
+        dtype: cast floating weights to this dtype (default: as stored).
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    model = _build(cfg)
+    state = load_state(path, device)
+    if isinstance(cfg, BLTConfig):
+        check_state(model, state, path, skip_prefix="entropy_model.")
+        if cfg.entropy_model is not None:
+            ent_path = path / ENTROPY_DIR
+            ent_cfg = read_config(ent_path)
+            if ent_cfg != cfg.entropy_model:
+                raise CheckpointError(f"{ent_path / CONFIG} does not match the entropy_model section of "
+                                      f"{path / CONFIG}")
+            ent_state = load_state(ent_path, device)
+            check_state(model.entropy_model, ent_state, ent_path)
+            state.update({f"entropy_model.{k}": v for k, v in ent_state.items()})
+    else:
+        check_state(model, state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if isinstance(cfg, BLTConfig) and model.entropy_model is not None:
+        model.entropy_model.requires_grad_(False)
+    return model.eval()
+
+
+def load_entropy_model(path: str | os.PathLike, device=None, dtype=None):
+    """An entropy model from its own directory or from a BLT directory's `entropy_model/`."""
+    path = Path(path)
+    cfg = read_config(path)
+    if isinstance(cfg, BLTConfig):
+        path = path / ENTROPY_DIR
+    model = load_model(path, device=device, dtype=dtype)
+    return model
+
+
+def init_model(cfg: BLTConfig | EntropyModelConfig, seed: int = 42, device=None):
+    """A randomly initialised model (built on the meta device, then materialised)."""
+    model = _build(cfg)
+    model.to_empty(device=device or "cpu")
+    model.init_weights(seed)
+    return model.eval()

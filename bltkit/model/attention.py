@@ -1,0 +1,127 @@
+"""Attention masks and the two attention paths that must agree.
+
+Every mask is one `mask_mod(b, h, q, kv) -> bool` built from 1-D lookups (document ids, patch
+ids), so the dense boolean mask used by the SDPA reference path and the FlexAttention BlockMask
+come from the same function. Rows with no visible key return 0 on both paths (spec §6.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("sdpa", "flex")
+_compiled_flex = None
+
+
+def _flex_attention():
+    """flex_attention, compiled on CUDA (eager flex is a slow reference there), eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return flex_attention, _compiled_flex
+
+
+class Mask:
+    """A boolean mask over (batch, query, key), given as a mask_mod; materialised on demand."""
+
+    def __init__(self, mask_mod: Callable, B: int, Q: int, K: int, device: torch.device, impl: str = "sdpa"):
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+        self.mask_mod, self.B, self.Q, self.K, self.device, self.impl = mask_mod, B, Q, K, device, impl
+        self._dense: torch.Tensor | None = None
+        self._block = None
+
+    def dense(self) -> torch.Tensor:
+        """Boolean [B, 1, Q, K], True = may attend."""
+        if self._dense is None:
+            b = torch.arange(self.B, device=self.device)[:, None, None, None]
+            h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=self.device)
+            q = torch.arange(self.Q, device=self.device)[None, None, :, None]
+            kv = torch.arange(self.K, device=self.device)[None, None, None, :]
+            self._dense = self.mask_mod(b, h, q, kv).expand(self.B, 1, self.Q, self.K)
+        return self._dense
+
+    def block_mask(self):
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            self._block = create_block_mask(self.mask_mod, self.B, None, self.Q, self.K, device=self.device)
+        return self._block
+
+
+def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    """Scaled dot-product attention (scale 1/sqrt(H)); GQA when k/v have fewer heads."""
+    gqa = q_BNQH.shape[1] != k_BNKH.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BNQH, k_BNKH, v_BNKH, enable_gqa=gqa)
+    if mask.impl == "flex":
+        eager, compiled = _flex_attention()
+        fn = compiled if q_BNQH.is_cuda else eager
+        return fn(q_BNQH, k_BNKH, v_BNKH, block_mask=mask.block_mask(), enable_gqa=gqa)
+    dense = mask.dense()
+    has_key = dense.any(-1, keepdim=True)  # B 1 Q 1
+    out = F.scaled_dot_product_attention(q_BNQH, k_BNKH, v_BNKH, attn_mask=dense | ~has_key, enable_gqa=gqa)
+    return out.masked_fill(~has_key, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask factories (spec §6.5). `doc_*` lookups are None when document masking is off.
+
+
+def document_ids(tokens_BT: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
+    """Document index of every byte: a document ends after each EOS (the EOS belongs to it)."""
+    is_eos = (tokens_BT == eos_id).to(torch.int32)
+    return (is_eos.cumsum(1) - is_eos).to(torch.int32)
+
+
+def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, device, impl: str,
+               q_offset: int = 0) -> Mask:
+    """Causal, sliding window of `window` keys (query included), same document."""
+
+    def mask_mod(b, h, q, kv):
+        qa = q + q_offset
+        m = kv <= qa
+        if window is not None:
+            m = m & (qa - kv < window)
+        if doc_BT is not None:
+            m = m & (doc_BT[b, qa] == doc_BT[b, kv])
+        return m
+
+    return Mask(mask_mod, B, T - q_offset, T, device, impl)
+
+
+def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str) -> Mask:
+    """Causal over patches, same patch-document."""
+
+    def mask_mod(b, h, q, kv):
+        m = kv <= q
+        if pdoc_BP is not None:
+            m = m & (pdoc_BP[b, q] == pdoc_BP[b, kv])
+        return m
+
+    return Mask(mask_mod, B, P, P, device, impl)
+
+
+def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
+    """Unit u = p*K + r (query) sees the bytes t of patch p: pid(t) = p."""
+    B, T = pid_BT.shape
+
+    def mask_mod(b, h, q, kv):
+        return pid_BT[b, kv] == q // K
+
+    return Mask(mask_mod, B, P * K, T, pid_BT.device, impl)
+
+
+def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
+    """Byte t (query) sees the K units of patch d(t) (spec §4.8)."""
+    B, T = dec_BT.shape
+
+    def mask_mod(b, h, q, kv):
+        return dec_BT[b, q] == kv // K
+
+    return Mask(mask_mod, B, T, P * K, dec_BT.device, impl)

@@ -1,0 +1,195 @@
+"""The Byte Latent Transformer: wires embeddings, patcher, encoder, global model and decoder.
+
+`BLT(config)` is stateless between calls: `forward(tokens_BT, patch_lengths=None)` patches with
+its own patcher when no lengths are given and returns next-byte logits [B, T, V] in fp32.
+Legend: B batch, T bytes, P patches, K cross_attn_k, D width, V vocab (260).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..bytes import EOS_ID, check_ids
+from ..config import BLTConfig
+from . import patching
+from .attention import (
+    IMPLS,
+    decoder_cross_mask,
+    document_ids,
+    encoder_cross_mask,
+    global_mask,
+    local_mask,
+)
+from .entropy import EntropyModel
+from .global_transformer import GlobalTransformer
+from .hashing import all_hash_ids
+from .layers import trunc_normal_
+from .local_decoder import LocalDecoder
+from .local_encoder import LocalEncoder
+from .transformer import positions_cos_sin
+
+
+@dataclass
+class PatchLayout:
+    """Everything derived from the patch lengths of one batch."""
+
+    lengths_BP: torch.Tensor  # T+1 convention
+    pid_BT: torch.Tensor  # encoder patch of each byte
+    dec_BT: torch.Tensor  # global patch each byte's decoder reads
+
+    @property
+    def n_patches(self) -> int:
+        return self.lengths_BP.shape[1]
+
+
+class BLT(nn.Module):
+    def __init__(self, config: BLTConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.local_encoder = LocalEncoder(c.encoder, c.vocab_size, c.cross_attn_k, c.norm_eps)
+        self.global_transformer = GlobalTransformer(c.global_transformer, c.cross_attn_k * c.encoder.dim, c.norm_eps)
+        self.local_decoder = LocalDecoder(c.decoder, c.global_transformer.dim, c.vocab_size, c.cross_attn_k,
+                                          c.norm_eps)
+        self.encoder_hash_tok_embedding = (
+            nn.Embedding(c.n_hash_tables * c.hash_vocab, c.encoder.dim) if c.n_hash_tables else None
+        )
+        self.entropy_model = EntropyModel(c.entropy_model) if c.entropy_model is not None else None
+        if self.entropy_model is not None:
+            self.entropy_model.requires_grad_(False)  # frozen patcher (spec §3)
+        self.attn_impl = "sdpa"
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def set_attn_impl(self, impl: str) -> BLT:
+        """"sdpa" (reference, dense masks, runs anywhere) or "flex" (block masks, for GPUs)."""
+        if impl not in IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+        self.attn_impl = impl
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.local_encoder.tok_embeddings.weight.device
+
+    # -- embeddings and patching ---------------------------------------------------------------
+
+    def embed(self, tokens_BT: torch.Tensor, history_BH: torch.Tensor | None = None) -> torch.Tensor:
+        """e_t = E_byte[x_t] + Σ_n E_hash[id_n(t)]: a plain sum (spec §5.2)."""
+        e = self.local_encoder.tok_embeddings(tokens_BT)
+        if self.encoder_hash_tok_embedding is not None:
+            c = self.config
+            for ids in all_hash_ids(tokens_BT, c.hash_sizes, c.hash_functions, c.hash_vocab, history_BH):
+                e = e + self.encoder_hash_tok_embedding(ids)
+        return e
+
+    def patch_starts(self, tokens_BT: torch.Tensor, entropies_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean [B, T+1]: which positions start a patch under this model's patcher."""
+        pc = self.config.patcher
+        B, T = tokens_BT.shape
+        if pc.mode == "entropy":
+            if entropies_BT is None:
+                if self.entropy_model is None:
+                    raise ValueError("entropy patching needs an entropy model; load one or pass patch_lengths")
+                entropies_BT = self.entropy_model.entropies(tokens_BT, impl=self.attn_impl,
+                                                            doc_masks=self.config.doc_masks)
+            starts = patching.entropy_starts(entropies_BT, pc.threshold, pc.threshold_add, pc.monotonicity)
+        elif pc.mode == "space":
+            starts = patching.space_starts(tokens_BT)
+        elif pc.mode == "static":
+            starts = patching.static_starts(B, T, int(pc.patch_size), tokens_BT.device)
+        else:
+            starts = patching.byte_starts(B, T, tokens_BT.device)
+        if pc.doc_boundaries:
+            starts = starts | patching.document_starts(tokens_BT)
+        if pc.max_patch_length is not None:
+            starts = patching.limit_patch_length(starts, pc.max_patch_length)
+        return starts
+
+    @torch.no_grad()
+    def patch(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Patch lengths [B, P] (T+1 convention, zero-padded) from this model's patcher."""
+        return patching.starts_to_lengths(self.patch_starts(tokens_BT))
+
+    def layout(self, patch_lengths_BP: torch.Tensor, T: int) -> PatchLayout:
+        lengths = patching.normalize_lengths(patch_lengths_BP, T).to(self.device)
+        if lengths.shape[1] > self.config.max_patches:
+            raise ValueError(f"{lengths.shape[1]} patches exceed the global transformer's limit of "
+                             f"{self.config.max_patches} (config.max_patches); use shorter inputs")
+        pid, dec = patching.patch_ids(lengths, T)
+        return PatchLayout(lengths, pid, dec)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def check_tokens(self, tokens_BT: torch.Tensor) -> None:
+        if tokens_BT.dim() != 2:
+            raise ValueError(f"tokens must be [batch, bytes], got shape {tuple(tokens_BT.shape)}")
+        if tokens_BT.shape[1] == 0:
+            raise ValueError("empty input: a sequence needs at least the BOS id")
+        if tokens_BT.shape[1] > self.config.max_bytes:
+            raise ValueError(f"sequence of {tokens_BT.shape[1]} bytes exceeds the model's limit of "
+                             f"{self.config.max_bytes} (config.max_bytes)")
+        check_ids(tokens_BT, self.config.vocab_size)
+
+    def forward(self, tokens_BT: torch.Tensor, patch_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-byte logits [B, T, V] (fp32); `logits[:, t]` predicts byte t+1.
+
+        Args:
+            tokens_BT: ids with BOS first (see `bltkit.bytes.encode`).
+            patch_lengths: [B, P] lengths starting with a length-1 patch and summing to T or T+1
+                per row; None patches with the model's own patcher.
+        """
+        self.check_tokens(tokens_BT)
+        T = tokens_BT.shape[1]
+        if patch_lengths is None:
+            patch_lengths = self.patch(tokens_BT)
+        lay = self.layout(patch_lengths, T)
+        return self.forward_layout(tokens_BT, lay)
+
+    def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:
+        c, impl, dev = self.config, self.attn_impl, tokens_BT.device
+        B, T = tokens_BT.shape
+        P, K = lay.n_patches, c.cross_attn_k
+        doc = document_ids(tokens_BT) if c.doc_masks else None
+        enc_self = local_mask(T, c.encoder.window, doc, B, dev, impl)
+        dec_self = enc_self if c.decoder.window == c.encoder.window else local_mask(T, c.decoder.window, doc, B,
+                                                                                      dev, impl)
+        enc_cos, enc_sin = positions_cos_sin(T, c.encoder, dev)
+        h, units = self.local_encoder(self.embed(tokens_BT), lay.pid_BT, P, enc_self,
+                                      encoder_cross_mask(lay.pid_BT, P, K, impl), enc_cos, enc_sin)
+        g_in = units.reshape(B, P, K * c.encoder.dim)  # concat_k
+        pdoc = self.patch_documents(tokens_BT, lay) if c.doc_masks else None
+        g_cos, g_sin = positions_cos_sin(P, c.global_transformer, dev)
+        g = self.global_transformer(g_in, global_mask(P, pdoc, B, dev, impl), g_cos, g_sin)
+        dec_cos, dec_sin = (enc_cos, enc_sin) if c.decoder.head_dim == c.encoder.head_dim and \
+            c.decoder.rope_theta == c.encoder.rope_theta else positions_cos_sin(T, c.decoder, dev)
+        return self.local_decoder(h, g, dec_self, decoder_cross_mask(lay.dec_BT, P, K, impl), dec_cos, dec_sin)
+
+    @staticmethod
+    def patch_documents(tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:
+        """Patch-document id: a patch holding an EOS ends its document (spec §6.5)."""
+        B = tokens_BT.shape[0]
+        has_eos = torch.zeros(B, lay.n_patches, dtype=torch.int32, device=tokens_BT.device)
+        has_eos.scatter_reduce_(1, lay.pid_BT, (tokens_BT == EOS_ID).to(torch.int32), reduce="amax")
+        return has_eos.cumsum(1) - has_eos
+
+    # -- weights -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 42) -> None:
+        """Meta's from-scratch initialisation (spec §6.7), deterministic for a seed."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        self.local_encoder.init_weights(g)
+        if self.encoder_hash_tok_embedding is not None:
+            trunc_normal_(self.encoder_hash_tok_embedding.weight, self.config.encoder.dim**-0.5, g)
+        self.global_transformer.init_weights(g)
+        self.local_decoder.init_weights(g)
+        if self.entropy_model is not None:
+            self.entropy_model.init_weights(seed + 1)
+
+    def blt_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the BLT proper (the entropy model is stored in its own folder)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("entropy_model.")}

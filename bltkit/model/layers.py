@@ -1,0 +1,164 @@
+"""Building blocks shared by every BLT stack: RMSNorm, interleaved RoPE, SwiGLU, attention, Block.
+
+Module and parameter names follow Meta's checkpoint keys (`attention.wq`, `feed_forward.w1`,
+`attention_norm`, ...), so importing Meta weights is the identity mapping (style §3).
+Legend: B batch, T queries, S keys, N heads, H head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Mask, attend
+
+
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back (spec §6.2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [..., H/2] in fp32 for integer `positions` (spec §6.4); computed on the fly,
+    so they never appear in checkpoints and positions are unbounded."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BTNH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved feature pairs (2i, 2i+1) of every head; cos/sin are [B or 1, T, H/2]."""
+    xf = x_BTNH.float().unflatten(-1, (-1, 2))  # B T N H/2 2
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).to(x_BTNH.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE and optional GQA; the mask decides what is visible."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Projected, rotated q [B,T,N,H] and k, v [B,T,Nkv,H] (used by the KV caches too)."""
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+        q, k, v = self.qkv(x_BTD, cos, sin)
+        out_BNTH = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out_BNTH.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention between bytes and patch units (spec §7.5): separate RMSNorms on the query
+    and key/value inputs, no RoPE. Returns A only; callers apply the double residual
+    `x <- 2x + A` that the released weights need (spec §16.1)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.cross_attn_norm_q = RMSNorm(dim, eps)
+        self.cross_attn_norm_kv = RMSNorm(dim, eps)
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def kv(self, kv_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B,Nkv,S,H] of the key/value input (cached per patch in generation)."""
+        B, S, _ = kv_BSD.shape
+        kvn = self.cross_attn_norm_kv(kv_BSD)
+        k = self.wk(kvn).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(kvn).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def attend_kv(self, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(self.cross_attn_norm_q(x_BTD)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        out_BNTH = attend(q, k, v, mask)
+        return self.wo(out_BNTH.transpose(1, 2).flatten(2))
+
+    def forward(self, x_BTD: torch.Tensor, kv_BSD: torch.Tensor, mask: Mask) -> torch.Tensor:
+        k, v = self.kv(kv_BSD)
+        return self.attend_kv(x_BTD, k, v, mask)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(n1(x)), then + FFN(n2(.)) (spec §6.1)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.attention = Attention(dim, n_heads, n_kv_heads)
+        self.feed_forward = FeedForward(dim, ffn_dim)
+        self.attention_norm = RMSNorm(dim, eps)
+        self.ffn_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def trunc_normal_(w: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """Truncated normal at ±3σ (spec §6.7)."""
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+def init_block(block: TransformerBlock, depth_index: int, generator: torch.Generator | None) -> None:
+    """Meta's "current_depth" rule: σ divided by sqrt(2 (layer + 1)) (spec §6.7)."""
+    factor = math.sqrt(2 * (depth_index + 1))
+    dim = block.attention.wq.in_features
+    hidden = block.feed_forward.w1.out_features
+    for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.attention.wo,
+                block.feed_forward.w1, block.feed_forward.w3):
+        trunc_normal_(lin.weight, dim**-0.5 / factor, generator)
+    trunc_normal_(block.feed_forward.w2.weight, hidden**-0.5 / factor, generator)
+    block.attention_norm.reset_parameters()
+    block.ffn_norm.reset_parameters()
+
+
+def init_cross(layer: CrossAttention, depth_index: int, generator: torch.Generator | None) -> None:
+    factor = math.sqrt(2 * (depth_index + 1))
+    dim = layer.wq.in_features
+    for lin in (layer.wq, layer.wk, layer.wv, layer.wo):
+        trunc_normal_(lin.weight, dim**-0.5 / factor, generator)
+    layer.cross_attn_norm_q.reset_parameters()
+    layer.cross_attn_norm_kv.reset_parameters()
