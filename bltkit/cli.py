@@ -1,0 +1,264 @@
+"""The `blt` command: argparse subcommands that call library functions.
+
+torch and the model code are imported inside the handlers so that `blt --help` is instant.
+Each subcommand has an `add_<cmd>_args(p)` and a `cmd_<cmd>(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _read_text_arg(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+# -- init -----------------------------------------------------------------------------------------
+
+
+def add_init_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", help="preset name: tiny, small, blt-1b, blt-7b, entropy-tiny, entropy-small, entropy-100m")
+    p.add_argument("out", help="model directory to write")
+    p.add_argument("--seed", type=int, default=42, help="initialisation seed (default 42)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="store weights in this dtype")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. patcher.mode=space")
+
+
+def cmd_init(args) -> None:
+    from .checkpoint import init_model, save_model
+    from .config import apply_overrides
+    from .presets import get_preset
+
+    cfg = get_preset(args.preset)
+    if args.overrides:
+        cfg = apply_overrides(cfg, args.overrides)
+    model = init_model(cfg, seed=args.seed)
+    save_model(model, args.out, dtype=_dtype(args.dtype))
+    print(f"wrote a random-weight {args.preset} model to {args.out}")
+
+
+# -- info -----------------------------------------------------------------------------------------
+
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory (or a preset name)")
+    p.add_argument("--mean-patch-len", type=float, default=4.5, help="mean patch length for FLOPs (default 4.5)")
+    p.add_argument("--seq-len", type=int, default=None, help="bytes per row for attention FLOPs (default max_bytes)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_info(args) -> None:
+    from pathlib import Path
+
+    from . import flops
+    from .checkpoint import read_config
+    from .config import BLTConfig
+    from .presets import PRESETS, get_preset
+
+    cfg = read_config(args.model) if Path(args.model).exists() or args.model not in PRESETS else get_preset(args.model)
+    if not isinstance(cfg, BLTConfig):
+        n = flops.entropy_params(cfg)
+        f = flops.entropy_flops_per_byte(cfg, args.seq_len or cfg.max_seqlen)
+        info = {"kind": "entropy_model", "params": n, "flops_per_byte_inference": f, "flops_per_byte_train": 3 * f,
+                "config": cfg.__dict__}
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            print(f"entropy model: {cfg.dim}d x {cfg.n_layers} layers, {cfg.n_heads} heads, window {cfg.window}")
+            print(f"parameters: {_fmt_count(n)}; FLOPs/byte: inference {_fmt_count(f)}, training {_fmt_count(3 * f)}")
+        return
+    pc = flops.count_params(cfg)
+    fw = flops.flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
+    train = flops.train_flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
+    infer = flops.inference_flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
+    info = {"params": pc.__dict__ | {"total": pc.total, "non_embedding": pc.non_embedding},
+            "flops_per_byte": fw, "flops_per_byte_train": train, "flops_per_byte_inference": infer,
+            "mean_patch_len": args.mean_patch_len, "seq_len": args.seq_len or cfg.max_bytes}
+    if args.json:
+        print(json.dumps(info | {"config": cfg.to_dict()}, indent=2))
+        return
+    e, g, d = cfg.encoder, cfg.global_transformer, cfg.decoder
+    pa = cfg.patcher
+    print(f"encoder  {e.dim}d x {e.n_layers} layers, {e.n_heads} heads, window {e.window}")
+    print(f"global   {g.dim}d x {g.n_layers} layers, {g.n_heads} heads"
+          + (f", input projection {cfg.cross_attn_k * e.dim}->{g.dim}" if cfg.has_global_projection else ""))
+    print(f"decoder  {d.dim}d x {d.n_layers} layers, {d.n_heads} heads, window {d.window}")
+    print(f"hash     sizes {cfg.hash_sizes} x {cfg.hash_functions} function(s), {cfg.hash_vocab} rows each")
+    print(f"patcher  {pa.mode}" + (f", threshold {pa.threshold}" if pa.mode == "entropy" else "")
+          + (f", max patch {pa.max_patch_length}" if pa.max_patch_length else ""))
+    if cfg.entropy_model:
+        em = cfg.entropy_model
+        print(f"entropy  {em.dim}d x {em.n_layers} layers, {em.n_heads} heads, window {em.window}")
+    print("\nparameters")
+    for name, n in (("encoder", pc.encoder), ("global", pc.global_transformer), ("decoder", pc.decoder),
+                    ("byte embeddings", pc.byte_embeddings), ("hash tables", pc.hash_embeddings),
+                    ("total (no entropy model)", pc.total), ("non-embedding", pc.non_embedding),
+                    ("entropy model", pc.entropy_model)):
+        print(f"  {name:<26}{_fmt_count(n):>10}")
+    print(f"\nFLOPs per byte (mean patch {args.mean_patch_len}, rows of {info['seq_len']} bytes)")
+    for name in ("encoder", "global", "decoder", "entropy_model"):
+        print(f"  {name:<26}{_fmt_count(fw[name]):>10}")
+    print(f"  {'inference (BLT + entropy)':<26}{_fmt_count(infer):>10}")
+    print(f"  {'training (3x BLT + entropy)':<26}{_fmt_count(train):>10}")
+
+
+# -- patch ----------------------------------------------------------------------------------------
+
+
+def add_patch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="text to patch ('-' reads stdin)")
+    p.add_argument("--model", default=None, help="BLT or entropy-model directory (default: the bundled model)")
+    p.add_argument("--mode", choices=["entropy", "space", "static", "byte"], default=None, help="patching mode")
+    p.add_argument("--threshold", type=float, default=None, help="entropy threshold in nats")
+    p.add_argument("--max-patch-length", type=int, default=None, help="close patches at this many bytes")
+    p.add_argument("--patch-size", type=float, default=None, help="patch size for static mode")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_patch(args) -> None:
+    from .inspect import patch_report, render_patch_report
+
+    report = patch_report(_resolve_model(args.model), _read_text_arg(args.text), mode=args.mode,
+                          threshold=args.threshold, max_patch_length=args.max_patch_length,
+                          patch_size=args.patch_size)
+    print(json.dumps(report, ensure_ascii=False) if args.json else render_patch_report(report))
+
+
+def _resolve_model(path: str | None) -> str:
+    if path is not None:
+        return path
+    from .bundled import bundled_model_dir
+
+    return str(bundled_model_dir())
+
+
+# -- convert --------------------------------------------------------------------------------------
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="source directory")
+    p.add_argument("dst", help="destination directory")
+    p.add_argument("--from", dest="src_format", choices=["native", "hf", "meta"], default="native",
+                   help="layout of SRC: native (bltkit), hf (transformers BltForCausalLM), meta (Meta's blt)")
+    p.add_argument("--to", dest="dst_format", choices=["native", "hf", "meta"], default="native",
+                   help="layout to write")
+    p.add_argument("--entropy-model", default=None, help="Meta layout: entropy model folder if not in SRC")
+    p.add_argument("--meta-layout", choices=["consolidated", "hub"], default="hub",
+                   help="with --to meta: params.json + consolidated.pth, or config.json + model.safetensors")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating weights")
+
+
+def cmd_convert(args) -> None:
+    from .checkpoint import load_model, save_model
+
+    if args.src_format == "hf":
+        from .convert.hf import import_hf
+
+        model = import_hf(args.src)
+    elif args.src_format == "meta":
+        from .convert.meta import import_meta
+
+        model = import_meta(args.src, entropy_dir=args.entropy_model)
+    else:
+        model = load_model(args.src)
+    dtype = _dtype(args.dtype)
+    if args.dst_format == "hf":
+        from .convert.hf import export_hf
+
+        export_hf(model, args.dst, dtype=dtype)
+    elif args.dst_format == "meta":
+        from .convert.meta import export_meta
+
+        if dtype is not None:
+            model = model.to(dtype)
+        export_meta(model, args.dst, layout=args.meta_layout)
+    else:
+        save_model(model, args.dst, dtype=dtype)
+    print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format})")
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def _lazy(module: str, name: str):
+    """A handler imported only when its command runs (keeps `blt --help` instant)."""
+
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(args)
+
+    return run
+
+
+from .cli_data import add_data_args, add_eval_args  # noqa: E402  (torch-free argument definitions)
+from .cli_train import add_train_args  # noqa: E402
+
+COMMANDS = {
+    "init": (add_init_args, cmd_init, "create a random-weight model directory from a preset"),
+    "train": (add_train_args, _lazy(".cli_train", "cmd_train"), "train a BLT or an entropy model from raw bytes"),
+    "eval": (add_eval_args, _lazy(".cli_data", "cmd_eval"), "evaluate a model (bits per byte)"),
+    "data": (add_data_args, _lazy(".cli_data", "cmd_data"), "prepare training data (precomputed patches)"),
+    "info": (add_info_args, cmd_info, "config, parameter counts and FLOPs per byte of a model"),
+    "patch": (add_patch_args, cmd_patch, "show each byte's entropy and where patches start"),
+    "convert": (add_convert_args, cmd_convert, "import/export Meta and transformers checkpoints"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blt", description="bltkit: the Byte Latent Transformer toolkit")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_args, handler, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"bltkit {__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return
+    try:
+        args.handler(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: a clear line, not a traceback
+        print(f"blt {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `blt patch ... | head`
+        sys.stderr.close()

@@ -1,0 +1,90 @@
+"""Patch inspection: per-byte entropies and boundaries, as data and as terminal text."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .bytes import BOS_ID, OFFSET, encode
+
+
+def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: float | None = None,
+                 max_patch_length: int | None = None, patch_size: float | None = None) -> dict:
+    """Entropies, starts and patches of `text` under a model's patcher (with optional overrides).
+
+    `model_dir` is a BLT directory or an entropy-model directory (entropy patching only).
+    """
+    from .checkpoint import load_model
+    from .config import PatcherConfig
+    from .model import BLT, EntropyModel, patching
+
+    model = load_model(model_dir)
+    if isinstance(model, EntropyModel):
+        entropy_model, pc = model, PatcherConfig()
+    else:
+        entropy_model, pc = model.entropy_model, model.config.patcher
+    changes = {k: v for k, v in (("mode", mode), ("threshold", threshold), ("max_patch_length", max_patch_length),
+                                 ("patch_size", patch_size)) if v is not None}
+    pc = dataclasses.replace(pc, **changes)
+    tokens = torch.tensor([encode(text)])
+    entropies = entropy_model.entropies(tokens)[0] if entropy_model is not None else None
+    if pc.mode == "entropy" and entropies is None:
+        raise ValueError(f"{model_dir} has no entropy model; choose --mode space, static or byte")
+    if isinstance(model, BLT):
+        model.config = dataclasses.replace(model.config, patcher=pc)
+        starts = model.patch_starts(tokens, None if entropies is None else entropies[None])[0]
+    else:
+        starts = patching.entropy_starts(entropies[None], pc.threshold, pc.threshold_add, pc.monotonicity)
+        starts |= patching.document_starts(tokens)
+        if pc.max_patch_length:
+            starts = patching.limit_patch_length(starts, pc.max_patch_length)
+        starts = starts[0]
+    T = tokens.shape[1]
+    ids = tokens[0].tolist()
+    start_pos = [t for t in range(T) if bool(starts[t])]
+    pieces = []
+    for i, s in enumerate(start_pos):
+        e = start_pos[i + 1] if i + 1 < len(start_pos) else T
+        pieces.append(ids[s:e])
+    lengths = [len(p) for p in pieces]
+    text_pieces = [bytes(b - OFFSET for b in p if b >= OFFSET).decode("utf-8", errors="replace") for p in pieces]
+    real = [n for n, p in zip(lengths, pieces, strict=True) if p != [BOS_ID]]
+    return {
+        "text": text, "tokens": ids, "mode": pc.mode, "threshold": pc.threshold if pc.mode == "entropy" else None,
+        "entropies": entropies.tolist() if entropies is not None else None,
+        "starts": start_pos, "patch_lengths": lengths, "patches": text_pieces,
+        "next_starts_patch": bool(starts[T]), "mean_patch_length": sum(real) / max(1, len(real)),
+        "n_bytes": T - 1, "n_patches": len(real),
+    }
+
+
+def _show_byte(i: int) -> str:
+    if i < OFFSET:
+        return {0: "<boe>", 1: "<s>", 2: "</s>", 3: "<bpe>"}[i]
+    b = i - OFFSET
+    if b == 0x20:
+        return "␠"
+    if b == 0x0A:
+        return "⏎"
+    return chr(b) if 0x21 <= b < 0x7F else f"\\x{b:02x}"
+
+
+def render_patch_report(r: dict) -> str:
+    """A readable view: the text cut at patch starts, then one row per byte with its entropy."""
+    lines = [" | ".join(p.replace("\n", "⏎") for p in r["patches"] if p)]
+    lines.append(f"{r['n_bytes']} bytes, {r['n_patches']} patches, mean patch length {r['mean_patch_length']:.2f}"
+                 + (f", threshold {r['threshold']:.4f} nats" if r["threshold"] is not None else "")
+                 + f", mode {r['mode']}")
+    lines.append("")
+    lines.append("  pos  byte    H(next)  bar")
+    starts = set(r["starts"])
+    H = r["entropies"]
+    for t, i in enumerate(r["tokens"]):
+        h = f"{H[t]:7.3f}" if H is not None else "      -"
+        bar = "█" * int(round(H[t] * 4)) if H is not None else ""
+        over = " >θ" if H is not None and r["threshold"] is not None and H[t] > r["threshold"] else ""
+        mark = "▶" if t in starts else " "
+        lines.append(f"{mark}{t:4d}  {_show_byte(i):<6} {h}  {bar}{over}")
+    lines.append("▶ = byte starts a patch; H(next) is the entropy (nats) of the byte after it")
+    return "\n".join(lines)
