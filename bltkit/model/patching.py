@@ -33,14 +33,14 @@ def entropy_starts(entropies_BT: torch.Tensor, threshold: float, threshold_add: 
     starts = _base_starts(B, T, H.device)
     if T < 2:
         return starts
-    prev = H[:, 1:]  # H[t-1] for t = 2..T
-    diff = H[:, 1:] - H[:, :-1]  # H[t-1] - H[t-2] for t = 3..T
+    prev = H[:, 1:]  # prev[:, t-2] = H[t-1], for t = 2..T
+    diff = H[:, 1:] - H[:, :-1]  # diff[:, t-2] = H[t-1] - H[t-2], for t = 2..T (t = 2 unused)
     if monotonicity:
         starts[:, 2] = True
-        starts[:, 3:] = diff > threshold
+        starts[:, 3:] = diff[:, 1:] > threshold
     elif threshold_add is not None:
         starts[:, 2] = True
-        starts[:, 4:] = (prev[:, 2:] > threshold) & (diff[:, 1:] > threshold_add)
+        starts[:, 4:] = (prev[:, 2:] > threshold) & (diff[:, 2:] > threshold_add)
     else:
         starts[:, 2:] = prev > threshold
     return starts

@@ -1,0 +1,447 @@
+"""Cached, batched, streaming BLT generation, exactly equal to the uncached model (spec §13).
+
+State is kept for all four networks: ring KV caches for the entropy model, the local encoder and
+the local decoder (their attention is local: the last `window` positions suffice), the encoder's
+per-byte cross-attention keys/values and running max for the open patch, a KV cache over closed
+patches for the global transformer, and the decoder's cross-attention K/V of the latest closed
+patch. Boundaries are decided online from the entropy of the byte just read (spec §13.4); the
+global transformer runs once per closed patch. All rows advance in lockstep over byte positions
+(a row still in its prompt is teacher-forced), each with its own patches, patch count and state.
+
+`reference_generate` is the slow, obviously correct oracle: one full forward per new byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
+from .model.layers import rope_cos_sin
+from .model.patching import _space_like
+from .sampling import row_key, sample
+
+
+def _encode_prompts(prompts) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, (list, tuple)):
+            ids = list(p)
+        else:
+            ids = encode(p if p is not None else b"", bos=True, eos=False)
+        if not ids or ids[0] != BOS_ID:
+            ids = [BOS_ID, *ids]
+        out.append(ids)
+    return out
+
+
+@dataclass
+class _Ring:
+    """Self-attention KV for one stack over the last `size` positions (slot = position % size)."""
+
+    k: torch.Tensor  # L B Nkv R H
+    v: torch.Tensor
+    pos: torch.Tensor  # R, position stored in each slot (-1 = empty); shared by all rows
+    doc: torch.Tensor  # B R, document id of each slot
+    window: int | None
+
+    @classmethod
+    def new(cls, n_layers, B, n_kv, head_dim, size, window, dtype, device) -> _Ring:
+        z = torch.zeros(n_layers, B, n_kv, size, head_dim, dtype=dtype, device=device)
+        return cls(z, z.clone(), torch.full((size,), -1, dtype=torch.long, device=device),
+                   torch.zeros(B, size, dtype=torch.int32, device=device), window)
+
+    def advance(self, n: torch.Tensor, doc_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Claim the slot of position n; return it and the attention mask [B, 1, 1, R]."""
+        slot = (n % self.pos.shape[0]).view(1)
+        self.pos.index_copy_(0, slot, n.view(1))
+        self.doc.index_copy_(1, slot, doc_B.view(-1, 1).to(torch.int32))
+        valid = (self.pos >= 0) & (self.pos <= n)
+        if self.window is not None:
+            valid = valid & (n - self.pos < self.window)
+        mask = valid[None, :] & (self.doc == doc_B.view(-1, 1))
+        return slot, mask[:, None, None, :]
+
+
+def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask):
+    """One pre-norm block for one new position, writing its K/V into the ring first."""
+    att = layer.attention
+    q, k, v = att.qkv(layer.attention_norm(x_B1D), cos, sin)  # B 1 N H
+    kc.index_copy_(2, slot, k.transpose(1, 2))
+    vc.index_copy_(2, slot, v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
+                                         enable_gqa=att.n_heads != att.n_kv_heads)
+    h = x_B1D + att.wo(out.transpose(1, 2).flatten(2))
+    return h + layer.feed_forward(layer.ffn_norm(h))
+
+
+class Generator:
+    """Fast generation for a `BLT`: `generate()` for batches, `stream()` for one prompt.
+
+    Args:
+        model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.cfg = model.config
+        pc = self.cfg.patcher
+        if pc.mode == "entropy" and model.entropy_model is None:
+            raise ValueError("this model patches by entropy but has no entropy model attached")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _init_state(self, B: int, capacity: int, keys: list[int]) -> None:
+        m, c = self.model, self.cfg
+        dev, dt = m.device, m.local_encoder.tok_embeddings.weight.dtype
+        enc, dec, g, K = c.encoder, c.decoder, c.global_transformer, c.cross_attn_k
+
+        def ring(stack_cfg, n_layers, window, dtype=dt):
+            size = min(window, capacity) if window else capacity
+            return _Ring.new(n_layers, B, stack_cfg.n_kv_heads, stack_cfg.head_dim, size, window, dtype, dev)
+
+        em = m.entropy_model if c.patcher.mode == "entropy" else None
+        self.ent = ring(em.config, em.config.n_layers, em.config.window,
+                        em.output.weight.dtype) if em is not None else None
+        self.enc = ring(enc, enc.n_layers, enc.window)
+        self.dec = ring(dec, dec.n_layers, dec.window)
+        n_enc_cross = len(m.local_encoder.cross_attn_layers)
+        ch = enc.dim // enc.cross_attn_n_heads
+        # encoder cross-attention keys/values of every byte (a patch can be arbitrarily long)
+        self.enc_xk = torch.zeros(n_enc_cross, B, enc.cross_attn_n_kv_heads, capacity, ch, dtype=dt, device=dev)
+        self.enc_xv = torch.zeros_like(self.enc_xk)
+        self.runmax = torch.full((B, enc.dim), float("-inf"), dtype=dt, device=dev)
+        self.p_cap = min(c.max_patches, capacity + 1)
+        self.g_k = torch.zeros(g.n_layers, B, g.n_kv_heads, self.p_cap + 1, g.head_dim, dtype=dt, device=dev)
+        self.g_v = torch.zeros_like(self.g_k)
+        self.g_doc = torch.zeros(B, self.p_cap + 1, dtype=torch.long, device=dev)
+        n_dec_cross = len(m.local_decoder.cross_attn_layers)
+        dh = dec.dim // dec.cross_attn_n_heads
+        self.dec_xk = torch.zeros(n_dec_cross, B, dec.cross_attn_n_kv_heads, K, dh, dtype=dt, device=dev)
+        self.dec_xv = torch.zeros_like(self.dec_xk)
+        zeros = torch.zeros(B, dtype=torch.long, device=dev)
+        self.n = torch.zeros((), dtype=torch.long, device=dev)
+        self.hist = torch.zeros(B, max(c.hash_sizes, default=1) - 1, dtype=torch.long, device=dev)
+        self.doc = zeros.clone()  # document of the current byte
+        self.h_prev = torch.zeros(B, dtype=torch.float32, device=dev)
+        self.like_prev = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.open_len, self.open_start, self.p, self.pdoc = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.open_eos = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.keys = torch.tensor(keys, dtype=torch.long, device=dev)
+        self.capacity = capacity
+
+    # -- one byte ----------------------------------------------------------------------------------
+
+    def _entropy_step(self, x_B: torch.Tensor) -> torch.Tensor:
+        em = self.model.entropy_model
+        ec = em.config
+        slot, mask = self.ent.advance(self.n, self.doc)
+        cos, sin = rope_cos_sin(self.n.view(1, 1), ec.head_dim, ec.rope_theta)
+        h = em.tok_embeddings(x_B[:, None])
+        for i, layer in enumerate(em.layers):
+            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask)
+        logits = em.output(em.norm(h))[:, 0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def _close_decision(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
+        """Does the patch holding byte n close after it (= does n+1 start a patch)? spec §13.4."""
+        pc, n = self.cfg.patcher, self.n
+        if pc.mode == "entropy":
+            if pc.monotonicity:
+                close = (n == 1) | ((n >= 2) & (H_B - self.h_prev > pc.threshold))
+            elif pc.threshold_add is not None:
+                close = (n == 1) | ((n >= 3) & (H_B > pc.threshold) & (H_B - self.h_prev > pc.threshold_add))
+            else:
+                close = (n >= 1) & (H_B > pc.threshold)
+        elif pc.mode == "space":
+            like = _space_like(x_B)
+            close = (n >= 1) & ((x_B < OFFSET) | (like & ~self.like_prev))
+            self.like_prev = like
+        elif pc.mode == "static":
+            close = (n % int(pc.patch_size) == 0).expand_as(x_B)
+        else:
+            close = torch.ones_like(x_B, dtype=torch.bool)
+        close = close | (n == 0)
+        if pc.doc_boundaries:
+            close = close | (x_B == BOS_ID) | (x_B == EOS_ID)
+        if pc.max_patch_length is not None:
+            close = close | (self.open_len + 1 >= pc.max_patch_length)
+        return close
+
+    def _front(self, x_B: torch.Tensor) -> torch.Tensor:
+        """Hash embedding, entropy, boundary decision and encoder for byte n. Returns `close`."""
+        m, c = self.model, self.cfg
+        e = m.embed(x_B[:, None], history_BH=self.hist)
+        H = self._entropy_step(x_B) if self.ent is not None else None
+        close = self._close_decision(x_B, H)
+        if H is not None:
+            self.h_prev = H
+        slot, mask = self.enc.advance(self.n, self.doc)
+        cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
+        self.rope_local = (cos, sin, slot, mask)
+        enc = m.local_encoder
+        h = e
+        pooled_yet = False
+        for i, layer in enumerate(enc.layers):
+            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask)
+            j = enc.cross_index(i)
+            if j is not None:
+                k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
+                self.enc_xk[j].index_copy_(2, self.n.view(1), k)
+                self.enc_xv[j].index_copy_(2, self.n.view(1), v)
+                if not pooled_yet:  # units are pooled once, from the first cross layer's input
+                    self.runmax = torch.maximum(self.runmax, h[:, 0])
+                    pooled_yet = True
+        self.h = h
+        self.open_len = self.open_len + 1
+        self.open_eos = self.open_eos | (x_B == EOS_ID)
+        self.hist = torch.cat([self.hist[:, 1:], x_B[:, None]], dim=1) if self.hist.shape[1] else self.hist
+        return close
+
+    def _patch_step(self, close: torch.Tensor) -> None:
+        """Close the open patch of every row with `close`: encoder cross-attention, one global
+        step at the row's next patch position, and the decoder's cross K/V (spec §13.4 step 4)."""
+        m, c = self.model, self.cfg
+        B, K, enc = close.shape[0], c.cross_attn_k, m.local_encoder
+        units = enc.split_units(self.runmax[:, None])  # B K De
+        t = torch.arange(self.capacity, device=close.device)
+        in_patch = (t[None] >= self.open_start[:, None]) & (t[None] <= self.n)
+        for i in range(len(enc.layers)):
+            j = enc.cross_index(i)
+            if j is not None:
+                xa = enc.cross_attn_layers[j].attend_kv(units, self.enc_xk[j], self.enc_xv[j],
+                                                        _DenseMask(in_patch[:, None, None, :]))
+                units = 2 * units + xa  # double residual
+        gt = m.global_transformer
+        x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
+        idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
+        cos, sin = rope_cos_sin(self.p.view(B, 1), c.global_transformer.head_dim, c.global_transformer.rope_theta)
+        self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
+        j_pos = torch.arange(self.p_cap + 1, device=close.device)
+        gmask = ((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
+                 & (self.g_doc == self.pdoc[:, None]))[:, None, None, :]
+        widx = idx.view(B, 1, 1, 1)
+        for i, layer in enumerate(gt.layers):
+            att = layer.attention
+            q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+            kc, vc = self.g_k[i], self.g_v[i]
+            kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
+            vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=gmask,
+                                                 enable_gqa=att.n_heads != att.n_kv_heads)
+            x = x + att.wo(out.transpose(1, 2).flatten(2))
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        dunits = m.local_decoder.split_units(x)  # B K Dd
+        sel = close.view(B, 1, 1, 1)
+        for j, layer in enumerate(m.local_decoder.cross_attn_layers):
+            k, v = layer.kv(dunits)
+            self.dec_xk[j] = torch.where(sel, k, self.dec_xk[j])
+            self.dec_xv[j] = torch.where(sel, v, self.dec_xv[j])
+        # the closed patch's successor starts at n+1
+        self.p = self.p + close.long()
+        self.pdoc = self.pdoc + (close & self.open_eos).long()
+        self.open_eos = self.open_eos & ~close
+        self.open_start = torch.where(close, self.n + 1, self.open_start)
+        self.open_len = torch.where(close, 0, self.open_len)
+        self.runmax = torch.where(close[:, None], torch.full_like(self.runmax, float("-inf")), self.runmax)
+
+    def _back(self) -> torch.Tensor:
+        """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
+        m = self.model
+        dec = m.local_decoder
+        cos, sin, _, _ = self.rope_local
+        c = self.cfg
+        if (c.decoder.head_dim, c.decoder.rope_theta) != (c.encoder.head_dim, c.encoder.rope_theta):
+            cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
+        slot, mask = self.dec.advance(self.n, self.doc)
+        z = self.h
+        for i, layer in enumerate(dec.layers):
+            j = dec.cross_index(i)
+            if j is not None:
+                z = 2 * z + dec.cross_attn_layers[j].attend_kv(z, self.dec_xk[j], self.dec_xv[j], None)
+            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask)
+        return dec.head(z)[:, 0]
+
+    @torch.no_grad()
+    def step(self, x_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume byte n for every row; return (logits for position n [B, V], close [B])."""
+        close = self._front(x_B)
+        if bool(close.any()):
+            self._patch_step(close)
+        logits = self._back()
+        self.doc = self.doc + (x_B == EOS_ID).long()
+        self.n = self.n + 1
+        return logits, close
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def _check_lengths(self, ids: list[list[int]], max_new_bytes: int) -> int:
+        longest = max(len(p) for p in ids)
+        limit = self.cfg.max_bytes
+        if longest > limit:
+            raise ValueError(f"prompt of {longest} bytes (BOS included) exceeds the model's limit of {limit} "
+                             "bytes (config.max_bytes); shorten the prompt")
+        if longest + max_new_bytes > limit:
+            raise ValueError(f"prompt ({longest} bytes) + max_new_bytes ({max_new_bytes}) exceeds the model's "
+                             f"limit of {limit} bytes; ask for at most {limit - longest} new bytes")
+        for p in ids:
+            if any(not 0 <= i < self.cfg.vocab_size for i in p):
+                raise ValueError("prompt ids must lie in 0..259")
+        return longest + max_new_bytes
+
+    @torch.no_grad()
+    def generate_ids(self, prompts, max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+                     stop_at_eos: bool = True, on_step=None) -> list[list[int]]:
+        """New ids per prompt (prompt excluded; EOS and stop strings excluded)."""
+        ids = _encode_prompts(prompts)
+        if max_new_bytes < 0:
+            raise ValueError("max_new_bytes must be >= 0")
+        capacity = self._check_lengths(ids, max_new_bytes)
+        B, dev = len(ids), self.model.device
+        keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
+        self._init_state(B, capacity, keys)
+        lens = torch.tensor([len(p) for p in ids], device=dev)
+        buf = torch.zeros(B, capacity, dtype=torch.long, device=dev)
+        for r, p in enumerate(ids):
+            buf[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        stop_bytes = [s.encode() for s in (stop or [])]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [max_new_bytes == 0] * B
+        x = buf[:, 0]
+        for n in range(capacity - 1):
+            logits, _ = self.step(x)
+            nxt = sample(logits, self.keys, n, temperature, top_k, top_p)
+            forced = (n + 1) < lens
+            x = torch.where(forced, buf[:, n + 1], nxt)
+            buf[:, n + 1] = x
+            new = (~forced).nonzero().flatten().tolist()
+            if not new:
+                continue
+            vals = x.tolist()
+            for r in new:
+                if done[r]:
+                    continue
+                tok = vals[r]
+                if stop_at_eos and tok == EOS_ID:
+                    done[r] = True
+                    continue
+                out[r].append(tok)
+                if on_step is not None:
+                    on_step(r, tok)
+                if len(out[r]) >= max_new_bytes:
+                    done[r] = True
+                elif stop_bytes:
+                    tail = to_bytes(out[r][-max(len(s) for s in stop_bytes) - 1:])
+                    hit = [s for s in stop_bytes if tail.endswith(s)]
+                    if hit:
+                        del out[r][len(out[r]) - len(hit[0]):]
+                        done[r] = True
+            if all(done):
+                break
+        return out
+
+    def generate(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None) -> list[bytes]:
+        """Generate continuations (bytes, prompt excluded) for `prompts` (str, bytes or id lists).
+
+        Greedy at temperature 0; stops at EOS, at any of `stop` (not included in the output) or
+        after `max_new_bytes`. An empty prompt starts from BOS. A row's result does not depend on
+        the other rows of the batch (sampling noise is keyed by seed and prompt).
+        """
+        single = isinstance(prompts, (str, bytes))
+        rows = self.generate_ids([prompts] if single else prompts, max_new_bytes, temperature, top_k, top_p,
+                                 seed, stop)
+        return [to_bytes(r) for r in rows]
+
+    def stream(self, prompt, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+               ) -> Iterator[str]:
+        """Yield the continuation of one prompt as text pieces that never split a UTF-8 character.
+
+        Stop strings are cut from the output, so pieces are held back while they could still be
+        the start of a stop string.
+        """
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue()
+        err: list[BaseException] = []
+
+        def work():
+            try:
+                self.generate_ids([prompt], max_new_bytes, temperature, top_k, top_p, seed, stop,
+                                  on_step=lambda r, tok: q.put(tok))
+            except BaseException as e:  # surfaced in the consumer
+                err.append(e)
+            finally:
+                q.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        dec, held = Utf8Stream(), b""
+        hold = max((len(s.encode()) for s in stop or []), default=0)
+        produced = b""
+        while (tok := q.get()) is not None:
+            held += to_bytes([tok])
+            if hold and len(held) <= hold:
+                continue
+            emit, held = (held[:-hold], held[-hold:]) if hold else (held, b"")
+            produced += emit
+            text = dec.feed([b + OFFSET for b in emit])
+            if text:
+                yield text
+        thread.join()
+        if err:
+            raise err[0]
+        for s in stop or []:  # the generator already cut a stop string; drop what we held of it
+            sb = s.encode()
+            if (produced + held).endswith(sb):
+                held = held[: len(held) - len(sb)] if len(held) >= len(sb) else b""
+        text = dec.feed([b + OFFSET for b in held]) + dec.flush()
+        if text:
+            yield text
+
+
+class _DenseMask:
+    """A precomputed boolean mask in the shape `attend` expects."""
+
+    impl = "sdpa"
+
+    def __init__(self, dense: torch.Tensor):
+        self._d = dense
+
+    def dense(self) -> torch.Tensor:
+        return self._d
+
+
+@torch.no_grad()
+def reference_generate(model, prompts, max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True
+                       ) -> list[list[int]]:
+    """The oracle: for every new byte, patch the whole prefix and run the full model on it.
+
+    Same sampling noise as `Generator` (keyed by seed, prompt and position), one row at a time.
+    """
+    outs = []
+    for ids in _encode_prompts(prompts):
+        key = torch.tensor([row_key(seed or 0, to_bytes(ids))], device=model.device)
+        seq = list(ids)
+        new: list[int] = []
+        for _ in range(max_new_bytes):
+            x = torch.tensor([seq], device=model.device)
+            logits = model(x)[:, -1]
+            tok = int(sample(logits, key, len(seq) - 1, temperature, top_k, top_p)[0])
+            if stop_at_eos and tok == EOS_ID:
+                break
+            new.append(tok)
+            seq.append(tok)
+        outs.append(new)
+    return outs
+
+
+__all__ = ["Generator", "reference_generate"]
