@@ -158,6 +158,78 @@ def _resolve_model(path: str | None) -> str:
     return str(bundled_model_dir())
 
 
+# -- generate -------------------------------------------------------------------------------------
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default="", help="prompt text ('-' reads stdin; empty starts from BOS)")
+    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--max-new-bytes", type=int, default=256, help="bytes to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely bytes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; not printed)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--show-patches", action="store_true", help="mark where patches start with '|'")
+    p.add_argument("--prompts-file", default=None,
+                   help="batch mode: one prompt per line; prints one JSON object per prompt")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
+
+
+def _marked(model, ids: list[int]) -> str:
+    """Text with '|' before every byte that starts a patch (BOS excluded)."""
+    import torch
+
+    from .bytes import OFFSET
+
+    starts = model.patch_starts(torch.tensor([ids], device=model.device))[0].tolist()
+    out, buf = [], bytearray()
+    for t, i in enumerate(ids):
+        if i < OFFSET:
+            continue
+        if starts[t] and t > 1:
+            out.append(buf.decode("utf-8", errors="replace") + "|")
+            buf = bytearray()
+        buf.append(i - OFFSET)
+    out.append(buf.decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+def cmd_generate(args) -> None:
+    from .bytes import encode
+    from .checkpoint import load_model
+    from .generate import Generator
+
+    model = load_model(_resolve_model(args.model), device=args.device or _default_device(), dtype=_dtype(args.dtype))
+    gen = Generator(model)
+    kw = dict(max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
+        for prompt, out in zip(prompts, gen.generate(prompts, **kw), strict=True):
+            print(json.dumps({"prompt": prompt, "completion": out.decode("utf-8", errors="replace")},
+                             ensure_ascii=False))
+        return
+    prompt = _read_text_arg(args.prompt)
+    if args.stream:
+        sys.stdout.write(prompt)
+        for piece in gen.stream(prompt, patch_marker="|" if args.show_patches else None, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    out = gen.generate(prompt, **kw)[0]
+    if args.show_patches:
+        print(_marked(model, encode(prompt) + [b + 4 for b in out]))
+    else:
+        print(prompt + out.decode("utf-8", errors="replace"))
+
+
 # -- convert --------------------------------------------------------------------------------------
 
 
@@ -224,6 +296,7 @@ COMMANDS = {
     "train": (add_train_args, _lazy(".cli_train", "cmd_train"), "train a BLT or an entropy model from raw bytes"),
     "eval": (add_eval_args, _lazy(".cli_data", "cmd_eval"), "evaluate a model (bits per byte)"),
     "data": (add_data_args, _lazy(".cli_data", "cmd_data"), "prepare training data (precomputed patches)"),
+    "generate": (add_generate_args, cmd_generate, "generate text (cached, batched, streaming)"),
     "info": (add_info_args, cmd_info, "config, parameter counts and FLOPs per byte of a model"),
     "patch": (add_patch_args, cmd_patch, "show each byte's entropy and where patches start"),
     "convert": (add_convert_args, cmd_convert, "import/export Meta and transformers checkpoints"),

@@ -85,8 +85,11 @@ class Generator:
         model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cuda_graphs: bool | None = None):
         self.model = model.eval()
+        self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.sampling: tuple = (0.0, None, None)
+        self.graphs = None
         self.cfg = model.config
         pc = self.cfg.patcher
         if pc.mode == "entropy" and model.entropy_model is None:
@@ -132,6 +135,12 @@ class Generator:
         self.open_eos = torch.zeros(B, dtype=torch.bool, device=dev)
         self.keys = torch.tensor(keys, dtype=torch.long, device=dev)
         self.capacity = capacity
+        self.graphs = None
+        self.h = torch.zeros(B, 1, enc.dim, dtype=dt, device=dev)  # encoder output of byte n
+        self.close = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.x = torch.zeros(B, dtype=torch.long, device=dev)  # byte n (input of the step)
+        self.next = torch.zeros(B, dtype=torch.long, device=dev)  # sampled byte n+1
+        self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)
 
     # -- one byte ----------------------------------------------------------------------------------
 
@@ -160,7 +169,7 @@ class Generator:
         elif pc.mode == "space":
             like = _space_like(x_B)
             close = (n >= 1) & ((x_B < OFFSET) | (like & ~self.like_prev))
-            self.like_prev = like
+            self.like_prev.copy_(like)
         elif pc.mode == "static":
             close = (n % int(pc.patch_size) == 0).expand_as(x_B)
         else:
@@ -179,10 +188,9 @@ class Generator:
         H = self._entropy_step(x_B) if self.ent is not None else None
         close = self._close_decision(x_B, H)
         if H is not None:
-            self.h_prev = H
+            self.h_prev.copy_(H)
         slot, mask = self.enc.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
-        self.rope_local = (cos, sin, slot, mask)
         enc = m.local_encoder
         h = e
         pooled_yet = False
@@ -194,12 +202,14 @@ class Generator:
                 self.enc_xk[j].index_copy_(2, self.n.view(1), k)
                 self.enc_xv[j].index_copy_(2, self.n.view(1), v)
                 if not pooled_yet:  # units are pooled once, from the first cross layer's input
-                    self.runmax = torch.maximum(self.runmax, h[:, 0])
+                    torch.maximum(self.runmax, h[:, 0], out=self.runmax)
                     pooled_yet = True
-        self.h = h
-        self.open_len = self.open_len + 1
-        self.open_eos = self.open_eos | (x_B == EOS_ID)
-        self.hist = torch.cat([self.hist[:, 1:], x_B[:, None]], dim=1) if self.hist.shape[1] else self.hist
+        self.h.copy_(h)
+        self.open_len.add_(1)
+        self.open_eos.logical_or_(x_B == EOS_ID)
+        if self.hist.shape[1]:
+            self.hist.copy_(torch.cat([self.hist[:, 1:], x_B[:, None]], dim=1))
+        self.close.copy_(close)
         return close
 
     def _patch_step(self, close: torch.Tensor) -> None:
@@ -239,24 +249,21 @@ class Generator:
         sel = close.view(B, 1, 1, 1)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):
             k, v = layer.kv(dunits)
-            self.dec_xk[j] = torch.where(sel, k, self.dec_xk[j])
-            self.dec_xv[j] = torch.where(sel, v, self.dec_xv[j])
+            self.dec_xk[j].copy_(torch.where(sel, k, self.dec_xk[j]))
+            self.dec_xv[j].copy_(torch.where(sel, v, self.dec_xv[j]))
         # the closed patch's successor starts at n+1
-        self.p = self.p + close.long()
-        self.pdoc = self.pdoc + (close & self.open_eos).long()
-        self.open_eos = self.open_eos & ~close
-        self.open_start = torch.where(close, self.n + 1, self.open_start)
-        self.open_len = torch.where(close, 0, self.open_len)
-        self.runmax = torch.where(close[:, None], torch.full_like(self.runmax, float("-inf")), self.runmax)
+        self.p.add_(close.long())
+        self.pdoc.add_((close & self.open_eos).long())
+        self.open_eos.logical_and_(~close)
+        self.open_start.copy_(torch.where(close, self.n + 1, self.open_start))
+        self.open_len.masked_fill_(close, 0)
+        self.runmax.masked_fill_(close[:, None], float("-inf"))
 
     def _back(self) -> torch.Tensor:
         """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
         m = self.model
-        dec = m.local_decoder
-        cos, sin, _, _ = self.rope_local
-        c = self.cfg
-        if (c.decoder.head_dim, c.decoder.rope_theta) != (c.encoder.head_dim, c.encoder.rope_theta):
-            cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
+        dec, c = m.local_decoder, self.cfg
+        cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
         for i, layer in enumerate(dec.layers):
@@ -266,16 +273,63 @@ class Generator:
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask)
         return dec.head(z)[:, 0]
 
+    def _run_front(self) -> None:
+        self._front(self.x)
+
+    def _run_patch(self) -> None:
+        self._patch_step(self.close)
+
+    def _run_back(self) -> None:
+        logits = self._back()
+        self.logits.copy_(logits)
+        self.next.copy_(sample(logits, self.keys, self.n, *self.sampling))
+        self.doc.add_((self.x == EOS_ID).long())
+        self.n.add_(1)
+
+    def _prepare_graphs(self) -> None:
+        """Capture the three step functions as CUDA graphs (static buffers, no host sync inside)."""
+        self.graphs = None
+        if not self.use_cuda_graphs:
+            return
+        snapshot = {k: v.clone() for k, v in self._state_tensors().items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for fn in (self._run_front, self._run_patch, self._run_back):  # warm-up (allocator, handles)
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs = []
+        for fn in (self._run_front, self._run_patch, self._run_back):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graphs.append(graph)
+        for k, v in self._state_tensors().items():  # undo the warm-up's writes
+            v.copy_(snapshot[k])
+        self.graphs = graphs
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        for name in ("ent", "enc", "dec"):
+            ring = getattr(self, name)
+            if ring is not None:
+                out.update({f"{name}.{f}": getattr(ring, f) for f in ("k", "v", "pos", "doc")})
+        return out
+
     @torch.no_grad()
     def step(self, x_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consume byte n for every row; return (logits for position n [B, V], close [B])."""
-        close = self._front(x_B)
-        if bool(close.any()):
-            self._patch_step(close)
-        logits = self._back()
-        self.doc = self.doc + (x_B == EOS_ID).long()
-        self.n = self.n + 1
-        return logits, close
+        """Consume byte n for every row; return (logits for position n [B, V], close [B]).
+
+        The patch step runs only when some row closes a patch (or always for batches of 8 or
+        more, where that is nearly every byte and skipping the check saves a host sync).
+        """
+        self.x.copy_(x_B)
+        g = self.graphs
+        g[0].replay() if g else self._run_front()
+        if self.x.shape[0] >= 8 or bool(self.close.any()):
+            g[1].replay() if g else self._run_patch()
+        g[2].replay() if g else self._run_back()
+        return self.logits, self.close
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -305,6 +359,8 @@ class Generator:
         B, dev = len(ids), self.model.device
         keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
         self._init_state(B, capacity, keys)
+        self.sampling = (temperature, top_k, top_p)
+        self._prepare_graphs()
         lens = torch.tensor([len(p) for p in ids], device=dev)
         buf = torch.zeros(B, capacity, dtype=torch.long, device=dev)
         for r, p in enumerate(ids):
@@ -314,15 +370,15 @@ class Generator:
         done = [max_new_bytes == 0] * B
         x = buf[:, 0]
         for n in range(capacity - 1):
-            logits, _ = self.step(x)
-            nxt = sample(logits, self.keys, n, temperature, top_k, top_p)
+            self.step(x)
             forced = (n + 1) < lens
-            x = torch.where(forced, buf[:, n + 1], nxt)
+            x = torch.where(forced, buf[:, n + 1], self.next)
             buf[:, n + 1] = x
             new = (~forced).nonzero().flatten().tolist()
             if not new:
                 continue
             vals = x.tolist()
+            closes = self.close.tolist() if on_step is not None else None
             for r in new:
                 if done[r]:
                     continue
@@ -332,7 +388,7 @@ class Generator:
                     continue
                 out[r].append(tok)
                 if on_step is not None:
-                    on_step(r, tok)
+                    on_step(r, tok, closes[r])  # closes[r]: this byte starts a patch
                 if len(out[r]) >= max_new_bytes:
                     done[r] = True
                 elif stop_bytes:
@@ -360,11 +416,12 @@ class Generator:
 
     def stream(self, prompt, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-               ) -> Iterator[str]:
+               patch_marker: str | None = None) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces that never split a UTF-8 character.
 
-        Stop strings are cut from the output, so pieces are held back while they could still be
-        the start of a stop string.
+        Stop strings are cut from the output, so bytes are held back while they could still be
+        the start of one. With `patch_marker`, the marker is inserted before every generated byte
+        that starts a patch (at character granularity).
         """
         import queue
         import threading
@@ -375,7 +432,7 @@ class Generator:
         def work():
             try:
                 self.generate_ids([prompt], max_new_bytes, temperature, top_k, top_p, seed, stop,
-                                  on_step=lambda r, tok: q.put(tok))
+                                  on_step=lambda r, tok, starts: q.put((tok, starts)))
             except BaseException as e:  # surfaced in the consumer
                 err.append(e)
             finally:
@@ -383,26 +440,30 @@ class Generator:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        dec, held = Utf8Stream(), b""
         hold = max((len(s.encode()) for s in stop or []), default=0)
-        produced = b""
-        while (tok := q.get()) is not None:
-            held += to_bytes([tok])
-            if hold and len(held) <= hold:
-                continue
-            emit, held = (held[:-hold], held[-hold:]) if hold else (held, b"")
-            produced += emit
-            text = dec.feed([b + OFFSET for b in emit])
-            if text:
-                yield text
+        pending: list[tuple[int, bool]] = []  # (byte id, starts a patch), held back for stop strings
+        dec = Utf8Stream()
+
+        def render(items) -> str:
+            out = []
+            for tok, starts in items:
+                piece = dec.feed([tok])
+                if patch_marker and starts:
+                    out.append(patch_marker)
+                out.append(piece)
+            return "".join(out)
+
+        while (item := q.get()) is not None:
+            pending.append(item)
+            if len(pending) > hold:
+                text = render(pending[: len(pending) - hold])
+                del pending[: len(pending) - hold]
+                if text:
+                    yield text
         thread.join()
         if err:
             raise err[0]
-        for s in stop or []:  # the generator already cut a stop string; drop what we held of it
-            sb = s.encode()
-            if (produced + held).endswith(sb):
-                held = held[: len(held) - len(sb)] if len(held) >= len(sb) else b""
-        text = dec.feed([b + OFFSET for b in held]) + dec.flush()
+        text = render(pending) + dec.flush()  # generate_ids already removed any stop string
         if text:
             yield text
 

@@ -82,7 +82,7 @@ def render_patch_report(r: dict) -> str:
     H = r["entropies"]
     for t, i in enumerate(r["tokens"]):
         h = f"{H[t]:7.3f}" if H is not None else "      -"
-        bar = "█" * int(round(H[t] * 4)) if H is not None else ""
+        bar = "█" * round(H[t] * 4) if H is not None else ""
         over = " >θ" if H is not None and r["threshold"] is not None and H[t] > r["threshold"] else ""
         mark = "▶" if t in starts else " "
         lines.append(f"{mark}{t:4d}  {_show_byte(i):<6} {h}  {bar}{over}")
