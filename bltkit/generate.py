@@ -13,6 +13,7 @@ global transformer runs once per closed patch. All rows advance in lockstep over
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -369,8 +370,14 @@ class Generator:
         out: list[list[int]] = [[] for _ in range(B)]
         done = [max_new_bytes == 0] * B
         x = buf[:, 0]
+        longest = int(lens.max())
+        t0 = time.perf_counter()
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0}
         for n in range(capacity - 1):
+            if n == longest - 1:  # every prompt is read: the rest is decoding
+                self.stats["prefill_s"] = time.perf_counter() - t0
             self.step(x)
+            self.stats["steps"] += 1
             forced = (n + 1) < lens
             x = torch.where(forced, buf[:, n + 1], self.next)
             buf[:, n + 1] = x
@@ -399,6 +406,8 @@ class Generator:
                         done[r] = True
             if all(done):
                 break
+        self.stats["decode_s"] = time.perf_counter() - t0 - self.stats["prefill_s"]
+        self.stats["new_bytes"] = sum(len(o) for o in out)
         return out
 
     def generate(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
