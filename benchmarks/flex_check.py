@@ -17,9 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SAMPLE_TEXT, random_model, timed  # noqa: E402
+from _common import SAMPLE_TEXT, random_model, timed
 
-from bltkit.bytes import EOS_ID, encode  # noqa: E402
+from bltkit.bytes import EOS_ID, encode
 
 
 def patch_lengths(T: int, seed: int = 0) -> torch.Tensor:

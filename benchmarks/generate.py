@@ -20,10 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SAMPLE_TEXT, calibrate_threshold, random_model, sync, with_threshold  # noqa: E402
+from _common import SAMPLE_TEXT, calibrate_threshold, random_model, sync, with_threshold
 
-from bltkit.bytes import encode  # noqa: E402
-from bltkit.generate import Generator  # noqa: E402
+from bltkit.bytes import encode
+from bltkit.generate import Generator
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -113,11 +113,12 @@ def main() -> None:
             row = {"batch": b, "prompt": plen, "new_bytes": s["new_bytes"], "prefill_s": s["prefill_s"],
                    "decode_s": s["decode_s"], "decode_bytes_per_s": s["new_bytes"] / s["decode_s"],
                    "prefill_bytes_per_s": b * (plen - 1) / max(s["prefill_s"], 1e-9),
+                   "mean_patch_len": s["bytes_read"] / max(1, s["patches"]),
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
             results["grid"].append(row)
             print(f"batch {b:3d} prompt {plen:5d}: decode {row['decode_bytes_per_s']:10.1f} bytes/s total "
                   f"({row['decode_bytes_per_s'] / b:8.1f} per row), prefill {row['prefill_bytes_per_s']:9.1f} "
-                  f"bytes/s ({s['prefill_s']:.2f}s)", flush=True)
+                  f"bytes/s ({s['prefill_s']:.2f}s), mean patch {row['mean_patch_len']:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

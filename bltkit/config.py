@@ -276,12 +276,18 @@ def _coerce(text: str, tp: Any, key: str) -> Any:
         try:
             return int(text)
         except ValueError:
-            f = float(text)  # accept 1e3
+            try:
+                f = float(text)  # accept 1e3
+            except ValueError:
+                f = math.nan
             if not f.is_integer():
                 raise ValueError(f"{key} takes an integer, got {text!r}") from None
             return int(f)
     if tp is float:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key} takes a number, got {text!r}") from None
     if tp is str:
         return text
     if tp is Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..bytes import EOS_ID, check_ids
@@ -82,8 +83,11 @@ class BLT(nn.Module):
         e = self.local_encoder.tok_embeddings(tokens_BT)
         if self.encoder_hash_tok_embedding is not None:
             c = self.config
-            for ids in all_hash_ids(tokens_BT, c.hash_sizes, c.hash_functions, c.hash_vocab, history_BH):
-                e = e + self.encoder_hash_tok_embedding(ids)
+            ids_BTN = all_hash_ids(tokens_BT, c.hash_sizes, c.hash_functions, c.hash_vocab, history_BH)
+            B, T, N = ids_BTN.shape
+            # one summing lookup over the n tables (no [B, T, n, D] intermediate)
+            table = self.encoder_hash_tok_embedding.weight
+            e = e + F.embedding_bag(ids_BTN.reshape(B * T, N), table, mode="sum").view(B, T, -1)
         return e
 
     def patch_starts(self, tokens_BT: torch.Tensor, entropies_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,8 +118,10 @@ class BLT(nn.Module):
         """Patch lengths [B, P] (T+1 convention, zero-padded) from this model's patcher."""
         return patching.starts_to_lengths(self.patch_starts(tokens_BT))
 
-    def layout(self, patch_lengths_BP: torch.Tensor, T: int) -> PatchLayout:
+    def layout(self, patch_lengths_BP: torch.Tensor, T: int, B: int | None = None) -> PatchLayout:
         lengths = patching.normalize_lengths(patch_lengths_BP, T).to(self.device)
+        if B is not None and lengths.shape[0] != B:
+            raise ValueError(f"patch_lengths has batch size {lengths.shape[0]} but tokens have batch size {B}")
         if lengths.shape[1] > self.config.max_patches:
             raise ValueError(f"{lengths.shape[1]} patches exceed the global transformer's limit of "
                              f"{self.config.max_patches} (config.max_patches); use shorter inputs")
@@ -146,7 +152,7 @@ class BLT(nn.Module):
         T = tokens_BT.shape[1]
         if patch_lengths is None:
             patch_lengths = self.patch(tokens_BT)
-        lay = self.layout(patch_lengths, T)
+        lay = self.layout(patch_lengths, T, tokens_BT.shape[0])
         return self.forward_layout(tokens_BT, lay)
 
     def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:

@@ -43,13 +43,44 @@ def hash_ids(tokens_BT: torch.Tensor, g: int, prime: int, vocab: int, history_BH
     return torch.remainder(acc, vocab)  # floor semantics: always in [0, vocab)
 
 
-def all_hash_ids(tokens_BT: torch.Tensor, sizes: list[int], n_functions: int, vocab: int,
-                 history_BH: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Ids into the fused table, one [B, T] tensor per table, in table order (function-major)."""
-    out = []
+def _coefficients(sizes: list[int], n_functions: int, width: int) -> list[list[int]]:
+    """Row n: the prime powers of table n laid over a window of `width` ids (oldest first), zero
+    where the table's n-gram does not reach: hash_n = Σ_j window_j * coef[n][j] (wrapping)."""
+    rows = []
     for f in range(n_functions):
         prime = PRIMES[f % len(PRIMES)]
-        for gi, g in enumerate(sizes):
-            n = f * len(sizes) + gi
-            out.append(hash_ids(tokens_BT, g, prime, vocab, history_BH) + n * vocab)
-    return out
+        for g in sizes:
+            rows.append([0] * (width - g) + prime_powers(prime, g))
+    return rows
+
+
+_COEF_CACHE: dict = {}
+
+
+def _coef_tensor(sizes: tuple[int, ...], n_functions: int, width: int, device: torch.device) -> torch.Tensor:
+    """Cached on its device: no host-to-device copy per call (that would break CUDA graphs)."""
+    key = (sizes, n_functions, width, str(device))
+    if key not in _COEF_CACHE:
+        _COEF_CACHE[key] = torch.tensor(_coefficients(list(sizes), n_functions, width), dtype=torch.int64,
+                                        device=device)
+    return _COEF_CACHE[key]
+
+
+def all_hash_ids(tokens_BT: torch.Tensor, sizes: list[int], n_functions: int, vocab: int,
+                 history_BH: torch.Tensor | None = None) -> torch.Tensor:
+    """Ids [B, T, n_tables] into the fused table, tables in order n = f*len(sizes) + gi.
+
+    All tables at once: windows of the last max(sizes) ids times a coefficient matrix, in int64
+    with wrap-around; equal to `hash_ids` per table (tested)."""
+    B = tokens_BT.shape[0]
+    width = max(sizes)
+    tok = tokens_BT.to(torch.int64)
+    if history_BH is None:
+        pad = torch.zeros(B, width - 1, dtype=torch.int64, device=tok.device)
+    else:
+        pad = history_BH.to(torch.int64)[:, history_BH.shape[1] - (width - 1):]
+    windows = torch.cat([pad, tok], dim=1).unfold(1, width, 1)  # B T width, oldest first
+    coef = _coef_tensor(tuple(sizes), n_functions, width, tok.device)
+    h = (windows[:, :, None, :] * coef).sum(-1)  # B T n_tables, wraps mod 2^64
+    offsets = torch.arange(coef.shape[0], device=tok.device, dtype=torch.int64) * vocab
+    return torch.remainder(h, vocab) + offsets

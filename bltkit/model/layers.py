@@ -25,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel on GPU
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -42,12 +40,17 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x_BTNH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved feature pairs (2i, 2i+1) of every head; cos/sin are [B or 1, T, H/2]."""
+    """Rotate interleaved feature pairs (2i, 2i+1) of every head; cos/sin are [B or 1, T, H/2].
+
+    (a, b) -> (a cos - b sin, b cos + a sin), written as x*C + swap(x)*S with C = (cos, cos) and
+    S = (-sin, sin) so that it is a handful of elementwise kernels."""
     xf = x_BTNH.float().unflatten(-1, (-1, 2))  # B T N H/2 2
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x_BTNH.dtype)
+    c = cos[:, :, None, :, None]
+    s = sin[:, :, None, :, None] * _SIGNS.to(sin.device)
+    return (xf * c + xf.flip(-1) * s).flatten(-2).to(x_BTNH.dtype)
+
+
+_SIGNS = torch.tensor([-1.0, 1.0])
 
 
 class FeedForward(nn.Module):

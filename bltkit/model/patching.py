@@ -144,14 +144,17 @@ def normalize_lengths(lengths_BP: torch.Tensor, T: int) -> torch.Tensor:
                          f"row sums are {sums.tolist()}")
     short = sums == T
     if short.any():
-        lengths = lengths.clone()
         n = nonzero.sum(1)  # non-empty patches form a prefix of each row
         P = lengths.shape[1]
+        lengths = torch.cat([lengths, torch.zeros_like(lengths[:, :1])], dim=1)
         rows = torch.arange(lengths.shape[0], device=lengths.device)
         marker = short & (n < P)  # a zero right after the last patch: a phantom patch at T
-        lengths[rows[marker], n[marker]] = 1
-        grow = short & (n >= P)  # otherwise position T joins the last (open) patch
+        bos_only = short & ~marker & (n == 1)  # position 1 always starts a patch of its own
+        grow = short & ~marker & ~bos_only  # otherwise position T joins the last (open) patch
+        lengths[rows[marker | bos_only], n[marker | bos_only]] = 1
         lengths[rows[grow], n[grow] - 1] += 1
+        if not lengths[:, -1].any():
+            lengths = lengths[:, :-1]
     return lengths
 
 

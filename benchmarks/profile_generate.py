@@ -1,0 +1,72 @@
+"""Profile a few decoding steps of the Generator (where does a byte's time go?).
+
+    python benchmarks/profile_generate.py --preset blt-1b --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
+
+from bltkit.bytes import encode
+from bltkit.generate import Generator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="blt-1b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    dev = "cuda"
+    model = random_model(args.preset, args.overrides, dev, torch.bfloat16)
+    calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
+    with_threshold(model, calibrate_threshold(model, calib, 4.5))
+    prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
+    for graphs, comp in ((True, False), (False, False), (True, True)):
+        t = time.perf_counter()
+        gen = Generator(model, cuda_graphs=graphs, compile=comp)
+        gen.generate_ids(prompts, 16, stop_at_eos=False)
+        t_warm = time.perf_counter() - t
+        gen.generate_ids(prompts, args.steps, stop_at_eos=False)
+        s = gen.stats
+        print(f"cuda graphs {graphs} compile {comp}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+              f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
+    gen = Generator(model, cuda_graphs=True)
+    gen.generate_ids(prompts, 4, stop_at_eos=False)
+    x = torch.tensor([encode(p)[-1] for p in prompts], device=dev)
+    for name, fn in (("front", gen._run_front), ("patch", gen._run_patch), ("back", gen._run_back)):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            gen.x.copy_(x)
+            fn()
+        torch.cuda.synchronize()
+        print(f"eager {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
+        g = {"front": 0, "patch": 1, "back": 2}[name]
+        gen._prepare_graphs()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            gen.graphs[g].replay()
+        torch.cuda.synchronize()
+        print(f"graph {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            gen.graphs[0].replay()
+            gen.graphs[1].replay()
+            gen.graphs[2].replay()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""bltkit model directories (style §7): round trip, atomic writes, and one clear CheckpointError
+for every kind of broken directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bltkit.bytes import encode
+from bltkit.checkpoint import (
+    CONFIG,
+    ENTROPY_DIR,
+    WEIGHTS,
+    CheckpointError,
+    atomic_dir,
+    init_model,
+    load_entropy_model,
+    load_model,
+    read_config,
+    save_model,
+)
+from bltkit.model import BLT, EntropyModel
+from bltkit.presets import entropy_tiny
+
+X = torch.tensor([encode("Checkpoints keep every tensor, bit for bit: ünïcödé.")])
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "model")
+    return path, tiny_model
+
+
+def _logits(model, x=X):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_round_trip(saved):
+    path, model = saved
+    assert (path / CONFIG).is_file()
+    assert (path / WEIGHTS).is_file()
+    assert (path / ENTROPY_DIR / CONFIG).is_file()
+    assert (path / ENTROPY_DIR / WEIGHTS).is_file()
+    # the BLT file holds no entropy-model tensor: those live in entropy_model/
+    assert not any(k.startswith("entropy_model.") for k in load_file(str(path / WEIGHTS)))
+    loaded = load_model(path)
+    assert isinstance(loaded, BLT)
+    assert not loaded.training
+    assert loaded.config == model.config
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert not any(p.requires_grad for p in loaded.entropy_model.parameters())
+
+
+def test_config_json_payload(saved):
+    path, model = saved
+    d = json.loads((path / CONFIG).read_text())
+    assert d["format"] == "bltkit"
+    assert d["kind"] == "blt"
+    assert d["config_version"] >= 1
+    assert json.loads((path / ENTROPY_DIR / CONFIG).read_text())["kind"] == "entropy_model"
+    assert read_config(path) == model.config
+
+
+def test_load_bfloat16(saved):
+    path, model = saved
+    loaded = load_model(path, dtype=torch.bfloat16)
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.bfloat16, k
+        assert torch.equal(v, model.state_dict()[k].to(torch.bfloat16)), k  # a plain cast
+    out = _logits(loaded)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_save_bfloat16_and_reload(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "bf16", dtype=torch.bfloat16)
+    loaded = load_model(path)
+    assert all(v.dtype == torch.bfloat16 for v in loaded.state_dict().values())
+    assert torch.isfinite(_logits(loaded)).all()
+
+
+def test_entropy_model_alone(tmp_path, saved):
+    path, model = saved
+    ent = load_entropy_model(path)  # from a BLT directory's entropy_model/
+    assert isinstance(ent, EntropyModel)
+    assert all(torch.equal(v, model.entropy_model.state_dict()[k]) for k, v in ent.state_dict().items())
+    solo = save_model(init_model(entropy_tiny(), seed=3), tmp_path / "ent")
+    assert isinstance(load_model(solo), EntropyModel)
+    assert isinstance(load_entropy_model(solo), EntropyModel)
+
+
+def test_save_replaces_existing(tmp_path, tiny_model, make_tiny_model):
+    path = save_model(tiny_model, tmp_path / "m")
+    other = make_tiny_model(seed=5)
+    save_model(other, path)
+    assert torch.equal(_logits(load_model(path)), _logits(other))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no .tmp / .old left behind
+
+
+# ------------------------------------------------------------------------------------------
+# atomicity
+
+
+def test_atomic_dir_failure_keeps_previous(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+
+    def write_then_fail():
+        with atomic_dir(target) as tmp:
+            (tmp / "keep.txt").write_text("new")
+            (tmp / "half.bin").write_bytes(b"\0" * 10)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_then_fail()
+    assert (target / "keep.txt").read_text() == "old"
+    assert not (target / "half.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left
+
+
+def test_atomic_dir_failure_without_previous(tmp_path):
+    target = tmp_path / "new"
+
+    def write_then_fail():
+        with atomic_dir(target) as tmp:
+            (tmp / "x").write_text("x")
+            raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        write_then_fail()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_success_replaces(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "stale.txt").write_text("stale")
+    with atomic_dir(target) as tmp:
+        assert tmp != target
+        assert tmp.parent == target.parent
+        (tmp / "fresh.txt").write_text("fresh")
+    assert sorted(p.name for p in target.iterdir()) == ["fresh.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_save_model_failure_keeps_previous(tmp_path, tiny_model, monkeypatch):
+    path = save_model(tiny_model, tmp_path / "m")
+    before = (path / WEIGHTS).read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("bltkit.checkpoint.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tiny_model, path)
+    assert (path / WEIGHTS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# ------------------------------------------------------------------------------------------
+# broken directories
+
+
+def _edit_config(path, fn, sub: str = ""):
+    f = path / sub / CONFIG if sub else path / CONFIG
+    d = json.loads(f.read_text())
+    fn(d)
+    f.write_text(json.dumps(d))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "nope")
+
+
+def test_missing_config(saved):
+    path, _ = saved
+    (path / CONFIG).unlink()
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        load_model(path)
+
+
+def test_invalid_json(saved):
+    path, _ = saved
+    (path / CONFIG).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(path)
+
+
+def test_unknown_config_key(saved):
+    path, _ = saved
+    _edit_config(path, lambda d: d["encoder"].update(n_layer=1))
+    with pytest.raises(CheckpointError, match=r"n_layer.*did you mean 'n_layers'"):
+        load_model(path)
+    _edit_config(path, lambda d: (d["encoder"].pop("n_layer"), d.update(hash_vocabulary=3)))
+    with pytest.raises(CheckpointError, match="hash_vocabulary"):
+        load_model(path)
+
+
+def test_transformers_config_suggests_convert(tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / CONFIG).write_text(json.dumps({"model_type": "blt", "architectures": ["BltForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="blt convert"):
+        load_model(d)
+
+
+def test_meta_hub_config_suggests_convert(tmp_path):
+    d = tmp_path / "meta"
+    d.mkdir()
+    (d / CONFIG).write_text(json.dumps({"args": {"dim": 512}}))
+    with pytest.raises(CheckpointError, match="blt convert"):
+        load_model(d)
+
+
+def test_newer_config_version(saved):
+    path, _ = saved
+    _edit_config(path, lambda d: d.update(config_version=99))
+    with pytest.raises(CheckpointError, match="upgrade bltkit"):
+        load_model(path)
+
+
+def test_missing_weights(saved):
+    path, _ = saved
+    (path / WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        load_model(path)
+
+
+def test_truncated_weights(saved):
+    path, _ = saved
+    data = (path / WEIGHTS).read_bytes()
+    (path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model(path)
+
+
+def test_garbage_weights(saved):
+    path, _ = saved
+    (path / WEIGHTS).write_bytes(b"\x07" * 64)
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model(path)
+
+
+def _rewrite_weights(path, fn):
+    state = load_file(str(path / WEIGHTS))
+    fn(state)
+    save_file(state, str(path / WEIGHTS))
+
+
+def test_wrong_shape(saved):
+    path, _ = saved
+    key = "local_encoder.tok_embeddings.weight"
+    _rewrite_weights(path, lambda s: s.update({key: torch.zeros(260, 16)}))
+    with pytest.raises(CheckpointError, match=rf"shape mismatch: {key}: file \(260, 16\) vs config \(260, 32\)"):
+        load_model(path)
+
+
+def test_missing_tensor(saved):
+    path, _ = saved
+    key = "local_decoder.norm.weight"
+    _rewrite_weights(path, lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match=rf"missing 1 tensor\(s\): {key}"):
+        load_model(path)
+
+
+def test_unexpected_tensor(saved):
+    path, _ = saved
+    _rewrite_weights(path, lambda s: s.update({"local_decoder.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): local_decoder\.extra\.weight"):
+        load_model(path)
+
+
+def test_entropy_config_disagrees(saved):
+    path, _ = saved
+    _edit_config(path, lambda d: d.update(window=256), sub=ENTROPY_DIR)
+    with pytest.raises(CheckpointError, match="does not match the entropy_model section"):
+        load_model(path)
+
+
+def test_entropy_dir_missing(saved):
+    path, _ = saved
+    for f in (path / ENTROPY_DIR).iterdir():
+        f.unlink()
+    (path / ENTROPY_DIR).rmdir()
+    with pytest.raises(CheckpointError, match="entropy_model"):
+        load_model(path)
+
+
+def test_entropy_weights_wrong_shape(saved):
+    path, _ = saved
+    f = path / ENTROPY_DIR / WEIGHTS
+    state = load_file(str(f))
+    state["output.weight"] = torch.zeros(260, 8)
+    save_file(state, str(f))
+    with pytest.raises(CheckpointError, match=r"entropy_model.*output\.weight"):
+        load_model(path)

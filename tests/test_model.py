@@ -1,0 +1,544 @@
+"""The whole BLT on CPU (style §12.1, §12.4): causality through patcher and hash n-grams, packed
+documents, masks, Flex vs SDPA, batching and padding, input validation, init determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from bltkit.bytes import BOS_ID, EOS_ID, encode
+from bltkit.checkpoint import init_model
+from bltkit.config import PatcherConfig
+from bltkit.model import patching as P
+from bltkit.model.attention import (
+    attend,
+    decoder_cross_mask,
+    document_ids,
+    encoder_cross_mask,
+    global_mask,
+    local_mask,
+)
+from bltkit.presets import tiny
+
+TEXT = "The quick brown fox, naïve café owner, jumps over 13 lazy dogs — 漢字 too!"
+DOC1 = "The first document talks about patches, bytes and entropy."
+DOC2 = "Ünïcödé second doc: €42 and more words."
+
+PATCHERS = {
+    "entropy": PatcherConfig(mode="entropy"),
+    "entropy-monotonic": PatcherConfig(mode="entropy", monotonicity=True, threshold=0.3),
+    "entropy-add": PatcherConfig(mode="entropy", threshold=0.8, threshold_add=0.05),
+    "space": PatcherConfig(mode="space"),
+    "static": PatcherConfig(mode="static", patch_size=4),
+    "byte": PatcherConfig(mode="byte"),
+}
+PATCHERS.update({f"{k}+max3": dataclasses.replace(v, max_patch_length=3) for k, v in list(PATCHERS.items())})
+
+
+def ids(*rows: list[int]) -> torch.Tensor:
+    return torch.tensor(list(rows), dtype=torch.long)
+
+
+@pytest.fixture
+def model_for(make_tiny_model):
+    """Factory: the tiny model (seed 0, entropy head x 8) with patcher PATCHERS[name]."""
+
+    def make(name: str):
+        return make_tiny_model(dataclasses.replace(tiny(), patcher=PATCHERS[name]))
+
+    return make
+
+
+def _assert_margin(model, x: torch.Tensor) -> None:
+    """Entropies keep > 1e-3 from θ, so float-level differences cannot move a boundary."""
+    with torch.no_grad():
+        H = model.entropy_model.entropies(x)
+    assert (H - model.config.patcher.threshold).abs().min() > 1e-3
+
+
+def _logits(model, x, lengths=None):
+    with torch.no_grad():
+        return model(x, lengths)
+
+
+def _perturbations(x: torch.Tensor, t: int) -> list[torch.Tensor]:
+    """Copies of x with byte t replaced: another byte, a space, an EOS (new document after t)."""
+    old = int(x[0, t])
+    out = []
+    for new in ((old - 4 + 97) % 256 + 4, ord(" ") + 4, EOS_ID):
+        if new != old:
+            y = x.clone()
+            y[0, t] = new
+            out.append(y)
+    return out
+
+
+def _probe_positions(lengths: torch.Tensor, T: int) -> list[int]:
+    """Patch start, middle and end of the longest real patch, plus position 1 and the last."""
+    row = [int(v) for v in lengths[0] if int(v) > 0]
+    starts = [sum(row[:j]) for j in range(len(row))]
+    j = max(range(1, len(row)), key=lambda i: (min(row[i], T - starts[i]), -i))
+    s, n = starts[j], min(row[j], T - starts[j])  # bytes of the patch (the phantom excluded)
+    return sorted({1, s, s + n // 2, s + n - 1, T - 1} & set(range(1, T)))
+
+
+# ------------------------------------------------------------------------------------------
+# (1) causality
+
+
+def _assert_unchanged(got: torch.Tensor, want: torch.Tensor, same_patch_count: bool, msg: str) -> None:
+    """Bitwise when the patch count is unchanged (identical shapes everywhere). When the
+    perturbation adds or removes a later patch, the global transformer runs over P±1 patches and
+    CPU SDPA blocks the key axis differently, so earlier patches' outputs may move by float
+    reassociation only (measured ~5e-7 on this model): 1e-6 absolute."""
+    if same_patch_count:
+        assert torch.equal(got, want), msg
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=msg)
+
+
+@pytest.mark.parametrize("name", sorted(PATCHERS))
+def test_causality_through_patcher_and_hashes(model_for, name):
+    """Changing byte t never changes logits at positions < t, with the model's own patcher:
+    entropies, boundaries, hash n-grams, encoder, global model and decoder (see
+    `_assert_unchanged` for when bitwise equality is required)."""
+    model = model_for(name)
+    x = ids(encode(TEXT))
+    T = x.shape[1]
+    lengths = model.patch(x)
+    if not name.startswith("byte"):
+        assert int(lengths.max()) >= 3, "the test needs multi-byte patches"
+    assert lengths.shape[1] >= 4, "the test needs several patches"
+    base = _logits(model, x)
+    for t in _probe_positions(lengths, T):
+        for y in _perturbations(x, t):
+            out = _logits(model, y)
+            _assert_unchanged(out[:, :t], base[:, :t], model.patch(y).shape[1] == lengths.shape[1],
+                              f"{name}: byte {t} leaks into earlier logits")
+            assert not torch.equal(out[:, t], base[:, t])  # the probe is not vacuous
+
+
+def test_causality_entropy_model_alone(tiny_model):
+    em = tiny_model.entropy_model
+    x = ids(encode(TEXT))
+    with torch.no_grad():
+        base = em(x)
+        for t in (1, 5, 17, x.shape[1] - 1):
+            for y in _perturbations(x, t):
+                out = em(y)
+                assert torch.equal(out[:, :t], base[:, :t])
+                assert not torch.equal(out[:, t], base[:, t])
+
+
+def test_causality_with_explicit_lengths(tiny_model):
+    """Same with fixed lengths (no patcher): only the layers and hashes are exercised."""
+    x = ids(encode(TEXT))
+    T = x.shape[1]
+    lengths = torch.tensor([[1] + [4] * ((T - 1) // 4) + ([(T - 1) % 4 + 1])])
+    base = _logits(tiny_model, x, lengths)
+    for t in (1, 4, 5, 6, 8, T - 1):
+        for y in _perturbations(x, t)[:2]:
+            assert torch.equal(_logits(tiny_model, y, lengths)[:, :t], base[:, :t])  # same shapes: bitwise
+
+
+def test_prefix_consistency_own_patcher(tiny_model):
+    """Logits at t from a forward over x[:n] equal those over the full x (spec §13.2.1).
+    The prefix has fewer bytes and maybe fewer patches, so GEMM shapes change: 1e-5 absorbs the
+    float reassociation; the boundaries themselves are compared exactly."""
+    x = ids(encode(TEXT))
+    _assert_margin(tiny_model, x)
+    full = _logits(tiny_model, x)
+    full_starts = tiny_model.patch_starts(x)
+    for n in (2, 9, 30, x.shape[1] - 1):
+        assert torch.equal(tiny_model.patch_starts(x[:, :n]), full_starts[:, :n + 1])
+        torch.testing.assert_close(_logits(tiny_model, x[:, :n]), full[:, :n], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# (2) packed documents
+
+
+def _packed() -> tuple[torch.Tensor, int]:
+    a, b = encode(DOC1, eos=True), encode(DOC2, eos=True)
+    return ids(a + b), len(a)
+
+
+DOC_PATCHERS = ["entropy", "entropy-monotonic", "entropy-add", "space", "static", "byte", "entropy+max3",
+                "static+max3"]
+
+
+@pytest.mark.parametrize("name", DOC_PATCHERS)
+def test_documents_are_isolated(model_for, name):
+    """Bytes of doc1 more than 7 positions before doc2's BOS never reach doc2's logits.
+
+    Hash n-grams span up to 7 previous ids by Meta's design (spec §5.1), so the last 7 bytes
+    of doc1 may legitimately reach doc2. Tolerance 1e-5: if doc1's patch count changes, doc2's
+    global RoPE positions shift; the relative rotation is equal only up to float rounding."""
+    model = model_for(name)
+    x, s = _packed()
+    T = x.shape[1]
+    base = _logits(model, x)
+    base_starts = model.patch_starts(x)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(2):  # many bytes of doc1, then fewer
+        y = x.clone()
+        n = s - 8  # positions 1 .. s-8 are more than 7 before position s
+        pos = torch.randperm(n, generator=gen)[: max(1, n // (trial + 1))] + 1
+        y[0, pos] = torch.randint(4, 260, (len(pos),), generator=gen)
+        assert not torch.equal(y, x)
+        out = _logits(model, y)
+        torch.testing.assert_close(out[:, s:], base[:, s:], atol=1e-5, rtol=1e-5)
+        # doc2's own patching does not move either
+        assert torch.equal(model.patch_starts(y)[:, s:], base_starts[:, s:])
+    assert T > s + 8
+
+
+@pytest.mark.parametrize("name", sorted(PATCHERS))
+def test_patches_never_straddle_documents(model_for, name):
+    docs = [encode("ab cd", eos=True), encode("xyz", eos=True), encode("élan vital", eos=True), encode("q")]
+    x = ids([i for d in docs for i in d])
+    starts = model_for(name).patch_starts(x)[0]
+    boundary = 0
+    for d in docs[:-1]:
+        boundary += len(d)
+        assert starts[boundary], f"{name}: a patch straddles the EOS at {boundary - 1}"
+        assert starts[boundary + 1], f"{name}: the BOS at {boundary} is not alone"
+    pid, _ = P.patch_ids(P.starts_to_lengths(starts[None]), x.shape[1])
+    doc = document_ids(x)
+    for p in pid.unique():
+        assert doc[pid == p].unique().numel() == 1  # every patch lies within one document
+
+
+def test_documents_isolated_in_entropy_model(tiny_model):
+    """With doc_masks the entropy model alone is isolated bitwise, even from doc1's last bytes
+    (it has no hash n-grams; same shapes and positions, masked keys weigh exactly 0)."""
+    x, s = _packed()
+    y = x.clone()
+    y[0, 1 : s - 1] = torch.flip(x[0, 1 : s - 1], [0])  # scramble doc1, keep its EOS
+    with torch.no_grad():
+        a, b = tiny_model.entropy_model(y), tiny_model.entropy_model(x)
+    assert torch.equal(a[:, s:], b[:, s:])
+    assert not torch.equal(a[:, :s], b[:, :s])
+
+
+# ------------------------------------------------------------------------------------------
+# (3) masks, built by hand
+
+
+def _hand_local(T, window, doc, q_offset):
+    B = doc.shape[0] if doc is not None else 1
+    m = torch.zeros(B, 1, T - q_offset, T, dtype=torch.bool)
+    for b in range(B):
+        for qi in range(T - q_offset):
+            q = qi + q_offset
+            for k in range(T):
+                ok = k <= q and (window is None or q - k < window)
+                if doc is not None:
+                    ok = ok and bool(doc[b, q] == doc[b, k])
+                m[b, 0, qi, k] = ok
+    return m
+
+
+def test_document_ids_hand_example():
+    x = ids([1, 5, 2, 1, 6, 7, 2, 1, 8])  # EOS belongs to the document it closes
+    assert document_ids(x).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2]]
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 8, 64])
+@pytest.mark.parametrize("q_offset", [0, 5])
+@pytest.mark.parametrize("docs", [False, True])
+def test_local_mask_equals_hand_built(window, q_offset, docs):
+    T = 20
+    x = ids([1] + [10] * 19, [1] * 20)
+    x[0, [4, 11]] = EOS_ID
+    x[1, [0, 1, 2, 15]] = EOS_ID
+    doc = document_ids(x) if docs else None
+    B = 2
+    got = local_mask(T, window, doc, B, "cpu", "sdpa", q_offset=q_offset).dense()
+    want = _hand_local(T, window, doc, q_offset).expand(B, 1, T - q_offset, T)
+    assert torch.equal(got, want)
+
+
+def test_global_mask_equals_hand_built():
+    pdoc = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    got = global_mask(6, pdoc, 2, "cpu", "sdpa").dense()
+    for b in range(2):
+        for q in range(6):
+            for k in range(6):
+                assert bool(got[b, 0, q, k]) == (k <= q and bool(pdoc[b, q] == pdoc[b, k]))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_cross_masks_equal_hand_built(K):
+    lengths = P.normalize_lengths(torch.tensor([[1, 3, 2, 0], [1, 1, 4, 0]]), 6)  # phantom patches
+    pid, dec = P.patch_ids(lengths, 6)
+    n_p = lengths.shape[1]
+    enc = encoder_cross_mask(pid, n_p, K, "sdpa").dense()
+    decm = decoder_cross_mask(dec, n_p, K, "sdpa").dense()
+    assert enc.shape == (2, 1, n_p * K, 6)
+    assert decm.shape == (2, 1, 6, n_p * K)
+    for b in range(2):
+        for u in range(n_p * K):
+            for t in range(6):
+                assert bool(enc[b, 0, u, t]) == (int(pid[b, t]) == u // K)  # unit u = p·K + r
+                assert bool(decm[b, 0, t, u]) == (int(dec[b, t]) == u // K)
+    # the phantom patch (index 3 of row 0) holds no byte: its units see no key
+    assert not enc[0, 0, 3 * K:].any()
+
+
+# ------------------------------------------------------------------------------------------
+# (4) Flex vs SDPA
+
+
+def _flex_ok():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_flex = pytest.mark.skipif(not _flex_ok(), reason="torch without flex_attention")
+
+
+@pytest.fixture(scope="module")
+def flex_shape_agnostic():
+    """Eager flex_attention still goes through torch._dynamo (backend "eager") and re-traces
+    (~1 s) for every new input shape. Tracing shapes symbolically from the start leaves one
+    trace per mask kind; the ops that run, hence the numbers, are the same. Restored after."""
+    import torch._dynamo
+
+    old = torch._dynamo.config.assume_static_by_default
+    torch._dynamo.config.assume_static_by_default = False
+    yield
+    torch._dynamo.config.assume_static_by_default = old
+
+
+def _mask_cases(K: int):
+    T = 24
+    x = ids([1] + [40] * 23, [1] + [50] * 23)
+    x[0, [7, 15]] = EOS_ID
+    doc = document_ids(x)
+    lengths = P.normalize_lengths(torch.tensor([[1, 5, 3, 6, 9, 0], [1, 2, 2, 2, 8, 9]]), T)
+    pid, dec = P.patch_ids(lengths, T)
+    n_p = lengths.shape[1]
+    pdoc = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0]])
+    return {
+        "local": lambda impl: local_mask(T, 8, doc, 2, "cpu", impl),  # the window-8 model's mask
+        "local-offset": lambda impl: local_mask(T, None, doc, 2, "cpu", impl, q_offset=9),
+        "global": lambda impl: global_mask(n_p, pdoc, 2, "cpu", impl),
+        "encoder-cross": lambda impl: encoder_cross_mask(pid, n_p, K, impl),
+        "decoder-cross": lambda impl: decoder_cross_mask(dec, n_p, K, impl),
+    }
+
+
+FLEX_CASES = [  # (mask kind, cross_attn_k, kv heads); K only shapes the cross masks
+    ("local", 2, 4), ("local-offset", 2, 4), ("global", 2, 4), ("local", 2, 2),
+    *[(kind, K, 4) for kind in ("encoder-cross", "decoder-cross") for K in (1, 2, 3)],
+    ("encoder-cross", 2, 2), ("decoder-cross", 3, 2),
+]
+
+
+@needs_flex
+@pytest.mark.usefixtures("flex_shape_agnostic")
+@pytest.mark.parametrize(("kind", "K", "kv_heads"), FLEX_CASES)
+def test_flex_equals_sdpa(kind, K, kv_heads):
+    """Tolerance 1e-5: eager flex and SDPA sum the same fp32 products in different orders."""
+    make = _mask_cases(K)[kind]
+    m_sdpa, m_flex = make("sdpa"), make("flex")
+    gen = torch.Generator().manual_seed(K)
+    # made like the model's layers make them ([B, L, N·H] -> view [B, L, N, H] -> [B, N, L, H]),
+    # so the model test below reuses these dynamo traces instead of re-tracing for new strides
+    q = torch.randn(2, m_sdpa.Q, 4 * 8, generator=gen).view(2, m_sdpa.Q, 4, 8).transpose(1, 2)
+    k = torch.randn(2, m_sdpa.K, kv_heads * 8, generator=gen).view(2, m_sdpa.K, kv_heads, 8).transpose(1, 2)
+    v = torch.randn(2, m_sdpa.K, kv_heads * 8, generator=gen).view(2, m_sdpa.K, kv_heads, 8).transpose(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        with torch.no_grad():  # same grad mode as the model test: dynamo traces are shared
+            out_flex = attend(q, k, v, m_flex)
+    out_sdpa = attend(q, k, v, m_sdpa)
+    assert torch.isfinite(out_sdpa).all()
+    assert torch.isfinite(out_flex).all()
+    torch.testing.assert_close(out_flex, out_sdpa, atol=1e-5, rtol=1e-5)
+    empty = ~m_sdpa.dense().any(-1)  # B 1 Q: rows with no visible key give 0 on both paths
+    if kind == "encoder-cross":
+        assert empty.any()
+    rows = empty.expand(2, 4, m_sdpa.Q)
+    assert (out_sdpa[rows] == 0).all()
+    assert (out_flex[rows] == 0).all()
+
+
+def test_mask_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="sdpa"):
+        local_mask(4, None, None, 1, "cpu", "xformers")
+
+
+@needs_flex
+@pytest.mark.usefixtures("flex_shape_agnostic")
+def test_model_flex_equals_sdpa(make_tiny_model):
+    """Whole forward, own patcher, window 8 (shorter than the rows), packed documents, batch 2.
+    Tolerance 1e-5: different summation orders in attention; the boundaries are compared
+    exactly (margin asserted)."""
+    cfg = tiny()
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, window=8),
+                              decoder=dataclasses.replace(cfg.decoder, window=8),
+                              entropy_model=dataclasses.replace(cfg.entropy_model, window=8))
+    model = make_tiny_model(cfg)
+    a, _ = _packed()
+    b = ids(encode(TEXT + " " + TEXT)[: a.shape[1]])
+    x = torch.cat([a, b])
+    _assert_margin(model, x)
+    ref = _logits(model, x)
+    ref_lengths = model.patch(x)
+    model.set_attn_impl("flex")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model.patch(x), ref_lengths)
+        out = _logits(model, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_set_attn_impl_rejects_unknown(tiny_model):
+    with pytest.raises(ValueError, match="flex"):
+        tiny_model.set_attn_impl("eager")
+
+
+# ------------------------------------------------------------------------------------------
+# (5) batches and padding
+
+
+def _rows(n: int, T: int) -> torch.Tensor:
+    texts = [TEXT, DOC1 + " " + DOC2, "0123456789 abcdefghij ÀÉÎÕÜ !?!? " * 3]
+    return ids(*[encode(t)[:T] for t in texts[:n]])
+
+
+def test_batch_rows_equal_rows_alone(tiny_model):
+    """Tolerance 1e-5: batched GEMMs/attention may block differently than single rows."""
+    x = _rows(3, 60)
+    assert x.shape == (3, 60)
+    _assert_margin(tiny_model, x)
+    out = _logits(tiny_model, x)
+    lengths = tiny_model.patch(x)
+    for r in range(3):
+        alone_lengths = tiny_model.patch(x[r:r + 1])
+        assert [v for v in lengths[r].tolist() if v] == [v for v in alone_lengths[0].tolist() if v]
+        torch.testing.assert_close(out[r:r + 1], _logits(tiny_model, x[r:r + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_does_not_change_real_positions(tiny_model):
+    """Right-padding with BOE (0) leaves logits at real positions unchanged (1e-5: different
+    sequence and patch counts change GEMM shapes)."""
+    long, short = _rows(2, 60)[0], _rows(2, 60)[1, :37]
+    padded = torch.cat([short, torch.zeros(60 - 37, dtype=torch.long)])
+    x = torch.stack([long, padded])
+    _assert_margin(tiny_model, long[None])
+    _assert_margin(tiny_model, short[None])  # the pad region's boundaries do not matter
+    out = _logits(tiny_model, x)
+    alone = _logits(tiny_model, short[None])
+    torch.testing.assert_close(out[1:, :37], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:1], _logits(tiny_model, long[None]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 30])
+def test_sum_t_lengths_equal_t_plus_1_form(tiny_model, T):
+    """transformers-style lengths (sum T, trailing 0 marker) give the same logits as Meta's
+    T+1 form, bitwise (identical layouts after normalisation)."""
+    x = ids(encode(TEXT)[:T])
+    meta = tiny_model.patch(x)
+    starts = P.lengths_to_starts(meta, T + 1)[0]
+    hf = meta.clone()
+    hf[0, -1] -= 1  # remove the phantom position; a trailing 0 stays if it opened its own patch
+    assert int(hf.sum()) == T
+    assert torch.equal(P.normalize_lengths(hf, T), meta), f"starts {starts.nonzero().flatten().tolist()}"
+    assert torch.equal(_logits(tiny_model, x, hf), _logits(tiny_model, x))
+
+
+def test_bos_only_with_sum_t_lengths(tiny_model):
+    """T = 1, lengths [1] (sum T): position 1 always starts a patch, so this is [1, 1] and the
+    BOS reads its own patch, as with the model's own patching (and transformers, d(0) = 0)."""
+    x = ids([BOS_ID])
+    assert tiny_model.patch(x).tolist() == [[1, 1]]
+    assert torch.equal(_logits(tiny_model, x, torch.tensor([[1]])), _logits(tiny_model, x))
+
+
+# ------------------------------------------------------------------------------------------
+# (6) bad input
+
+
+@pytest.mark.parametrize(("x", "match"), [
+    (ids([1, 260, 5]), r"0\.\.259"),
+    (ids([1, -1, 5]), r"0\.\.259"),
+    (torch.tensor([1, 76, 105]), r"\[batch, bytes\]"),
+    (torch.zeros(1, 0, dtype=torch.long), "empty"),
+    (torch.ones(1, 2, 3, dtype=torch.long), r"\[batch, bytes\]"),
+])
+def test_bad_tokens(tiny_model, x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(x)
+
+
+def test_too_long(make_tiny_model):
+    model = make_tiny_model(dataclasses.replace(tiny(), max_bytes=16))
+    model(ids([1] * 16))
+    with pytest.raises(ValueError, match=r"17 bytes exceeds.*16.*max_bytes"):
+        model(ids([1] * 17))
+
+
+def test_too_many_patches(make_tiny_model):
+    model = make_tiny_model(dataclasses.replace(tiny(), max_patches=4))
+    with pytest.raises(ValueError, match="max_patches"):
+        model(ids([1] * 8), torch.tensor([[1] * 9]))
+
+
+@pytest.mark.parametrize(("lengths", "match"), [
+    ([[2, 4, 4]], "first patch must have length 1"),
+    ([[1, 4, 4]], "sum to the sequence length 10 or 11"),
+    ([[1, 4, 0, 5]], "non-empty patch follows an empty one"),
+    ([[1, 4, -4, 10]], ">= 0"),
+])
+def test_bad_patch_lengths(tiny_model, lengths, match):
+    x = ids(encode("abcdefghi"))  # 10 ids
+    with pytest.raises(ValueError, match=match):
+        tiny_model(x, torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("n_rows", [2, 1, 4])
+def test_patch_lengths_wrong_batch_size(tiny_model, n_rows):
+    x = ids(*[encode("abcdefghi")] * 3)
+    lengths = torch.tensor([[1, 4, 5]] * n_rows)
+    with pytest.raises(ValueError, match="batch"):
+        tiny_model(x, lengths)
+
+
+# ------------------------------------------------------------------------------------------
+# (7) init determinism
+
+
+def test_init_is_deterministic():
+    a = init_model(tiny(), seed=0).state_dict()
+    torch.manual_seed(1234)  # the global RNG must not matter
+    b = init_model(tiny(), seed=0).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_init_seeds_differ():
+    a = init_model(tiny(), seed=0).state_dict()
+    b = init_model(tiny(), seed=1).state_dict()
+    for k in a:
+        if "norm" in k:
+            assert torch.equal(a[k], b[k])  # norm weights start at 1
+        else:
+            assert not torch.equal(a[k], b[k]), f"{k} does not depend on the seed"
+
+
+def test_init_entropy_model_is_frozen_and_finite():
+    model = init_model(tiny(), seed=0)
+    assert not any(p.requires_grad for p in model.entropy_model.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("entropy_model."))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not model.training
