@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..bytes import EOS_ID, check_ids
@@ -56,7 +55,8 @@ class BLT(nn.Module):
         self.local_decoder = LocalDecoder(c.decoder, c.global_transformer.dim, c.vocab_size, c.cross_attn_k,
                                           c.norm_eps)
         self.encoder_hash_tok_embedding = (
-            nn.Embedding(c.n_hash_tables * c.hash_vocab, c.encoder.dim) if c.n_hash_tables else None
+            # one fused table (spec §5.2); a summing bag lookup adds all n-gram rows of a byte at once
+            nn.EmbeddingBag(c.n_hash_tables * c.hash_vocab, c.encoder.dim, mode="sum") if c.n_hash_tables else None
         )
         self.entropy_model = EntropyModel(c.entropy_model) if c.entropy_model is not None else None
         if self.entropy_model is not None:
@@ -85,9 +85,7 @@ class BLT(nn.Module):
             c = self.config
             ids_BTN = all_hash_ids(tokens_BT, c.hash_sizes, c.hash_functions, c.hash_vocab, history_BH)
             B, T, N = ids_BTN.shape
-            # one summing lookup over the n tables (no [B, T, n, D] intermediate)
-            table = self.encoder_hash_tok_embedding.weight
-            e = e + F.embedding_bag(ids_BTN.reshape(B * T, N), table, mode="sum").view(B, T, -1)
+            e = e + self.encoder_hash_tok_embedding(ids_BTN.reshape(B * T, N)).view(B, T, -1)
         return e
 
     def patch_starts(self, tokens_BT: torch.Tensor, entropies_BT: torch.Tensor | None = None) -> torch.Tensor:
