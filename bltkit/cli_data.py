@@ -1,13 +1,134 @@
-"""`blt eval` and `blt data` subcommands: argument definitions (torch-free) and handlers."""
+"""`blt eval` and `blt data` subcommands: argument definitions (torch-free) and handlers.
+
+The handlers import bltkit's torch code lazily so that `blt --help` stays instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+# -- eval -----------------------------------------------------------------------------------------
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", help="(being written)")
+    sub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    b = sub.add_parser("bpb", help="bits per byte of a model on text files",
+                       description="Bits per byte on each source and overall. Documents are encoded "
+                       "BOS + bytes + EOS and BOS/EOS targets count, as in Meta's evaluation.")
+    b.add_argument("files", nargs="+", metavar="FILE",
+                   help="text files, folders, .jsonl, .parquet or save_to_disk folders")
+    b.add_argument("--model", default=None, help="BLT or entropy-model directory (default: the bundled model)")
+    b.add_argument("--seq-len", type=int, default=None,
+                   help="bytes per window (default: min(max_bytes, 4096) for a BLT, max_seqlen for an entropy model)")
+    b.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    b.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
+    b.add_argument("--json", action="store_true", help="print the result dictionary as JSON")
+
+
+def _device(name: str | None) -> str:
+    if name is not None:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_eval(args) -> None:
+    from .eval.bpb import evaluate_bpb
+
+    if args.model is None:
+        from .bundled import bundled_model_dir
+
+        args.model = str(bundled_model_dir())
+    result = evaluate_bpb(args.model, args.files, seq_len=args.seq_len, batch_size=args.batch_size,
+                          device=_device(args.device), text_field=args.text_field)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    width = max(len("overall"), *(len(f["path"]) for f in result["files"]))
+    for row in [*result["files"], {"path": "overall", **result["overall"]}]:
+        print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes  {row['bpb']:.3f} bpb")
+    print(f"({result['note']}; windows of {result['seq_len']} bytes)")
+
+
+# -- data -----------------------------------------------------------------------------------------
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", help="(being written)")
+    sub = p.add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    pr = sub.add_parser("prepare", help="tokenise, split and precompute entropies for training",
+                        description="Tokenise and split the data and store every byte's entropy under "
+                        "the frozen entropy model, so training skips the entropy model. Pass the output "
+                        "folder as the training data path.")
+    pr.add_argument("--entropy-model", required=True, help="entropy-model (or BLT) directory")
+    pr.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, folders or datasets")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--seq-len", type=int, default=2048, help="training bytes per row, recorded (default 2048)")
+    pr.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation")
+    pr.add_argument("--val-max-bytes", type=int, default=2_000_000, help="cap on validation bytes")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    pr.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
+    pr.add_argument("--device", default=None, help="where the entropy model runs (default: cuda if available)")
+    pr.add_argument("--batch-size", type=int, default=8, help="rows of max_seqlen bytes per forward")
+    st = sub.add_parser("stats", help="documents, bytes, non-ASCII share (and xz baseline) of sources")
+    st.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or datasets")
+    st.add_argument("--xz", action="store_true", help="also xz -9e bits per byte (slow: about 1 MB/s)")
+    st.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_data(args) -> None:
+    if args.data_command == "prepare":
+        _prepare(args)
+    else:
+        _stats(args)
+
+
+def _prepare(args) -> None:
+    from .data import DataConfig, prepare
+
+    cfg = DataConfig(paths=args.data, text_field=args.text_field, seq_len=args.seq_len,
+                     val_fraction=args.val_fraction, val_max_bytes=args.val_max_bytes, seed=args.seed)
+    info = prepare(cfg, args.entropy_model, args.out, device=_device(args.device), batch_size=args.batch_size)
+    tr, va = info["train"], info["val"]
+    print(f"wrote {args.out}: train {tr['documents']:,} documents, {tr['bytes']:,} bytes; val "
+          f"{va['documents']:,} documents, {va['bytes']:,} bytes; entropies at "
+          f"{info['bytes_per_second'] / 1e6:.2f} MB/s on {info['device']}")
+
+
+def source_stats(path: str, text_field: str = "text", xz: bool = False) -> dict:
+    """Documents, bytes, share of non-ASCII bytes and optionally xz -9e bits per byte of a source
+    (xz compresses the documents joined by blank lines, as the corpus files store them)."""
+    import lzma
+
+    import numpy as np
+
+    from .data import iter_documents
+
+    docs = n_bytes = non_ascii = 0
+    comp = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME) if xz else None
+    packed = 0
+    for doc in iter_documents(path, text_field):
+        if comp is not None:
+            packed += len(comp.compress(b"\n\n" + doc if docs else doc))
+        docs += 1
+        n_bytes += len(doc)
+        non_ascii += int(np.count_nonzero(np.frombuffer(doc, np.uint8) >= 0x80))
+    out = {"path": path, "documents": docs, "bytes": n_bytes, "non_ascii": non_ascii / n_bytes}
+    if comp is not None:
+        out["xz_bpb"] = 8 * (packed + len(comp.flush())) / n_bytes
+    return out
+
+
+def _stats(args) -> None:
+    rows = [source_stats(p, args.text_field, args.xz) for p in args.paths]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["path"]) for r in rows)
+    for r in rows:
+        xz = f"  xz {r['xz_bpb']:.3f} bpb" if "xz_bpb" in r else ""
+        print(f"{r['path']:<{width}}  {r['documents']:>9,} docs  {r['bytes']:>13,} bytes  "
+              f"{100 * r['non_ascii']:5.1f}% non-ASCII{xz}")

@@ -1,9 +1,54 @@
-"""`blt train` subcommand: argument definitions (torch-free) and the handler."""
+"""`blt train` subcommand: argument definitions (torch-free) and the handler.
+
+The same command runs under `torchrun --nproc_per_node=N -m bltkit train ...` (FSDP2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+from pathlib import Path
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", help="(being written)")
+    p.description = ("Train a BLT (presets tiny, small, blt-1b) or an entropy model (entropy-tiny, "
+                     "entropy-small, entropy-100m) on raw bytes. Settings: preset < --config run.toml "
+                     "< key=value tokens, e.g. train.steps=200 optim.lr=1e-3 model.patcher.mode=space.")
+    p.add_argument("--preset", default=None,
+                   help="model preset; may be omitted to resume --out from its config.json")
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="text files, folders, .jsonl/.parquet data, or one `blt data prepare` folder")
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run directory: config.json, env.json, metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--entropy-model", default=None, metavar="DIR",
+                   help="frozen patcher for a BLT with patcher.mode=entropy (an entropy-model or BLT "
+                        "directory); not needed with train.patching=precomputed")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto (default): continue from the newest complete checkpoint in RUN_DIR; "
+                        "never: refuse a RUN_DIR that holds checkpoints")
+    p.add_argument("--config", default=None, metavar="RUN.TOML",
+                   help="TOML file: optional `preset = ...` and [model]/[data]/[optim]/[train] tables")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides such as train.steps=200 optim.lr=1e-3 model.global_transformer.n_layers=4")
+
+
+def split_data_and_overrides(data: list[str] | None, overrides: list[str]) -> tuple[list[str] | None, list[str]]:
+    """`--data a.txt train.steps=5` puts the override into --data (nargs="+"); move back any
+    `section.key=value` token that is not an existing file."""
+    if not data:
+        return data, overrides
+    paths = [d for d in data if not (_OVERRIDE.match(d) and not Path(d).exists())]
+    moved = [d for d in data if d not in paths]
+    return paths or None, [*moved, *overrides]
+
+
+def cmd_train(args) -> None:
+    from .train import resolve_config, train
+
+    data, overrides = split_data_and_overrides(args.data, args.overrides)
+    run = resolve_config(args.preset, data, args.config, overrides, entropy_model=args.entropy_model,
+                         run_dir=args.out)
+    train(run, args.out, entropy_model=args.entropy_model, resume=args.resume, argv=sys.argv)

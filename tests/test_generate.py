@@ -60,7 +60,7 @@ def test_greedy_equals_reference_window_and_documents(seed):
     """Window 8 < sequence length exercises the ring caches; an EOS inside a prompt exercises the
     document masks and the patch-document mask of the global cache."""
     model = make_model(seed=seed, window=8)
-    prompts = [encode("first doc") + [EOS_ID] + encode("second one, longer than eight"), "short"]
+    prompts = [[*encode("first doc"), EOS_ID, *encode("second one, longer than eight")], "short"]
     gen = Generator(model)
     assert gen.generate_ids(prompts, 30, stop_at_eos=False) == reference_generate(model, prompts, 30,
                                                                                   stop_at_eos=False)
@@ -71,7 +71,7 @@ def test_step_logits_equal_full_forward_and_online_boundaries():
     one-position attention sums keys in a different order), and the boundaries decided online
     equal those of the full patcher on the final text."""
     model = make_model(seed=4, window=8)
-    seq = encode("Online boundaries must equal offline ones") + [EOS_ID] + encode("ok")
+    seq = [*encode("Online boundaries must equal offline ones"), EOS_ID, *encode("ok")]
     x = torch.tensor([seq])
     full = model(x)[0]
     starts = model.patch_starts(x)[0]
@@ -154,7 +154,7 @@ def test_empty_prompt_and_limits():
         gen.generate("x" * 40, 1)
     with pytest.raises(ValueError, match="at most"):
         gen.generate("x" * 20, 20)
-    with pytest.raises(ValueError, match="0..259"):
+    with pytest.raises(ValueError, match=r"0\.\.259"):
         gen.generate_ids([[1, 300]], 2)
 
 

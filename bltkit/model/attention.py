@@ -59,7 +59,9 @@ def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mas
     gqa = q_BNQH.shape[1] != k_BNKH.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q_BNQH, k_BNKH, v_BNKH, enable_gqa=gqa)
-    if mask.impl == "flex":
+    if mask.impl == "flex" and (q_BNQH.shape[-1] >= 16 or not q_BNQH.is_cuda):
+        # (the compiled Flex kernel needs head_dim >= 16; smaller heads, as in the tiny presets,
+        # take the reference path below)
         eager, compiled = _flex_attention()
         fn = compiled if q_BNQH.is_cuda else eager
         return fn(q_BNQH, k_BNKH, v_BNKH, block_mask=mask.block_mask(), enable_gqa=gqa)

@@ -46,11 +46,8 @@ def apply_rope(x_BTNH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     S = (-sin, sin) so that it is a handful of elementwise kernels."""
     xf = x_BTNH.float().unflatten(-1, (-1, 2))  # B T N H/2 2
     c = cos[:, :, None, :, None]
-    s = sin[:, :, None, :, None] * _SIGNS.to(sin.device)
+    s = torch.stack((-sin, sin), dim=-1)[:, :, None]  # B T 1 H/2 2
     return (xf * c + xf.flip(-1) * s).flatten(-2).to(x_BTNH.dtype)
-
-
-_SIGNS = torch.tensor([-1.0, 1.0])
 
 
 class FeedForward(nn.Module):

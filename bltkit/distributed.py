@@ -1,0 +1,221 @@
+"""Process groups, FSDP2 sharding and DCP training checkpoints (style §7, §9).
+
+`setup()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and falls back to one
+process when WORLD_SIZE is unset or 1, so the same training code runs under `blt train` and
+`torchrun -m bltkit train`. NCCL on CUDA, gloo on CPU. `shard_model` applies `fully_shard` to
+every transformer block and then the root; a BLT's frozen entropy model stays unsharded.
+Checkpoints are DCP directories written to a temp dir and renamed, with a `latest` pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes, or run as a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local, world, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned); the identity in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of the network being trained (the sharding/compile/AC units)."""
+    from .model import BLT
+
+    if isinstance(model, BLT):
+        return [*model.local_encoder.layers, *model.global_transformer.layers, *model.local_decoder.layers]
+    return list(model.layers)
+
+
+def shard_model(model: nn.Module, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block, then the root, in place.
+
+    With param_dtype bf16 (the CUDA default) parameters are gathered in bf16 and gradients
+    reduced in fp32 over fp32 master weights (spec §12); fp32 (CPU) changes nothing. The frozen
+    entropy model is detached while sharding so that it stays a plain replicated fp32 module (it
+    runs outside the root's forward, in `BLT.patch`).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # cast_forward_inputs off: activations are bf16 already (bf16 parameters, autocast), and the
+    # RoPE tables passed to every block stay fp32, as on one GPU under autocast
+    mp = MixedPrecisionPolicy() if param_dtype == torch.float32 else \
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    frozen = getattr(model, "entropy_model", None)
+    if frozen is not None:
+        model.entropy_model = None
+    for block in blocks(model):
+        fully_shard(block, mp_policy=mp)
+    # The hash table (3B parameters in blt-1b) stays in the root's unit: BLT.embed reads its
+    # weight through F.embedding_bag, bypassing the module call that a unit of its own would need
+    # to gather it.
+    fully_shard(model, mp_policy=mp)
+    if frozen is not None:
+        model.entropy_model = frozen
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state on CPU, gathered to rank 0 (other ranks get an empty dict)."""
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# -- training checkpoints -------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted((d for d in root.glob("step_*") if _STEP_DIR.match(d.name)), key=lambda d: int(d.name[5:]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer, else the highest complete step dir."""
+    pointer = root / "latest"
+    if pointer.is_file() and (root / pointer.read_text().strip() / "meta.json").is_file():
+        return root / pointer.read_text().strip()
+    done = [d for d in _step_dirs(root) if (d / "meta.json").is_file()]
+    return done[-1] if done else None
+
+
+@contextmanager
+def _single_process_ok():
+    """DCP warns when it runs without a process group: intended in a single process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, rank_state: dict[str, Any],
+                    keep_last: int, info: DistInfo) -> Path:
+    """Write `root/step_NNNNNN` atomically and keep the newest `keep_last`.
+
+    Every rank writes into a hidden temp dir (its DCP shard of model and optimizer, and
+    `rank_NNNNN.pt` with `rank_state`); rank 0 then adds meta.json, renames the dir into place
+    and moves the `latest` pointer (os.replace). A crash at any point leaves the previous
+    checkpoint as the newest complete one; the next run deletes the leftover temp dir.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"step_{step:06d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rank_state, tmp / f"rank_{info.rank:05d}.pt")
+    barrier()
+    if info.is_main:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": info.world_size,
+                                                   "time": time.time()}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_pointer(root / "latest", name)
+        for old in _step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _write_pointer(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> dict[str, Any]:
+    """Load model and optimizer in place (DCP reshards); return this rank's `rank_state`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != info.world_size:  # the per-rank files (data position, RNG) do not reshard
+        raise ValueError(f"{path} was written by {meta['world_size']} process(es), this run has "
+                         f"{info.world_size}; resume with the same number of processes")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    box = {"model": model_sd, "optim": optim_sd}
+    with _single_process_ok():
+        dcp.load(box, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
+    return torch.load(path / f"rank_{info.rank:05d}.pt", weights_only=True)

@@ -1,0 +1,129 @@
+"""Bits per byte (spec §12): Σ cross-entropy (nats) / (ln 2 · counted targets).
+
+Each source is encoded BOS + bytes + EOS per document (BOS/EOS targets count, as Meta counts
+them), cut into non-overlapping windows of seq_len+1 ids, and scored with `model(x)` in fp32;
+targets equal to 0 (BOE padding of the last window) are ignored. Works for a BLT (which patches
+itself) and for an EntropyModel (a plain byte LM).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import BatchLoader, TokenStream, iter_documents
+
+NOTE = "BOS and EOS targets count (as in Meta's evaluation); targets equal to 0 (padding) do not"
+
+
+def default_seq_len(model) -> int:
+    """Bytes per window: min(max_bytes, 4096, max_patches - 1) for a BLT (one-byte patches must
+    still fit the global model), `max_seqlen` for an EntropyModel."""
+    cfg = model.config
+    if hasattr(cfg, "max_bytes"):
+        return min(cfg.max_bytes, 4096, cfg.max_patches - 1)
+    return cfg.max_seqlen
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _summary(nats: float, targets: int) -> dict:
+    return {"targets": targets, "nats": nats, "bpb": nats / (math.log(2) * targets) if targets else float("nan")}
+
+
+@torch.no_grad()
+def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_size: int = 8,
+                  device: str | torch.device | None = None, max_batches: int | None = None,
+                  rank: int = 0, world_size: int = 1, progress: bool = False) -> dict:
+    """Bits per byte of one token stream, windows in stream order (the trainer's validation).
+
+    Args:
+        model: a BLT or an EntropyModel; put in eval mode for the call, its mode restored after.
+        stream: the ids; if it carries precomputed entropies and the model patches by entropy,
+            they place the patches (as in training on prepared data).
+        seq_len: bytes per window (default `default_seq_len(model)`).
+        max_batches: score only the first this many batches (per rank).
+        rank, world_size: score this rank's share; sum "nats" and "targets" over ranks yourself.
+
+    Returns:
+        {"targets", "nats", "bpb", "windows"}.
+    """
+    seq_len = seq_len or default_seq_len(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    loader = BatchLoader(stream, batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
+                         drop_last=False)
+    n_batches = loader.batches_per_epoch if max_batches is None else min(max_batches, loader.batches_per_epoch)
+    use_entropies = stream.entropies is not None and hasattr(model, "patch_starts") and \
+        model.config.patcher.mode == "entropy"
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    targets = windows = 0
+    try:
+        for _ in tqdm(range(n_batches), desc="bpb", unit="batch", leave=False,
+                      disable=not (progress and sys.stderr.isatty() and n_batches > 4)):
+            batch = loader.next_batch()
+            if len(batch.tokens) == 0:
+                continue
+            tokens = batch.tokens.to(device)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            if use_entropies:
+                from ..model.patching import starts_to_lengths
+
+                ent = batch.entropies[:, :-1].to(device)
+                logits = model(x, patch_lengths=starts_to_lengths(model.patch_starts(x, ent)))
+            else:
+                logits = model(x)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            mask = y.flatten() != 0
+            nats += ce[mask].sum(dtype=torch.float64)
+            targets += int(mask.sum())
+            windows += len(tokens)
+    finally:
+        model.train(was_training)
+    return _summary(float(nats), targets) | {"windows": windows}
+
+
+def _load(model, device):
+    if isinstance(model, str | os.PathLike):
+        from ..checkpoint import load_model
+
+        return load_model(model, device=device, dtype=torch.float32)
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None = None, batch_size: int = 8,
+                 device: str | torch.device | None = None, text_field: str = "text") -> dict:
+    """Bits per byte of each source and overall (weighted by targets).
+
+    Args:
+        model: a BLT or EntropyModel, or a model directory (loaded in fp32).
+        paths: files, folders, .jsonl/.parquet/arrow data (see `bltkit.data.iter_documents`).
+        seq_len: bytes per window (default `default_seq_len(model)`).
+        device: where to run (default: where the model is; a given device moves the model).
+
+    Returns:
+        {"files": [{"path", "bytes", "documents", "targets", "nats", "bpb"}, ...],
+         "overall": {"bytes", "targets", "nats", "bpb"}, "seq_len", "note"}.
+    """
+    model = _load(model, device)
+    seq_len = seq_len or default_seq_len(model)
+    files = []
+    for path in paths:
+        stream = TokenStream.from_documents(iter_documents(path, text_field))
+        r = bpb_of_stream(model, stream, seq_len, batch_size, device, progress=True)
+        files.append({"path": str(path), "bytes": stream.n_bytes, "documents": stream.n_docs,
+                      "targets": r["targets"], "nats": r["nats"], "bpb": r["bpb"]})
+    overall = _summary(sum(f["nats"] for f in files), sum(f["targets"] for f in files))
+    return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), **overall},
+            "seq_len": seq_len, "note": NOTE}

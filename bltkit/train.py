@@ -1,0 +1,500 @@
+"""Training a BLT or its entropy model: run configs, the loop, resumable checkpoints (style §8).
+
+`train(run, run_dir)` reads top to bottom: setup (process group, model on meta, activation
+checkpointing, compile, FSDP2, optimizer, data, resume), then `for step in ...` (accumulate,
+clip, step, schedule, log, eval, checkpoint), then teardown. The loss is Meta's (spec §12): summed
+next-byte cross-entropy over targets != 0 divided by their count, here over the whole global batch.
+Checkpoints (`RUN_DIR/checkpoints/step_NNNNNN/`) are DCP directories written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import tomllib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .checkpoint import load_entropy_model, read_config, save_model
+from .config import (
+    CONFIG_VERSION,
+    BLTConfig,
+    EntropyModelConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
+from .data import BatchLoader, DataConfig, build_streams, prepared_info
+from .metrics import LogWindow, MetricsLogger, StepTimer, env_info
+from .model.patching import starts_to_lengths
+from .optim import OptimConfig, build_optimizer, build_scheduler
+
+# -- configs --------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop. `batch_size` rows of `seq_len` bytes per process and micro-step; a step sees
+    batch_size x grad_accum x world_size rows. 0 in *_every means "only at the end" (log_every: 1)."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 2048
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 16  # global validation batches of batch_size x world_size rows; 0: none
+    ckpt_every: int = 500
+    keep_last: int = 2
+    export_every: int = 0
+    seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
+    dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    patching: str = "online"  # "online" | "precomputed" (entropies from `blt data prepare`)
+    attn_impl: str = "auto"  # "sdpa" | "flex"; auto: flex on CUDA
+    pad_patches: int = 0  # pad patch counts to the largest so far, a multiple of this; 0: 64 with flex, else off
+    tensorboard: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (("dtype", ("auto", "bf16", "fp32")), ("patching", ("online", "precomputed")),
+                              ("attn_impl", ("auto", "sdpa", "flex"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything a run needs; `model` is a BLTConfig or, to train a patcher, an EntropyModelConfig."""
+
+    model: BLTConfig | EntropyModelConfig
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def is_blt(self) -> bool:
+        return isinstance(self.model, BLTConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config_version": CONFIG_VERSION, "model_kind": "blt" if self.is_blt else "entropy_model",
+                **{s: to_dict(getattr(self, s)) for s in SECTIONS}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        model_cls = BLTConfig if d.get("model_kind", "blt") == "blt" else EntropyModelConfig
+        return cls(model=from_dict(model_cls, d["model"]), data=from_dict(DataConfig, d["data"]),
+                   optim=from_dict(OptimConfig, d["optim"]), train=from_dict(TrainConfig, d["train"]))
+
+
+SECTIONS = ("model", "data", "optim", "train")
+_NO_DATA = "<no --data given>"
+
+
+def apply_run_overrides(run: RunConfig, tokens: list[str]) -> RunConfig:
+    """`section.key.path=value` tokens, each section through `config.apply_overrides` (which
+    cannot pick the member of the `model` union itself; see docs/training.md)."""
+    by_section: dict[str, list[str]] = {}
+    for tok in tokens:
+        key = tok.split("=", 1)[0].strip()
+        section, _, rest = key.partition(".")
+        if "=" not in tok or section not in SECTIONS or not rest:
+            fields = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(run, s))]
+            near = difflib.get_close_matches(key, fields, n=1) or [f for f in fields if f.endswith("." + key)][:1]
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"override {tok!r} is not of the form section.key=value with section one of "
+                             f"{', '.join(SECTIONS)}{hint}")
+        by_section.setdefault(section, []).append(tok.split(".", 1)[1])
+    changes = {}
+    for section, toks in by_section.items():
+        try:
+            changes[section] = apply_overrides(getattr(run, section), toks)
+        except ValueError as e:  # put the section back in front of the key paths quoted
+            msg = str(e)
+            if msg.startswith("unknown config key"):
+                msg = re.sub(r"'([^']*)'", lambda m, s=section: f"'{s}.{m.group(1)}'", msg)
+            raise ValueError(msg) from None
+    return dataclasses.replace(run, **changes)
+
+
+def toml_overrides(path: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """A run.toml as (preset, override tokens): `preset = "tiny"` plus tables named by section,
+    e.g. `[optim] lr = 1e-3`, `[model.patcher] mode = "space"`."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    preset = doc.pop("preset", None)
+    tokens: list[str] = []
+
+    def walk(prefix: str, node: dict) -> None:
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(key, v)
+            elif isinstance(v, list):
+                tokens.append(f"{key}=[{','.join(str(x) for x in v)}]")
+            else:
+                tokens.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
+
+    walk("", doc)
+    return preset, tokens
+
+
+def resolve_config(preset: str | None, data_paths: list[str] | None = None, config_path: str | None = None,
+                   overrides: list[str] | None = None, entropy_model: str | os.PathLike | None = None,
+                   run_dir: str | os.PathLike | None = None) -> RunConfig:
+    """preset < --config run.toml < key=value tokens (style §5); --data and --entropy-model last.
+
+    Without a preset the run directory's saved config.json is the base (resume a run by its
+    directory alone). An entropy model's own config replaces `model.entropy_model`; a BLT that
+    does not patch by entropy drops its entropy_model section.
+    """
+    from .presets import get_preset
+
+    toml_preset, toml_tokens = toml_overrides(config_path) if config_path else (None, [])
+    tokens = [*toml_tokens, *(overrides or [])]
+    name = preset or toml_preset
+    saved = Path(run_dir) / "config.json" if run_dir is not None else None
+    if name is not None:
+        run = RunConfig(model=get_preset(name), data=DataConfig(paths=data_paths or [_NO_DATA]))
+    elif saved is not None and saved.is_file():
+        run = RunConfig.from_dict(json.loads(saved.read_text()))
+    else:
+        raise ValueError("give --preset (or `preset = ...` in --config), or --out of an existing run to resume")
+    run = apply_run_overrides(run, tokens)
+    if any(t.split("=")[0].strip() in ("data.seq_len", "data.batch_size") for t in tokens):
+        raise ValueError("set train.seq_len / train.batch_size; the data.* copies are filled from them")
+    data = dataclasses.replace(run.data, paths=list(data_paths) if data_paths else run.data.paths,
+                               seq_len=run.train.seq_len, batch_size=run.train.batch_size)
+    if data.paths == [_NO_DATA]:
+        raise ValueError("no training data: pass --data PATH [PATH ...] (or data.paths in --config)")
+    model, tc = run.model, run.train
+    if isinstance(model, BLTConfig) and model.patcher.mode == "entropy":
+        ent_dir = entropy_model or _default_entropy_dir(run_dir, data.paths, tc.patching)
+        if ent_dir is not None:
+            ent_cfg = read_config(ent_dir)
+            ent_cfg = ent_cfg.entropy_model if isinstance(ent_cfg, BLTConfig) else ent_cfg
+            model = dataclasses.replace(model, entropy_model=ent_cfg)
+        elif tc.patching == "online":
+            raise ValueError("patcher.mode=entropy needs --entropy-model DIR (train one with an entropy-* "
+                             "preset), or train.patching=precomputed, or model.patcher.mode=space|static|byte")
+    elif isinstance(model, BLTConfig):
+        if tc.patching == "precomputed":
+            raise ValueError("train.patching=precomputed only applies to model.patcher.mode=entropy")
+        model = dataclasses.replace(model, entropy_model=None)
+    elif entropy_model is not None:
+        raise ValueError("--entropy-model is for BLT presets; this preset trains an entropy model")
+    if isinstance(model, BLTConfig) and tc.seq_len > model.max_bytes:
+        raise ValueError(f"train.seq_len {tc.seq_len} exceeds model.max_bytes {model.max_bytes}")
+    return dataclasses.replace(run, model=model, data=data)
+
+
+def _default_entropy_dir(run_dir, paths: list[str], patching: str) -> Path | None:
+    """The run's own copy (a resumed run), else for prepared data the model that `blt data
+    prepare` used (so the exported BLT carries the patcher its training entropies came from)."""
+    if run_dir is not None and (Path(run_dir) / "entropy_model").is_dir():
+        return Path(run_dir) / "entropy_model"
+    info = prepared_info(paths[0]) if patching == "precomputed" else None
+    if info and Path(info.get("entropy_model", "")).is_dir():
+        return Path(info["entropy_model"])
+    return None
+
+
+# -- model ----------------------------------------------------------------------------------------
+
+
+def build_model(cfg: BLTConfig | EntropyModelConfig, device: torch.device, seed: int, entropy_model=None):
+    """On the meta device, materialised on `device`, initialised (spec §6.7); a given entropy
+    model's weights replace the BLT's (frozen, fp32)."""
+    from .model import BLT, EntropyModel
+
+    with torch.device("meta"):
+        model = BLT(cfg) if isinstance(cfg, BLTConfig) else EntropyModel(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    if entropy_model is not None:
+        model.entropy_model.load_state_dict(entropy_model.state_dict())
+        model.entropy_model.float().requires_grad_(False)
+    return model
+
+
+def pad_patches(lengths_BP: torch.Tensor, target: int) -> torch.Tensor:
+    """Right-pad with zero-length patches to `target` patches. An empty patch at the end holds no
+    byte and no byte's decoder reads it, so the logits do not change (spec §4.5)."""
+    P = lengths_BP.shape[1]
+    return F.pad(lengths_BP, (0, target - P)) if target > P else lengths_BP
+
+
+def checkpoint_activations(block: torch.nn.Module) -> None:
+    """Recompute `block` in backward (non-reentrant), keeping parameter names unchanged."""
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """The resumable scalars. Model and optimizer go through DCP; this, the scheduler, the
+    loader position and the RNG states go into each rank's file (see distributed.save_checkpoint)."""
+
+    step: int = 0
+    bytes_seen: int = 0
+
+
+def _rank_state(state: TrainState, scheduler, loader, dev: torch.device) -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(dev)
+    return {"train_state": dataclasses.asdict(state), "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(), "rng": rng}
+
+
+def _restore(rank_state: dict[str, Any], state: TrainState, scheduler, loader, dev: torch.device) -> None:
+    scheduler.load_state_dict(rank_state["scheduler"])
+    loader.load_state_dict(rank_state["loader"])
+    torch.set_rng_state(rank_state["rng"]["cpu"])
+    if "cuda" in rank_state["rng"] and dev.type == "cuda":
+        torch.cuda.set_rng_state(rank_state["rng"]["cuda"], dev)
+    for k, v in rank_state["train_state"].items():
+        setattr(state, k, v)
+
+
+def export_model(model, cfg, path: Path, info: distributed.DistInfo) -> None:
+    """A bltkit model directory (fp32) from the full state dict, gathered to rank 0."""
+    full = distributed.full_state_dict(model)
+    if info.is_main:
+        from .model import BLT, EntropyModel
+
+        with torch.device("meta"):
+            fresh = BLT(cfg) if isinstance(cfg, BLTConfig) else EntropyModel(cfg)
+        fresh.load_state_dict(full, strict=True, assign=True)
+        save_model(fresh, path)
+    distributed.barrier()
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def train(run: RunConfig, run_dir: str | os.PathLike, entropy_model: str | os.PathLike | None = None,
+          resume: str = "auto", argv: list[str] | None = None) -> dict[str, Any]:
+    """Train as `run` says, writing into `run_dir`; returns the last logged metrics.
+
+    Args:
+        run: a resolved config (see `resolve_config`).
+        entropy_model: the frozen patcher's directory (BLT with patcher.mode=entropy, online).
+        resume: "auto" continues from the newest complete checkpoint in run_dir; "never" refuses
+            a run_dir that already holds checkpoints.
+    """
+    info = distributed.setup(run.train.device)
+    try:
+        return _train(run, Path(run_dir), info, entropy_model, resume, argv)
+    finally:
+        distributed.teardown()
+
+
+def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) -> dict[str, Any]:
+    tc, dev, W = run.train, info.device, info.world_size
+    ckpt_root = run_dir / "checkpoints"
+    start = distributed.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
+    if resume == "never" and start is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints; use --resume auto or another --out")
+    start = start if resume == "auto" else None
+    if info.is_main:
+        _prepare_run_dir(run, run_dir, start, argv)
+    distributed.barrier()
+    torch.manual_seed(tc.seed)
+
+    # model: meta -> device -> init; frozen patcher; activation checkpointing, compile, FSDP2
+    online_entropy = run.is_blt and run.model.patcher.mode == "entropy" and tc.patching == "online"
+    entropy_dir = entropy_dir or _default_entropy_dir(run_dir, run.data.paths, tc.patching)
+    patcher = load_entropy_model(entropy_dir, device=dev, dtype=torch.float32) \
+        if run.is_blt and run.model.entropy_model is not None and entropy_dir is not None else None
+    if info.is_main and patcher is not None and not (run_dir / "entropy_model").is_dir():
+        save_model(patcher, run_dir / "entropy_model")  # the run directory is self-contained
+    if info.is_main and run.is_blt and run.model.entropy_model is not None and patcher is None:
+        print("warning: no --entropy-model: the exported RUN_DIR/model carries an untrained patcher; "
+              "pass the one used by `blt data prepare`", flush=True)
+    model = build_model(run.model, dev, tc.seed, patcher)
+    del patcher
+    model.train()
+    impl = tc.attn_impl if tc.attn_impl != "auto" else ("flex" if dev.type == "cuda" else "sdpa")
+    if run.is_blt:
+        model.set_attn_impl(impl)
+    # compiled flex attention has static shapes and the patch count is BLT's one dynamic shape
+    # (style §4): pad it to the largest count seen so far, rounded up to a multiple of `pad`
+    pad, pad_to = tc.pad_patches or (64 if impl == "flex" else 1), 0
+    for block in distributed.blocks(model):
+        if tc.activation_checkpointing:
+            checkpoint_activations(block)
+        if tc.compile:
+            block.compile()
+    compute_dtype = torch.bfloat16 if tc.dtype == "bf16" or (tc.dtype == "auto" and dev.type == "cuda") \
+        else torch.float32
+    if info.distributed:
+        distributed.shard_model(model, compute_dtype)
+    autocast = torch.autocast(dev.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
+    optimizer = build_optimizer(model, run.optim, dev)
+    scheduler = build_scheduler(optimizer, run.optim, tc.steps)
+
+    # data: this rank's share of every global batch; resume
+    train_stream, val_stream = build_streams(run.data)
+    if tc.patching == "precomputed" and train_stream.entropies is None:
+        raise ValueError("train.patching=precomputed needs data prepared by `blt data prepare` (with entropies)")
+    loader = BatchLoader(train_stream, tc.batch_size, tc.seq_len, seed=run.data.seed, rank=info.rank,
+                         world_size=W)
+    state = TrainState()
+    if start is not None:
+        _restore(distributed.load_checkpoint(start, model, optimizer, info), state, scheduler, loader, dev)
+    logger = MetricsLogger(run_dir, tc.steps, state.step, enabled=info.is_main, tensorboard=tc.tensorboard)
+    if start is not None:
+        logger.print(f"resumed from {start} at step {state.step}")
+    timer = StepTimer(dev, warmup=1 if dev.type == "cpu" else (5 if tc.compile else 3))
+    bytes_per_step = tc.batch_size * tc.grad_accum * W * tc.seq_len
+    flops_fn = _flops_per_byte(run, online_entropy)
+    peak = _peak_flops(dev)
+    window = LogWindow(dev)
+    last: dict[str, Any] = {}
+
+    for step in range(state.step + 1, tc.steps + 1):
+        batches = [loader.next_batch() for _ in range(tc.grad_accum)]
+        n_targets = distributed.all_reduce_sum(
+            sum((b.tokens[:, 1:] != 0).sum() for b in batches).to(dev, torch.float64))
+        for batch in batches:
+            tokens = batch.tokens.to(dev, non_blocking=True)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            lengths = None
+            if run.is_blt:
+                with torch.no_grad():  # outside autocast: entropies in fp32 (spec §3.3)
+                    ent = batch.entropies[:, :-1].to(dev) if tc.patching == "precomputed" else None
+                    lengths = starts_to_lengths(model.patch_starts(x, entropies_BT=ent))
+                window.patches += (lengths > 0).sum()
+                if pad > 1:  # grow-only: the patch count (attention shapes) changes a few times per run
+                    P = lengths.shape[1]
+                    pad_to = max(pad_to, P, min(-(-P // pad) * pad, run.model.max_patches))
+                    lengths = pad_patches(lengths, pad_to)
+            with autocast:
+                logits = model(x, patch_lengths=lengths) if run.is_blt else model(x, impl=impl)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=0, reduction="sum")
+            # FSDP averages gradients over ranks: scale by W so the result is Σ CE / global targets
+            (loss_sum * (W / n_targets).float()).backward()
+            window.loss_sum += loss_sum.detach().double()
+        window.targets += n_targets
+        max_norm = run.optim.grad_clip if run.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        window.grad_norm += _full(grad_norm).detach().double()
+        window.steps += 1
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.bytes_seen = step, state.bytes_seen + bytes_per_step
+        timer.step_done()
+        logger.advance()
+
+        final = step == tc.steps
+        metrics: dict[str, Any] = {}
+        if step % max(tc.log_every, 1) == 0 or final:
+            metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
+        if tc.eval_batches > 0 and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
+            metrics = {"step": step, **metrics, "val_bpb": _validate(model, val_stream, tc, info)}
+        if metrics:
+            logger.log(metrics)
+            last = metrics
+        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final:
+            distributed.save_checkpoint(ckpt_root, step, model, optimizer, _rank_state(state, scheduler, loader, dev),
+                                        tc.keep_last, info)
+        if (tc.export_every > 0 and step % tc.export_every == 0) or final:
+            export_model(model, run.model, run_dir / "model", info)
+        if metrics or (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or \
+                (tc.export_every > 0 and step % tc.export_every == 0):
+            timer.restart()  # eval, checkpoint and export time stay out of bytes/s
+    logger.close()
+    return last
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP2 grad norms), a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _flops_per_byte(run: RunConfig, online_entropy: bool):
+    from .flops import entropy_flops_per_byte, train_flops_per_byte
+
+    if not run.is_blt:
+        per_byte = 3 * entropy_flops_per_byte(run.model, run.train.seq_len)
+        return lambda mean_patch: per_byte
+    return lambda mean_patch: train_flops_per_byte(run.model, mean_patch, run.train.seq_len,
+                                                   patch_on_the_fly=online_entropy) if mean_patch else None
+
+
+def _peak_flops(dev: torch.device) -> float | None:
+    from .flops import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+
+
+def _validate(model, val_stream, tc: TrainConfig, info) -> float:
+    """Bits per byte of the first eval_batches global batches (batch_size x world_size windows
+    each) of the validation stream, so the number does not depend on the world size. Entropies
+    stay fp32; sharded layers run as trained. Ranks score disjoint shares only when every rank
+    gets full batches: FSDP needs all ranks to run the same forwards."""
+    from .eval.bpb import bpb_of_stream
+
+    B, W = tc.batch_size, info.world_size
+    n_windows = BatchLoader(val_stream, B, tc.seq_len, drop_last=False).windows_per_epoch
+    shard = W > 1 and tc.eval_batches * B * W <= n_windows
+    r = bpb_of_stream(model, val_stream, tc.seq_len, B if shard else B * W, info.device,
+                      max_batches=tc.eval_batches, rank=info.rank if shard else 0, world_size=W if shard else 1)
+    if not shard:
+        return r["bpb"]
+    sums = distributed.all_reduce_sum(torch.tensor([r["nats"], r["targets"]], dtype=torch.float64, device=info.device))
+    return float(sums[0] / (math.log(2) * sums[1]))
+
+
+def _prepare_run_dir(run: RunConfig, run_dir: Path, start: Path | None, argv) -> None:
+    """config.json, env.json, the printed config; leftovers of an interrupted checkpoint removed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    _trim_metrics(run_dir / "metrics.jsonl", int(start.name[5:]) if start is not None else 0)
+    saved = run_dir / "config.json"
+    if start is not None and saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("model") != to_dict(run.model):
+            raise ValueError(f"the model config differs from {saved}; a checkpoint cannot be resumed "
+                             "into another architecture (use a new --out)")
+        changed = [f"{s}.{k}" for s in SECTIONS[1:] for k, v in to_dict(getattr(run, s)).items()
+                   if old.get(s, {}).get(k) != v]
+        if changed:
+            print(f"note: resuming with changed settings: {', '.join(changed)}", flush=True)
+    text = json.dumps(run.to_dict(), indent=2)
+    saved.write_text(text + "\n")
+    (run_dir / "env.json").write_text(json.dumps(env_info(argv), indent=2) + "\n")
+    print(f"config ({run_dir / 'config.json'}):\n{text}", flush=True)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint being resumed (they will be logged again)."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))

@@ -1,0 +1,333 @@
+"""Training (style §12.7): the loss falls and one batch overfits, resume is bitwise, a checkpoint
+killed mid-write leaves the previous one usable, two FSDP2 processes match one, an entropy model
+trained here patches a BLT, overrides and run.toml precedence, LR schedules, the log line, --help.
+
+CPU, fp32, tiny presets, no compile, one thread (conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import bltkit.train as train_mod
+from bltkit import distributed
+from bltkit.checkpoint import load_entropy_model, load_model
+from bltkit.cli import main as cli_main
+from bltkit.data import BatchLoader
+from bltkit.metrics import format_line
+from bltkit.optim import OptimConfig, lr_factor, param_groups
+from bltkit.train import resolve_config, train
+
+ASSET = Path(__file__).parent / "assets" / "pride_20k.txt"
+LN_V = math.log(260)  # the loss of a uniform prediction over the 260 ids
+# small rows, static patches (no entropy model needed), lr 3e-3 so 30 steps visibly learn
+BASE = ["model.patcher.mode=static", "train.seq_len=64", "train.batch_size=4", "train.eval_batches=0",
+        "train.log_every=1", "train.ckpt_every=0", "optim.lr=3e-3", "train.device=cpu"]
+
+_WORDS = ["the", "of", "and", "to", "a", "in", "that", "was", "her", "it", "his", "she", "he", "for", "had", "with", "you", "as", "not", "be", "but", "at", "on", "which", "by", "have", "is", "all", "my", "so", "him", "mr", "could", "been", "very", "no", "would", "were", "when", "from", "this", "there", "said", "elizabeth", "they", "more", "one", "an", "much", "must", "what", "will", "their", "darcy", "such", "your", "than", "bennet", "who", "any", "do", "should", "then", "sister", "herself", "before", "think", "jane", "being", "know", "did", "time", "soon", "only", "well", "some", "see", "good"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The shipped ~20 KB Austen slice, or English-like text of the same size when absent."""
+    if ASSET.is_file():
+        return ASSET
+    rng = random.Random(0)
+    paras = []
+    while sum(map(len, paras)) < 20_000:
+        sents = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))).capitalize()
+                 + rng.choice([".", ".", ",", "?", "!"]) for _ in range(rng.randint(2, 6))]
+        paras.append(" ".join(sents))
+    path = tmp_path_factory.mktemp("corpus") / "english.txt"
+    path.write_text("\n\n".join(paras) + "\n")
+    return path
+
+
+def _run(out: Path, data: Path, *tokens: str, preset: str = "tiny", entropy_model=None) -> list[dict]:
+    cfg = resolve_config(preset, [str(data)], None, [*BASE, *tokens], entropy_model=entropy_model, run_dir=out)
+    train(cfg, out, entropy_model=entropy_model, argv=["test"])
+    return _rows(out)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@contextmanager
+def recording_batches():
+    """Every training batch served, in order (to check that resume neither repeats nor drops)."""
+    seen: list[torch.Tensor] = []
+    real = BatchLoader.next_batch
+
+    def next_batch(self):
+        batch = real(self)
+        seen.append(batch.tokens.clone())
+        return batch
+
+    BatchLoader.next_batch = next_batch
+    try:
+        yield seen
+    finally:
+        BatchLoader.next_batch = real
+
+
+# -- learning -------------------------------------------------------------------------------------
+
+
+def test_tiny_blt_loss_falls(corpus, tmp_path):
+    rows = _run(tmp_path / "run", corpus, "train.steps=30", "train.seq_len=128", "optim.lr=6e-3")
+    losses = list(_losses(rows).values())
+    assert len(losses) == 30
+    # step 1 scores the random init: about ln 260 = 5.56 nats (the init is not exactly uniform)
+    assert abs(losses[0] - LN_V) < 1.0
+    # 30 steps of 4 x 128 bytes: the mean of the last 5 must be below 3.6 nats, under ln 40 = 3.69,
+    # the loss of a model that only knows which ~40 characters occur, so it has learned their
+    # frequencies at least. Measured: 3.24 on pride_20k.txt, 2.90 on the fallback text
+    # (English unigram entropy is ~2.9 nats); the margin covers the noise of 4-row batches.
+    assert sum(losses[-5:]) / 5 < 3.6, losses
+    assert all(math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["bytes_per_s"] > 0
+    assert rows[-1]["mean_patch_len"] == pytest.approx(128 / 33)  # [1] + 32 patches of 4 (static)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_overfits_one_batch(tmp_path):
+    """A stream of exactly batch_size windows: every step sees the same 2 rows of 64 bytes."""
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, m"
+    data = tmp_path / "one.txt"
+    data.write_text(text + text[:35])  # 127 bytes + BOS + EOS = 129 ids: 2 windows of 65 (sharing one)
+    rows = _run(tmp_path / "run", data, "train.steps=60", "train.batch_size=2", "data.val_fraction=0",
+                "optim.warmup=5")
+    losses = list(_losses(rows).values())
+    # 128 targets memorised: far below what any model of English text reaches (~1 nat/byte for
+    # the best LMs). Measured: 0.14 after 60 steps (6.1 at step 1).
+    assert losses[-1] < 0.5, losses[::10]
+
+
+# -- resume and checkpoints -----------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    """12 uninterrupted steps with a checkpoint every 6, keeping only the last."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    with recording_batches() as seen:
+        rows = _run(out, corpus, "train.steps=12", "train.ckpt_every=6", "train.keep_last=1")
+    return out, rows, seen
+
+
+def test_resume_is_bitwise(baseline, corpus, tmp_path, monkeypatch):
+    base_out, base_rows, base_batches = baseline
+    assert sorted(p.name for p in (base_out / "checkpoints").iterdir()) == ["latest", "step_000012"]  # keep_last 1
+    real_save = distributed.save_checkpoint
+
+    def save_then_stop(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == 6:
+            raise _Stop  # stopped right after the step-6 checkpoint
+        return path
+
+    monkeypatch.setattr(distributed, "save_checkpoint", save_then_stop)
+    out = tmp_path / "run"
+    with recording_batches() as seen:
+        with pytest.raises(_Stop):
+            _run(out, corpus, "train.steps=12", "train.ckpt_every=6", "train.keep_last=1")
+        monkeypatch.setattr(distributed, "save_checkpoint", real_save)
+        assert len(seen) == 6
+        rows = _run(out, corpus, "train.steps=12", "train.ckpt_every=6", "train.keep_last=1")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for mine, ref in zip(rows, base_rows, strict=True):  # bitwise on CPU: same data, state and math
+        assert (mine["loss"], mine["grad_norm"], mine["lr"]) == (ref["loss"], ref["grad_norm"], ref["lr"])
+    assert len(seen) == len(base_batches) == 12  # no batch repeated or skipped
+    assert all(torch.equal(a, b) for a, b in zip(seen, base_batches, strict=True))
+    a, b = load_model(out / "model"), load_model(base_out / "model")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_kill_during_checkpoint_keeps_previous(baseline, corpus, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    _, base_rows, _ = baseline
+    real_save = dcp.save
+
+    def die_after_shards(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the model/optimizer shards land
+        if "step_000012" in str(checkpoint_id):
+            raise _Stop  # ...and the process dies before its rank file, meta.json and the rename
+
+    monkeypatch.setattr(dcp, "save", die_after_shards)
+    out = tmp_path / "run"
+    with pytest.raises(_Stop):
+        _run(out, corpus, "train.steps=12", "train.ckpt_every=6")
+    monkeypatch.setattr(dcp, "save", real_save)
+    root = out / "checkpoints"
+    assert (root / ".tmp-step_000012" / ".metadata").is_file()
+    assert not (root / "step_000012").exists()
+    assert (root / "latest").read_text().strip() == "step_000006"
+    assert distributed.latest_checkpoint(root) == root / "step_000006"
+    cli_main(["train", "--out", str(out)])  # resume by the run directory alone (its config.json)
+    rows = _rows(out)
+    assert not (root / ".tmp-step_000012").exists()
+    assert (root / "latest").read_text().strip() == "step_000012"
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
+
+
+def test_grad_accum_matches_a_bigger_batch(corpus, tmp_path):
+    """2 micro-batches of 2 rows = 1 batch of 4 rows: the same rows, one normalisation by the
+    step's target count; only the summation order differs (rtol 1e-5)."""
+    big = _run(tmp_path / "big", corpus, "train.steps=3")
+    accum = _run(tmp_path / "accum", corpus, "train.steps=3", "train.batch_size=2", "train.grad_accum=2")
+    for a, b in zip(big, accum, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: two fresh interpreters import torch and join a gloo group
+def test_two_fsdp_processes_match_one(corpus, tmp_path):
+    """2 gloo processes x 2 rows with FSDP2 vs 1 process x 4 rows: the same global batches
+    (rank r takes slice r of each global batch). Only the reduction order differs (per-rank
+    partial sums, then a sum over ranks), so losses agree to fp32 rounding: rtol 1e-5."""
+    common = ["train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.eval_batches=1"]
+    one = _run(tmp_path / "one", corpus, *common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bltkit",
+           "train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "two"),
+           *BASE, *common, "train.batch_size=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = _rows(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b.get("val_bpb") == pytest.approx(a.get("val_bpb"), rel=1e-5)
+    assert {p.name for p in (tmp_path / "two" / "checkpoints" / "step_000004").glob("*.distcp")} == \
+        {"__0_0.distcp", "__1_0.distcp"}
+    m1, m2 = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
+    for k, v in m1.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+# -- entropy model --------------------------------------------------------------------------------
+
+
+def test_entropy_model_trains_and_patches_a_blt(corpus, tmp_path):
+    ent_out = tmp_path / "ent"
+    cli_main(["train", "--preset", "entropy-tiny", "--data", str(corpus), "--out", str(ent_out),
+              "train.steps=10", "train.seq_len=64", "train.batch_size=4", "train.eval_batches=1",
+              "train.ckpt_every=0", "optim.lr=3e-3", "train.device=cpu"])
+    rows = _rows(ent_out)
+    assert rows[-1]["loss"] < LN_V
+    assert rows[-1]["mean_patch_len"] is None
+    assert "val_bpb" in rows[-1]
+    patcher = load_entropy_model(ent_out / "model")
+    assert type(patcher).__name__ == "EntropyModel"
+    # a BLT patching online with it: the patcher stays frozen and travels with the export
+    blt_out = tmp_path / "blt"
+    rows = _run(blt_out, corpus, "train.steps=2", "model.patcher.mode=entropy", entropy_model=ent_out / "model")
+    assert rows[-1]["mean_patch_len"] > 0
+    blt = load_model(blt_out / "model")
+    for k, v in patcher.state_dict().items():
+        assert torch.equal(blt.entropy_model.state_dict()[k], v)
+    assert load_entropy_model(blt_out / "model").config == patcher.config
+    x = torch.tensor([[1, *(b + 4 for b in b"It is a truth universally acknowledged")]])
+    assert blt.patch(x).sum() == x.shape[1] + 1
+
+
+# -- configs, schedules, CLI ----------------------------------------------------------------------
+
+
+def test_overrides_and_unknown_keys(corpus):
+    cfg = resolve_config("tiny", [str(corpus)], None, ["optim.lr=1e-3", "train.steps=7",
+                                                       "model.global_transformer.n_layers=3",
+                                                       "model.patcher.mode=space"])
+    assert (cfg.optim.lr, cfg.train.steps, cfg.model.global_transformer.n_layers) == (1e-3, 7, 3)
+    assert cfg.model.entropy_model is None  # unused by space patching, so not built or exported
+    assert cfg.data.seq_len == cfg.train.seq_len
+    assert cfg.data.paths == [str(corpus)]
+    ent = resolve_config("entropy-tiny", [str(corpus)], None, ["model.dim=64"])
+    assert ent.model.dim == 64
+    assert not ent.is_blt
+    with pytest.raises(ValueError, match=r"did you mean 'optim\.lr'"):
+        resolve_config("tiny", [str(corpus)], None, ["optim.lrr=1e-3"])
+    with pytest.raises(ValueError, match=r"did you mean 'train\.steps'"):
+        resolve_config("tiny", [str(corpus)], None, ["steps=5"])
+    with pytest.raises(ValueError, match=r"model\.global_transformer\.n_layers"):
+        resolve_config("tiny", [str(corpus)], None, ["model.global_transformer.n_layer=2"])
+    with pytest.raises(ValueError, match="--entropy-model"):
+        resolve_config("tiny", [str(corpus)], None, [])  # entropy patching needs a patcher
+
+
+def test_toml_precedence(corpus, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "entropy-tiny"\n[optim]\nlr = 2e-3\nbetas = [0.9, 0.99]\n'
+                    '[train]\nsteps = 9\ncompile = false\n[model]\nn_layers = 3\n')
+    cfg = resolve_config(None, [str(corpus)], str(toml), ["train.steps=11"])
+    assert not cfg.is_blt
+    assert cfg.model.n_layers == 3
+    assert cfg.optim.lr == 2e-3
+    assert cfg.optim.betas == [0.9, 0.99]
+    assert cfg.train.steps == 11  # command line over file
+    assert resolve_config("entropy-tiny", [str(corpus)], None, []).optim.lr == 3e-4  # preset default
+
+
+def test_run_config_round_trip(corpus):
+    cfg = resolve_config("tiny", [str(corpus)], None, ["model.patcher.mode=byte", "optim.schedule=wsd"])
+    assert train_mod.RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_lr_schedules_and_groups():
+    cos = OptimConfig(warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 100, cos) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cos) == 1.0
+    assert lr_factor(10, 100, cos) == 1.0
+    assert lr_factor(99, 100, cos) == pytest.approx(0.1, abs=1e-3)
+    assert OptimConfig().warmup_steps(30) == 3
+    assert OptimConfig().warmup_steps(10**6) == 2000
+    wsd = OptimConfig(warmup=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(79, 100, wsd) == 1.0
+    assert lr_factor(89, 100, wsd) == pytest.approx(0.5)
+    assert lr_factor(99, 100, wsd) == 0.0
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    assert len(param_groups(model, 0.1)) == 1  # Meta: decay on everything
+    decay, keep = param_groups(model, 0.1, decay_norms_and_embeddings=False)
+    assert len(decay["params"]) == 1
+    assert len(keep["params"]) == 4
+    assert keep["weight_decay"] == 0.0
+
+
+def test_log_line_has_fixed_columns():
+    full = {"step": 12, "loss": 0.812, "bpb": 1.171, "lr": 3e-4, "grad_norm": 0.41, "bytes_per_s": 1.93e6,
+            "mean_patch_len": 4.4, "mfu": 0.382, "mem_gb": 61.2, "step_ms": 412.0, "eta_s": 11520.0}
+    line = format_line(full, 50000)
+    assert line == ("step    12/50000 | loss  0.812 | bpb  1.171 | lr 3.0e-04 | gnorm  0.41 | bytes/s  1.93M | "
+                    "patch_len  4.4 | mfu 38.2% | mem  61.2G |   412ms | eta  3h12m")
+    cpu = format_line({**full, "mfu": None, "mem_gb": None, "loss": 12.5}, 50000)
+    assert [len(c) for c in cpu.split("|")] == [len(c) for c in line.split("|")]
+
+
+def test_train_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--data", "--out", "--entropy-model", "--resume", "--config", "key=value"):
+        assert flag in out
