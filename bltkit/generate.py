@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
 from .model.layers import rope_cos_sin
-from .model.patching import _space_like
+from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
 
 
@@ -86,8 +86,9 @@ class Generator:
         model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
     """
 
-    def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True):
         self.model = model.eval()
+        self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         fns = (self._run_front, self._run_patch, self._run_back)
         # compile fuses the many small elementwise kernels of a one-byte step (norms, RoPE, SwiGLU)
@@ -277,6 +278,84 @@ class Generator:
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask)
         return dec.head(z)[:, 0]
 
+    @torch.no_grad()
+    def _prefill(self, tokens_BT: torch.Tensor) -> None:
+        """Read positions 0..N-1 of every row with one full forward and fill every cache, leaving
+        the state exactly as N calls of `step` would (tests compare both paths)."""
+        m, c = self.model, self.cfg
+        B, N = tokens_BT.shape
+        dev = tokens_BT.device
+        ent_kv: list = []
+        H = None
+        if self.ent is not None:
+            H = m.entropy_model.entropies(tokens_BT, impl=m.attn_impl, doc_masks=c.doc_masks, kv_out=ent_kv)
+        starts = m.patch_starts(tokens_BT, H)  # B, N+1
+        lay = m.layout(starts_to_lengths(starts), N, B)
+        cap: dict = {}
+        logits = m.forward_layout(tokens_BT, lay, capture=cap)
+        pos = torch.arange(N, device=dev)
+        doc = (torch.cumsum((tokens_BT == EOS_ID).long(), 1) - (tokens_BT == EOS_ID).long())  # B N
+        for ring, kvs in ((self.ent, ent_kv), (self.enc, cap["enc_kv"]), (self.dec, cap["dec_kv"])):
+            if ring is None:
+                continue
+            R = ring.pos.shape[0]
+            keep = pos[max(0, N - R):]
+            slots = keep % R
+            ring.pos.index_copy_(0, slots, keep)
+            ring.doc.index_copy_(1, slots, doc[:, keep].to(torch.int32))
+            for i, (k, v) in enumerate(kvs):  # k, v: B N Nkv H
+                ring.k[i].index_copy_(2, slots, k[:, keep].transpose(1, 2).to(ring.k.dtype))
+                ring.v[i].index_copy_(2, slots, v[:, keep].transpose(1, 2).to(ring.v.dtype))
+        enc = m.local_encoder
+        at = torch.arange(N + 1, device=dev)
+        open_start = torch.where(starts, at, 0).max(1).values  # the last start <= N
+        in_open = pos[None] >= open_start[:, None]  # B N
+        pooled = False
+        for i, h in enumerate(cap["enc_h"]):
+            j = enc.cross_index(i)
+            if j is None:
+                continue
+            k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv N H
+            self.enc_xk[j][:, :, :N] = k
+            self.enc_xv[j][:, :, :N] = v
+            if not pooled:
+                self.runmax.copy_(h.masked_fill(~in_open[..., None], float("-inf")).amax(1))
+                pooled = True
+        p = starts.sum(1) - 1  # closed patches
+        P = lay.n_patches
+        for i, (k, v) in enumerate(cap["g_kv"]):  # B P Nkv H; entries >= p are rewritten when they close
+            self.g_k[i][:, :, :P] = k.transpose(1, 2)
+            self.g_v[i][:, :, :P] = v.transpose(1, 2)
+        pdoc_all = m.patch_documents(tokens_BT, lay)  # B P
+        has_eos = torch.zeros(B, P, dtype=torch.long, device=dev).scatter_reduce_(
+            1, lay.pid_BT, (tokens_BT == EOS_ID).long(), reduce="amax")
+        self.g_doc[:, :P] = pdoc_all
+        closed = torch.arange(P, device=dev)[None] < p[:, None]
+        self.pdoc.copy_((has_eos * closed).sum(1))
+        last = cap["g"].gather(1, (p - 1).view(B, 1, 1).expand(B, 1, cap["g"].shape[-1]))  # B 1 Dg
+        dunits = m.local_decoder.split_units(last)
+        for j, layer in enumerate(m.local_decoder.cross_attn_layers):
+            k, v = layer.kv(dunits)
+            self.dec_xk[j].copy_(k)
+            self.dec_xv[j].copy_(v)
+        self.p.copy_(p)
+        self.open_start.copy_(open_start)
+        self.open_len.copy_(N - open_start)
+        self.open_eos.copy_(((tokens_BT == EOS_ID) & in_open).any(1))
+        self.doc.copy_((tokens_BT == EOS_ID).long().sum(1))
+        if self.hist.shape[1]:
+            W = self.hist.shape[1]
+            padded = torch.cat([torch.zeros(B, W, dtype=torch.long, device=dev), tokens_BT.long()], 1)
+            self.hist.copy_(padded[:, -W:])
+        if H is not None:
+            self.h_prev.copy_(H[:, -1])
+        self.like_prev.copy_(_space_like(tokens_BT[:, -1]))
+        self.close.copy_(starts[:, N])
+        self.x.copy_(tokens_BT[:, -1])
+        self.logits.copy_(logits[:, -1])
+        self.next.copy_(sample(logits[:, -1], self.keys, N - 1, *self.sampling))
+        self.n.fill_(N)
+
     def _run_front(self) -> None:
         self._front(self.x)
 
@@ -372,15 +451,20 @@ class Generator:
         stop_bytes = [s.encode() for s in (stop or [])]
         out: list[list[int]] = [[] for _ in range(B)]
         done = [max_new_bytes == 0] * B
-        x = buf[:, 0]
-        longest = int(lens.max())
+        longest, shortest = int(lens.max()), int(lens.min())
         t0 = time.perf_counter()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0}
-        for n in range(capacity - 1):
+        first = 0
+        if self.prefill and shortest >= 2:  # every row has real bytes at 0..shortest-1
+            self._prefill(buf[:, :shortest])
+            first = shortest - 1  # position shortest-1 is read; its logits are in self.logits
+        x = buf[:, 0]
+        for n in range(first, capacity - 1):
             if n == longest - 1:  # every prompt is read: the rest is decoding
                 self.stats["prefill_s"] = time.perf_counter() - t0
-            self.step(x)
-            self.stats["steps"] += 1
+            if not (first and n == first):
+                self.step(x)
+                self.stats["steps"] += 1
             forced = (n + 1) < lens
             x = torch.where(forced, buf[:, n + 1], self.next)
             buf[:, n + 1] = x

@@ -175,3 +175,26 @@ def test_cli_generate(tmp_path, capsys):
     main(["generate", "--model", str(tmp_path / "m"), "Hi", "--max-new-bytes", "12", "--device", "cpu",
           "--show-patches"])
     assert capsys.readouterr().out.replace("|", "").startswith("Hi")
+
+
+@pytest.mark.parametrize("mode", ["entropy", "threshold_add", "space+max4"])
+def test_prefill_forward_equals_stepping(mode):
+    """Reading prompts with one full forward leaves the caches as byte-by-byte stepping does:
+    same greedy and sampled outputs, and the following steps' logits equal a full forward."""
+    model = make_model(seed=12, window=8, **MODES[mode])
+    prompts = [[*encode("a prompt, longer than the window"), EOS_ID, *encode("and a 2nd doc")],
+               "and a second, shorter prompt"]
+    fast, slow = Generator(model, prefill=True), Generator(model, prefill=False)
+    for kw in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
+        assert fast.generate_ids(prompts, 16, stop_at_eos=False, **kw) == slow.generate_ids(
+            prompts, 16, stop_at_eos=False, **kw)
+    seq = prompts[0] + fast.generate_ids(prompts[:1], 12, stop_at_eos=False)[0]
+    x = torch.tensor([seq])
+    full = model(x)[0]
+    n0 = len(prompts[0])
+    fast._init_state(1, len(seq), [0])
+    fast._prefill(x[:, :n0])
+    assert (fast.logits[0] - full[n0 - 1]).abs().max().item() < 1e-5
+    for n in range(n0, len(seq)):
+        logits, _ = fast.step(x[:, n])
+        assert (logits[0] - full[n]).abs().max().item() < 1e-5

@@ -153,7 +153,13 @@ class BLT(nn.Module):
         lay = self.layout(patch_lengths, T, tokens_BT.shape[0])
         return self.forward_layout(tokens_BT, lay)
 
-    def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:
+    def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout, capture: dict | None = None
+                       ) -> torch.Tensor:
+        """The forward for a given layout. `capture` (a dict) receives what the generator's
+        prefill needs: per-layer keys/values of the three stacks, the encoder's per-layer byte
+        states, the global outputs and the patch-document ids."""
+        cap = capture if capture is not None else {}
+        kv = {k: ([] if capture is not None else None) for k in ("enc_kv", "enc_h", "g_kv", "dec_kv")}
         c, impl, dev = self.config, self.attn_impl, tokens_BT.device
         B, T = tokens_BT.shape
         P, K = lay.n_patches, c.cross_attn_k
@@ -163,14 +169,19 @@ class BLT(nn.Module):
                                                                                       dev, impl)
         enc_cos, enc_sin = positions_cos_sin(T, c.encoder, dev)
         h, units = self.local_encoder(self.embed(tokens_BT), lay.pid_BT, P, enc_self,
-                                      encoder_cross_mask(lay.pid_BT, P, K, impl), enc_cos, enc_sin)
+                                      encoder_cross_mask(lay.pid_BT, P, K, impl), enc_cos, enc_sin,
+                                      kv["enc_kv"], kv["enc_h"])
         g_in = units.reshape(B, P, K * c.encoder.dim)  # concat_k
         pdoc = self.patch_documents(tokens_BT, lay) if c.doc_masks else None
         g_cos, g_sin = positions_cos_sin(P, c.global_transformer, dev)
-        g = self.global_transformer(g_in, global_mask(P, pdoc, B, dev, impl), g_cos, g_sin)
+        g = self.global_transformer(g_in, global_mask(P, pdoc, B, dev, impl), g_cos, g_sin, kv["g_kv"])
         dec_cos, dec_sin = (enc_cos, enc_sin) if c.decoder.head_dim == c.encoder.head_dim and \
             c.decoder.rope_theta == c.encoder.rope_theta else positions_cos_sin(T, c.decoder, dev)
-        return self.local_decoder(h, g, dec_self, decoder_cross_mask(lay.dec_BT, P, K, impl), dec_cos, dec_sin)
+        logits = self.local_decoder(h, g, dec_self, decoder_cross_mask(lay.dec_BT, P, K, impl), dec_cos, dec_sin,
+                                    kv["dec_kv"])
+        if capture is not None:
+            cap.update(kv, g=g, pdoc=pdoc)
+        return logits
 
     @staticmethod
     def patch_documents(tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:

@@ -27,19 +27,21 @@ class EntropyModel(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    def forward(self, tokens_BT: torch.Tensor, impl: str = "sdpa", doc_masks: bool = True) -> torch.Tensor:
-        """Next-byte logits [B, T, V] in fp32."""
+    def forward(self, tokens_BT: torch.Tensor, impl: str = "sdpa", doc_masks: bool = True,
+                kv_out: list | None = None) -> torch.Tensor:
+        """Next-byte logits [B, T, V] in fp32 (`kv_out` collects each layer's keys/values)."""
         B, T = tokens_BT.shape
         doc = document_ids(tokens_BT) if doc_masks else None
         mask = local_mask(T, self.config.window, doc, B, tokens_BT.device, impl)
         cos, sin = positions_cos_sin(T, self.config, tokens_BT.device)
-        h = run_layers(self.layers, self.tok_embeddings(tokens_BT), cos, sin, mask)
+        h = run_layers(self.layers, self.tok_embeddings(tokens_BT), cos, sin, mask, kv_out)
         return self.output(self.norm(h)).float()
 
     @torch.no_grad()
-    def entropies(self, tokens_BT: torch.Tensor, impl: str = "sdpa", doc_masks: bool = True) -> torch.Tensor:
+    def entropies(self, tokens_BT: torch.Tensor, impl: str = "sdpa", doc_masks: bool = True,
+                  kv_out: list | None = None) -> torch.Tensor:
         """H[t] in nats (fp32): the uncertainty about byte t+1 given bytes 0..t."""
-        return entropy_from_logits(self(tokens_BT, impl=impl, doc_masks=doc_masks))
+        return entropy_from_logits(self(tokens_BT, impl=impl, doc_masks=doc_masks, kv_out=kv_out))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 42) -> None:

@@ -22,8 +22,9 @@ class GlobalTransformer(nn.Module):
     def project(self, x_BPD: torch.Tensor) -> torch.Tensor:
         return x_BPD if self.token_embedding_projection is None else self.token_embedding_projection(x_BPD)
 
-    def forward(self, x_BPD: torch.Tensor, mask: Mask, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return run_layers(self.layers, self.project(x_BPD), cos, sin, mask)
+    def forward(self, x_BPD: torch.Tensor, mask: Mask, cos: torch.Tensor, sin: torch.Tensor,
+                kv_out: list | None = None) -> torch.Tensor:
+        return run_layers(self.layers, self.project(x_BPD), cos, sin, mask, kv_out)
 
     @torch.no_grad()
     def init_weights(self, generator) -> None:

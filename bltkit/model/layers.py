@@ -82,8 +82,11 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+                kv_out: list | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x_BTD, cos, sin)
+        if kv_out is not None:  # the generator's prefill harvests keys/values [B, T, Nkv, H]
+            kv_out.append((k, v))
         out_BNTH = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out_BNTH.transpose(1, 2).flatten(2))
 
@@ -132,8 +135,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, eps)
         self.ffn_norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+                kv_out: list | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_out)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -40,14 +40,14 @@ class LocalDecoder(nn.Module):
         return self.output(self.norm(z_BTD)).float()
 
     def forward(self, h_BTD: torch.Tensor, g_BPD: torch.Tensor, self_mask: Mask, cross_mask: Mask,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, kv_out: list | None = None) -> torch.Tensor:
         units = self.split_units(g_BPD)
         z = h_BTD
         for i, layer in enumerate(self.layers):
             j = self.cross_index(i)
             if j is not None:
                 z = 2 * z + self.cross_attn_layers[j](z, units, cross_mask)  # double residual
-            z = layer(z, cos, sin, self_mask)
+            z = layer(z, cos, sin, self_mask, kv_out)
         return self.head(z)
 
     @torch.no_grad()

@@ -42,11 +42,14 @@ class LocalEncoder(nn.Module):
         return 0 if last else None
 
     def forward(self, e_BTD: torch.Tensor, pid_BT: torch.Tensor, P: int, self_mask: Mask, cross_mask: Mask,
-                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Byte states h [B, T, D] and patch units [B, P*K, D]."""
+                cos: torch.Tensor, sin: torch.Tensor, kv_out: list | None = None, h_out: list | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Byte states h [B, T, D] and patch units [B, P*K, D] (`h_out` collects h after each layer)."""
         h, units = e_BTD, None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, self_mask)
+            h = layer(h, cos, sin, self_mask, kv_out)
+            if h_out is not None:
+                h_out.append(h)
             j = self.cross_index(i)
             if j is not None:
                 if units is None:  # Meta pools once, at the first cross-attention layer (spec §7.8)

@@ -23,9 +23,10 @@ def positions_cos_sin(T: int, cfg: _StackConfig, device, offset: int = 0):
     return rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
 
 
-def run_layers(layers: nn.ModuleList, x: torch.Tensor, cos, sin, mask: Mask) -> torch.Tensor:
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, cos, sin, mask: Mask, kv_out: list | None = None
+               ) -> torch.Tensor:
     for layer in layers:
-        x = layer(x, cos, sin, mask)
+        x = layer(x, cos, sin, mask, kv_out)
     return x
 
 
