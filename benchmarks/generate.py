@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=DTYPES, default="bf16")
     ap.add_argument("--mean-patch", type=float, default=4.5)
     ap.add_argument("--hf-bytes", type=int, default=16, help="bytes transformers generates (it is slow)")
+    ap.add_argument("--hf-prompt-lens", type=int, nargs="*", default=[64],
+                    help="prompt lengths of the transformers comparison (its cost per byte grows with length)")
     ap.add_argument("--new-bytes", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
@@ -84,19 +86,20 @@ def main() -> None:
     results: dict = {"preset": args.preset, "device": dev, "dtype": args.dtype, "threshold": theta,
                      "mean_patch_calibration": mean_len, "grid": []}
     gen = Generator(model)
-    prompt = prompts_of(64, 1)[0]
-    if not args.no_hf:
+    results["hf"] = []
+    for hf_len in [] if args.no_hf else args.hf_prompt_lens:
+        prompt = prompts_of(hf_len, 1)[0]
         try:
             hf_new, hf_bps = hf_generate(model, prompt, args.hf_bytes, dtype, dev)
             gen.generate_ids([prompt], args.hf_bytes, stop_at_eos=False)  # warm-up (graph capture)
             ours = gen.generate_ids([prompt], args.hf_bytes, stop_at_eos=False)[0]
             ours_bps = args.hf_bytes / (gen.stats["prefill_s"] + gen.stats["decode_s"])
             same = next((i for i, (a, b) in enumerate(zip(hf_new, ours, strict=False)) if a != b), len(ours))
-            results["hf"] = {"hf_bytes_per_s": hf_bps, "bltkit_bytes_per_s": ours_bps, "ratio": ours_bps / hf_bps,
-                             "identical_prefix": same, "n": args.hf_bytes}
-            print(f"transformers generate(use_cache=False): {hf_bps:.2f} bytes/s | bltkit (same prompt, "
-                  f"{args.hf_bytes} bytes, prefill included): {ours_bps:.1f} bytes/s | ratio {ours_bps / hf_bps:.0f}x "
-                  f"| greedy outputs agree on the first {same}/{args.hf_bytes} bytes", flush=True)
+            results["hf"].append({"prompt": hf_len, "hf_bytes_per_s": hf_bps, "bltkit_bytes_per_s": ours_bps,
+                                  "ratio": ours_bps / hf_bps, "identical_prefix": same, "n": args.hf_bytes})
+            print(f"prompt {hf_len}: transformers generate(use_cache=False) {hf_bps:.2f} bytes/s | bltkit "
+                  f"(prefill included) {ours_bps:.1f} bytes/s | ratio {ours_bps / hf_bps:.1f}x | greedy outputs "
+                  f"agree on the first {same}/{args.hf_bytes} bytes", flush=True)
         except Exception as e:  # report, keep benchmarking bltkit
             print(f"transformers comparison failed: {type(e).__name__}: {e}", flush=True)
     for plen in args.prompt_lens:
