@@ -230,6 +230,28 @@ def cmd_generate(args) -> None:
         print(prompt + out.decode("utf-8", errors="replace"))
 
 
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help="text to calibrate on (files, folders, .jsonl ...)")
+    p.add_argument("--model", required=True, help="BLT or entropy-model directory")
+    p.add_argument("--target", type=float, default=4.5, help="wanted mean patch length in bytes (default 4.5)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="read at most this many bytes")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_calibrate(args) -> None:
+    from .inspect import calibrate_threshold
+
+    r = calibrate_threshold(args.model, args.files, args.target, args.max_bytes,
+                            device=args.device or _default_device())
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"threshold {r['threshold']:.6f} nats gives a mean patch of {r['mean_patch']:.2f} bytes on "
+              f"{r['bytes']:,} bytes (mean entropy {r['mean_entropy']:.3f}); set it with "
+              f"model.patcher.threshold={r['threshold']:.6f}")
+
+
 # -- convert --------------------------------------------------------------------------------------
 
 
@@ -299,6 +321,7 @@ COMMANDS = {
     "generate": (add_generate_args, cmd_generate, "generate text (cached, batched, streaming)"),
     "info": (add_info_args, cmd_info, "config, parameter counts and FLOPs per byte of a model"),
     "patch": (add_patch_args, cmd_patch, "show each byte's entropy and where patches start"),
+    "calibrate": (add_calibrate_args, cmd_calibrate, "the entropy threshold giving a wanted mean patch length"),
     "convert": (add_convert_args, cmd_convert, "import/export Meta and transformers checkpoints"),
 }
 

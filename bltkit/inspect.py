@@ -88,3 +88,42 @@ def render_patch_report(r: dict) -> str:
         lines.append(f"{mark}{t:4d}  {_show_byte(i):<6} {h}  {bar}{over}")
     lines.append("▶ = byte starts a patch; H(next) is the entropy (nats) of the byte after it")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def calibrate_threshold(model_dir: str, paths: list[str], target_mean_patch: float, max_bytes: int = 2_000_000,
+                        seq_len: int = 4096, device: str | None = None) -> dict:
+    """The entropy threshold that gives a mean patch of `target_mean_patch` bytes on `paths`.
+
+    Entropies come from the model's entropy model (or an entropy-model directory) over windows
+    of `seq_len` bytes; patch starts are the positions t >= 2 with H[t-1] > θ, so θ is the
+    (1 - 1/target) quantile of the entropies (BOS and the always-starting positions aside).
+    """
+    from .checkpoint import load_model
+    from .data import iter_documents
+    from .model import EntropyModel
+
+    model = load_model(model_dir, device=device)
+    em = model if isinstance(model, EntropyModel) else model.entropy_model
+    if em is None:
+        raise ValueError(f"{model_dir} has no entropy model to calibrate")
+    dev = em.output.weight.device
+    values, used = [], 0
+    for path in paths:
+        for doc in iter_documents(path):
+            ids = encode(doc[: max_bytes - used])
+            for s in range(0, len(ids) - 1, seq_len):
+                chunk = torch.tensor([ids[s:s + seq_len]], device=dev)
+                values.append(em.entropies(chunk)[0, 1:].float().cpu())  # H[0] never decides
+            used += len(doc)
+            if used >= max_bytes:
+                break
+        if used >= max_bytes:
+            break
+    if not values:
+        raise ValueError("no text to calibrate on")
+    H = torch.cat(values)
+    q = min(max(1.0 - 1.0 / target_mean_patch, 0.0), 1.0)
+    theta = float(torch.quantile(H[: 16_000_000], q))
+    return {"threshold": theta, "target_mean_patch": target_mean_patch, "bytes": int(H.numel()),
+            "mean_patch": float(H.numel() / max(1, int((H > theta).sum()))), "mean_entropy": float(H.mean())}
