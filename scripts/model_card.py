@@ -1,0 +1,101 @@
+"""Write MODEL_CARD.md for a model built by scripts/train_bundled.sh, from the run's own records.
+
+Reads RUN/{ent,blt}/config.json and metrics.jsonl, RUN/calibration.json, RUN/eval.json,
+RUN/xz.json and data/MANIFEST.json; generates unedited samples; lists sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+PROMPTS = ["Once upon a time", "def fibonacci(n):", "The Byte Latent Transformer", "Москва —"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def last_metrics(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows[-1] if rows else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--manifest", default="data/MANIFEST.json")
+    args = ap.parse_args()
+    run = Path(args.run)
+    model_dir = run / "model"
+    from bltkit import Generator, load_model
+    from bltkit.flops import count_params
+
+    model = load_model(model_dir)
+    cfg = model.config
+    pc = count_params(cfg)
+    ev = json.loads((run / "eval.json").read_text())
+    xz = {Path(r["path"]).name: r["xz_bpb"] for r in json.loads((run / "xz.json").read_text())}
+    cal = json.loads((run / "calibration.json").read_text())
+    ent_m, blt_m = last_metrics(run / "ent"), last_metrics(run / "blt")
+    ent_env = json.loads((run / "ent" / "env.json").read_text()) if (run / "ent" / "env.json").exists() else {}
+    gen = Generator(model)
+    samples = gen.generate(PROMPTS, 160, temperature=0.0)
+
+    lines = ["# bltkit bundled model", "",
+             "A small Byte Latent Transformer and its entropy model, trained from scratch by "
+             "`scripts/train_bundled.sh` on the corpus that `scripts/build_corpus.py` builds from Debian and "
+             "PyPI packages (English books and documentation, Python and C code, several languages). "
+             "It exists so that bltkit works offline out of the box; it is far too small for real use.", "",
+             "## Sizes", "",
+             f"- BLT: encoder {cfg.encoder.dim}d x {cfg.encoder.n_layers}, global {cfg.global_transformer.dim}d x "
+             f"{cfg.global_transformer.n_layers}, decoder {cfg.decoder.dim}d x {cfg.decoder.n_layers}; "
+             f"{pc.non_embedding / 1e6:.1f}M non-embedding parameters, {pc.hash_embeddings / 1e6:.1f}M in hash tables "
+             f"({cfg.n_hash_tables} x {cfg.hash_vocab} rows)",
+             f"- entropy model: {cfg.entropy_model.dim}d x {cfg.entropy_model.n_layers} layers, "
+             f"{pc.entropy_model / 1e6:.1f}M parameters" if cfg.entropy_model else "- no entropy model",
+             f"- patching threshold {cal['threshold']:.4f} nats (mean patch {cal['mean_patch']:.2f} bytes on "
+             "Austen's five novels, the calibration prose)", "",
+             "## Training", "",
+             "`scripts/train_bundled.sh` (one GPU). Entropy model: "
+             f"{ent_m.get('step', '?')} steps, final loss {ent_m.get('loss', float('nan')):.3f}. "
+             f"BLT: {blt_m.get('step', '?')} steps, final loss {blt_m.get('loss', float('nan')):.3f}, "
+             f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
+             f"Device: {', '.join(map(str, ent_env.get('gpus') or [])) or 'CPU'}, torch {ent_env.get('torch', '?')}.", "",
+             "## Held-out bits per byte (never trained on)", "",
+             "BOS/EOS targets count (Meta's definition). xz -9e on the same files for comparison.", "",
+             "| set | bytes | bltkit bpb | xz -9e bpb |", "|---|---:|---:|---:|"]
+    for f in ev["files"]:
+        name = Path(f["path"]).name
+        lines.append(f"| {name} | {f['bytes']:,} | {f['bpb']:.3f} | {xz.get(name, float('nan')):.3f} |")
+    lines += ["", "## Samples (greedy, 160 bytes, unedited)", ""]
+    for prompt, out in zip(PROMPTS, samples, strict=True):
+        lines += ["```", prompt + out.decode("utf-8", errors="replace"), "```", ""]
+    lines += ["## Data and licences", ""]
+    manifest = Path(args.manifest)
+    if manifest.exists():
+        lines.append("Sources and licences of the training corpus are listed in the corpus manifest "
+                     "(docs/corpus.md); all are free (public domain, GPL, GFDL, CC-BY-SA, PSF, MPL, BSD-like).")
+    lines += ["", "## Limits", "",
+              "A model of this size knows spelling, common words and the look of code and documentation; "
+              "it does not know facts and does not follow instructions. It has seen few languages other than "
+              "English, Russian, Chinese, Japanese, German and French.", "",
+              "## Files", "", "| file | sha256 |", "|---|---|"]
+    for path in sorted(model_dir.rglob("*")):
+        if path.is_file() and path.name != "MODEL_CARD.md":
+            lines.append(f"| {path.relative_to(model_dir)} | `{sha256(path)}` |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    (model_dir / "SHA256SUMS").write_text("".join(
+        f"{sha256(p)}  {p.relative_to(model_dir)}\n" for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p.name not in ("MODEL_CARD.md", "SHA256SUMS")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Rebuild the bundled model: corpus -> entropy model -> threshold calibration -> BLT -> held-out
+# bits per byte (with xz -9 next to it) -> model card. One GPU, about 20 minutes of device time.
+#
+#   scripts/train_bundled.sh                 # everything, on the GPU (stage all)
+#   scripts/train_bundled.sh entropy         # only the entropy model (+ calibration)
+#   scripts/train_bundled.sh blt             # only the BLT, patched by RUN/ent/model
+#   scripts/train_bundled.sh eval            # held-out evaluation and the model card
+#   SMOKE=1 scripts/train_bundled.sh         # tiny presets on the tiny corpus, CPU, ~3 minutes
+#
+# Environment: DATA (corpus folder, default data), RUN (default runs/bundled), ENT_SECONDS and
+# BLT_SECONDS (training time budgets: the step counts come from a short throughput probe).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+DATA=${DATA:-data}
+RUN=${RUN:-runs/bundled}
+mkdir -p "$RUN"
+log() { printf '\n== %s ==\n' "$*"; }
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  ENT_PRESET=entropy-tiny BLT_PRESET=tiny TRAIN="$DATA/tiny/train.txt"
+  ENT_SECONDS=${ENT_SECONDS:-40} BLT_SECONDS=${BLT_SECONDS:-60}
+  ENT_ARGS="train.seq_len=512 train.batch_size=8 optim.lr=3e-3"
+  BLT_ARGS="train.seq_len=512 train.batch_size=8 optim.lr=3e-3"
+  HELDOUT="tests/assets/persuasion_8k.txt"
+else
+  ENT_PRESET=entropy-small BLT_PRESET=small TRAIN="$DATA/main/train.txt"
+  ENT_SECONDS=${ENT_SECONDS:-240} BLT_SECONDS=${BLT_SECONDS:-420}
+  ENT_ARGS="train.seq_len=4096 train.batch_size=32 optim.lr=2e-3 optim.warmup=200"
+  BLT_ARGS="train.seq_len=4096 train.batch_size=16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=16384"
+  HELDOUT="$DATA/heldout/*.txt"
+fi
+
+if [ ! -f "$TRAIN" ]; then
+  if [ -f "$DATA/pack/main.txt.xz" ]; then
+    log "unpacking the carried corpus"
+    mkdir -p "$DATA/main"
+    xz -dc "$DATA/pack/main.txt.xz" > "$DATA/main/train.txt"
+    xz -dc "$DATA/pack/main.docs.xz" > "$DATA/main/train.docs"
+    tar -xJf "$DATA/pack/heldout.tar.xz" -C "$DATA"
+    tar -xJf "$DATA/pack/tiny.tar.xz" -C "$DATA"
+  else
+    log "building the corpus (needs the package registries)"
+    python scripts/build_corpus.py --out "$DATA"
+  fi
+fi
+
+# steps for a time budget: a 20-step probe, then seconds x bytes/s / bytes per step
+steps_for() {  # preset seconds data args...
+  local preset=$1 seconds=$2 data=$3; shift 3
+  rm -rf "$RUN/probe"
+  blt train --preset "$preset" --data "$data" --out "$RUN/probe" train.steps=20 train.log_every=5 \
+    train.eval_batches=0 "$@" "${PROBE_ARGS[@]}" > "$RUN/probe.log" 2>&1 || { cat "$RUN/probe.log"; exit 1; }
+  python - "$RUN/probe/metrics.jsonl" "$seconds" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rate = [r["bytes_per_s"] for r in rows if r.get("bytes_per_s")][-1]  # after warm-up
+seconds = float(sys.argv[2])
+cfg = json.load(open(sys.argv[1].replace("metrics.jsonl", "config.json")))
+per_step = cfg["train"]["batch_size"] * cfg["train"]["seq_len"] * cfg["train"]["grad_accum"]
+print(max(20, int(seconds * rate / per_step)))
+PY
+}
+PROBE_ARGS=()
+
+if [ "$STAGE" = all ] || [ "$STAGE" = entropy ]; then
+  log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
+  read -r -a EA <<< "$ENT_ARGS"
+  STEPS=$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")
+  echo "steps: $STEPS"
+  rm -rf "$RUN/ent"
+  blt train --preset "$ENT_PRESET" --data "$TRAIN" --out "$RUN/ent" train.steps="$STEPS" "${EA[@]}"
+  log "threshold for a mean patch of 4.5 bytes on English prose (Austen, not Persuasion)"
+  blt calibrate --model "$RUN/ent/model" "$DATA/tiny/train.txt" --target 4.5 --json | tee "$RUN/calibration.json"
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = blt ]; then
+  THETA=$(python -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
+  log "BLT ($BLT_PRESET, threshold $THETA, ~${BLT_SECONDS}s)"
+  read -r -a BA <<< "$BLT_ARGS"
+  BA+=("model.patcher.threshold=$THETA")
+  PROBE_ARGS=(--entropy-model "$RUN/ent/model")
+  STEPS=$(steps_for "$BLT_PRESET" "$BLT_SECONDS" "$TRAIN" "${BA[@]}")
+  echo "steps: $STEPS"
+  rm -rf "$RUN/blt"
+  blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
+    train.steps="$STEPS" "${BA[@]}"
+  blt convert "$RUN/blt/model" "$RUN/model" --dtype bf16   # the shipped copy: bf16 safetensors
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = eval ]; then
+  log "held-out bits per byte"
+  # shellcheck disable=SC2086
+  blt eval bpb --model "$RUN/model" $HELDOUT --json > "$RUN/eval.json"
+  # shellcheck disable=SC2086
+  blt data stats --xz $HELDOUT --json > "$RUN/xz.json"
+  python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md"
+  cat "$RUN/model/MODEL_CARD.md"
+fi
