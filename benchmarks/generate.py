@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
     ap.add_argument("--json", default=None, help="also write results to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
           f"{mean_len:.2f} bytes on the calibration text", flush=True)
     results: dict = {"preset": args.preset, "device": dev, "dtype": args.dtype, "threshold": theta,
                      "mean_patch_calibration": mean_len, "grid": []}
-    gen = Generator(model)
+    gen = Generator(model, compile=args.compile)
     results["hf"] = []
     for hf_len in [] if args.no_hf else args.hf_prompt_lens:
         prompt = prompts_of(hf_len, 1)[0]
