@@ -1,0 +1,100 @@
+"""The `blt` command end to end on tiny models in tmp_path (init, info, patch, calibrate, convert)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bltkit.bytes import encode
+from bltkit.checkpoint import load_model
+from bltkit.cli import COMMANDS, main
+from bltkit.flops import count_params
+from bltkit.presets import tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "m"
+    main(["init", "tiny", str(d), "--seed", "3"])
+    return d
+
+
+def test_help_is_torch_free():
+    """`blt --help` must not import torch (it would take seconds): handlers import lazily."""
+    code = "import sys; from bltkit.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: blt" in capsys.readouterr().out
+
+
+def test_init_and_info(model_dir, capsys):
+    main(["info", str(model_dir), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    pc = count_params(tiny())
+    assert info["params"]["total"] == pc.total
+    assert info["params"]["hash_embeddings"] == 12 * 101 * 32
+    model = load_model(model_dir)
+    real = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("entropy_model."))
+    assert real == pc.total  # the count is the model's, not an estimate
+    main(["info", str(model_dir)])
+    assert "hash tables" in capsys.readouterr().out
+    main(["info", "blt-1b"])  # a preset name works too
+    assert "4.53B" in capsys.readouterr().out
+
+
+def test_patch_json_matches_the_model(model_dir, capsys):
+    text = "Patches start where the entropy is high."
+    main(["patch", "--model", str(model_dir), text, "--json"])
+    r = json.loads(capsys.readouterr().out)
+    model = load_model(model_dir)
+    starts = model.patch_starts(torch.tensor([encode(text)]))[0]
+    assert r["starts"] == [t for t in range(len(r["tokens"])) if starts[t]]
+    assert sum(r["patch_lengths"]) == len(r["tokens"])
+    main(["patch", "--model", str(model_dir), text, "--mode", "space"])
+    out = capsys.readouterr().out
+    assert "mode space" in out
+    assert "▶" in out
+
+
+def test_calibrate_hits_the_target(model_dir, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("Some English prose to calibrate on, repeated with variations. " * 30)
+    main(["calibrate", "--model", str(model_dir), str(f), "--target", "3", "--json", "--device", "cpu"])
+    r = json.loads(capsys.readouterr().out)
+    assert abs(r["mean_patch"] - 3.0) < 0.2  # a quantile of ~1.9k entropies: within a few starts
+
+
+@pytest.mark.parametrize("foreign", ["hf", "meta"])
+def test_convert_round_trip(model_dir, tmp_path, foreign, capsys):
+    pytest.importorskip("safetensors")
+    out = tmp_path / foreign
+    back = tmp_path / f"{foreign}_back"
+    main(["convert", str(model_dir), str(out), "--to", foreign])
+    main(["convert", str(out), str(back), "--from", foreign])
+    a, b = load_model(model_dir).state_dict(), load_model(back).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "converted" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blt info: error:")
+    assert "not a directory" in err
+    with pytest.raises(SystemExit):
+        main(["init", "tiny", str(tmp_path / "x"), "encoder.dimm=4"])
+    assert "did you mean 'encoder.dim'" in capsys.readouterr().err
