@@ -295,10 +295,34 @@ def _coerce(text: str, tp: Any, key: str) -> Any:
     raise ValueError(f"cannot set {key}: unsupported type {tp}")
 
 
+def _underive(d: dict, cls: type) -> None:
+    """Forget derived values that still equal their rule (n_kv_heads = n_heads, the FFN width rule,
+    cross-attention heads = heads), so that overriding `dim` or `n_heads` re-derives them."""
+    if issubclass(cls, _StackConfig):
+        if d.get("n_kv_heads") == d.get("n_heads"):
+            d["n_kv_heads"] = None
+        if d.get("ffn_dim") == ffn_width(d["dim"]):
+            d["ffn_dim"] = None
+        if "cross_attn_n_heads" in d:
+            if d.get("cross_attn_n_kv_heads") == d.get("cross_attn_n_heads"):
+                d["cross_attn_n_kv_heads"] = None
+            if d.get("cross_attn_n_heads") == d.get("n_heads"):
+                d["cross_attn_n_heads"] = None
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None and isinstance(d.get(f.name), dict):
+            _underive(d[f.name], sub)
+
+
 def apply_overrides(obj: Any, tokens: list[str]) -> Any:
-    """Return a copy of dataclass `obj` with `a.b.c=value` tokens applied (validated again)."""
+    """Return a copy of dataclass `obj` with `a.b.c=value` tokens applied (validated again).
+
+    Derived fields that were not set to something else (kv heads, FFN width, cross-attention
+    heads) are derived again from the new values."""
     d = to_dict(obj)
     cls = type(obj)
+    _underive(d, cls)
     for tok in tokens:
         if "=" not in tok:
             raise ValueError(f"override {tok!r} is not of the form key.path=value")

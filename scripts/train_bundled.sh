@@ -28,7 +28,9 @@ else
   ENT_PRESET=entropy-small BLT_PRESET=small TRAIN="$DATA/main/train.txt"
   ENT_SECONDS=${ENT_SECONDS:-240} BLT_SECONDS=${BLT_SECONDS:-420}
   ENT_ARGS="train.seq_len=4096 train.batch_size=32 optim.lr=2e-3 optim.warmup=200"
-  BLT_ARGS="train.seq_len=4096 train.batch_size=16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=16384"
+  # sized to ship under 60 MB in bf16 with its entropy model (~28M parameters in all)
+  BLT_ARGS="train.seq_len=4096 train.batch_size=16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=4096
+    model.global_transformer.dim=384 model.global_transformer.n_heads=6 model.global_transformer.n_layers=6"
   HELDOUT="$DATA/heldout/*.txt"
 fi
 
@@ -87,6 +89,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = blt ]; then
   blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
     train.steps="$STEPS" "${BA[@]}"
   blt convert "$RUN/blt/model" "$RUN/model" --dtype bf16   # the shipped copy: bf16 safetensors
+  SIZE=$(du -sb "$RUN/model" | cut -f1)
+  echo "shipped size: $SIZE bytes"
+  [ "$SIZE" -le 60000000 ] || { echo "the model is over 60 MB: shrink it"; exit 1; }
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = eval ]; then

@@ -291,3 +291,16 @@ def test_from_dict_bad_type_is_value_error():
         BLTConfig.from_dict(d)
     with pytest.raises(ValueError, match="JSON object"):
         BLTConfig.from_dict([1, 2])
+
+
+def test_overrides_rederive_derived_fields():
+    """Changing dim/n_heads re-derives kv heads and the FFN width unless they were set apart."""
+    from bltkit.config import apply_overrides, ffn_width
+    from bltkit.presets import small, tiny
+
+    cfg = apply_overrides(small(), ["global_transformer.dim=384", "global_transformer.n_heads=6"])
+    assert cfg.global_transformer.n_kv_heads == 6
+    assert cfg.global_transformer.ffn_dim == ffn_width(384)
+    kept = apply_overrides(tiny(), ["encoder.dim=64", "decoder.dim=64"])  # tiny's FFN 96 is explicit
+    assert kept.encoder.ffn_dim == 96
+    assert apply_overrides(tiny(), ["encoder.n_kv_heads=2"]).encoder.n_kv_heads == 2
