@@ -29,8 +29,7 @@ else
   ENT_SECONDS=${ENT_SECONDS:-240} BLT_SECONDS=${BLT_SECONDS:-420}
   ENT_ARGS="train.seq_len=4096 train.batch_size=32 optim.lr=2e-3 optim.warmup=200"
   # sized to ship under 60 MB in bf16 with its entropy model (~28M parameters in all)
-  BLT_ARGS="train.seq_len=4096 train.batch_size=16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=4096
-    model.global_transformer.dim=384 model.global_transformer.n_heads=6 model.global_transformer.n_layers=6"
+  BLT_ARGS="train.seq_len=4096 train.batch_size=16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=4096 model.global_transformer.dim=384 model.global_transformer.n_heads=6 model.global_transformer.n_layers=6"
   HELDOUT="$DATA/heldout/*.txt"
 fi
 
