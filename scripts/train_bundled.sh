@@ -6,6 +6,8 @@
 #   scripts/train_bundled.sh entropy         # only the entropy model (+ calibration)
 #   scripts/train_bundled.sh blt             # only the BLT, patched by RUN/ent/model
 #   scripts/train_bundled.sh eval            # held-out evaluation and the model card
+#   scripts/train_bundled.sh pack            # RUN/model + records as <= 15 MB parts in $OUT (the GPU
+#                                            # tool returns at most 8 files of 16 MiB); rejoin with cat
 #   SMOKE=1 scripts/train_bundled.sh         # tiny presets on the tiny corpus, CPU, ~3 minutes
 #
 # Environment: DATA (corpus folder, default data), RUN (default runs/bundled), ENT_SECONDS and
@@ -101,4 +103,12 @@ if [ "$STAGE" = all ] || [ "$STAGE" = eval ]; then
   blt data stats --xz $HELDOUT --json > "$RUN/xz.json"
   python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md"
   cat "$RUN/model/MODEL_CARD.md"
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = pack ]; then
+  OUT=${OUT:-$RUN/out}
+  mkdir -p "$OUT"
+  tar -cf - -C "$RUN" model ent/metrics.jsonl blt/metrics.jsonl calibration.json eval.json xz.json 2>/dev/null \
+    | xz -1 | split -b 15m - "$OUT/bundled.tar.xz.part-"
+  ls -l "$OUT"
 fi
