@@ -35,22 +35,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [..., H/2] in fp32 for integer `positions` (spec §6.4); computed on the fly,
-    so they never appear in checkpoints and positions are unbounded."""
+    """RoPE tables for integer `positions` [B or 1, T] (spec §6.4), in the form `apply_rope` uses:
+    C = cos [.., T, H/2, 1] and S = (-sin, sin) [.., T, H/2, 2], fp32. Computed on the fly (never in
+    checkpoints; positions unbounded) and once per forward, shared by every layer."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return angles.cos()[..., None], torch.stack((-sin, sin), dim=-1)
 
 
 def apply_rope(x_BTNH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved feature pairs (2i, 2i+1) of every head; cos/sin are [B or 1, T, H/2].
-
-    (a, b) -> (a cos - b sin, b cos + a sin), written as x*C + swap(x)*S with C = (cos, cos) and
-    S = (-sin, sin) so that it is a handful of elementwise kernels."""
+    """Rotate interleaved feature pairs (2i, 2i+1) of every head by the tables of `rope_cos_sin`:
+    (a, b) -> (a cos - b sin, b cos + a sin), i.e. x*C + swap(x)*S: a few elementwise kernels."""
     xf = x_BTNH.float().unflatten(-1, (-1, 2))  # B T N H/2 2
-    c = cos[:, :, None, :, None]
-    s = torch.stack((-sin, sin), dim=-1)[:, :, None]  # B T 1 H/2 2
-    return (xf * c + xf.flip(-1) * s).flatten(-2).to(x_BTNH.dtype)
+    return (xf * cos[:, :, None] + xf.flip(-1) * sin[:, :, None]).flatten(-2).to(x_BTNH.dtype)
 
 
 class FeedForward(nn.Module):
@@ -83,7 +81,9 @@ class Attention(nn.Module):
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qk = apply_rope(torch.cat([q, k], dim=2), cos, sin)  # one rotation for q and k
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        return q, k, v
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 kv_out: list | None = None) -> torch.Tensor:
