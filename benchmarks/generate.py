@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
+    ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
+                    help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
@@ -86,6 +88,17 @@ def main() -> None:
           f"{mean_len:.2f} bytes on the calibration text", flush=True)
     results: dict = {"preset": args.preset, "device": dev, "dtype": args.dtype, "threshold": theta,
                      "mean_patch_calibration": mean_len, "grid": []}
+    if args.check_fp32 and not args.no_hf:
+        try:
+            prompt = prompts_of(64, 1)[0]
+            model.float()
+            hf_new, _ = hf_generate(model, prompt, args.check_fp32, torch.float32, dev)
+            ours = Generator(model).generate_ids([prompt], args.check_fp32, stop_at_eos=False)[0]
+            same = next((i for i, (a, b) in enumerate(zip(hf_new, ours, strict=False)) if a != b), len(ours))
+            results["fp32_check"] = {"identical_prefix": same, "n": args.check_fp32}
+            print(f"fp32 check: greedy bytes identical to transformers for {same}/{args.check_fp32}", flush=True)
+        finally:
+            model.to(dtype)
     gen = Generator(model, compile=args.compile)
     results["hf"] = []
     for hf_len in [] if args.no_hf else args.hf_prompt_lens:
