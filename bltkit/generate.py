@@ -451,7 +451,8 @@ class Generator:
         stop_bytes = [s.encode() for s in (stop or [])]
         out: list[list[int]] = [[] for _ in range(B)]
         done = [max_new_bytes == 0] * B
-        longest, shortest = int(lens.max()), int(lens.min())
+        lens_host = [len(p) for p in ids]
+        longest, shortest = max(lens_host), min(lens_host)
         t0 = time.perf_counter()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0}
         first = 0
@@ -468,7 +469,7 @@ class Generator:
             forced = (n + 1) < lens
             x = torch.where(forced, buf[:, n + 1], self.next)
             buf[:, n + 1] = x
-            new = (~forced).nonzero().flatten().tolist()
+            new = [r for r in range(B) if n + 1 >= lens_host[r]]  # rows past their prompt (no sync)
             if not new:
                 continue
             vals = x.tolist()

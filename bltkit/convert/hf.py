@@ -23,6 +23,7 @@ from ..config import (
     from_dict,
     to_dict,
 )
+from . import read_safetensors_dir
 
 _SEGMENTS = {
     "attention": "self_attn", "feed_forward": "mlp", "attention_norm": "input_layernorm",
@@ -199,7 +200,7 @@ def import_hf(src: str | os.PathLike, device=None):
     if not cfg_file.is_file():
         raise CheckpointError(f"{src} has no config.json")
     cfg = from_hf_config(json.loads(cfg_file.read_text()))
-    hf_state = _read_safetensors_dir(src)
+    hf_state = read_safetensors_dir(src)
     state = {hf_key_to_native(k): v for k, v in hf_state.items()}
     with torch.device("meta"):
         model = BLT(cfg)
@@ -208,23 +209,3 @@ def import_hf(src: str | os.PathLike, device=None):
     if model.entropy_model is not None:
         model.entropy_model.requires_grad_(False)
     return model.to(device or "cpu").eval()
-
-
-def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from ..checkpoint import CheckpointError
-
-    index = src / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    state = {}
-    for name in files:
-        f = src / name
-        if not f.is_file():
-            raise CheckpointError(f"{src} is missing {name}")
-        try:
-            state.update(load_file(str(f)))
-        except Exception as e:
-            raise CheckpointError(f"{f} is unreadable or truncated ({e})") from None
-    return state

@@ -246,13 +246,13 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
             raise CheckpointError(f"{weights} has no 'model' state dict entry")
         return _json(path / "params.json"), _drop_rope(obj["model"]), weights
     if (path / "config.json").is_file():
-        from .hf import _read_safetensors_dir
+        from . import read_safetensors_dir
 
         cfg = _json(path / "config.json")
         if not isinstance(cfg.get("args"), dict):
             raise CheckpointError(f"{path / 'config.json'} has no 'args' object: not a Meta hub checkpoint "
                                   "(a transformers folder? use --from hf)")
-        state = _drop_rope(_read_safetensors_dir(path))
+        state = _drop_rope(read_safetensors_dir(path))
         if _is_blt(state):
             train = path / "train_args.json"
             return {**(_json(train) if train.is_file() else {}), "model": cfg["args"]}, state, path / "model.safetensors"
