@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import time
 import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     export_every: int = 0
+    time_limit: float = 0.0  # seconds of this process's loop; then checkpoint and stop (resume later); 0: none
     seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
     dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -72,6 +74,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_limit < 0:
+            raise ValueError(f"train.time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         for name, allowed in (("dtype", ("auto", "bf16", "fp32")), ("patching", ("online", "precomputed")),
                               ("attn_impl", ("auto", "sdpa", "flex"))):
             if getattr(self, name) not in allowed:
@@ -374,6 +378,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     peak = _peak_flops(dev)
     window = LogWindow(dev)
     last: dict[str, Any] = {}
+    t_loop = time.monotonic()
 
     for step in range(state.step + 1, tc.steps + 1):
         batches = [loader.next_batch() for _ in range(tc.grad_accum)]
@@ -412,6 +417,10 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         logger.advance()
 
         final = step == tc.steps
+        # a wall-clock budget (a job slot, a lease): checkpoint and stop; `--resume` goes on. Ranks
+        # agree through rank 0's clock, read at log steps only (no extra sync per step)
+        out_of_time = (tc.time_limit > 0 and not final and step % max(tc.log_every, 1) == 0 and
+                       _agree(time.monotonic() - t_loop >= tc.time_limit, info))
         metrics: dict[str, Any] = {}
         if step % max(tc.log_every, 1) == 0 or final:
             metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
@@ -420,7 +429,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if metrics:
             logger.log(metrics)
             last = metrics
-        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final:
+        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final or out_of_time:
             distributed.save_checkpoint(ckpt_root, step, model, optimizer, _rank_state(state, scheduler, loader, dev),
                                         tc.keep_last, info)
         if (tc.export_every > 0 and step % tc.export_every == 0) or final:
@@ -428,8 +437,18 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if metrics or (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or \
                 (tc.export_every > 0 and step % tc.export_every == 0):
             timer.restart()  # eval, checkpoint and export time stay out of bytes/s
+        if out_of_time:
+            logger.print(f"train.time_limit={tc.time_limit:g}s reached: stopped at step {step} of {tc.steps} "
+                         f"with a checkpoint; run the same command again to resume")
+            break
     logger.close()
     return last
+
+
+def _agree(flag: bool, info) -> bool:
+    """Rank 0's decision, for every rank."""
+    t = torch.tensor([float(flag and info.is_main)], device=info.device)
+    return bool(distributed.all_reduce_sum(t).item() > 0)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,17 @@
 #   scripts/train_bundled.sh eval            # held-out evaluation and the model card
 #   scripts/train_bundled.sh pack            # RUN/model + records as <= 15 MB parts in $OUT (the GPU
 #                                            # tool returns at most 8 files of 16 MiB); rejoin with cat
+#   scripts/train_bundled.sh entropy blt     # several stages, in order
 #   SMOKE=1 scripts/train_bundled.sh         # tiny presets on the tiny corpus, CPU, ~3 minutes
 #
 # Environment: DATA (corpus folder, default data), RUN (default runs/bundled), ENT_SECONDS and
-# BLT_SECONDS (training time budgets: the step counts come from a short throughput probe).
+# BLT_SECONDS (training time budgets: the step counts come from a short throughput probe),
+# BLT_STOP_AT (seconds since this script started: the BLT run checkpoints and stops there, and
+# the `blt` stage run again resumes it; for machines lent by the 10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:-all}
+STAGES=" ${*:-all} "
+want() { [[ $STAGES == *" all "* || $STAGES == *" $1 "* ]]; }
 DATA=${DATA:-data}
 RUN=${RUN:-runs/bundled}
 mkdir -p "$RUN"
@@ -54,7 +58,7 @@ steps_for() {  # preset seconds data args...
   local preset=$1 seconds=$2 data=$3; shift 3
   rm -rf "$RUN/probe"
   blt train --preset "$preset" --data "$data" --out "$RUN/probe" train.steps=20 train.log_every=5 \
-    train.eval_batches=0 "$@" "${PROBE_ARGS[@]}" > "$RUN/probe.log" 2>&1 || { cat "$RUN/probe.log"; exit 1; }
+    train.eval_batches=0 "$@" "${PROBE_ARGS[@]}" > "$RUN/probe.log" 2>&1 || { cat "$RUN/probe.log" >&2; exit 1; }
   python - "$RUN/probe/metrics.jsonl" "$seconds" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -67,7 +71,7 @@ PY
 }
 PROBE_ARGS=()
 
-if [ "$STAGE" = all ] || [ "$STAGE" = entropy ]; then
+if want entropy; then
   log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
   read -r -a EA <<< "$ENT_ARGS"
   STEPS=$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")
@@ -78,24 +82,38 @@ if [ "$STAGE" = all ] || [ "$STAGE" = entropy ]; then
   blt calibrate --model "$RUN/ent/model" "$DATA/tiny/train.txt" --target 4.5 --json | tee "$RUN/calibration.json"
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = blt ]; then
-  THETA=$(python -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
-  log "BLT ($BLT_PRESET, threshold $THETA, ~${BLT_SECONDS}s)"
-  read -r -a BA <<< "$BLT_ARGS"
-  BA+=("model.patcher.threshold=$THETA")
-  PROBE_ARGS=(--entropy-model "$RUN/ent/model")
-  STEPS=$(steps_for "$BLT_PRESET" "$BLT_SECONDS" "$TRAIN" "${BA[@]}")
-  echo "steps: $STEPS"
-  rm -rf "$RUN/blt"
-  blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
-    train.steps="$STEPS" "${BA[@]}"
-  blt convert "$RUN/blt/model" "$RUN/model" --dtype bf16   # the shipped copy: bf16 safetensors
-  SIZE=$(du -sb "$RUN/model" | cut -f1)
-  echo "shipped size: $SIZE bytes"
-  [ "$SIZE" -le 60000000 ] || { echo "the model is over 60 MB: shrink it"; exit 1; }
+if want blt; then
+  LIMIT=(train.time_limit=0)
+  if [ -n "${BLT_STOP_AT:-}" ]; then LIMIT=(train.time_limit=$(( BLT_STOP_AT > SECONDS + 1 ? BLT_STOP_AT - SECONDS : 1 ))); fi
+  if [ -f "$RUN/blt/checkpoints/latest" ] && [ ! -d "$RUN/blt/model" ]; then
+    log "BLT: resuming $RUN/blt"
+    blt train --out "$RUN/blt" --entropy-model "$RUN/ent/model" "${LIMIT[@]}"
+  else
+    THETA=$(python -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
+    log "BLT ($BLT_PRESET, threshold $THETA, ~${BLT_SECONDS}s)"
+    read -r -a BA <<< "$BLT_ARGS"
+    BA+=("model.patcher.threshold=$THETA")
+    PROBE_ARGS=(--entropy-model "$RUN/ent/model")
+    STEPS=$(steps_for "$BLT_PRESET" "$BLT_SECONDS" "$TRAIN" "${BA[@]}")
+    echo "steps: $STEPS"
+    rm -rf "$RUN/blt"
+    if [ -n "${BLT_STOP_AT:-}" ]; then LIMIT=(train.time_limit=$(( BLT_STOP_AT > SECONDS + 1 ? BLT_STOP_AT - SECONDS : 1 ))); fi
+    blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
+      train.steps="$STEPS" "${BA[@]}" "${LIMIT[@]}"
+  fi
+  if [ -d "$RUN/blt/model" ]; then
+    rm -rf "$RUN/model"
+    blt convert "$RUN/blt/model" "$RUN/model" --dtype bf16   # the shipped copy: bf16 safetensors
+    SIZE=$(du -sb "$RUN/model" | cut -f1)
+    echo "shipped size: $SIZE bytes"
+    [ "$SIZE" -le 60000000 ] || { echo "the model is over 60 MB: shrink it"; exit 1; }
+  else
+    echo "the BLT stopped at BLT_STOP_AT with a checkpoint: run the blt stage again to finish it"
+    exit 0
+  fi
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = eval ]; then
+if want eval; then
   log "held-out bits per byte"
   # shellcheck disable=SC2086
   blt eval bpb --model "$RUN/model" $HELDOUT --json > "$RUN/eval.json"
@@ -105,7 +123,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = eval ]; then
   cat "$RUN/model/MODEL_CARD.md"
 fi
 
-if [ "$STAGE" = all ] || [ "$STAGE" = pack ]; then
+if want pack; then
   OUT=${OUT:-$RUN/out}
   mkdir -p "$OUT"
   tar -cf - -C "$RUN" model ent/metrics.jsonl blt/metrics.jsonl calibration.json eval.json xz.json 2>/dev/null \

@@ -162,6 +162,25 @@ def test_resume_is_bitwise(baseline, corpus, tmp_path, monkeypatch):
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resumes_bitwise(baseline, corpus, tmp_path):
+    """train.time_limit (a job slot): every run stops at its first log step past the limit with a
+    checkpoint; re-running the same command goes on, and the pieces equal one uninterrupted run."""
+    _, base_rows, _ = baseline
+    out, runs = tmp_path / "run", 0
+    args = ("train.steps=12", "train.ckpt_every=6", "train.keep_last=1", "train.time_limit=1e-9", "train.log_every=4")
+    while not (out / "model").is_dir():
+        _run(out, corpus, *args)
+        runs += 1
+        assert runs <= 3
+    assert runs == 3  # stopped after steps 4 and 8, finished at 12
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    # the last window's loss covers steps 9..12 in both; the lr of a step is the schedule's either way
+    assert rows[-1]["lr"] == base_rows[11]["lr"]
+    a, b = load_model(out / "model"), load_model(baseline[0] / "model")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_kill_during_checkpoint_keeps_previous(baseline, corpus, tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
