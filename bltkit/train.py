@@ -59,7 +59,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     export_every: int = 0
-    time_limit: float = 0.0  # seconds of this process's loop; then checkpoint and stop (resume later); 0: none
+    time_limit: float = 0.0  # seconds of this process's loop; then checkpoint, export and stop (resume later); 0: none
     seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
     dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -432,14 +432,14 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final or out_of_time:
             distributed.save_checkpoint(ckpt_root, step, model, optimizer, _rank_state(state, scheduler, loader, dev),
                                         tc.keep_last, info)
-        if (tc.export_every > 0 and step % tc.export_every == 0) or final:
+        if (tc.export_every > 0 and step % tc.export_every == 0) or final or out_of_time:
             export_model(model, run.model, run_dir / "model", info)
         if metrics or (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or \
                 (tc.export_every > 0 and step % tc.export_every == 0):
             timer.restart()  # eval, checkpoint and export time stay out of bytes/s
         if out_of_time:
             logger.print(f"train.time_limit={tc.time_limit:g}s reached: stopped at step {step} of {tc.steps} "
-                         f"with a checkpoint; run the same command again to resume")
+                         f"with a checkpoint and RUN_DIR/model (the weights so far); run the same command again to resume")
             break
     logger.close()
     return last

@@ -14,7 +14,8 @@
 # Environment: DATA (corpus folder, default data), RUN (default runs/bundled), ENT_SECONDS and
 # BLT_SECONDS (training time budgets: the step counts come from a short throughput probe),
 # BLT_STOP_AT (seconds since this script started: the BLT run checkpoints and stops there, and
-# the `blt` stage run again resumes it; for machines lent by the 10 minutes).
+# the `blt` stage run again resumes it; for machines lent by the 10 minutes), EXPORT_UNFINISHED=1
+# (ship RUN/blt/model even when the BLT stopped before its last step; the card says how far it got).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGES=" ${*:-all} "
@@ -71,6 +72,15 @@ PY
 }
 PROBE_ARGS=()
 
+finished() {  # run_dir -> yes | no: has its last logged step reached train.steps?
+  python - "$1" <<'PY'
+import json, sys
+cfg = json.load(open(f"{sys.argv[1]}/config.json"))
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
+print("yes" if rows and rows[-1]["step"] >= cfg["train"]["steps"] else "no")
+PY
+}
+
 if want entropy; then
   log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
   read -r -a EA <<< "$ENT_ARGS"
@@ -85,7 +95,7 @@ fi
 if want blt; then
   LIMIT=(train.time_limit=0)
   if [ -n "${BLT_STOP_AT:-}" ]; then LIMIT=(train.time_limit=$(( BLT_STOP_AT > SECONDS + 1 ? BLT_STOP_AT - SECONDS : 1 ))); fi
-  if [ -f "$RUN/blt/checkpoints/latest" ] && [ ! -d "$RUN/blt/model" ]; then
+  if [ -f "$RUN/blt/checkpoints/latest" ] && [ "$(finished "$RUN/blt")" = no ]; then
     log "BLT: resuming $RUN/blt"
     blt train --out "$RUN/blt" --entropy-model "$RUN/ent/model" "${LIMIT[@]}"
   else
@@ -101,15 +111,15 @@ if want blt; then
     blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
       train.steps="$STEPS" "${BA[@]}" "${LIMIT[@]}"
   fi
-  if [ -d "$RUN/blt/model" ]; then
+  if [ "$(finished "$RUN/blt")" = no ] && [ -z "${EXPORT_UNFINISHED:-}" ]; then
+    echo "the BLT stopped at BLT_STOP_AT with a checkpoint: run the blt stage again to finish it"
+    exit 0
+  else
     rm -rf "$RUN/model"
     blt convert "$RUN/blt/model" "$RUN/model" --dtype bf16   # the shipped copy: bf16 safetensors
     SIZE=$(du -sb "$RUN/model" | cut -f1)
     echo "shipped size: $SIZE bytes"
     [ "$SIZE" -le 60000000 ] || { echo "the model is over 60 MB: shrink it"; exit 1; }
-  else
-    echo "the BLT stopped at BLT_STOP_AT with a checkpoint: run the blt stage again to finish it"
-    exit 0
   fi
 fi
 

@@ -168,10 +168,11 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bitwise(baseline, corpus
     _, base_rows, _ = baseline
     out, runs = tmp_path / "run", 0
     args = ("train.steps=12", "train.ckpt_every=6", "train.keep_last=1", "train.time_limit=1e-9", "train.log_every=4")
-    while not (out / "model").is_dir():
+    while not (out / "metrics.jsonl").is_file() or _rows(out)[-1]["step"] < 12:
         _run(out, corpus, *args)
         runs += 1
         assert runs <= 3
+        assert (out / "model" / "model.safetensors").is_file()  # the weights so far, each time
     assert runs == 3  # stopped after steps 4 and 8, finished at 12
     rows = _rows(out)
     assert [r["step"] for r in rows] == [4, 8, 12]
