@@ -236,13 +236,6 @@ def build_model(cfg: BLTConfig | EntropyModelConfig, device: torch.device, seed:
     return model
 
 
-def pad_patches(lengths_BP: torch.Tensor, target: int) -> torch.Tensor:
-    """Right-pad with zero-length patches to `target` patches. An empty patch at the end holds no
-    byte and no byte's decoder reads it, so the logits do not change (spec §4.5)."""
-    P = lengths_BP.shape[1]
-    return F.pad(lengths_BP, (0, target - P)) if target > P else lengths_BP
-
-
 def checkpoint_activations(block: torch.nn.Module) -> None:
     """Recompute `block` in backward (non-reentrant), keeping parameter names unchanged."""
     inner = block.forward
@@ -345,8 +338,11 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     if run.is_blt:
         model.set_attn_impl(impl)
     # compiled flex attention has static shapes and the patch count is BLT's one dynamic shape
-    # (style §4): pad it to the largest count seen so far, rounded up to a multiple of `pad`
-    pad, pad_to = tc.pad_patches or (64 if impl == "flex" else 1), 0
+    # (style §4): pad it to the largest count seen so far, rounded up to a multiple of `pad`;
+    # validation reuses those shapes (each new shape costs ~20-40 s of compiling on an H100)
+    pad = tc.pad_patches or (64 if impl == "flex" else 1)
+    if run.is_blt:
+        model.pad_patches_multiple = pad
     for block in distributed.blocks(model):
         if tc.activation_checkpointing:
             checkpoint_activations(block)
@@ -394,9 +390,8 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
                     lengths = starts_to_lengths(model.patch_starts(x, entropies_BT=ent))
                 window.patches += (lengths > 0).sum()
                 if pad > 1:  # grow-only: the patch count (attention shapes) changes a few times per run
-                    P = lengths.shape[1]
-                    pad_to = max(pad_to, P, min(-(-P // pad) * pad, run.model.max_patches))
-                    lengths = pad_patches(lengths, pad_to)
+                    lengths = model.pad_lengths(lengths)
+                    model.pad_patches_floor = lengths.shape[1]
             with autocast:
                 logits = model(x, patch_lengths=lengths) if run.is_blt else model(x, impl=impl)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=0, reduction="sum")
@@ -424,6 +419,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         metrics: dict[str, Any] = {}
         if step % max(tc.log_every, 1) == 0 or final:
             metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
+            metrics["wall_s"] = round(time.monotonic() - t_loop, 2)  # stalls (compiles, evals) show here
         if tc.eval_batches > 0 and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
             metrics = {"step": step, **metrics, "val_bpb": _validate(model, val_stream, tc, info)}
         if metrics:

@@ -442,6 +442,24 @@ def test_right_padding_does_not_change_real_positions(tiny_model):
     torch.testing.assert_close(out[:1], _logits(tiny_model, long[None]), atol=1e-5, rtol=1e-5)
 
 
+def test_padded_patch_counts_change_no_logit(tiny_model):
+    """forward's padding for compiled Flex (pad_patches_multiple / _floor) adds only empty
+    trailing patches: the same logits, within fp32 reassociation (1e-5)."""
+    x = torch.tensor([encode(TEXT)])
+    with torch.no_grad():
+        ref = tiny_model(x)
+        P = tiny_model.patch(x).shape[1]
+        try:
+            tiny_model.pad_patches_multiple, tiny_model.pad_patches_floor = 16, 0
+            assert tiny_model.pad_lengths(tiny_model.patch(x)).shape[1] == -(-P // 16) * 16
+            torch.testing.assert_close(tiny_model(x), ref, rtol=0, atol=1e-5)
+            tiny_model.pad_patches_floor = P + 40  # a larger count from training: reused as is
+            assert tiny_model.pad_lengths(tiny_model.patch(x)).shape[1] == P + 40
+            torch.testing.assert_close(tiny_model(x), ref, rtol=0, atol=1e-5)
+        finally:
+            tiny_model.pad_patches_multiple, tiny_model.pad_patches_floor = 1, 0
+
+
 @pytest.mark.parametrize("T", [1, 2, 5, 30])
 def test_sum_t_lengths_equal_t_plus_1_form(tiny_model, T):
     """transformers-style lengths (sum T, trailing 0 marker) give the same logits as Meta's

@@ -62,6 +62,12 @@ class BLT(nn.Module):
         if self.entropy_model is not None:
             self.entropy_model.requires_grad_(False)  # frozen patcher (spec §3)
         self.attn_impl = "sdpa"
+        # compiled Flex specialises on shapes and the patch count is BLT's one dynamic shape:
+        # forward pads it with empty patches to a multiple of `pad_patches_multiple`, and to at
+        # least `pad_patches_floor` (training raises the floor as counts grow; evaluation then
+        # reuses the training shapes). Empty trailing patches change no logit (spec §4.5).
+        self.pad_patches_multiple = 1
+        self.pad_patches_floor = 0
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -116,6 +122,13 @@ class BLT(nn.Module):
         """Patch lengths [B, P] (T+1 convention, zero-padded) from this model's patcher."""
         return patching.starts_to_lengths(self.patch_starts(tokens_BT))
 
+    def pad_lengths(self, patch_lengths_BP: torch.Tensor) -> torch.Tensor:
+        """Right-pad with zero-length patches to the padded patch count (see __init__)."""
+        m, P = self.pad_patches_multiple, patch_lengths_BP.shape[1]
+        target = max(self.pad_patches_floor, -(-P // m) * m) if m > 1 else P
+        target = max(P, min(target, self.config.max_patches))
+        return torch.nn.functional.pad(patch_lengths_BP, (0, target - P)) if target > P else patch_lengths_BP
+
     def layout(self, patch_lengths_BP: torch.Tensor, T: int, B: int | None = None) -> PatchLayout:
         lengths = patching.normalize_lengths(patch_lengths_BP, T).to(self.device)
         if B is not None and lengths.shape[0] != B:
@@ -150,7 +163,7 @@ class BLT(nn.Module):
         T = tokens_BT.shape[1]
         if patch_lengths is None:
             patch_lengths = self.patch(tokens_BT)
-        lay = self.layout(patch_lengths, T, tokens_BT.shape[0])
+        lay = self.layout(self.pad_lengths(patch_lengths), T, tokens_BT.shape[0])
         return self.forward_layout(tokens_BT, lay)
 
     def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout, capture: dict | None = None
