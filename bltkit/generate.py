@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model.layers import rope_cos_sin
+from .model.layers import apply_rope, rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
 
@@ -67,16 +67,62 @@ class _Ring:
         return slot, mask[:, None, None, :]
 
 
-def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask):
+class _Fused:
+    """Per-block inference copies of the projections, concatenated: q|k|v as one matrix and
+    w1|w3 as another, so a one-byte block step runs 4 matrix-vector products instead of 7. Only
+    the byte-level stacks (entropy model, encoder, decoder: every byte) are fused; the global
+    stack runs once a patch and stays as is, which keeps the extra memory small (the fused
+    blocks' q/k/v/w1/w3 once more). `refresh()` copies changed weights in place, so the
+    addresses captured by CUDA graphs stay valid."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+        self.qkv, self.w13 = {}, {}
+        with torch.no_grad():
+            for b in self.blocks:
+                a, f = b.attention, b.feed_forward
+                self.qkv[id(b)] = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
+                self.w13[id(b)] = torch.cat([f.w1.weight, f.w3.weight])
+        self.version = self._version()
+
+    def _sources(self):
+        for b in self.blocks:
+            a, f = b.attention, b.feed_forward
+            yield b, (a.wq.weight, a.wk.weight, a.wv.weight), (f.w1.weight, f.w3.weight)
+
+    def _version(self) -> int:
+        return sum(w._version for _, qkv, w13 in self._sources() for w in (*qkv, *w13))
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self._version() != self.version:
+            for b, qkv, w13 in self._sources():
+                self.qkv[id(b)].copy_(torch.cat(qkv))
+                self.w13[id(b)].copy_(torch.cat(w13))
+            self.version = self._version()
+
+
+def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None):
     """One pre-norm block for one new position, writing its K/V into the ring first."""
     att = layer.attention
-    q, k, v = att.qkv(layer.attention_norm(x_B1D), cos, sin)  # B 1 N H
+    xn = layer.attention_norm(x_B1D)
+    if fused is None:
+        q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
+    else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
+        N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
+        y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
+        q, k = apply_rope(y[:, :, :N + Nk], cos, sin).split([N, Nk], dim=2)
+        v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                          enable_gqa=att.n_heads != att.n_kv_heads)
     h = x_B1D + att.wo(out.transpose(1, 2).flatten(2))
-    return h + layer.feed_forward(layer.ffn_norm(h))
+    hn = layer.ffn_norm(h)
+    if fused is None:
+        return h + layer.feed_forward(hn)
+    a, b = F.linear(hn, fused.w13[id(layer)]).chunk(2, dim=-1)
+    return h + layer.feed_forward.w2(F.silu(a) * b)
 
 
 class Generator:
@@ -84,9 +130,15 @@ class Generator:
 
     Args:
         model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
+        cuda_graphs: replay the three step functions as CUDA graphs (default: on CUDA).
+        compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
+        prefill: read prompts with one full forward (default) rather than byte by byte.
+        fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
+            more copy of those weights, refreshed when the model's weights change).
     """
 
-    def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True):
+    def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
+                 fuse: bool = True):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -99,11 +151,16 @@ class Generator:
         pc = self.cfg.patcher
         if pc.mode == "entropy" and model.entropy_model is None:
             raise ValueError("this model patches by entropy but has no entropy model attached")
+        # fused q|k|v and w1|w3 for the byte-level stacks (see _Fused)
+        ent_layers = list(model.entropy_model.layers) if pc.mode == "entropy" else []
+        self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers]) if fuse else None
 
     # -- state ----------------------------------------------------------------------------------
 
     def _init_state(self, B: int, capacity: int, keys: list[int]) -> None:
         m, c = self.model, self.cfg
+        if self.fused is not None:
+            self.fused.refresh()  # weights changed since the last call (training in between)
         dev, dt = m.device, m.local_encoder.tok_embeddings.weight.dtype
         enc, dec, g, K = c.encoder, c.decoder, c.global_transformer, c.cross_attn_k
 
@@ -156,7 +213,7 @@ class Generator:
         cos, sin = rope_cos_sin(self.n.view(1, 1), ec.head_dim, ec.rope_theta)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
-            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask)
+            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -200,7 +257,7 @@ class Generator:
         h = e
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
-            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask)
+            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -275,7 +332,7 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z = 2 * z + dec.cross_attn_layers[j].attend_kv(z, self.dec_xk[j], self.dec_xv[j], None)
-            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask)
+            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()

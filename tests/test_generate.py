@@ -66,21 +66,40 @@ def test_greedy_equals_reference_window_and_documents(seed):
                                                                                   stop_at_eos=False)
 
 
-def test_step_logits_equal_full_forward_and_online_boundaries():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_step_logits_equal_full_forward_and_online_boundaries(fuse):
     """Every step's logits equal the full forward's within 1e-5 (fp32; measured ~1e-6: the
     one-position attention sums keys in a different order), and the boundaries decided online
-    equal those of the full patcher on the final text."""
+    equal those of the full patcher on the final text; with the fused q|k|v, w1|w3 projections
+    (default) and without."""
     model = make_model(seed=4, window=8)
     seq = [*encode("Online boundaries must equal offline ones"), EOS_ID, *encode("ok")]
     x = torch.tensor([seq])
     full = model(x)[0]
     starts = model.patch_starts(x)[0]
-    gen = Generator(model)
+    gen = Generator(model, fuse=fuse)
     gen._init_state(1, len(seq), [0])
     for n in range(len(seq)):
         logits, close = gen.step(x[:, n])
         assert (logits[0] - full[n]).abs().max().item() < 1e-5
         assert bool(close[0]) == bool(starts[n + 1])  # close after n  <=>  n+1 starts a patch
+
+
+def test_fused_projections_follow_weight_changes():
+    """The generator's fused copies are refreshed when the model's weights change in place
+    (training between calls): the output equals a fresh generator's and the reference."""
+    model = make_model(seed=8)
+    gen = Generator(model)
+    prompts = [b"weights change", b"x"]
+    before = gen.generate_ids(prompts, 16, stop_at_eos=False)
+    with torch.no_grad():
+        for layer in model.local_decoder.layers:
+            layer.attention.wq.weight.mul_(1.7)
+            layer.feed_forward.w3.weight.mul_(-1.0)
+    after = gen.generate_ids(prompts, 16, stop_at_eos=False)
+    assert after != before
+    assert after == Generator(model).generate_ids(prompts, 16, stop_at_eos=False)
+    assert after == reference_generate(model, prompts, 16, stop_at_eos=False)
 
 
 def test_batch_equals_single_and_order_independent():
