@@ -49,7 +49,8 @@ def cmd_eval(args) -> None:
         return
     width = max(len("overall"), *(len(f["path"]) for f in result["files"]))
     for row in [*result["files"], {"path": "overall", **result["overall"]}]:
-        print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes  {row['bpb']:.3f} bpb")
+        patch = f"  {row['mean_patch_len']:5.2f} bytes/patch" if row.get("mean_patch_len") else ""
+        print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{patch}  {row['bpb']:.3f} bpb")
     print(f"({result['note']}; windows of {result['seq_len']} bytes)")
 
 

@@ -45,6 +45,7 @@ def main() -> None:
     xz = {Path(r["path"]).name: r["xz_bpb"] for r in json.loads((run / "xz.json").read_text())}
     cal = json.loads((run / "calibration.json").read_text())
     ent_m, blt_m = last_metrics(run / "ent"), last_metrics(run / "blt")
+    blt_cfg = json.loads((run / "blt" / "config.json").read_text())
     ent_env = json.loads((run / "ent" / "env.json").read_text()) if (run / "ent" / "env.json").exists() else {}
     gen = Generator(model)
     samples = gen.generate(PROMPTS, 160, temperature=0.0)
@@ -66,15 +67,18 @@ def main() -> None:
              "## Training", "",
              "`scripts/train_bundled.sh` (one GPU). Entropy model: "
              f"{ent_m.get('step', '?')} steps, final loss {ent_m.get('loss', float('nan')):.3f}. "
-             f"BLT: {blt_m.get('step', '?')} steps, final loss {blt_m.get('loss', float('nan')):.3f}, "
+             f"BLT: {blt_m.get('step', '?')} of {blt_cfg['train']['steps']} planned steps "
+             f"({blt_cfg['train']['batch_size']} x {blt_cfg['train']['seq_len']} bytes), "
+             f"final loss {blt_m.get('loss', float('nan')):.3f}, "
              f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
              f"Device: {', '.join(map(str, ent_env.get('gpus') or [])) or 'CPU'}, torch {ent_env.get('torch', '?')}.", "",
              "## Held-out bits per byte (never trained on)", "",
              "BOS/EOS targets count (Meta's definition). xz -9e on the same files for comparison.", "",
-             "| set | bytes | bltkit bpb | xz -9e bpb |", "|---|---:|---:|---:|"]
+             "| set | bytes | bytes per patch | bltkit bpb | xz -9e bpb |", "|---|---:|---:|---:|---:|"]
     for f in ev["files"]:
         name = Path(f["path"]).name
-        lines.append(f"| {name} | {f['bytes']:,} | {f['bpb']:.3f} | {xz.get(name, float('nan')):.3f} |")
+        patch = f"{f['mean_patch_len']:.2f}" if f.get("mean_patch_len") else "-"
+        lines.append(f"| {name} | {f['bytes']:,} | {patch} | {f['bpb']:.3f} | {xz.get(name, float('nan')):.3f} |")
     lines += ["", "## Samples (greedy, 160 bytes, unedited)", ""]
     for prompt, out in zip(PROMPTS, samples, strict=True):
         lines += ["```", prompt + out.decode("utf-8", errors="replace"), "```", ""]

@@ -138,7 +138,7 @@ fi
 if want pack; then
   OUT=${OUT:-$RUN/out}
   mkdir -p "$OUT"
-  tar -cf - -C "$RUN" model ent/metrics.jsonl blt/metrics.jsonl calibration.json eval.json xz.json 2>/dev/null \
+  tar -cf - -C "$RUN" model ent/metrics.jsonl ent/config.json ent/env.json blt/metrics.jsonl blt/config.json blt/env.json calibration.json eval.json xz.json 2>/dev/null \
     | xz -1 | split -b 15m - "$OUT/bundled.tar.xz.part-"
   ls -l "$OUT"
 fi

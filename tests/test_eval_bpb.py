@@ -49,6 +49,34 @@ def test_bpb_of_a_tiny_blt_equals_hand_computation(tmp_path, tiny_model):
     assert result["seq_len"] == 24
 
 
+@pytest.mark.parametrize("mode,expected", [("byte", 1.0), ("static", None)])
+def test_mean_patch_length_per_file(tmp_path, make_tiny_model, mode, expected):
+    """Bytes per patch over real positions (BOS included, BOE padding not): 1 in byte mode; with
+    static patches of 4 it is what the patcher's own starts give."""
+    import dataclasses
+
+    from bltkit.presets import tiny
+
+    cfg = tiny()
+    model = make_tiny_model(dataclasses.replace(cfg, patcher=dataclasses.replace(cfg.patcher, mode=mode, patch_size=4)))
+    (tmp_path / "a.txt").write_text(TEXT * 3)
+    r = evaluate_bpb(model, [tmp_path / "a.txt"], seq_len=64, batch_size=2)["files"][0]
+    if expected is None:
+        from bltkit.data import BatchLoader
+
+        stream = TokenStream.from_documents([(TEXT * 3).encode()])
+        loader = BatchLoader(stream, 1, 64, shuffle=False, drop_last=False)
+        real = starts = 0
+        for _ in range(loader.batches_per_epoch):  # the same windows, patched one by one
+            x = loader.next_batch().tokens[:, :-1]
+            keep = x[0] != 0
+            real += int(keep.sum())
+            starts += int(model.patch_starts(x)[0, :-1][keep].sum())
+        expected = real / starts
+        assert 3.0 < expected < 4.0
+    assert r["mean_patch_len"] == pytest.approx(expected, rel=1e-9)
+
+
 def test_uniform_model_gives_log2_260(tmp_path):
     model = init_model(entropy_tiny(), seed=0)
     with torch.no_grad():

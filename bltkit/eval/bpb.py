@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import BatchLoader, TokenStream, iter_documents
+from ..model.patching import starts_to_lengths
 
 NOTE = "BOS and EOS targets count (as in Meta's evaluation); targets equal to 0 (padding) do not"
 
@@ -66,6 +67,8 @@ def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_
     was_training = model.training
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
+    patches = torch.zeros((), dtype=torch.long, device=device)
+    real_bytes = torch.zeros((), dtype=torch.long, device=device)
     targets = windows = 0
     try:
         for _ in tqdm(range(n_batches), desc="bpb", unit="batch", leave=False,
@@ -75,11 +78,13 @@ def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_
                 continue
             tokens = batch.tokens.to(device)
             x, y = tokens[:, :-1], tokens[:, 1:]
-            if use_entropies:
-                from ..model.patching import starts_to_lengths
-
-                ent = batch.entropies[:, :-1].to(device)
-                logits = model(x, patch_lengths=starts_to_lengths(model.patch_starts(x, ent)))
+            if hasattr(model, "patch_starts"):  # a BLT: patch here, to count the patches too
+                ent = batch.entropies[:, :-1].to(device) if use_entropies else None
+                starts = model.patch_starts(x, ent)
+                real = x != 0  # BOE padding of the last window
+                patches += starts[:, :-1][real].sum()
+                real_bytes += real.sum()
+                logits = model(x, patch_lengths=starts_to_lengths(starts))
             else:
                 logits = model(x)
             ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
@@ -89,7 +94,8 @@ def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_
             windows += len(tokens)
     finally:
         model.train(was_training)
-    return _summary(float(nats), targets) | {"windows": windows}
+    mean_patch = float(real_bytes) / float(patches) if int(patches) else None
+    return _summary(float(nats), targets) | {"windows": windows, "mean_patch_len": mean_patch}
 
 
 def _load(model, device):
@@ -113,7 +119,8 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
         device: where to run (default: where the model is; a given device moves the model).
 
     Returns:
-        {"files": [{"path", "bytes", "documents", "targets", "nats", "bpb"}, ...],
+        {"files": [{"path", "bytes", "documents", "targets", "nats", "bpb", "mean_patch_len"
+        (bytes per patch, BLT only)}, ...],
          "overall": {"bytes", "targets", "nats", "bpb"}, "seq_len", "note"}.
     """
     model = _load(model, device)
@@ -123,7 +130,8 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
         stream = TokenStream.from_documents(iter_documents(path, text_field))
         r = bpb_of_stream(model, stream, seq_len, batch_size, device, progress=True)
         files.append({"path": str(path), "bytes": stream.n_bytes, "documents": stream.n_docs,
-                      "targets": r["targets"], "nats": r["nats"], "bpb": r["bpb"]})
+                      "targets": r["targets"], "nats": r["nats"], "bpb": r["bpb"],
+                      "mean_patch_len": r["mean_patch_len"]})
     overall = _summary(sum(f["nats"] for f in files), sum(f["targets"] for f in files))
     return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), **overall},
             "seq_len": seq_len, "note": NOTE}
