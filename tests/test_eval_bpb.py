@@ -49,7 +49,7 @@ def test_bpb_of_a_tiny_blt_equals_hand_computation(tmp_path, tiny_model):
     assert result["seq_len"] == 24
 
 
-@pytest.mark.parametrize("mode,expected", [("byte", 1.0), ("static", None)])
+@pytest.mark.parametrize(("mode", "expected"), [("byte", 1.0), ("static", None)])
 def test_mean_patch_length_per_file(tmp_path, make_tiny_model, mode, expected):
     """Bytes per patch over real positions (BOS included, BOE padding not): 1 in byte mode; with
     static patches of 4 it is what the patcher's own starts give."""
