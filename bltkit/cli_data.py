@@ -24,6 +24,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     b.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
+    b.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                   help="score only the first N bytes of each source (documents in order, the last one "
+                        "cut); the output says so")
     b.add_argument("--json", action="store_true", help="print the result dictionary as JSON")
 
 
@@ -43,7 +46,7 @@ def cmd_eval(args) -> None:
 
         args.model = str(bundled_model_dir())
     result = evaluate_bpb(args.model, args.files, seq_len=args.seq_len, batch_size=args.batch_size,
-                          device=_device(args.device), text_field=args.text_field)
+                          device=_device(args.device), text_field=args.text_field, max_bytes=args.max_bytes)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -51,7 +54,8 @@ def cmd_eval(args) -> None:
     for row in [*result["files"], {"path": "overall", **result["overall"]}]:
         patch = f"  {row['mean_patch_len']:5.2f} bytes/patch" if row.get("mean_patch_len") else ""
         print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{patch}  {row['bpb']:.3f} bpb")
-    print(f"({result['note']}; windows of {result['seq_len']} bytes)")
+    cap = f"; only the first {args.max_bytes:,} bytes of each source" if args.max_bytes else ""
+    print(f"({result['note']}; windows of {result['seq_len']} bytes{cap})")
 
 
 # -- data -----------------------------------------------------------------------------------------

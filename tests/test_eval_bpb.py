@@ -77,6 +77,16 @@ def test_mean_patch_length_per_file(tmp_path, make_tiny_model, mode, expected):
     assert r["mean_patch_len"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_max_bytes_scores_the_first_bytes(tmp_path, tiny_model):
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "b.txt").write_text(TEXT[:50])
+    capped = evaluate_bpb(tiny_model, [tmp_path / "a.txt"], seq_len=24, max_bytes=50)["files"][0]
+    assert capped["bytes"] == 50
+    assert capped["bpb"] == pytest.approx(evaluate_bpb(tiny_model, [tmp_path / "b.txt"], seq_len=24)["files"][0]["bpb"])
+    with pytest.raises(ValueError, match="max_bytes must be >= 1"):
+        evaluate_bpb(tiny_model, [tmp_path / "a.txt"], max_bytes=0)
+
+
 def test_uniform_model_gives_log2_260(tmp_path):
     model = init_model(entropy_tiny(), seed=0)
     with torch.no_grad():

@@ -108,8 +108,21 @@ def _load(model, device):
     return model
 
 
+def _first_bytes(docs, max_bytes: int | None):
+    left = max_bytes
+    for doc in docs:
+        if left is None:
+            yield doc
+            continue
+        yield doc[:left]
+        left -= min(left, len(doc))
+        if left == 0:
+            return
+
+
 def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None = None, batch_size: int = 8,
-                 device: str | torch.device | None = None, text_field: str = "text") -> dict:
+                 device: str | torch.device | None = None, text_field: str = "text",
+                 max_bytes: int | None = None) -> dict:
     """Bits per byte of each source and overall (weighted by targets).
 
     Args:
@@ -117,6 +130,8 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
         paths: files, folders, .jsonl/.parquet/arrow data (see `bltkit.data.iter_documents`).
         seq_len: bytes per window (default `default_seq_len(model)`).
         device: where to run (default: where the model is; a given device moves the model).
+        max_bytes: score only the first max_bytes bytes of each source (documents in order, the
+            last one cut there); `bytes` in the result counts what was scored.
 
     Returns:
         {"files": [{"path", "bytes", "documents", "targets", "nats", "bpb", "mean_patch_len"
@@ -126,8 +141,10 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
     model = _load(model, device)
     seq_len = seq_len or default_seq_len(model)
     files = []
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
     for path in paths:
-        stream = TokenStream.from_documents(iter_documents(path, text_field))
+        stream = TokenStream.from_documents(_first_bytes(iter_documents(path, text_field), max_bytes))
         r = bpb_of_stream(model, stream, seq_len, batch_size, device, progress=True)
         files.append({"path": str(path), "bytes": stream.n_bytes, "documents": stream.n_docs,
                       "targets": r["targets"], "nats": r["nats"], "bpb": r["bpb"],
