@@ -102,8 +102,20 @@ class _Fused:
             self.version = self._version()
 
 
-def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None):
-    """One pre-norm block for one new position, writing its K/V into the ring first."""
+def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE at one position as a [H, H] fp32 matrix R, so that `x @ R` rotates every
+    interleaved pair of x's heads as `apply_rope` does: one matrix product per layer in place of
+    the elementwise chain. `cos`, `sin` from `rope_cos_sin` for a single position."""
+    c, s = cos.reshape(-1), sin.reshape(-1, 2)[:, 1]  # H/2 each
+    blocks = torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)  # H/2, 2 (in), 2 (out)
+    h2 = c.shape[0]
+    R = torch.diag_embed(blocks.permute(1, 2, 0))  # 2, 2, H/2, H/2: [a, b, i, i] = blocks[i, a, b]
+    return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
+
+
+def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None, R=None):
+    """One pre-norm block for one new position, writing its K/V into the ring first. With
+    `fused`, q|k|v come from one matrix product and RoPE is the product with `R` (_rope_matrix)."""
     att = layer.attention
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -111,7 +123,8 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
         N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
         y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
-        q, k = apply_rope(y[:, :, :N + Nk], cos, sin).split([N, Nk], dim=2)
+        qk = apply_rope(y[:, :, :N + Nk], cos, sin) if R is None else (y[:, :, :N + Nk].float() @ R).to(y.dtype)
+        q, k = qk.split([N, Nk], dim=2)
         v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
@@ -211,9 +224,10 @@ class Generator:
         ec = em.config
         slot, mask = self.ent.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), ec.head_dim, ec.rope_theta)
+        R = _rope_matrix(cos, sin) if self.fused is not None else None
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
-            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused)
+            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -253,11 +267,12 @@ class Generator:
             self.h_prev.copy_(H)
         slot, mask = self.enc.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
+        R = _rope_matrix(cos, sin) if self.fused is not None else None
         enc = m.local_encoder
         h = e
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
-            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused)
+            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -326,13 +341,14 @@ class Generator:
         m = self.model
         dec, c = m.local_decoder, self.cfg
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
+        R = _rope_matrix(cos, sin) if self.fused is not None else None
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
                 z = 2 * z + dec.cross_attn_layers[j].attend_kv(z, self.dec_xk[j], self.dec_xv[j], None)
-            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused)
+            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()
