@@ -217,3 +217,16 @@ def test_prefill_forward_equals_stepping(mode):
     for n in range(n0, len(seq)):
         logits, _ = fast.step(x[:, n])
         assert (logits[0] - full[n]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("head_dim", [2, 8, 64, 128])
+def test_rope_matrix_equals_apply_rope(head_dim):
+    """The step's RoPE as `x @ R` equals the elementwise rotation (fp32, within 1e-6: products
+    summed in another order)."""
+    from bltkit.generate import _rope_matrix
+    from bltkit.model.layers import apply_rope, rope_cos_sin
+
+    for pos in (0, 1, 37, 5000):
+        cos, sin = rope_cos_sin(torch.tensor([[pos]]), head_dim, 500000.0)
+        x = torch.randn(3, 1, 5, head_dim, generator=torch.Generator().manual_seed(pos))
+        torch.testing.assert_close(x @ _rope_matrix(cos, sin), apply_rope(x, cos, sin), rtol=0, atol=1e-6)
