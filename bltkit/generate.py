@@ -644,6 +644,7 @@ class _DenseMask:
     """A precomputed boolean mask in the shape `attend` expects."""
 
     impl = "sdpa"
+    band = None
 
     def __init__(self, dense: torch.Tensor):
         self._d = dense

@@ -40,18 +40,27 @@ class Mask:
         if impl not in IMPLS:
             raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
         self.mask_mod, self.B, self.Q, self.K, self.device, self.impl = mask_mod, B, Q, K, device, impl
+        # a sliding window: query i (at key position i + q_offset) sees keys in
+        # (i + q_offset - band, i + q_offset] only, so the reference path can attend block by block
+        self.band: int | None = None
+        self.q_offset = 0
         self._dense: torch.Tensor | None = None
+        self._bands: list | None = None
         self._block = None
 
     def dense(self) -> torch.Tensor:
         """Boolean [B, 1, Q, K], True = may attend."""
         if self._dense is None:
-            b = torch.arange(self.B, device=self.device)[:, None, None, None]
-            h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=self.device)
-            q = torch.arange(self.Q, device=self.device)[None, None, :, None]
-            kv = torch.arange(self.K, device=self.device)[None, None, None, :]
-            self._dense = self.mask_mod(b, h, q, kv).expand(self.B, 1, self.Q, self.K)
+            self._dense = self.dense_block(0, self.Q, 0, self.K)
         return self._dense
+
+    def dense_block(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        """Boolean [B, 1, q1 - q0, k1 - k0]: queries q0..q1-1 against keys k0..k1-1."""
+        b = torch.arange(self.B, device=self.device)[:, None, None, None]
+        h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=self.device)
+        q = torch.arange(q0, q1, device=self.device)[None, None, :, None]
+        kv = torch.arange(k0, k1, device=self.device)[None, None, None, :]
+        return self.mask_mod(b, h, q, kv).expand(self.B, 1, q1 - q0, k1 - k0)
 
     def block_mask(self):
         if self._block is None:
@@ -72,10 +81,32 @@ def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mas
         eager, compiled = _flex_attention()
         fn = compiled if q_BNQH.is_cuda else eager
         return fn(q_BNQH, k_BNKH, v_BNKH, block_mask=mask.block_mask(), enable_gqa=gqa)
-    dense = mask.dense()
-    has_key = dense.any(-1, keepdim=True)  # B 1 Q 1
-    out = F.scaled_dot_product_attention(q_BNQH, k_BNKH, v_BNKH, attn_mask=dense | ~has_key, enable_gqa=gqa)
+    if mask.band is not None and mask.K > 2 * mask.band:
+        return _attend_banded(q_BNQH, k_BNKH, v_BNKH, mask, gqa)
+    return _attend_dense(q_BNQH, k_BNKH, v_BNKH, mask.dense(), gqa)
+
+
+def _attend_dense(q, k, v, dense: torch.Tensor, gqa: bool) -> torch.Tensor:
+    has_key = dense.any(-1, keepdim=True)  # B 1 Q 1; a query with no key gives 0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense | ~has_key, enable_gqa=gqa)
     return out.masked_fill(~has_key, 0.0)
+
+
+def _attend_banded(q, k, v, mask: Mask, gqa: bool) -> torch.Tensor:
+    """The reference path for a sliding window: blocks of `band` queries against the
+    2 x band - 1 keys they can see. Same result as the dense mask (the other keys are masked
+    there), in O(T x band) instead of O(T^2) time and mask memory: on a CPU, the 512-byte
+    windows of a 4,096-byte row run ~4x faster."""
+    W, off, Q = mask.band, mask.q_offset, q.shape[2]
+    if mask._bands is None:  # built once, shared by every layer
+        mask._bands = []
+        for q0 in range(0, Q, W):
+            q1 = min(Q, q0 + W)
+            k0, k1 = max(0, q0 + off - W + 1), min(mask.K, q1 + off)
+            mask._bands.append((q0, q1, k0, k1, mask.dense_block(q0, q1, k0, k1)))
+    outs = [_attend_dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], dense, gqa)
+            for q0, q1, k0, k1, dense in mask._bands]
+    return torch.cat(outs, dim=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +132,9 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
             m = m & (doc_BT[b, qa] == doc_BT[b, kv])
         return m
 
-    return Mask(mask_mod, B, T - q_offset, T, device, impl)
+    mask = Mask(mask_mod, B, T - q_offset, T, device, impl)
+    mask.band, mask.q_offset = window, q_offset
+    return mask
 
 
 def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str) -> Mask:
