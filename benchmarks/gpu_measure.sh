@@ -8,7 +8,8 @@ set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
 run() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$OUT/$name.txt"; }
-run profile_train 100 python benchmarks/profile_train.py --steps 5 --rows 30
+run profile_flex 100 python benchmarks/profile_train.py --steps 5 --rows 30
+run profile_sdpa 80 python benchmarks/profile_train.py --steps 5 --rows 30 --attn sdpa  # no compiling at all
 run generate 200 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --json "$OUT/generate.json"
 run train_step 190 python benchmarks/train_step.py --compile --steps 6
