@@ -59,7 +59,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     export_every: int = 0
-    time_limit: float = 0.0  # seconds of this process's loop; then checkpoint, export and stop (resume later); 0: none
+    time_limit: float = 0.0  # seconds since this process started the run; then checkpoint, export, stop; 0: none
     seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
     dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -310,6 +310,7 @@ def train(run: RunConfig, run_dir: str | os.PathLike, entropy_model: str | os.Pa
 
 
 def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) -> dict[str, Any]:
+    t_loop = time.monotonic()  # time_limit and wall_s count set-up too (loading, building, restoring)
     tc, dev, W = run.train, info.device, info.world_size
     ckpt_root = run_dir / "checkpoints"
     start = distributed.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
@@ -374,7 +375,6 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     peak = _peak_flops(dev)
     window = LogWindow(dev)
     last: dict[str, Any] = {}
-    t_loop = time.monotonic()
 
     for step in range(state.step + 1, tc.steps + 1):
         batches = [loader.next_batch() for _ in range(tc.grad_accum)]
