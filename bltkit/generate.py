@@ -158,6 +158,8 @@ class Generator:
         fns = (self._run_front, self._run_patch, self._run_back)
         # compile fuses the many small elementwise kernels of a one-byte step (norms, RoPE, SwiGLU)
         self._fns = tuple(torch.compile(f, dynamic=False) for f in fns) if compile else fns
+        self.compiled = compile
+        self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
         self.graphs = None
         self.cfg = model.config
@@ -193,6 +195,7 @@ class Generator:
         self.enc_xv = torch.zeros_like(self.enc_xk)
         self.runmax = torch.full((B, enc.dim), float("-inf"), dtype=dt, device=dev)
         self.p_cap = min(c.max_patches, capacity + 1)
+        self.g_used = 1  # host-side bound on every row's p + 1 (p = 0 now)
         self.g_k = torch.zeros(g.n_layers, B, g.n_kv_heads, self.p_cap + 1, g.head_dim, dtype=dt, device=dev)
         self.g_v = torch.zeros_like(self.g_k)
         self.g_doc = torch.zeros(B, self.p_cap + 1, dtype=torch.long, device=dev)
@@ -289,7 +292,7 @@ class Generator:
         self.close.copy_(close)
         return close
 
-    def _patch_step(self, close: torch.Tensor) -> None:
+    def _patch_step(self, close: torch.Tensor, L: int | None = None) -> None:
         """Close the open patch of every row with `close`: encoder cross-attention, one global
         step at the row's next patch position, and the decoder's cross K/V (spec §13.4 step 4)."""
         m, c = self.model, self.cfg
@@ -308,9 +311,11 @@ class Generator:
         idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
         cos, sin = rope_cos_sin(self.p.view(B, 1), c.global_transformer.head_dim, c.global_transformer.rope_theta)
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
-        j_pos = torch.arange(self.p_cap + 1, device=close.device)
+        # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
+        L = self.p_cap + 1 if L is None else L
+        j_pos = torch.arange(L, device=close.device)
         gmask = ((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
-                 & (self.g_doc == self.pdoc[:, None]))[:, None, None, :]
+                 & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :]
         widx = idx.view(B, 1, 1, 1)
         for i, layer in enumerate(gt.layers):
             att = layer.attention
@@ -318,7 +323,7 @@ class Generator:
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=gmask,
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=gmask,
                                                  enable_gqa=att.n_heads != att.n_kv_heads)
             x = x + att.wo(out.transpose(1, 2).flatten(2))
             x = x + layer.feed_forward(layer.ffn_norm(x))
@@ -412,6 +417,7 @@ class Generator:
             self.dec_xk[j].copy_(k)
             self.dec_xv[j].copy_(v)
         self.p.copy_(p)
+        self.g_used = P + 1  # p <= P
         self.open_start.copy_(open_start)
         self.open_len.copy_(N - open_start)
         self.open_eos.copy_(((tokens_BT == EOS_ID) & in_open).any(1))
@@ -432,8 +438,19 @@ class Generator:
     def _run_front(self) -> None:
         self._front(self.x)
 
-    def _run_patch(self) -> None:
-        self._patch_step(self.close)
+    def _run_patch(self, L: int | None = None) -> None:
+        self._patch_step(self.close, L)
+
+    def _global_slots(self) -> int:
+        """Global-cache slots the next patch step reads: the host's bound on every row's p + 1,
+        rounded up to a multiple of `global_bucket` (one CUDA graph per bucket), so a step costs
+        what the patches so far cost, not the whole capacity. Compiled steps read all slots
+        (one shape, one compile)."""
+        full = self.p_cap + 1
+        if self.compiled:
+            return full
+        G = self.global_bucket
+        return min(full, -(-self.g_used // G) * G)
 
     def _run_back(self) -> None:
         logits = self._back()
@@ -454,12 +471,21 @@ class Generator:
             for fn in self._fns:  # warm-up (compilation, allocator, library handles)
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
-        graphs = []
-        for fn in self._fns:
+        full, G = self.p_cap + 1, self.global_bucket
+        slots = sorted({min(full, L) for L in range(self._global_slots(), full + G, G)})  # every bucket ahead
+        with torch.cuda.stream(stream):
+            for L in slots:
+                self._fns[1](L)
+        torch.cuda.current_stream().wait_stream(stream)
+
+        def capture(fn) -> torch.cuda.CUDAGraph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
-            graphs.append(graph)
+            return graph
+
+        graphs = [capture(self._fns[0]), {L: capture(lambda L=L: self._fns[1](L)) for L in slots},
+                  capture(self._fns[2])]
         for k, v in self._state_tensors().items():  # undo the warm-up's writes
             v.copy_(snapshot[k])
         self.graphs = graphs
@@ -483,8 +509,10 @@ class Generator:
         g, fns = self.graphs, self._fns
         g[0].replay() if g else fns[0]()
         if self.x.shape[0] >= 8 or bool(self.close.any()):
-            g[1].replay() if g else fns[1]()
+            L = self._global_slots()
+            g[1][L].replay() if g else fns[1](L)
         g[2].replay() if g else fns[2]()
+        self.g_used += 1  # a row's p grows by at most one a step
         return self.logits, self.close
 
     # -- public API -----------------------------------------------------------------------------

@@ -230,3 +230,23 @@ def test_rope_matrix_equals_apply_rope(head_dim):
         cos, sin = rope_cos_sin(torch.tensor([[pos]]), head_dim, 500000.0)
         x = torch.randn(3, 1, 5, head_dim, generator=torch.Generator().manual_seed(pos))
         torch.testing.assert_close(x @ _rope_matrix(cos, sin), apply_rope(x, cos, sin), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_global_cache_buckets_read_only_the_patches_so_far(prefill):
+    """The patch step attends the first L global-cache slots, L a host-side bound on every row's
+    p + 1 rounded to `global_bucket`: with buckets of 2 slots the step shapes change as patches
+    accumulate, and the output still equals the reference (and the whole-capacity reads)."""
+    model = make_model(seed=9)
+    prompts = [b"a prompt with several patches in it", b"short", b""]
+    gen = Generator(model, prefill=prefill)
+    gen.global_bucket = 2
+    seen = []
+    real_patch = gen._run_patch
+    gen._fns = (gen._fns[0], lambda L=None: (seen.append(L), real_patch(L)), gen._fns[2])
+    out = gen.generate_ids(prompts, 24, stop_at_eos=False)
+    assert out == reference_generate(model, prompts, 24, stop_at_eos=False)
+    assert len(set(seen)) > 3  # several shapes, growing
+    assert seen == sorted(seen)
+    assert max(seen) <= gen.p_cap + 1
+    assert int(gen.p.max()) <= seen[-1]  # p grew by at most one after the last patch step
