@@ -205,17 +205,20 @@ def _write_pointer(path: Path, text: str) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> dict[str, Any]:
-    """Load model and optimizer in place (DCP reshards); return this rank's `rank_state`."""
+    """Load model and optimizer in place and return this rank's `rank_state`.
+
+    A different number of processes is fine: DCP reshards model and optimizer, and the rank
+    states (step, schedule, data position in windows, RNG) are the same on every rank except
+    the RNG, which then comes from rank 0 (training draws no random numbers after init).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = json.loads((path / "meta.json").read_text())
-    if meta["world_size"] != info.world_size:  # the per-rank files (data position, RNG) do not reshard
-        raise ValueError(f"{path} was written by {meta['world_size']} process(es), this run has "
-                         f"{info.world_size}; resume with the same number of processes")
+    same = meta["world_size"] == info.world_size
     model_sd, optim_sd = get_state_dict(model, optimizer)
     box = {"model": model_sd, "optim": optim_sd}
     with _single_process_ok():
         dcp.load(box, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
-    return torch.load(path / f"rank_{info.rank:05d}.pt", weights_only=True)
+    return torch.load(path / f"rank_{info.rank if same else 0:05d}.pt", weights_only=True)

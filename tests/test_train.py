@@ -246,6 +246,27 @@ def test_two_fsdp_processes_match_one(corpus, tmp_path):
         torch.testing.assert_close(m2.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores
+def test_two_processes_stop_at_time_limit_and_one_resumes(corpus, tmp_path):
+    """2 gloo processes stop together at train.time_limit (rank 0's clock decides) with a sharded
+    checkpoint; one process resumes it (DCP reshards 2 -> 1) and the losses continue as in an
+    uninterrupted one-process run with the same global batch (rtol 1e-5, reduction order)."""
+    common = ["train.steps=4", "train.ckpt_every=0", "train.eval_batches=0", "train.log_every=2"]
+    one = _run(tmp_path / "one", corpus, *common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bltkit",
+           "train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "two"),
+           *BASE, *common, "train.batch_size=2", "train.time_limit=1e-9"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at step 2 of 4" in proc.stdout + proc.stderr
+    assert [r["step"] for r in _rows(tmp_path / "two")] == [2]
+    rows = _run(tmp_path / "two", corpus, *common)  # one process, 4 rows: the same global batch
+    assert [r["step"] for r in rows] == [2, 4]
+    for a, b in zip(one, rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
 # -- entropy model --------------------------------------------------------------------------------
 
 
