@@ -17,7 +17,8 @@
 # entropy-small 32 x 4096 bytes ~79 ms/step, the BLT below 16 x 4096 ~0.2 s/step),
 # BLT_STOP_AT (seconds since this script started: the BLT run checkpoints and stops there, and
 # the `blt` stage run again resumes it; for machines lent by the 10 minutes), EXPORT_UNFINISHED=1
-# (ship RUN/blt/model even when the BLT stopped before its last step; the card says how far it got).
+# (ship RUN/blt/model even when the BLT stopped before its last step; the card says how far it got),
+# EXTRA_ENT_ARGS / EXTRA_BLT_ARGS (more key=value overrides, e.g. train.attn_impl=sdpa).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGES=" ${*:-all} "
@@ -85,7 +86,7 @@ PY
 
 if want entropy; then
   log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
-  read -r -a EA <<< "$ENT_ARGS"
+  read -r -a EA <<< "$ENT_ARGS ${EXTRA_ENT_ARGS:-}"
   STEPS=${ENT_STEPS:-$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")}
   echo "steps: $STEPS"
   rm -rf "$RUN/ent"
@@ -103,7 +104,7 @@ if want blt; then
   else
     THETA=$(python -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
     log "BLT ($BLT_PRESET, threshold $THETA, ~${BLT_SECONDS}s)"
-    read -r -a BA <<< "$BLT_ARGS"
+    read -r -a BA <<< "$BLT_ARGS ${EXTRA_BLT_ARGS:-}"
     BA+=("model.patcher.threshold=$THETA")
     PROBE_ARGS=(--entropy-model "$RUN/ent/model")
     STEPS=${BLT_STEPS:-$(steps_for "$BLT_PRESET" "$BLT_SECONDS" "$TRAIN" "${BA[@]}")}
