@@ -542,7 +542,9 @@ class Generator:
         capacity = self._check_lengths(ids, max_new_bytes)
         B, dev = len(ids), self.model.device
         keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
-        self._init_state(B, capacity, keys)
+        # compiled steps specialise on the cache shapes: size them by powers of two (>= 256) so
+        # calls with other prompt lengths reuse the compiled code instead of recompiling
+        self._init_state(B, max(256, 1 << (capacity - 1).bit_length()) if self.compiled else capacity, keys)
         self.sampling = (temperature, top_k, top_p)
         self._prepare_graphs()
         lens = torch.tensor([len(p) for p in ids], device=dev)

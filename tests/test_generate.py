@@ -250,3 +250,15 @@ def test_global_cache_buckets_read_only_the_patches_so_far(prefill):
     assert seen == sorted(seen)
     assert max(seen) <= gen.p_cap + 1
     assert int(gen.p.max()) <= seen[-1]  # p grew by at most one after the last patch step
+
+
+def test_oversized_caches_change_nothing():
+    """Caches larger than the text (what compiled generators use, sized by powers of two) give
+    the same bytes: capacity is only buffer room."""
+    model = make_model(seed=10, window=8)
+    prompts = [b"room to spare", b"x"]
+    gen = Generator(model)
+    gen.compiled = True  # the sizing rule only; the steps themselves stay eager here
+    out = gen.generate_ids(prompts, 20, stop_at_eos=False)
+    assert gen.capacity == 256
+    assert out == reference_generate(model, prompts, 20, stop_at_eos=False)
