@@ -43,7 +43,7 @@ else
   HELDOUT="$DATA/heldout/*.txt"
 fi
 
-if [ ! -f "$TRAIN" ]; then
+if [ ! -f "${TRAIN%% *}" ]; then
   if [ -f "$DATA/pack/main.txt.xz" ]; then
     log "unpacking the carried corpus"
     mkdir -p "$DATA/main"
@@ -51,17 +51,21 @@ if [ ! -f "$TRAIN" ]; then
     xz -dc "$DATA/pack/main.docs.xz" > "$DATA/main/train.docs"
     tar -xJf "$DATA/pack/heldout.tar.xz" -C "$DATA"
     tar -xJf "$DATA/pack/tiny.tar.xz" -C "$DATA"
+    if [ -f "$DATA/pack/extra.tar.xz" ]; then tar -xJf "$DATA/pack/extra.tar.xz" -C "$DATA"; fi
   else
     log "building the corpus (needs the package registries)"
     python scripts/build_corpus.py --out "$DATA"
   fi
 fi
+# the extra scripts (Greek, Korean, Hindi: docs/corpus.md) train along with the main mix
+if [ "${SMOKE:-0}" != 1 ] && [ -f "$DATA/extra/train.txt" ]; then TRAIN="$TRAIN $DATA/extra/train.txt"; fi
 
 # steps for a time budget: a 20-step probe, then seconds x bytes/s / bytes per step
 steps_for() {  # preset seconds data args...
   local preset=$1 seconds=$2 data=$3; shift 3
   rm -rf "$RUN/probe"
-  blt train --preset "$preset" --data "$data" --out "$RUN/probe" train.steps=20 train.log_every=5 \
+  # shellcheck disable=SC2086
+  blt train --preset "$preset" --data $data --out "$RUN/probe" train.steps=20 train.log_every=5 \
     train.eval_batches=0 "$@" "${PROBE_ARGS[@]}" > "$RUN/probe.log" 2>&1 || { cat "$RUN/probe.log" >&2; exit 1; }
   python - "$RUN/probe/metrics.jsonl" "$seconds" <<'PY'
 import json, sys
@@ -90,7 +94,8 @@ if want entropy; then
   STEPS=${ENT_STEPS:-$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")}
   echo "steps: $STEPS"
   rm -rf "$RUN/ent"
-  blt train --preset "$ENT_PRESET" --data "$TRAIN" --out "$RUN/ent" train.steps="$STEPS" "${EA[@]}"
+  # shellcheck disable=SC2086
+  blt train --preset "$ENT_PRESET" --data $TRAIN --out "$RUN/ent" train.steps="$STEPS" "${EA[@]}"
   log "threshold for a mean patch of 4.5 bytes on English prose (Austen, not Persuasion)"
   blt calibrate --model "$RUN/ent/model" "$DATA/tiny/train.txt" --target 4.5 --json | tee "$RUN/calibration.json"
 fi
@@ -111,7 +116,8 @@ if want blt; then
     echo "steps: $STEPS"
     rm -rf "$RUN/blt"
     if [ -n "${BLT_STOP_AT:-}" ]; then LIMIT=(train.time_limit=$(( BLT_STOP_AT > SECONDS + 1 ? BLT_STOP_AT - SECONDS : 1 ))); fi
-    blt train --preset "$BLT_PRESET" --data "$TRAIN" --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
+    # shellcheck disable=SC2086
+    blt train --preset "$BLT_PRESET" --data $TRAIN --out "$RUN/blt" --entropy-model "$RUN/ent/model" \
       train.steps="$STEPS" "${BA[@]}" "${LIMIT[@]}"
   fi
   if [ "$(finished "$RUN/blt")" = no ] && [ -z "${EXPORT_UNFINISHED:-}" ]; then
