@@ -135,7 +135,7 @@ fi
 if want eval; then
   log "held-out bits per byte"
   # shellcheck disable=SC2086
-  blt eval bpb --model "$RUN/model" $HELDOUT --json > "$RUN/eval.json"
+  blt eval bpb --model "$RUN/model" $HELDOUT --batch-size "${EVAL_BATCH:-32}" --json > "$RUN/eval.json"
   # shellcheck disable=SC2086
   blt data stats --xz $HELDOUT --json > "$RUN/xz.json"
   python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md"
