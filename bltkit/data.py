@@ -374,11 +374,8 @@ def _weights_sha256(model_dir: Path) -> str:
     from .checkpoint import ENTROPY_DIR, WEIGHTS
 
     f = model_dir / WEIGHTS if not (model_dir / ENTROPY_DIR).is_dir() else model_dir / ENTROPY_DIR / WEIGHTS
-    h = hashlib.sha256()
     with f.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def prepare(cfg: DataConfig, entropy_model_dir: str | os.PathLike, out_dir: str | os.PathLike,

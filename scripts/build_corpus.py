@@ -1070,11 +1070,8 @@ def libreoffice_docs(pk: Packages, pkg: str, lang: str, script: str | None) -> D
 # ---------------------------------------------------------------------------
 
 def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Output:

@@ -15,11 +15,8 @@ PROMPTS = ["Once upon a time", "def fibonacci(n):", "The Byte Latent Transformer
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def last_metrics(run_dir: Path) -> dict:

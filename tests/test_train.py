@@ -220,6 +220,16 @@ def test_grad_accum_matches_a_bigger_batch(corpus, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def _torchrun_two(out: Path, data: Path, *tokens: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 -m bltkit train` (gloo, CPU) with 2 rows per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bltkit",
+           "train", "--preset", "tiny", "--data", str(data), "--out", str(out), *BASE, *tokens, "train.batch_size=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow  # ~25 s on 2 cores: two fresh interpreters import torch and join a gloo group
 def test_two_fsdp_processes_match_one(corpus, tmp_path):
     """2 gloo processes x 2 rows with FSDP2 vs 1 process x 4 rows: the same global batches
@@ -227,12 +237,7 @@ def test_two_fsdp_processes_match_one(corpus, tmp_path):
     partial sums, then a sum over ranks), so losses agree to fp32 rounding: rtol 1e-5."""
     common = ["train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.eval_batches=1"]
     one = _run(tmp_path / "one", corpus, *common)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bltkit",
-           "train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "two"),
-           *BASE, *common, "train.batch_size=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_two(tmp_path / "two", corpus, *common)
     two = _rows(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
@@ -253,12 +258,7 @@ def test_two_processes_stop_at_time_limit_and_one_resumes(corpus, tmp_path):
     uninterrupted one-process run with the same global batch (rtol 1e-5, reduction order)."""
     common = ["train.steps=4", "train.ckpt_every=0", "train.eval_batches=0", "train.log_every=2"]
     one = _run(tmp_path / "one", corpus, *common)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bltkit",
-           "train", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "two"),
-           *BASE, *common, "train.batch_size=2", "train.time_limit=1e-9"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_two(tmp_path / "two", corpus, *common, "train.time_limit=1e-9")
     assert "stopped at step 2 of 4" in proc.stdout + proc.stderr
     assert [r["step"] for r in _rows(tmp_path / "two")] == [2]
     rows = _run(tmp_path / "two", corpus, *common)  # one process, 4 rows: the same global batch
