@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model.layers import apply_rope, rope_cos_sin
+from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
 
@@ -113,9 +113,11 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
 
 
-def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None, R=None):
+def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
+                R: torch.Tensor | None = None):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
-    `fused`, q|k|v come from one matrix product and RoPE is the product with `R` (_rope_matrix)."""
+    `fused` (and its `R` from _rope_matrix), q|k|v come from one matrix product and RoPE is
+    the product with R."""
     att = layer.attention
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -123,8 +125,7 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
         N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
         y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
-        qk = apply_rope(y[:, :, :N + Nk], cos, sin) if R is None else (y[:, :, :N + Nk].float() @ R).to(y.dtype)
-        q, k = qk.split([N, Nk], dim=2)
+        q, k = (y[:, :, :N + Nk].float() @ R).to(y.dtype).split([N, Nk], dim=2)
         v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
@@ -467,15 +468,13 @@ class Generator:
         snapshot = {k: v.clone() for k, v in self._state_tensors().items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for fn in self._fns:  # warm-up (compilation, allocator, library handles)
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
         full, G = self.p_cap + 1, self.global_bucket
         slots = sorted({min(full, L) for L in range(self._global_slots(), full + G, G)})  # every bucket ahead
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream):  # warm-up (compilation, allocator, library handles)
+            self._fns[0]()
             for L in slots:
                 self._fns[1](L)
+            self._fns[2]()
         torch.cuda.current_stream().wait_stream(stream)
 
         def capture(fn) -> torch.cuda.CUDAGraph:

@@ -310,7 +310,7 @@ def train(run: RunConfig, run_dir: str | os.PathLike, entropy_model: str | os.Pa
 
 
 def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) -> dict[str, Any]:
-    t_loop = time.monotonic()  # time_limit and wall_s count set-up too (loading, building, restoring)
+    t_start = time.monotonic()  # time_limit and wall_s count set-up too (loading, building, restoring)
     tc, dev, W = run.train, info.device, info.world_size
     ckpt_root = run_dir / "checkpoints"
     start = distributed.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
@@ -339,11 +339,10 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     if run.is_blt:
         model.set_attn_impl(impl)
     # compiled flex attention has static shapes and the patch count is BLT's one dynamic shape
-    # (style §4): pad it to the largest count seen so far, rounded up to a multiple of `pad`;
+    # (style §4): the model pads it to the largest count seen so far, rounded up to a multiple;
     # validation reuses those shapes (each new shape costs ~20-40 s of compiling on an H100)
-    pad = tc.pad_patches or (64 if impl == "flex" else 1)
     if run.is_blt:
-        model.pad_patches_multiple = pad
+        model.pad_patches_multiple = tc.pad_patches or (64 if impl == "flex" else 1)
     for block in distributed.blocks(model):
         if tc.activation_checkpointing:
             checkpoint_activations(block)
@@ -389,9 +388,6 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
                     ent = batch.entropies[:, :-1].to(dev) if tc.patching == "precomputed" else None
                     lengths = starts_to_lengths(model.patch_starts(x, entropies_BT=ent))
                 window.patches += (lengths > 0).sum()
-                if pad > 1:  # grow-only: the patch count (attention shapes) changes a few times per run
-                    lengths = model.pad_lengths(lengths)
-                    model.pad_patches_floor = lengths.shape[1]
             with autocast:
                 logits = model(x, patch_lengths=lengths) if run.is_blt else model(x, impl=impl)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=0, reduction="sum")
@@ -415,11 +411,11 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         # a wall-clock budget (a job slot, a lease): checkpoint and stop; `--resume` goes on. Ranks
         # agree through rank 0's clock, read at log steps only (no extra sync per step)
         out_of_time = (tc.time_limit > 0 and not final and step % max(tc.log_every, 1) == 0 and
-                       _agree(time.monotonic() - t_loop >= tc.time_limit, info))
+                       _agree(time.monotonic() - t_start >= tc.time_limit, info))
         metrics: dict[str, Any] = {}
         if step % max(tc.log_every, 1) == 0 or final:
             metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
-            metrics["wall_s"] = round(time.monotonic() - t_loop, 2)  # stalls (compiles, evals) show here
+            metrics["wall_s"] = round(time.monotonic() - t_start, 2)  # stalls (compiles, evals) show here
         if tc.eval_batches > 0 and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
             metrics = {"step": step, **metrics, "val_bpb": _validate(model, val_stream, tc, info)}
         if metrics:
@@ -442,7 +438,9 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
 
 
 def _agree(flag: bool, info) -> bool:
-    """Rank 0's decision, for every rank."""
+    """Rank 0's decision, for every rank (no collective in one process)."""
+    if info.world_size == 1:
+        return flag
     t = torch.tensor([float(flag and info.is_main)], device=info.device)
     return bool(distributed.all_reduce_sum(t).item() > 0)
 

@@ -456,6 +456,14 @@ def test_padded_patch_counts_change_no_logit(tiny_model):
             tiny_model.pad_patches_floor = P + 40  # a larger count from training: reused as is
             assert tiny_model.pad_lengths(tiny_model.patch(x)).shape[1] == P + 40
             torch.testing.assert_close(tiny_model(x), ref, rtol=0, atol=1e-5)
+            was_training = tiny_model.training
+            tiny_model.pad_patches_floor = 0
+            tiny_model.train()  # a training forward raises the floor to its padded count, grow-only
+            tiny_model(x)
+            assert tiny_model.pad_patches_floor == -(-P // 16) * 16
+            tiny_model(x[:, :3])
+            assert tiny_model.pad_patches_floor == -(-P // 16) * 16
+            tiny_model.train(was_training)
         finally:
             tiny_model.pad_patches_multiple, tiny_model.pad_patches_floor = 1, 0
 

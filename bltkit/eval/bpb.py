@@ -82,7 +82,7 @@ def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_
                 ent = batch.entropies[:, :-1].to(device) if use_entropies else None
                 starts = model.patch_starts(x, ent)
                 real = x != 0  # BOE padding of the last window
-                patches += starts[:, :-1][real].sum()
+                patches += (starts[:, :-1] & real).sum()  # (no boolean indexing: no host sync)
                 real_bytes += real.sum()
                 logits = model(x, patch_lengths=starts_to_lengths(starts))
             else:
@@ -109,11 +109,11 @@ def _load(model, device):
 
 
 def _first_bytes(docs, max_bytes: int | None):
+    if max_bytes is None:
+        yield from docs
+        return
     left = max_bytes
     for doc in docs:
-        if left is None:
-            yield doc
-            continue
         yield doc[:left]
         left -= min(left, len(doc))
         if left == 0:

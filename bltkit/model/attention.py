@@ -62,6 +62,18 @@ class Mask:
         kv = torch.arange(k0, k1, device=self.device)[None, None, None, :]
         return self.mask_mod(b, h, q, kv).expand(self.B, 1, q1 - q0, k1 - k0)
 
+    def bands(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """For a sliding window: (q0, q1, k0, k1, dense block) per block of `band` queries, the
+        keys being all those the block can see; built once, shared by every layer."""
+        if self._bands is None:
+            W, off = self.band, self.q_offset
+            self._bands = []
+            for q0 in range(0, self.Q, W):
+                q1 = min(self.Q, q0 + W)
+                k0, k1 = max(0, q0 + off - W + 1), min(self.K, q1 + off)
+                self._bands.append((q0, q1, k0, k1, self.dense_block(q0, q1, k0, k1)))
+        return self._bands
+
     def block_mask(self):
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -97,15 +109,8 @@ def _attend_banded(q, k, v, mask: Mask, gqa: bool) -> torch.Tensor:
     2 x band - 1 keys they can see. Same result as the dense mask (the other keys are masked
     there), in O(T x band) instead of O(T^2) time and mask memory: on a CPU, the 512-byte
     windows of a 4,096-byte row run ~4x faster."""
-    W, off, Q = mask.band, mask.q_offset, q.shape[2]
-    if mask._bands is None:  # built once, shared by every layer
-        mask._bands = []
-        for q0 in range(0, Q, W):
-            q1 = min(Q, q0 + W)
-            k0, k1 = max(0, q0 + off - W + 1), min(mask.K, q1 + off)
-            mask._bands.append((q0, q1, k0, k1, mask.dense_block(q0, q1, k0, k1)))
     outs = [_attend_dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], dense, gqa)
-            for q0, q1, k0, k1, dense in mask._bands]
+            for q0, q1, k0, k1, dense in mask.bands()]
     return torch.cat(outs, dim=2)
 
 

@@ -64,8 +64,9 @@ class BLT(nn.Module):
         self.attn_impl = "sdpa"
         # compiled Flex specialises on shapes and the patch count is BLT's one dynamic shape:
         # forward pads it with empty patches to a multiple of `pad_patches_multiple`, and to at
-        # least `pad_patches_floor` (training raises the floor as counts grow; evaluation then
-        # reuses the training shapes). Empty trailing patches change no logit (spec §4.5).
+        # least `pad_patches_floor`, which a training-mode forward raises to each padded count it
+        # runs (grow-only: a few shapes per run; evaluation then reuses the training shapes).
+        # Empty trailing patches change no logit (spec §4.5).
         self.pad_patches_multiple = 1
         self.pad_patches_floor = 0
 
@@ -163,7 +164,10 @@ class BLT(nn.Module):
         T = tokens_BT.shape[1]
         if patch_lengths is None:
             patch_lengths = self.patch(tokens_BT)
-        lay = self.layout(self.pad_lengths(patch_lengths), T, tokens_BT.shape[0])
+        patch_lengths = self.pad_lengths(patch_lengths)
+        if self.training and self.pad_patches_multiple > 1:
+            self.pad_patches_floor = patch_lengths.shape[1]
+        lay = self.layout(patch_lengths, T, tokens_BT.shape[0])
         return self.forward_layout(tokens_BT, lay)
 
     def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout, capture: dict | None = None
