@@ -74,10 +74,7 @@ def main() -> None:
 
     def step() -> None:
         with rf("patcher"), torch.no_grad():
-            lengths = starts_to_lengths(model.patch_starts(x))
-            if model.pad_patches_multiple > 1:
-                lengths = model.pad_lengths(lengths)
-                model.pad_patches_floor = lengths.shape[1]
+            lengths = starts_to_lengths(model.patch_starts(x))  # forward pads the count (flex)
         with rf("forward"), autocast:
             loss = F.cross_entropy(model(x, patch_lengths=lengths).flatten(0, 1).float(), y.flatten())
         with rf("backward"):
