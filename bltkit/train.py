@@ -60,6 +60,7 @@ class TrainConfig:
     keep_last: int = 2
     export_every: int = 0
     time_limit: float = 0.0  # seconds since this process started the run; then checkpoint, export, stop; 0: none
+    stop_at: int = 0  # stop (checkpoint, export) after this step; the schedule still runs to `steps`; 0: none
     seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
     dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
@@ -76,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.time_limit < 0:
             raise ValueError(f"train.time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
+        if self.stop_at < 0:
+            raise ValueError(f"train.stop_at must be >= 0 (0: none), got {self.stop_at}")
         for name, allowed in (("dtype", ("auto", "bf16", "fp32")), ("patching", ("online", "precomputed")),
                               ("attn_impl", ("auto", "sdpa", "flex"))):
             if getattr(self, name) not in allowed:
@@ -412,6 +415,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         # agree through rank 0's clock, read at log steps only (no extra sync per step)
         out_of_time = (tc.time_limit > 0 and not final and step % max(tc.log_every, 1) == 0 and
                        _agree(time.monotonic() - t_start >= tc.time_limit, info))
+        stop_here = tc.stop_at > 0 and step == tc.stop_at and not final
         metrics: dict[str, Any] = {}
         if step % max(tc.log_every, 1) == 0 or final:
             metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
@@ -421,10 +425,10 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if metrics:
             logger.log(metrics)
             last = metrics
-        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final or out_of_time:
+        if (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or final or out_of_time or stop_here:
             distributed.save_checkpoint(ckpt_root, step, model, optimizer, _rank_state(state, scheduler, loader, dev),
                                         tc.keep_last, info)
-        if (tc.export_every > 0 and step % tc.export_every == 0) or final or out_of_time:
+        if (tc.export_every > 0 and step % tc.export_every == 0) or final or out_of_time or stop_here:
             export_model(model, run.model, run_dir / "model", info)
         if metrics or (tc.ckpt_every > 0 and step % tc.ckpt_every == 0) or \
                 (tc.export_every > 0 and step % tc.export_every == 0):
@@ -432,6 +436,10 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if out_of_time:
             logger.print(f"train.time_limit={tc.time_limit:g}s reached: stopped at step {step} of {tc.steps} "
                          f"with a checkpoint and RUN_DIR/model (the weights so far); run the same command again to resume")
+            break
+        if stop_here:
+            logger.print(f"train.stop_at={tc.stop_at} reached: stopped with a checkpoint and RUN_DIR/model; "
+                         f"resume with train.stop_at=0 (or a later step)")
             break
     logger.close()
     return last

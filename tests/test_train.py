@@ -182,6 +182,20 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bitwise(baseline, corpus
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_stop_at_a_step_and_resume_bitwise(baseline, corpus, tmp_path):
+    """train.stop_at stops after that step with a checkpoint and the weights so far (the schedule
+    still runs to train.steps); resuming with stop_at=0 gives the uninterrupted run bitwise."""
+    _, base_rows, _ = baseline
+    out = tmp_path / "run"
+    _run(out, corpus, "train.steps=12", "train.ckpt_every=0", "train.log_every=4", "train.stop_at=5")
+    assert [r["step"] for r in _rows(out)] == [4]
+    assert (out / "model" / "model.safetensors").is_file()
+    _run(out, corpus, "train.steps=12", "train.ckpt_every=0", "train.log_every=4")
+    assert [r["step"] for r in _rows(out)] == [4, 8, 12]
+    a, b = load_model(out / "model"), load_model(baseline[0] / "model")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
 def test_kill_during_checkpoint_keeps_previous(baseline, corpus, tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
