@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6 in one command: FSDP2 on N GPUs against one GPU with the same global batch, and a run
-# stopped mid-way (train.time_limit) and resumed on a different number of GPUs.
+# stopped mid-way (train.stop_at) and resumed on a different number of GPUs.
 #
 #   NGPU=2 benchmarks/fsdp_scaling.sh                  # on a machine with >= 2 GPUs (torchrun + NCCL)
 #   SMOKE=1 NGPU=2 benchmarks/fsdp_scaling.sh          # tiny preset, gloo on CPU, ~2 minutes

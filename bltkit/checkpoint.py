@@ -7,6 +7,7 @@ half-written model where a good one was. Loading checks every key and shape and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ FORMAT = "bltkit"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 ENTROPY_DIR = "entropy_model"
+SUMS = "SHA256SUMS"  # `sha256sum` format; a published model directory lists its files in it
 
 
 class CheckpointError(ValueError):
@@ -158,6 +160,30 @@ def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         raise CheckpointError(f"{where / WEIGHTS} does not match {where / CONFIG}: " + " | ".join(problems))
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_sums(path: Path) -> None:
+    """Check every file listed in `path/SHA256SUMS` (when there is one) against its digest."""
+    sums = path / SUMS
+    if not sums.is_file():
+        return
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise CheckpointError(f"{sums} line {n} is not '<sha256>  <file>': {line!r}")
+        target = path / name
+        if not target.is_file():
+            raise CheckpointError(f"{target} is listed in {sums} but missing; copy the whole model directory again")
+        if file_sha256(target) != digest:
+            raise CheckpointError(f"{target} does not match its sha256 in {sums}: the file is damaged or was "
+                                  f"changed; copy it again (or delete {SUMS} if you changed it on purpose)")
+
+
 def _build(cfg):
     from .model import BLT, EntropyModel
 
@@ -169,6 +195,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
                dtype: torch.dtype | None = None):
     """Load a bltkit model directory as a `BLT` (or `EntropyModel`), in eval mode.
 
+    A directory that lists its files in `SHA256SUMS` (the bundled model does) is checked first.
+
     Args:
         path: the model directory.
         device: where to put the weights (default CPU).
@@ -176,6 +204,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     """
     path = Path(path)
     cfg = read_config(path)
+    verify_sums(path)
     model = _build(cfg)
     state = load_state(path, device)
     if isinstance(cfg, BLTConfig):

@@ -371,11 +371,10 @@ def stream_entropies(model, stream: TokenStream, batch_size: int = 8, progress=N
 
 
 def _weights_sha256(model_dir: Path) -> str:
-    from .checkpoint import ENTROPY_DIR, WEIGHTS
+    from .checkpoint import ENTROPY_DIR, WEIGHTS, file_sha256
 
-    f = model_dir / WEIGHTS if not (model_dir / ENTROPY_DIR).is_dir() else model_dir / ENTROPY_DIR / WEIGHTS
-    with f.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    return file_sha256(model_dir / WEIGHTS if not (model_dir / ENTROPY_DIR).is_dir()
+                       else model_dir / ENTROPY_DIR / WEIGHTS)
 
 
 def prepare(cfg: DataConfig, entropy_model_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -1332,7 +1332,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"ERROR: {e}")
         return 1
     finally:
-        manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+        manifest_path.write_text(text)
+        if (out / "pack").is_dir():  # travels with the pack: the model card lists sources and licences
+            (out / "pack" / "MANIFEST.json").write_text(text)
     log(f"all done in {time.time() - t0:.0f} s; manifest {manifest_path}")
     return 0
 

@@ -7,21 +7,35 @@ RUN/xz.json and data/MANIFEST.json; generates unedited samples; lists sha256 of 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "The Byte Latent Transformer", "Москва —"]
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def last_metrics(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return rows[-1] if rows else {}
+
+
+def data_section(manifest_path: Path) -> list[str]:
+    """The training corpus, component by component, from the corpus build's MANIFEST.json."""
+    lines = ["## Data and licences", "",
+             "Built by `scripts/build_corpus.py` from Debian bookworm and PyPI packages (docs/corpus.md). "
+             "Trained on `main/train.txt` and `extra/train.txt`; the held-out sets above were never trained "
+             "on (no shared 13-word shingles).", ""]
+    if not manifest_path.exists():
+        raise SystemExit(f"{manifest_path} is missing: run scripts/build_corpus.py (or pass --manifest)")
+    files = json.loads(manifest_path.read_text())["files"]
+    lines += ["| component | bytes | documents | sources | licence |", "|---|---:|---:|---|---|"]
+    for rel in ("main/train.txt", "extra/train.txt"):
+        for c in files.get(rel, {}).get("components", []):
+            lines.append(f"| {rel.split('/')[0]}: {c['name']} | {c['bytes']:,} | {c['documents']:,} | "
+                         f"{', '.join(c['sources'])} | {c['licence']} |")
+    held = [(rel, f) for rel, f in sorted(files.items()) if rel.startswith("heldout/")]
+    lines += ["", "Held-out sets: " + "; ".join(
+        f"{Path(rel).name} ({', '.join(f['sources'])}; {f['licence']})" for rel, f in held) + ".", ""]
+    return lines
 
 
 def main() -> None:
@@ -33,6 +47,7 @@ def main() -> None:
     run = Path(args.run)
     model_dir = run / "model"
     from bltkit import Generator, load_model
+    from bltkit.checkpoint import SUMS, file_sha256 as sha256
     from bltkit.flops import count_params
 
     model = load_model(model_dir)
@@ -79,23 +94,19 @@ def main() -> None:
     lines += ["", "## Samples (greedy, 160 bytes, unedited)", ""]
     for prompt, out in zip(PROMPTS, samples, strict=True):
         lines += ["```", prompt + out.decode("utf-8", errors="replace"), "```", ""]
-    lines += ["## Data and licences", ""]
-    manifest = Path(args.manifest)
-    if manifest.exists():
-        lines.append("Sources and licences of the training corpus are listed in the corpus manifest "
-                     "(docs/corpus.md); all are free (public domain, GPL, GFDL, CC-BY-SA, PSF, MPL, BSD-like).")
+    lines += data_section(Path(args.manifest))
     lines += ["", "## Limits", "",
               "A model of this size knows spelling, common words and the look of code and documentation; "
               "it does not know facts and does not follow instructions. It has seen few languages other than "
               "English, Russian, Chinese, Japanese, German and French.", "",
               "## Files", "", "| file | sha256 |", "|---|---|"]
     for path in sorted(model_dir.rglob("*")):
-        if path.is_file() and path.name != "MODEL_CARD.md":
+        if path.is_file() and path.name not in ("MODEL_CARD.md", SUMS):
             lines.append(f"| {path.relative_to(model_dir)} | `{sha256(path)}` |")
     Path(args.out).write_text("\n".join(lines) + "\n")
-    (model_dir / "SHA256SUMS").write_text("".join(
+    (model_dir / SUMS).write_text("".join(
         f"{sha256(p)}  {p.relative_to(model_dir)}\n" for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and p.name not in ("MODEL_CARD.md", "SHA256SUMS")))
+        if p.is_file() and p.name not in ("MODEL_CARD.md", SUMS)))
 
 
 if __name__ == "__main__":

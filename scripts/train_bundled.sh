@@ -52,6 +52,7 @@ if [ ! -f "${TRAIN%% *}" ]; then
     tar -xJf "$DATA/pack/heldout.tar.xz" -C "$DATA"
     tar -xJf "$DATA/pack/tiny.tar.xz" -C "$DATA"
     if [ -f "$DATA/pack/extra.tar.xz" ]; then tar -xJf "$DATA/pack/extra.tar.xz" -C "$DATA"; fi
+    if [ -f "$DATA/pack/MANIFEST.json" ]; then cp "$DATA/pack/MANIFEST.json" "$DATA/MANIFEST.json"; fi
   else
     log "building the corpus (needs the package registries)"
     python scripts/build_corpus.py --out "$DATA"
@@ -138,7 +139,7 @@ if want eval; then
   blt eval bpb --model "$RUN/model" $HELDOUT --batch-size "${EVAL_BATCH:-32}" --json > "$RUN/eval.json"
   # shellcheck disable=SC2086
   blt data stats --xz $HELDOUT --json > "$RUN/xz.json"
-  python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md"
+  python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md" --manifest "$DATA/MANIFEST.json"
   cat "$RUN/model/MODEL_CARD.md"
 fi
 

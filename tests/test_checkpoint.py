@@ -14,8 +14,10 @@ from bltkit.checkpoint import (
     CONFIG,
     ENTROPY_DIR,
     WEIGHTS,
+    SUMS,
     CheckpointError,
     atomic_dir,
+    file_sha256,
     init_model,
     load_entropy_model,
     load_model,
@@ -249,6 +251,33 @@ def test_garbage_weights(saved):
     path, _ = saved
     (path / WEIGHTS).write_bytes(b"\x07" * 64)
     with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model(path)
+
+
+def _write_sums(path):
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    (path / SUMS).write_text("".join(f"{file_sha256(p)}  {p.relative_to(path)}\n" for p in files))
+
+
+def test_sha256sums_checked_when_present(saved):
+    path, model = saved
+    _write_sums(path)
+    torch.testing.assert_close(_logits(load_model(path)), _logits(model), rtol=0, atol=0)
+    data = bytearray((path / WEIGHTS).read_bytes())
+    data[-1] ^= 1  # one flipped bit in a weight: safetensors still parses it, the sum does not match
+    (path / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not match its sha256"):
+        load_model(path)
+
+
+def test_sha256sums_missing_file_and_bad_line(saved):
+    path, _ = saved
+    _write_sums(path)
+    (path / SUMS).write_text((path / SUMS).read_text() + f"{'0' * 64}  notes.txt\n")
+    with pytest.raises(CheckpointError, match="notes.txt is listed in .*SHA256SUMS but missing"):
+        load_model(path)
+    (path / SUMS).write_text("not a sum line\n")
+    with pytest.raises(CheckpointError, match="line 1 is not"):
         load_model(path)
 
 
