@@ -33,7 +33,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   export OMP_NUM_THREADS=1
 else
   PRESET=${PRESET:-blt-1b} DATA=${DATA:-data/main/train.txt} STEPS=${STEPS:-200} ROWS=${ROWS:-1}
-  SEQ=${SEQ:-8192} DEVICE=auto EXTRA=${EXTRA:-model.hash_vocab=65536 train.pad_patches=512}
+  SEQ=${SEQ:-8192} DEVICE=auto EXTRA=${EXTRA:-model.hash_vocab=65536 model.max_patches=$((SEQ + 1)) train.pad_patches=512}
 fi
 if [ ! -f "$DATA" ] && [ -f data/pack/main.txt.xz ]; then
   mkdir -p data/main && xz -dc data/pack/main.txt.xz > data/main/train.txt && xz -dc data/pack/main.docs.xz > data/main/train.docs

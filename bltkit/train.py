@@ -207,6 +207,11 @@ def resolve_config(preset: str | None, data_paths: list[str] | None = None, conf
         raise ValueError("--entropy-model is for BLT presets; this preset trains an entropy model")
     if isinstance(model, BLTConfig) and tc.seq_len > model.max_bytes:
         raise ValueError(f"train.seq_len {tc.seq_len} exceeds model.max_bytes {model.max_bytes}")
+    if isinstance(model, BLTConfig) and tc.seq_len + 1 > model.max_patches:
+        # found the hard way: a row of hard-to-predict bytes made 4,097 patches at step 430 of a run
+        raise ValueError(f"train.seq_len {tc.seq_len} can make up to {tc.seq_len + 1} patches (one byte each, "
+                         f"plus BOS) but model.max_patches is {model.max_patches}: set model.max_patches="
+                         f"{tc.seq_len + 1} or more (it only bounds positions), or a shorter train.seq_len")
     return dataclasses.replace(run, model=model, data=data)
 
 
