@@ -175,7 +175,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=None,
                    help="batch mode: one prompt per line; prints one JSON object per prompt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: fp32 on the CPU, as stored on a GPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step functions (faster decoding on GPU after a slow first call)")
 
@@ -204,7 +205,13 @@ def cmd_generate(args) -> None:
     from .checkpoint import load_model
     from .generate import Generator
 
-    model = load_model(_resolve_model(args.model), device=args.device or _default_device(), dtype=_dtype(args.dtype))
+    device = args.device or _default_device()
+    dtype = _dtype(args.dtype)
+    if dtype is None and device == "cpu":
+        import torch
+
+        dtype = torch.float32  # bf16 matrix products are slow on most CPUs
+    model = load_model(_resolve_model(args.model), device=device, dtype=dtype)
     gen = Generator(model, compile=args.compile)
     kw = dict(max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop)

@@ -18,9 +18,14 @@
 # BLT_STOP_AT (seconds since this script started: the BLT run checkpoints and stops there, and
 # the `blt` stage run again resumes it; for machines lent by the 10 minutes), EXPORT_UNFINISHED=1
 # (ship RUN/blt/model even when the BLT stopped before its last step; the card says how far it got),
-# EXTRA_ENT_ARGS / EXTRA_BLT_ARGS (more key=value overrides, e.g. train.attn_impl=sdpa).
+# EXTRA_ENT_ARGS / EXTRA_BLT_ARGS (more key=value overrides, e.g. train.attn_impl=sdpa), PYTHON
+# (the interpreter with torch and bltkit; default python3), EVAL_MAX_BYTES (score only the first N bytes
+# of each held-out file, for a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the interpreter that has torch and bltkit (a symlink to a venv's python loses the venv: use PYTHON)
+PY=${PYTHON:-python3}
+blt() { "$PY" -m bltkit "$@"; }
 STAGES=" ${*:-all} "
 want() { [[ $STAGES == *" all "* || $STAGES == *" $1 "* ]]; }
 DATA=${DATA:-data}
@@ -55,7 +60,7 @@ if [ ! -f "${TRAIN%% *}" ]; then
     if [ -f "$DATA/pack/MANIFEST.json" ]; then cp "$DATA/pack/MANIFEST.json" "$DATA/MANIFEST.json"; fi
   else
     log "building the corpus (needs the package registries)"
-    python scripts/build_corpus.py --out "$DATA"
+    "$PY" scripts/build_corpus.py --out "$DATA"
   fi
 fi
 # the extra scripts (Greek, Korean, Hindi: docs/corpus.md) train along with the main mix
@@ -68,7 +73,7 @@ steps_for() {  # preset seconds data args...
   # shellcheck disable=SC2086
   blt train --preset "$preset" --data $data --out "$RUN/probe" train.steps=20 train.log_every=5 \
     train.eval_batches=0 "$@" "${PROBE_ARGS[@]}" > "$RUN/probe.log" 2>&1 || { cat "$RUN/probe.log" >&2; exit 1; }
-  python - "$RUN/probe/metrics.jsonl" "$seconds" <<'PY'
+  "$PY" - "$RUN/probe/metrics.jsonl" "$seconds" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 rate = [r["bytes_per_s"] for r in rows if r.get("bytes_per_s")][-1]  # after warm-up
@@ -81,7 +86,7 @@ PY
 PROBE_ARGS=()
 
 finished() {  # run_dir -> yes | no: has its last logged step reached train.steps?
-  python - "$1" <<'PY'
+  "$PY" - "$1" <<'PY'
 import json, sys
 cfg = json.load(open(f"{sys.argv[1]}/config.json"))
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/metrics.jsonl")]
@@ -108,7 +113,7 @@ if want blt; then
     log "BLT: resuming $RUN/blt"
     blt train --out "$RUN/blt" --entropy-model "$RUN/ent/model" "${LIMIT[@]}"
   else
-    THETA=$(python -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
+    THETA=$("$PY" -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
     log "BLT ($BLT_PRESET, threshold $THETA, ~${BLT_SECONDS}s)"
     read -r -a BA <<< "$BLT_ARGS ${EXTRA_BLT_ARGS:-}"
     BA+=("model.patcher.threshold=$THETA")
@@ -136,10 +141,18 @@ fi
 if want eval; then
   log "held-out bits per byte"
   # shellcheck disable=SC2086
-  blt eval bpb --model "$RUN/model" $HELDOUT --batch-size "${EVAL_BATCH:-32}" --json > "$RUN/eval.json"
+  XZ_FILES=$HELDOUT CAP=()
+  if [ -n "${EVAL_MAX_BYTES:-}" ]; then  # xz on exactly the bytes the model scores
+    CAP=(--max-bytes "$EVAL_MAX_BYTES")
+    rm -rf "$RUN/heldout_cap" && mkdir -p "$RUN/heldout_cap"
+    for f in $HELDOUT; do head -c "$EVAL_MAX_BYTES" "$f" > "$RUN/heldout_cap/$(basename "$f")"; done
+    XZ_FILES="$RUN/heldout_cap/*.txt"
+  fi
   # shellcheck disable=SC2086
-  blt data stats --xz $HELDOUT --json > "$RUN/xz.json"
-  python scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md" --manifest "$DATA/MANIFEST.json"
+  blt eval bpb --model "$RUN/model" $HELDOUT --batch-size "${EVAL_BATCH:-32}" "${CAP[@]}" --json > "$RUN/eval.json"
+  # shellcheck disable=SC2086
+  blt data stats --xz $XZ_FILES --json > "$RUN/xz.json"
+  "$PY" scripts/model_card.py --run "$RUN" --out "$RUN/model/MODEL_CARD.md" --manifest "$DATA/MANIFEST.json"
   cat "$RUN/model/MODEL_CARD.md"
 fi
 

@@ -329,6 +329,11 @@ def test_overrides_and_unknown_keys(corpus):
         resolve_config("tiny", [str(corpus)], None, ["model.global_transformer.n_layer=2"])
     with pytest.raises(ValueError, match="--entropy-model"):
         resolve_config("tiny", [str(corpus)], None, [])  # entropy patching needs a patcher
+    # a row can make seq_len + 1 one-byte patches: refused at the start, not at the row that does it
+    too_many = ["model.patcher.mode=space", "train.seq_len=512", "model.max_patches=512"]
+    with pytest.raises(ValueError, match=r"up to 513 patches .* set model\.max_patches=513"):
+        resolve_config("tiny", [str(corpus)], None, too_many)
+    assert resolve_config("tiny", [str(corpus)], None, too_many[:2] + ["model.max_patches=513"])
 
 
 def test_toml_precedence(corpus, tmp_path):
