@@ -54,7 +54,7 @@ def cmd_eval(args) -> None:
     for row in [*result["files"], {"path": "overall", **result["overall"]}]:
         patch = f"  {row['mean_patch_len']:5.2f} bytes/patch" if row.get("mean_patch_len") else ""
         print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{patch}  {row['bpb']:.3f} bpb")
-    cap = f"; only the first {args.max_bytes:,} bytes of each source" if args.max_bytes else ""
+    cap = f"; only the first {result['max_bytes']:,} bytes of each source" if result["max_bytes"] else ""
     print(f"({result['note']}; windows of {result['seq_len']} bytes{cap})")
 
 

@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--manifest", default="data/MANIFEST.json")
-    ap.add_argument("--command", default="scripts/train_bundled.sh",
-                    help="the command(s) that trained the model, as the card should state them")
+    ap.add_argument("--command", default="`scripts/train_bundled.sh` on one GPU",
+                    help="the command(s) that trained the model, as the card should state them (Markdown)")
     args = ap.parse_args()
     run = Path(args.run)
     model_dir = run / "model"
@@ -90,7 +90,8 @@ def main() -> None:
              f"- patching threshold {cal['threshold']:.4f} nats (mean patch {cal['mean_patch']:.2f} bytes on "
              "Austen's five novels, the calibration prose)", "",
              "## Training", "",
-             f"`{args.command}` (one GPU). Entropy model: "
+             f"Command: {args.command}.", "",
+             "Entropy model: "
              f"{ent_m.get('step', '?')} steps ({minutes(run / 'ent'):.1f} min), "
              f"final loss {ent_m.get('loss', float('nan')):.3f}. "
              f"BLT: {blt_m.get('step', '?')} of {blt_cfg['train']['steps']} planned steps "
@@ -99,7 +100,9 @@ def main() -> None:
              f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
              f"Device: {', '.join(map(str, ent_env.get('gpus') or [])) or 'CPU'}, torch {ent_env.get('torch', '?')}.", "",
              "## Held-out bits per byte (never trained on)", "",
-             f"`blt eval bpb`: {ev.get('note', '')}. xz -9e on the same bytes for comparison.", "",
+             f"`blt eval bpb`: {ev.get('note', '')}; windows of {ev['seq_len']} bytes"
+             + (f"; the first {ev['max_bytes']:,} bytes of each file" if ev.get("max_bytes") else "")
+             + ". xz -9e on the same bytes for comparison.", "",
              "| set | bytes | bytes per patch | bltkit bpb | xz -9e bpb | beats xz |",
              "|---|---:|---:|---:|---:|---|"]
     for f in ev["files"]:
@@ -109,16 +112,16 @@ def main() -> None:
         lines.append(f"| {name} | {f['bytes']:,} | {patch} | {f['bpb']:.3f} | {ref:.3f} | "
                      f"{'yes' if f['bpb'] < ref else '**no**'} |")
     lines += ["", f"## Samples (greedy, 160 bytes, unedited; {'fp32 on a CPU' if device == 'cpu' else device}: "
-              "`blt generate PROMPT --max-new-bytes 160`)", ""]
+              "`blt generate PROMPT --max-new-bytes 160`; a character cut by the limit shows as �)", ""]
     for prompt, out in zip(PROMPTS, samples, strict=True):
         lines += ["```", prompt + out.decode("utf-8", errors="replace"), "```", ""]
     lines += data_section(Path(args.manifest))
     losing = [Path(f["path"]).name for f in ev["files"] if not f["bpb"] < xz.get(Path(f["path"]).name, float("nan"))]
-    lines += ["", "## Limits", "",
+    lines += ["## Limits", "",
               "A model of this size knows spelling, common words and the look of code and documentation; "
               "it does not know facts and does not follow instructions, and greedy decoding soon repeats "
               "itself (sample with `--temperature`). Most of its training bytes are English; other scripts "
-              "are thin in the corpus (docs/corpus.md).",
+              "are thin in the corpus (docs/corpus.md).", "",
               ("It does not beat xz -9e on " + ", ".join(losing) + ": xz finds the help pages' repeated "
                "boilerplate anywhere in its window, and the model has seen little of these languages."
                if losing else "It beats xz -9e on every held-out set above."), "",

@@ -136,7 +136,7 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
     Returns:
         {"files": [{"path", "bytes", "documents", "targets", "nats", "bpb", "mean_patch_len"
         (bytes per patch, BLT only)}, ...],
-         "overall": {"bytes", "targets", "nats", "bpb"}, "seq_len", "note"}.
+         "overall": {"bytes", "targets", "nats", "bpb"}, "seq_len", "max_bytes", "note"}.
     """
     model = _load(model, device)
     seq_len = seq_len or default_seq_len(model)
@@ -151,4 +151,4 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
                       "mean_patch_len": r["mean_patch_len"]})
     overall = _summary(sum(f["nats"] for f in files), sum(f["targets"] for f in files))
     return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), **overall},
-            "seq_len": seq_len, "note": NOTE}
+            "seq_len": seq_len, "max_bytes": max_bytes, "note": NOTE}
