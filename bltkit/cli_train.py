@@ -16,9 +16,10 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Train a BLT (presets tiny, small, blt-1b) or an entropy model (entropy-tiny, "
                      "entropy-small, entropy-100m) on raw bytes. Settings: preset < --config run.toml "
-                     "< key=value tokens, e.g. train.steps=200 optim.lr=1e-3 model.patcher.mode=space.")
+                     "< key=value tokens, e.g. train.steps=200 optim.lr=1e-3 model.patcher.mode=space. "
+                     "--init-from DIR (or bundled) fine-tunes an existing model instead of a preset.")
     p.add_argument("--preset", default=None,
-                   help="model preset; may be omitted to resume --out from its config.json")
+                   help="model preset; omitted with --init-from, or to resume --out from its config.json")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="text files, folders, .jsonl/.parquet data, or one `blt data prepare` folder")
     p.add_argument("--out", required=True, metavar="RUN_DIR",
@@ -26,6 +27,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entropy-model", default=None, metavar="DIR",
                    help="frozen patcher for a BLT with patcher.mode=entropy (an entropy-model or BLT "
                         "directory); not needed with train.patching=precomputed")
+    p.add_argument("--init-from", default=None, metavar="DIR|bundled",
+                   help="fine-tune: start from this model directory's weights and architecture (instead of "
+                        "--preset); its entropy model patches unless --entropy-model says otherwise. Same as "
+                        "train.init_from=DIR")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto (default): continue from the newest complete checkpoint in RUN_DIR; "
                         "never: refuse a RUN_DIR that holds checkpoints")
@@ -49,6 +54,8 @@ def cmd_train(args) -> None:
     from .train import resolve_config, train
 
     data, overrides = split_data_and_overrides(args.data, args.overrides)
+    if args.init_from is not None:
+        overrides = [f"train.init_from={args.init_from}", *overrides]
     run = resolve_config(args.preset, data, args.config, overrides, entropy_model=args.entropy_model,
                          run_dir=args.out)
     train(run, args.out, entropy_model=args.entropy_model, resume=args.resume, argv=sys.argv)

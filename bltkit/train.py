@@ -70,6 +70,7 @@ class TrainConfig:
     pad_patches: int = 0  # pad patch counts to the largest so far, a multiple of this; 0: 64 with flex, else off
     tensorboard: bool = False
     device: str = "auto"
+    init_from: str = ""  # a model directory (or "bundled") whose weights start the run: fine-tuning; "": random init
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last"):
@@ -176,8 +177,14 @@ def resolve_config(preset: str | None, data_paths: list[str] | None = None, conf
     tokens = [*toml_tokens, *(overrides or [])]
     name = preset or toml_preset
     saved = Path(run_dir) / "config.json" if run_dir is not None else None
+    init_from = next((t.split("=", 1)[1].strip() for t in tokens if t.split("=")[0].strip() == "train.init_from"), "")
+    if name is not None and init_from:
+        raise ValueError("give --preset or --init-from, not both: a fine-tuned model keeps the architecture "
+                         "of the one it starts from (set model.* overrides that do not change shapes)")
     if name is not None:
         run = RunConfig(model=get_preset(name), data=DataConfig(paths=data_paths or [_NO_DATA]))
+    elif init_from:
+        run = RunConfig(model=read_config(init_model_dir(init_from)), data=DataConfig(paths=data_paths or [_NO_DATA]))
     elif saved is not None and saved.is_file():
         run = RunConfig.from_dict(json.loads(saved.read_text()))
     else:
@@ -191,7 +198,7 @@ def resolve_config(preset: str | None, data_paths: list[str] | None = None, conf
         raise ValueError("no training data: pass --data PATH [PATH ...] (or data.paths in --config)")
     model, tc = run.model, run.train
     if isinstance(model, BLTConfig) and model.patcher.mode == "entropy":
-        ent_dir = entropy_model or _default_entropy_dir(run_dir, data.paths, tc.patching)
+        ent_dir = entropy_model or _default_entropy_dir(run_dir, data.paths, tc.patching, tc.init_from)
         if ent_dir is not None:
             ent_cfg = read_config(ent_dir)
             ent_cfg = ent_cfg.entropy_model if isinstance(ent_cfg, BLTConfig) else ent_cfg
@@ -215,15 +222,33 @@ def resolve_config(preset: str | None, data_paths: list[str] | None = None, conf
     return dataclasses.replace(run, model=model, data=data)
 
 
-def _default_entropy_dir(run_dir, paths: list[str], patching: str) -> Path | None:
+def _default_entropy_dir(run_dir, paths: list[str], patching: str, init_from: str = "") -> Path | None:
     """The run's own copy (a resumed run), else for prepared data the model that `blt data
-    prepare` used (so the exported BLT carries the patcher its training entropies came from)."""
+    prepare` used (so the exported BLT carries the patcher its training entropies came from),
+    else the patcher of the model a fine-tuning run starts from."""
+    from .checkpoint import ENTROPY_DIR
+
     if run_dir is not None and (Path(run_dir) / "entropy_model").is_dir():
         return Path(run_dir) / "entropy_model"
     info = prepared_info(paths[0]) if patching == "precomputed" else None
     if info and Path(info.get("entropy_model", "")).is_dir():
         return Path(info["entropy_model"])
+    if init_from and (init_model_dir(init_from) / ENTROPY_DIR).is_dir():
+        return init_model_dir(init_from) / ENTROPY_DIR
     return None
+
+
+def init_model_dir(init_from: str) -> Path:
+    """`train.init_from` as a directory: "bundled" is the model that ships with bltkit."""
+    if init_from == "bundled":
+        from .bundled import bundled_model_dir
+
+        return bundled_model_dir()
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"train.init_from={init_from}: not a bltkit model directory (no config.json); "
+                         "pass a RUN_DIR/model, `blt convert` output, or 'bundled'")
+    return path
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -242,6 +267,21 @@ def build_model(cfg: BLTConfig | EntropyModelConfig, device: torch.device, seed:
         model.entropy_model.load_state_dict(entropy_model.state_dict())
         model.entropy_model.float().requires_grad_(False)
     return model
+
+
+def _load_init(model, path: Path, dev: torch.device) -> None:
+    """Start from the weights in `path` (fp32 master weights, whatever they were stored in). The
+    frozen patcher stays the one the run was given (`--entropy-model`, else the directory's own)."""
+    from .checkpoint import CheckpointError, check_state, load_state
+
+    state = {k: v.float() for k, v in load_state(path, dev).items()}
+    try:
+        check_state(model, state, path, skip_prefix="entropy_model." if getattr(model, "entropy_model", None) else "")
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from={path}: its weights do not fit this run's model config (did a "
+                              f"model.* override change a shape?): {e}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("entropy_model.") for k in missing), (missing, unexpected)
 
 
 def checkpoint_activations(block: torch.nn.Module) -> None:
@@ -332,7 +372,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
 
     # model: meta -> device -> init; frozen patcher; activation checkpointing, compile, FSDP2
     online_entropy = run.is_blt and run.model.patcher.mode == "entropy" and tc.patching == "online"
-    entropy_dir = entropy_dir or _default_entropy_dir(run_dir, run.data.paths, tc.patching)
+    entropy_dir = entropy_dir or _default_entropy_dir(run_dir, run.data.paths, tc.patching, tc.init_from)
     patcher = load_entropy_model(entropy_dir, device=dev, dtype=torch.float32) \
         if run.is_blt and run.model.entropy_model is not None and entropy_dir is not None else None
     if info.is_main and patcher is not None and not (run_dir / "entropy_model").is_dir():
@@ -342,6 +382,8 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
               "pass the one used by `blt data prepare`", flush=True)
     model = build_model(run.model, dev, tc.seed, patcher)
     del patcher
+    if tc.init_from and start is None:  # fine-tuning: a resumed run takes its weights from the checkpoint
+        _load_init(model, init_model_dir(tc.init_from), dev)
     model.train()
     impl = tc.attn_impl if tc.attn_impl != "auto" else ("flex" if dev.type == "cuda" else "sdpa")
     if run.is_blt:

@@ -21,7 +21,7 @@ import torch
 
 import bltkit.train as train_mod
 from bltkit import distributed
-from bltkit.checkpoint import load_entropy_model, load_model
+from bltkit.checkpoint import WEIGHTS, CheckpointError, load_entropy_model, load_model
 from bltkit.cli import main as cli_main
 from bltkit.data import BatchLoader
 from bltkit.metrics import format_line
@@ -305,6 +305,45 @@ def test_entropy_model_trains_and_patches_a_blt(corpus, tmp_path):
     assert load_entropy_model(blt_out / "model").config == patcher.config
     x = torch.tensor([[1, *(b + 4 for b in b"It is a truth universally acknowledged")]])
     assert blt.patch(x).sum() == x.shape[1] + 1
+
+
+# -- fine-tuning (train.init_from / --init-from) -------------------------------------------------
+
+
+def test_init_from_fine_tunes_a_model_directory(corpus, tmp_path, baseline):
+    from safetensors.torch import load_file
+
+    src = baseline[0] / "model"
+
+    def run(out, *tokens):
+        cfg = resolve_config(None, [str(corpus)], None, [*BASE, f"train.init_from={src}", *tokens], run_dir=out)
+        train(cfg, out, argv=["test"])
+        return _rows(out)
+
+    # a vanishing learning rate leaves the loaded weights as they are: the export is the source, bit for bit
+    run(tmp_path / "still", "train.steps=1", "optim.lr=1e-30")
+    a, b = load_file(str(src / WEIGHTS)), load_file(str(tmp_path / "still" / "model" / WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the first batch is the one the source saw first: its loss starts where 12 steps left it
+    first = _losses(run(tmp_path / "ft", "train.steps=2"))[1]
+    assert first < _losses(baseline[1])[1] - 0.5
+    with pytest.raises(ValueError, match="--preset or --init-from"):
+        resolve_config("tiny", [str(corpus)], None, [*BASE, f"train.init_from={src}"])
+    with pytest.raises(ValueError, match="not a bltkit model directory"):
+        resolve_config(None, [str(corpus)], None, [*BASE, f"train.init_from={tmp_path}"])
+    with pytest.raises(CheckpointError, match="do not fit this run's model config .* unexpected"):
+        run(tmp_path / "shallow", "train.steps=1", "model.global_transformer.n_layers=1")
+
+
+def test_init_from_bundled_cli(tmp_path, corpus):
+    """`--init-from bundled`: the shipped model and its own entropy model patch, no preset needed."""
+    out = tmp_path / "ft"
+    cli_main(["train", "--init-from", "bundled", "--data", str(corpus), "--out", str(out), "train.steps=1",
+              "train.seq_len=128", "train.batch_size=2", "train.eval_batches=0", "train.device=cpu"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["init_from"] == "bundled" and cfg["model"]["patcher"]["mode"] == "entropy"
+    assert (out / "entropy_model").is_dir()
+    assert _rows(out)[0]["loss"] < 2.0  # a random BLT starts near ln(260) = 5.56
 
 
 # -- configs, schedules, CLI ----------------------------------------------------------------------
