@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import load_entropy_model, read_config, save_model
+from .checkpoint import (
+    ENTROPY_DIR,
+    CheckpointError,
+    check_state,
+    load_entropy_model,
+    load_state,
+    read_config,
+    save_model,
+    verify_sums,
+)
 from .config import (
     CONFIG_VERSION,
     BLTConfig,
@@ -226,8 +235,6 @@ def _default_entropy_dir(run_dir, paths: list[str], patching: str, init_from: st
     """The run's own copy (a resumed run), else for prepared data the model that `blt data
     prepare` used (so the exported BLT carries the patcher its training entropies came from),
     else the patcher of the model a fine-tuning run starts from."""
-    from .checkpoint import ENTROPY_DIR
-
     if run_dir is not None and (Path(run_dir) / "entropy_model").is_dir():
         return Path(run_dir) / "entropy_model"
     info = prepared_info(paths[0]) if patching == "precomputed" else None
@@ -272,8 +279,7 @@ def build_model(cfg: BLTConfig | EntropyModelConfig, device: torch.device, seed:
 def _load_init(model, path: Path, dev: torch.device) -> None:
     """Start from the weights in `path` (fp32 master weights, whatever they were stored in). The
     frozen patcher stays the one the run was given (`--entropy-model`, else the directory's own)."""
-    from .checkpoint import CheckpointError, check_state, load_state
-
+    verify_sums(path)
     state = {k: v.float() for k, v in load_state(path, dev).items()}
     try:
         check_state(model, state, path, skip_prefix="entropy_model." if getattr(model, "entropy_model", None) else "")
@@ -281,7 +287,8 @@ def _load_init(model, path: Path, dev: torch.device) -> None:
         raise CheckpointError(f"train.init_from={path}: its weights do not fit this run's model config (did a "
                               f"model.* override change a shape?): {e}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("entropy_model.") for k in missing), (missing, unexpected)
+    assert not unexpected, unexpected  # check_state has vetted every key but the patcher's
+    assert all(k.startswith("entropy_model.") for k in missing), missing
 
 
 def checkpoint_activations(block: torch.nn.Module) -> None:

@@ -55,11 +55,12 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     model_dir = run / "model"
-    from bltkit import Generator, load_model
-    from bltkit.checkpoint import SUMS, file_sha256 as sha256
-    from bltkit.flops import count_params
-
     import torch
+
+    from bltkit import Generator, load_model
+    from bltkit.checkpoint import SUMS
+    from bltkit.checkpoint import file_sha256 as sha256
+    from bltkit.flops import count_params
 
     # samples as `blt generate` makes them: fp32 on a CPU, the stored dtype on a GPU
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bltkit import Generator, load_model, reference_generate
-from bltkit.bytes import encode, to_bytes
 from bltkit.bundled import BUNDLED, bundled_model_dir
+from bltkit.bytes import encode, to_bytes
 from bltkit.checkpoint import SUMS, file_sha256
 from bltkit.cli import main
 

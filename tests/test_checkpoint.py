@@ -13,8 +13,8 @@ from bltkit.bytes import encode
 from bltkit.checkpoint import (
     CONFIG,
     ENTROPY_DIR,
-    WEIGHTS,
     SUMS,
+    WEIGHTS,
     CheckpointError,
     atomic_dir,
     file_sha256,
@@ -274,7 +274,7 @@ def test_sha256sums_missing_file_and_bad_line(saved):
     path, _ = saved
     _write_sums(path)
     (path / SUMS).write_text((path / SUMS).read_text() + f"{'0' * 64}  notes.txt\n")
-    with pytest.raises(CheckpointError, match="notes.txt is listed in .*SHA256SUMS but missing"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt is listed in .*SHA256SUMS but missing"):
         load_model(path)
     (path / SUMS).write_text("not a sum line\n")
     with pytest.raises(CheckpointError, match="line 1 is not"):

@@ -185,7 +185,6 @@ def test_time_limit_stops_with_a_checkpoint_and_resumes_bitwise(baseline, corpus
 def test_stop_at_a_step_and_resume_bitwise(baseline, corpus, tmp_path):
     """train.stop_at stops after that step with a checkpoint and the weights so far (the schedule
     still runs to train.steps); resuming with stop_at=0 gives the uninterrupted run bitwise."""
-    _, base_rows, _ = baseline
     out = tmp_path / "run"
     _run(out, corpus, "train.steps=12", "train.ckpt_every=0", "train.log_every=4", "train.stop_at=5")
     assert [r["step"] for r in _rows(out)] == [4]
@@ -323,7 +322,8 @@ def test_init_from_fine_tunes_a_model_directory(corpus, tmp_path, baseline):
     # a vanishing learning rate leaves the loaded weights as they are: the export is the source, bit for bit
     run(tmp_path / "still", "train.steps=1", "optim.lr=1e-30")
     a, b = load_file(str(src / WEIGHTS)), load_file(str(tmp_path / "still" / "model" / WEIGHTS))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # the first batch is the one the source saw first: its loss starts where 12 steps left it
     first = _losses(run(tmp_path / "ft", "train.steps=2"))[1]
     assert first < _losses(baseline[1])[1] - 0.5
@@ -331,7 +331,7 @@ def test_init_from_fine_tunes_a_model_directory(corpus, tmp_path, baseline):
         resolve_config("tiny", [str(corpus)], None, [*BASE, f"train.init_from={src}"])
     with pytest.raises(ValueError, match="not a bltkit model directory"):
         resolve_config(None, [str(corpus)], None, [*BASE, f"train.init_from={tmp_path}"])
-    with pytest.raises(CheckpointError, match="do not fit this run's model config .* unexpected"):
+    with pytest.raises(CheckpointError, match=r"do not fit this run's model config .* unexpected"):
         run(tmp_path / "shallow", "train.steps=1", "model.global_transformer.n_layers=1")
 
 
@@ -341,7 +341,8 @@ def test_init_from_bundled_cli(tmp_path, corpus):
     cli_main(["train", "--init-from", "bundled", "--data", str(corpus), "--out", str(out), "train.steps=1",
               "train.seq_len=128", "train.batch_size=2", "train.eval_batches=0", "train.device=cpu"])
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train"]["init_from"] == "bundled" and cfg["model"]["patcher"]["mode"] == "entropy"
+    assert cfg["train"]["init_from"] == "bundled"
+    assert cfg["model"]["patcher"]["mode"] == "entropy"
     assert (out / "entropy_model").is_dir()
     assert _rows(out)[0]["loss"] < 2.0  # a random BLT starts near ln(260) = 5.56
 
@@ -372,7 +373,7 @@ def test_overrides_and_unknown_keys(corpus):
     too_many = ["model.patcher.mode=space", "train.seq_len=512", "model.max_patches=512"]
     with pytest.raises(ValueError, match=r"up to 513 patches .* set model\.max_patches=513"):
         resolve_config("tiny", [str(corpus)], None, too_many)
-    assert resolve_config("tiny", [str(corpus)], None, too_many[:2] + ["model.max_patches=513"])
+    assert resolve_config("tiny", [str(corpus)], None, [*too_many[:2], "model.max_patches=513"])
 
 
 def test_toml_precedence(corpus, tmp_path):
