@@ -673,7 +673,7 @@ class _DenseMask:
     """A precomputed boolean mask in the shape `attend` expects."""
 
     impl = "sdpa"
-    band = None
+    band = select = None
 
     def __init__(self, dense: torch.Tensor):
         self._d = dense

@@ -593,3 +593,30 @@ def test_banded_reference_attention_equals_dense(T, window, q_offset, kv_heads):
     gd = torch.autograd.grad(dense.square().sum(), (q, k, v))
     for a, b in zip(gb, gd, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("K", "kv_heads"), [(1, 4), (2, 4), (2, 2), (4, 1)])
+def test_gathered_decoder_cross_attention_equals_dense(K, kv_heads):
+    """The sdpa path gathers each byte's K units (O(T x K)) instead of masking all P x K; values
+    and gradients equal the dense mask's within fp32 reassociation, bytes with no patch give 0."""
+    from bltkit.model.attention import _attend_dense
+
+    g = torch.Generator().manual_seed(K * 10 + kv_heads)
+    B, T, P = 2, 37, 7
+    dec = torch.randint(0, P, (B, T), generator=g)
+    dec[0, :3] = -1  # before the first patch
+    dec[1, -2:] = P  # past the last one
+    mask = decoder_cross_mask(dec, P, K, "sdpa")
+    assert mask.select is not None  # the gathered path runs
+    q = torch.randn(B, 4, T, 8, generator=g, requires_grad=True)
+    k = torch.randn(B, kv_heads, P * K, 8, generator=g, requires_grad=True)
+    v = torch.randn(B, kv_heads, P * K, 8, generator=g, requires_grad=True)
+    gathered = attend(q, k, v, mask)
+    dense = _attend_dense(q, k, v, mask.dense(), kv_heads != 4)
+    torch.testing.assert_close(gathered, dense, rtol=0, atol=1e-6)
+    assert gathered[0, :, :3].abs().max() == 0
+    assert gathered[1, :, -2:].abs().max() == 0
+    ga = torch.autograd.grad(gathered.square().sum(), (q, k, v))
+    gd = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    for a, b in zip(ga, gd, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

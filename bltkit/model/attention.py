@@ -44,6 +44,9 @@ class Mask:
         # (i + q_offset - band, i + q_offset] only, so the reference path can attend block by block
         self.band: int | None = None
         self.q_offset = 0
+        # query t sees exactly the `units` keys sel(t)*units ... (the decoder's cross-attention):
+        # the reference path gathers them instead of masking all P x units
+        self.select: tuple[torch.Tensor, int] | None = None
         self._dense: torch.Tensor | None = None
         self._bands: list | None = None
         self._block = None
@@ -93,6 +96,8 @@ def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mas
         eager, compiled = _flex_attention()
         fn = compiled if q_BNQH.is_cuda else eager
         return fn(q_BNQH, k_BNKH, v_BNKH, block_mask=mask.block_mask(), enable_gqa=gqa)
+    if mask.select is not None:
+        return _attend_selected(q_BNQH, k_BNKH, v_BNKH, *mask.select)
     if mask.band is not None and mask.K > 2 * mask.band:
         return _attend_banded(q_BNQH, k_BNKH, v_BNKH, mask, gqa)
     return _attend_dense(q_BNQH, k_BNKH, v_BNKH, mask.dense(), gqa)
@@ -112,6 +117,25 @@ def _attend_banded(q, k, v, mask: Mask, gqa: bool) -> torch.Tensor:
     outs = [_attend_dense(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], dense, gqa)
             for q0, q1, k0, k1, dense in mask.bands()]
     return torch.cat(outs, dim=2)
+
+
+def _attend_selected(q, k, v, sel_BT: torch.Tensor, units: int) -> torch.Tensor:
+    """The reference path when query t sees exactly keys sel(t)*units .. sel(t)*units + units-1
+    (none when sel(t) is not a patch): gather those keys and take a softmax over `units` scores,
+    O(T x units) instead of O(T x P x units). Same result as the dense mask; fp32 scores as SDPA."""
+    B, N, T, H = q.shape
+    if k.shape[1] != N:  # GQA
+        k, v = (t.repeat_interleave(N // t.shape[1], dim=1) for t in (k, v))
+    n_keys = k.shape[2]
+    sel = sel_BT.long()
+    valid = (sel >= 0) & (sel < n_keys // units)  # B T
+    idx = sel.clamp(0, n_keys // units - 1)[:, :, None] * units + torch.arange(units, device=q.device)
+    idx = idx.view(B, 1, T * units, 1).expand(B, N, T * units, H)
+    k_sel = k.gather(2, idx).view(B, N, T, units, H).float()
+    v_sel = v.gather(2, idx).view(B, N, T, units, H).float()
+    w = (torch.einsum("bnth,bntuh->bntu", q.float(), k_sel) * H ** -0.5).softmax(-1)
+    out = torch.einsum("bntu,bntuh->bnth", w, v_sel).to(q.dtype)
+    return out.masked_fill(~valid[:, None, :, None], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,4 +195,6 @@ def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
     def mask_mod(b, h, q, kv):
         return dec_BT[b, q] == kv // K
 
-    return Mask(mask_mod, B, T, P * K, dec_BT.device, impl)
+    mask = Mask(mask_mod, B, T, P * K, dec_BT.device, impl)
+    mask.select = (dec_BT, K)
+    return mask
