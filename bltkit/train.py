@@ -240,9 +240,8 @@ def _default_entropy_dir(run_dir, paths: list[str], patching: str, init_from: st
     info = prepared_info(paths[0]) if patching == "precomputed" else None
     if info and Path(info.get("entropy_model", "")).is_dir():
         return Path(info["entropy_model"])
-    if init_from and (init_model_dir(init_from) / ENTROPY_DIR).is_dir():
-        return init_model_dir(init_from) / ENTROPY_DIR
-    return None
+    ent = init_model_dir(init_from) / ENTROPY_DIR if init_from else None
+    return ent if ent is not None and ent.is_dir() else None
 
 
 def init_model_dir(init_from: str) -> Path:

@@ -13,16 +13,13 @@ from pathlib import Path
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "The Byte Latent Transformer", "Москва —"]
 
 
-def last_metrics(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1] if rows else {}
-
-
-def minutes(run_dir: Path) -> float:
-    """Training time of a run: its steps times the median step time (compile stalls excluded)."""
+def metrics(run_dir: Path) -> tuple[dict, float]:
+    """A run's last logged row, and its training minutes: steps times the median step time
+    (compile stalls excluded)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ms = sorted(r["step_ms"] for r in rows if r.get("step_ms"))
-    return rows[-1]["step"] * ms[len(ms) // 2] / 60e3 if ms else float("nan")
+    minutes = rows[-1]["step"] * ms[len(ms) // 2] / 60e3 if ms else float("nan")
+    return (rows[-1] if rows else {}), minutes
 
 
 def data_section(manifest_path: Path) -> list[str]:
@@ -70,7 +67,7 @@ def main() -> None:
     ev = json.loads((run / "eval.json").read_text())
     xz = {Path(r["path"]).name: r["xz_bpb"] for r in json.loads((run / "xz.json").read_text())}
     cal = json.loads((run / "calibration.json").read_text())
-    ent_m, blt_m = last_metrics(run / "ent"), last_metrics(run / "blt")
+    (ent_m, ent_min), (blt_m, blt_min) = metrics(run / "ent"), metrics(run / "blt")
     blt_cfg = json.loads((run / "blt" / "config.json").read_text())
     ent_env = json.loads((run / "ent" / "env.json").read_text()) if (run / "ent" / "env.json").exists() else {}
     gen = Generator(model)
@@ -93,11 +90,11 @@ def main() -> None:
              "## Training", "",
              f"Command: {args.command}.", "",
              "Entropy model: "
-             f"{ent_m.get('step', '?')} steps ({minutes(run / 'ent'):.1f} min), "
+             f"{ent_m.get('step', '?')} steps ({ent_min:.1f} min), "
              f"final loss {ent_m.get('loss', float('nan')):.3f}. "
              f"BLT: {blt_m.get('step', '?')} of {blt_cfg['train']['steps']} planned steps "
              f"({blt_cfg['train']['batch_size']} x {blt_cfg['train']['seq_len']} bytes), "
-             f"{minutes(run / 'blt'):.1f} min, final loss {blt_m.get('loss', float('nan')):.3f}, "
+             f"{blt_min:.1f} min, final loss {blt_m.get('loss', float('nan')):.3f}, "
              f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
              f"Device: {', '.join(map(str, ent_env.get('gpus') or [])) or 'CPU'}, torch {ent_env.get('torch', '?')}.", "",
              "## Held-out bits per byte (never trained on)", "",
@@ -127,13 +124,11 @@ def main() -> None:
                "boilerplate anywhere in its window, and the model has seen little of these languages."
                if losing else "It beats xz -9e on every held-out set above."), "",
               "## Files", "", "| file | sha256 |", "|---|---|"]
-    for path in sorted(model_dir.rglob("*")):
-        if path.is_file() and path.name not in ("MODEL_CARD.md", SUMS):
-            lines.append(f"| {path.relative_to(model_dir)} | `{sha256(path)}` |")
+    digests = {p.relative_to(model_dir).as_posix(): sha256(p) for p in sorted(model_dir.rglob("*"))
+               if p.is_file() and p.name not in ("MODEL_CARD.md", SUMS)}
+    lines += [f"| {name} | `{d}` |" for name, d in digests.items()]
     Path(args.out).write_text("\n".join(lines) + "\n")
-    (model_dir / SUMS).write_text("".join(
-        f"{sha256(p)}  {p.relative_to(model_dir)}\n" for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and p.name not in ("MODEL_CARD.md", SUMS)))
+    (model_dir / SUMS).write_text("".join(f"{d}  {name}\n" for name, d in digests.items()))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class Mask:
         # query t sees exactly the `units` keys sel(t)*units ... (the decoder's cross-attention):
         # the reference path gathers them instead of masking all P x units
         self.select: tuple[torch.Tensor, int] | None = None
+        self._selection: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dense: torch.Tensor | None = None
         self._bands: list | None = None
         self._block = None
@@ -77,6 +78,16 @@ class Mask:
                 self._bands.append((q0, q1, k0, k1, self.dense_block(q0, q1, k0, k1)))
         return self._bands
 
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a `select` mask: the key index of every query's units [B, 1, Q x units, 1] and which
+        queries see any [B, 1, Q, 1]; built once, shared by every layer."""
+        if self._selection is None:
+            sel_BQ, units = self.select
+            n, sel = self.K // units, sel_BQ.long()
+            idx = sel.clamp(0, n - 1)[:, :, None] * units + torch.arange(units, device=sel.device)
+            self._selection = idx.view(self.B, 1, -1, 1), ((sel >= 0) & (sel < n))[:, None, :, None]
+        return self._selection
+
     def block_mask(self):
         if self._block is None:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -97,7 +108,7 @@ def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mas
         fn = compiled if q_BNQH.is_cuda else eager
         return fn(q_BNQH, k_BNKH, v_BNKH, block_mask=mask.block_mask(), enable_gqa=gqa)
     if mask.select is not None:
-        return _attend_selected(q_BNQH, k_BNKH, v_BNKH, *mask.select)
+        return _attend_selected(q_BNQH, k_BNKH, v_BNKH, mask)
     if mask.band is not None and mask.K > 2 * mask.band:
         return _attend_banded(q_BNQH, k_BNKH, v_BNKH, mask, gqa)
     return _attend_dense(q_BNQH, k_BNKH, v_BNKH, mask.dense(), gqa)
@@ -119,23 +130,20 @@ def _attend_banded(q, k, v, mask: Mask, gqa: bool) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-def _attend_selected(q, k, v, sel_BT: torch.Tensor, units: int) -> torch.Tensor:
+def _attend_selected(q, k, v, mask: Mask) -> torch.Tensor:
     """The reference path when query t sees exactly keys sel(t)*units .. sel(t)*units + units-1
     (none when sel(t) is not a patch): gather those keys and take a softmax over `units` scores,
     O(T x units) instead of O(T x P x units). Same result as the dense mask; fp32 scores as SDPA."""
     B, N, T, H = q.shape
-    if k.shape[1] != N:  # GQA
-        k, v = (t.repeat_interleave(N // t.shape[1], dim=1) for t in (k, v))
-    n_keys = k.shape[2]
-    sel = sel_BT.long()
-    valid = (sel >= 0) & (sel < n_keys // units)  # B T
-    idx = sel.clamp(0, n_keys // units - 1)[:, :, None] * units + torch.arange(units, device=q.device)
-    idx = idx.view(B, 1, T * units, 1).expand(B, N, T * units, H)
-    k_sel = k.gather(2, idx).view(B, N, T, units, H).float()
-    v_sel = v.gather(2, idx).view(B, N, T, units, H).float()
-    w = (torch.einsum("bnth,bntuh->bntu", q.float(), k_sel) * H ** -0.5).softmax(-1)
-    out = torch.einsum("bntu,bntuh->bnth", w, v_sel).to(q.dtype)
-    return out.masked_fill(~valid[:, None, :, None], 0.0)
+    G, units = k.shape[1], mask.select[1]  # G kv heads, each shared by N // G query heads
+    idx, valid = mask.selection()
+    idx = idx.expand(B, G, T * units, H)
+    k_sel = k.gather(2, idx).view(B, G, 1, T, units, H).float()
+    v_sel = v.gather(2, idx).view(B, G, 1, T, units, H).float()
+    q_g = q.float().view(B, G, N // G, T, 1, H)
+    w = ((q_g * k_sel).sum(-1) * H ** -0.5).softmax(-1)  # B G R T units
+    out = (w[..., None] * v_sel).sum(-2).view(B, N, T, H).to(q.dtype)
+    return out.masked_fill(~valid, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
