@@ -306,6 +306,29 @@ def test_entropy_model_trains_and_patches_a_blt(corpus, tmp_path):
     assert blt.patch(x).sum() == x.shape[1] + 1
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_patcher_dtype(corpus, tmp_path, monkeypatch, dtype):
+    """train.patcher_dtype: the frozen patcher computes in fp32 by default (spec §3.3) and under
+    bf16 autocast when asked (~3x cheaper on a GPU, docs/training.md); a bad value is refused."""
+    from bltkit.model.entropy import EntropyModel
+
+    seen = []
+    real = EntropyModel.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EntropyModel, "forward", forward)
+    ent = Path(train_mod.__file__).parent / "models" / "default" / "entropy_model"
+    rows = _run(tmp_path, corpus, "train.steps=2", "model.patcher.mode=entropy", f"train.patcher_dtype={dtype}",
+                entropy_model=ent)
+    assert len(seen) == 2 and set(seen) == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+    assert rows[-1]["mean_patch_len"] > 1
+    with pytest.raises(ValueError, match=r"train\.patcher_dtype must be one of fp32, bf16, got 'fp16'"):
+        resolve_config("tiny", [str(corpus)], None, ["model.patcher.mode=space", "train.patcher_dtype=fp16"])
+
+
 # -- fine-tuning (train.init_from / --init-from) -------------------------------------------------
 
 
