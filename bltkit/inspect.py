@@ -19,7 +19,7 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     from .config import PatcherConfig
     from .model import BLT, EntropyModel, patching
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=torch.float32)  # entropies in fp32 (spec §3.3), as generation has them
     if isinstance(model, EntropyModel):
         entropy_model, pc = model, PatcherConfig()
     else:
@@ -103,7 +103,7 @@ def calibrate_threshold(model_dir: str, paths: list[str], target_mean_patch: flo
     from .data import iter_documents
     from .model import EntropyModel
 
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, dtype=torch.float32)  # entropies in fp32 (spec §3.3)
     em = model if isinstance(model, EntropyModel) else model.entropy_model
     if em is None:
         raise ValueError(f"{model_dir} has no entropy model to calibrate")

@@ -75,6 +75,28 @@ def test_calibrate_hits_the_target(model_dir, tmp_path, capsys):
     assert abs(r["mean_patch"] - 3.0) < 0.2  # a quantile of ~1.9k entropies: within a few starts
 
 
+def test_calibrate_and_patch_compute_entropies_in_fp32(model_dir, tmp_path, capsys):
+    """A model stored in bf16 (as the bundled one is) calibrates and patches exactly as its fp32
+    copy does: the entropies come from fp32 compute (spec §3.3), not from the stored dtype."""
+    f = tmp_path / "t.txt"
+    f.write_text("Some English prose to calibrate on, repeated with variations. " * 30)
+    main(["convert", str(model_dir), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    main(["convert", str(tmp_path / "bf16"), str(tmp_path / "fp32"), "--dtype", "fp32"])
+    capsys.readouterr()
+    theta = {}
+    for name in ("bf16", "fp32"):
+        main(["calibrate", "--model", str(tmp_path / name), str(f), "--target", "3", "--json", "--device", "cpu"])
+        theta[name] = json.loads(capsys.readouterr().out)["threshold"]
+    assert theta["bf16"] == theta["fp32"]
+    starts = {}
+    for name in ("bf16", "fp32"):
+        main(["patch", "--model", str(tmp_path / name), f.read_text()[:400], "--threshold", str(theta["fp32"]),
+              "--json"])
+        r = json.loads(capsys.readouterr().out)
+        starts[name] = r["starts"], r["entropies"]
+    assert starts["bf16"] == starts["fp32"]
+
+
 @pytest.mark.parametrize("foreign", ["hf", "meta"])
 def test_convert_round_trip(model_dir, tmp_path, foreign, capsys):
     pytest.importorskip("safetensors")
