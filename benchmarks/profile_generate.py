@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--preset", default="blt-1b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--variants", default="graphs,eager,compile",
+                    help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -31,7 +33,8 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
-    for graphs, comp in ((True, False), (False, False), (True, True)):
+    variants = {"graphs": (True, False), "eager": (False, False), "compile": (True, True)}
+    for graphs, comp in (variants[v] for v in args.variants.split(",")):
         t = time.perf_counter()
         gen = Generator(model, cuda_graphs=graphs, compile=comp)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
@@ -40,6 +43,7 @@ def main() -> None:
         s = gen.stats
         print(f"cuda graphs {graphs} compile {comp}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
+    torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     gen = Generator(model, cuda_graphs=True)
     gen.generate_ids(prompts, 4, stop_at_eos=False)
     x = torch.tensor([encode(p)[-1] for p in prompts], device=dev)

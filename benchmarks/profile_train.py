@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import calibrate_threshold, random_model, sync, with_threshold
 
 from bltkit.bytes import encode
+from bltkit.distributed import blocks
 from bltkit.model.patching import starts_to_lengths
 from bltkit.optim import OptimConfig, build_optimizer
 
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--mean-patch", type=float, default=6.5, help="(the bundled run's training mean)")
     ap.add_argument("--attn", choices=["auto", "flex", "sdpa"], default="auto")
     ap.add_argument("--pad-patches", type=int, default=64, help="as train.pad_patches (flex only)")
+    ap.add_argument("--patcher-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the entropy model's precision when patching (as train.patcher_dtype)")
+    ap.add_argument("--compile", action="store_true", help="compile each block (as train.compile=true)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--rows", type=int, default=25, help="rows per table")
     ap.add_argument("overrides", nargs="*", help=f"config overrides (default for small: {' '.join(BUNDLED)})")
@@ -63,6 +67,9 @@ def main() -> None:
     text = torch.tensor([encode(TEXT.read_bytes()[: args.seq_len * 4])], device=dev)
     with_threshold(model, calibrate_threshold(model, text, args.mean_patch))
     model.train()
+    if args.compile:
+        for block in blocks(model):
+            block.compile(dynamic=False)  # one compile per padded patch count, no symbolic shapes
     opt = build_optimizer(model, OptimConfig(lr=1e-4), dev)
     ids = encode(TEXT.read_bytes())
     g = torch.Generator().manual_seed(0)
@@ -70,10 +77,11 @@ def main() -> None:
     tokens = torch.tensor([[1, *ids[s + 1:s + args.seq_len + 1]] for s in starts], device=dev)
     x, y = tokens[:, :-1], tokens[:, 1:]
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)
+    patcher_autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.patcher_dtype == "bf16")
     rf = torch.profiler.record_function
 
     def step() -> None:
-        with rf("patcher"), torch.no_grad():
+        with rf("patcher"), torch.no_grad(), patcher_autocast:
             lengths = starts_to_lengths(model.patch_starts(x))  # forward pads the count (flex)
         with rf("forward"), autocast:
             loss = F.cross_entropy(model(x, patch_lengths=lengths).flatten(0, 1).float(), y.flatten())
@@ -96,7 +104,8 @@ def main() -> None:
     plain = (time.perf_counter() - t) / args.steps
     bytes_step = args.batch * args.seq_len
     print(f"unprofiled: {plain * 1e3:.1f} ms/step, {bytes_step / plain / 1e3:.0f}k bytes/s "
-          f"({args.batch} x {args.seq_len} bytes, {impl}, {'bf16 autocast' if cuda else 'fp32'})", flush=True)
+          f"({args.batch} x {args.seq_len} bytes, {impl}, {'bf16 autocast' if cuda else 'fp32'}, "
+          f"patcher {args.patcher_dtype}{', compiled blocks' if args.compile else ''})", flush=True)
 
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:

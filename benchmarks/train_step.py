@@ -148,7 +148,7 @@ def bench_bltkit(cfg, args, device, attn, lengths, x, y, warmup, fpb, hf_dir) ->
         export_hf(model, hf_dir.name)
     if args.compile:
         for block in [*model.local_encoder.layers, *model.global_transformer.layers, *model.local_decoder.layers]:
-            block.compile()
+            block.compile(dynamic=False)  # one compile per padded patch count, no symbolic shapes
     params = [p for p in model.parameters() if p.requires_grad]
     step = make_step(lambda x_: model(x_, patch_lengths=lengths), params, device, x, y)
     return run_steps("bltkit", step, args.steps, warmup, device, x.numel(), fpb)
