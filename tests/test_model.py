@@ -371,6 +371,74 @@ def test_flex_equals_sdpa(kind, K, kv_heads):
     assert (out_flex[rows] == 0).all()
 
 
+def _random_layout_masks(T: int, seed: int, K: int, window: int | None, q_offset: int = 0):
+    """Every mask kind on a random batch: documents of random length, random patch lengths
+    (1..12 bytes, trailing empty patches as padding adds them)."""
+    g = torch.Generator().manual_seed(seed)
+    B = 3
+    x = torch.randint(4, 260, (B, T), generator=g)
+    x[:, 0] = BOS_ID
+    x[torch.rand(B, T, generator=g) < 0.01] = EOS_ID
+    rows = []
+    for _ in range(B):
+        lengths, left = [1], T  # T+1 convention: a first patch of 1, then T bytes
+        while left > 0:
+            n = min(left, int(torch.randint(1, 13, (1,), generator=g)))
+            lengths.append(n)
+            left -= n
+        rows.append(lengths)
+    n_p = max(map(len, rows)) + 5
+    lengths = torch.tensor([r + [0] * (n_p - len(r)) for r in rows])
+    pid, dec = P.patch_ids(P.normalize_lengths(lengths, T), T)
+    pdoc = torch.randint(0, 3, (B, n_p), generator=g).sort(1).values
+    return {
+        "local": local_mask(T, window, document_ids(x), B, "cpu", "flex", q_offset=q_offset),
+        "global": global_mask(n_p, pdoc, B, "cpu", "flex"),
+        "encoder-cross": encoder_cross_mask(pid, n_p, K, "flex"),
+        "decoder-cross": decoder_cross_mask(dec, n_p, K, "flex"),
+    }
+
+
+def _blocks_any(dense: torch.Tensor, bs: int) -> torch.Tensor:
+    """[B, 1, Q, K] bool -> [B, Q blocks, K blocks]: which tiles hold a visible pair."""
+    B, _, Q, K = dense.shape
+    d = torch.nn.functional.pad(dense[:, 0], (0, -K % bs, 0, -Q % bs))
+    return d.view(B, d.shape[1] // bs, bs, d.shape[2] // bs, bs).any(4).any(2)
+
+
+@pytest.mark.parametrize(("T", "K", "window", "q_offset", "bs"),
+                         [(37, 2, 8, 0, 4), (64, 1, None, 0, 8), (50, 3, 5, 9, 4), (29, 2, None, 7, 16)])
+def test_kv_block_ranges_cover_every_visible_key(T, K, window, q_offset, bs):
+    """The key-block ranges that build the FlexAttention BlockMask without evaluating mask_mod
+    densely must hold every visible (query, key) pair: compiled Flex skips a tile not listed
+    (eager Flex on a CPU does not, so the outputs alone could not catch a gap). For the cross
+    masks the ranges are exact: a query tile's keys are one contiguous run."""
+    for seed in range(4):
+        for kind, mask in _random_layout_masks(T, seed, K, window, q_offset).items():
+            need = _blocks_any(mask.dense(), bs)
+            lo, hi = mask.kv_block_range(bs)
+            kv = torch.arange(need.shape[2])
+            have = (kv >= lo[..., None]) & (kv < hi[..., None])
+            assert not (need & ~have).any(), (kind, seed)
+            if kind.endswith("cross"):
+                assert torch.equal(need, have), (kind, seed)
+
+
+@needs_flex
+def test_block_masks_built_from_ranges_match_create_block_mask():
+    """At Flex's real tile (128), several tiles per side: the BlockMask built from the ranges
+    lists every tile create_block_mask finds (as partial tiles), and exactly those for the
+    cross masks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for kind, mask in _random_layout_masks(700, 0, 2, 512).items():
+        ours = mask.block_mask().to_dense()[:, 0].bool()
+        ref = create_block_mask(mask.mask_mod, mask.B, None, mask.Q, mask.K, device="cpu").to_dense()[:, 0].bool()
+        assert not (ref & ~ours).any(), kind
+        if kind.endswith("cross"):
+            assert torch.equal(ours, ref), kind
+
+
 def test_mask_rejects_unknown_impl():
     with pytest.raises(ValueError, match="sdpa"):
         local_mask(4, None, None, 1, "cpu", "xformers")

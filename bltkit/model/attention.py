@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IMPLS = ("sdpa", "flex")
+FLEX_BLOCK = 128  # FlexAttention's default tile: BlockMasks are built for it
 _compiled_flex = None
 
 
@@ -48,6 +49,10 @@ class Mask:
         # the reference path gathers them instead of masking all P x units
         self.select: tuple[torch.Tensor, int] | None = None
         self._selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        # block_size -> (lo, hi) [B, Q blocks]: the key blocks lo..hi-1 hold every key a query
+        # block may see. Given, the FlexAttention BlockMask is built from it in O(B x blocks)
+        # instead of by evaluating mask_mod over all B x Q x K pairs (create_block_mask)
+        self.kv_block_range: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._dense: torch.Tensor | None = None
         self._bands: list | None = None
         self._block = None
@@ -90,9 +95,19 @@ class Mask:
 
     def block_mask(self):
         if self._block is None:
-            from torch.nn.attention.flex_attention import create_block_mask
+            from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-            self._block = create_block_mask(self.mask_mod, self.B, None, self.Q, self.K, device=self.device)
+            if self.kv_block_range is None:
+                self._block = create_block_mask(self.mask_mod, self.B, None, self.Q, self.K, device=self.device)
+            else:  # every listed block is partial: mask_mod still decides inside it
+                n_kv = -(-self.K // FLEX_BLOCK)
+                lo, hi = self.kv_block_range(FLEX_BLOCK)
+                lo = lo.clamp(0, n_kv)
+                num = (hi.clamp(max=n_kv) - lo).clamp(min=0)
+                idx = (lo[..., None] + torch.arange(n_kv, device=lo.device)).clamp(max=n_kv - 1)
+                self._block = BlockMask.from_kv_blocks(
+                    num[:, None].to(torch.int32), idx[:, None].to(torch.int32), BLOCK_SIZE=FLEX_BLOCK,
+                    mask_mod=self.mask_mod, seq_lengths=(self.Q, self.K))
         return self._block
 
 
@@ -171,6 +186,14 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
 
     mask = Mask(mask_mod, B, T - q_offset, T, device, impl)
     mask.band, mask.q_offset = window, q_offset
+
+    def kv_block_range(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q0 = torch.arange(0, T - q_offset, bs, device=device)
+        last = (q0 + bs).clamp(max=T - q_offset) - 1 + q_offset  # the block's last query, in key positions
+        first = (q0 + q_offset - window + 1).clamp(min=0) if window is not None else torch.zeros_like(q0)
+        return (first // bs).expand(B, -1), (last // bs + 1).expand(B, -1)
+
+    mask.kv_block_range = kv_block_range
     return mask
 
 
@@ -183,7 +206,14 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
             m = m & (pdoc_BP[b, q] == pdoc_BP[b, kv])
         return m
 
-    return Mask(mask_mod, B, P, P, device, impl)
+    mask = Mask(mask_mod, B, P, P, device, impl)
+
+    def kv_block_range(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        last = (torch.arange(0, P, bs, device=device) + bs).clamp(max=P) - 1
+        return torch.zeros_like(last).expand(B, -1), (last // bs + 1).expand(B, -1)
+
+    mask.kv_block_range = kv_block_range
+    return mask
 
 
 def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
@@ -193,7 +223,20 @@ def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
     def mask_mod(b, h, q, kv):
         return pid_BT[b, kv] == q // K
 
-    return Mask(mask_mod, B, P * K, T, pid_BT.device, impl)
+    mask = Mask(mask_mod, B, P * K, T, pid_BT.device, impl)
+
+    def kv_block_range(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # units u0..u1-1 pool patches u0//K .. (u1-1)//K, whose bytes are contiguous (pid grows with t)
+        u0 = torch.arange(0, P * K, bs, device=pid_BT.device)
+        p_first, p_last = u0 // K, ((u0 + bs).clamp(max=P * K) - 1) // K
+        pid = pid_BT.contiguous()
+        t_first = torch.searchsorted(pid, p_first.expand(B, -1).contiguous())
+        t_end = torch.searchsorted(pid, p_last.expand(B, -1).contiguous(), right=True)
+        lo = t_first // bs
+        return lo, torch.where(t_end > t_first, (t_end - 1) // bs + 1, lo)
+
+    mask.kv_block_range = kv_block_range
+    return mask
 
 
 def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
@@ -205,4 +248,16 @@ def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
 
     mask = Mask(mask_mod, B, T, P * K, dec_BT.device, impl)
     mask.select = (dec_BT, K)
+
+    def kv_block_range(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # bytes t0..t1-1 read the units of patches min..max of their d(t) (those in 0..P-1)
+        n_q = -(-T // bs)
+        d = F.pad(dec_BT.long(), (0, n_q * bs - T), value=-1).view(B, n_q, bs)
+        valid = (d >= 0) & (d < P)
+        d_min = torch.where(valid, d, P).amin(-1)
+        d_max = torch.where(valid, d, -1).amax(-1)
+        lo = d_min * K // bs
+        return lo, torch.where(valid.any(-1), ((d_max + 1) * K - 1) // bs + 1, lo)
+
+    mask.kv_block_range = kv_block_range
     return mask
