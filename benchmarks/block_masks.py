@@ -21,7 +21,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import sync
 
 from bltkit.model import patching
-from bltkit.model.attention import decoder_cross_mask, document_ids, encoder_cross_mask, global_mask, local_mask
+from bltkit.model.attention import (
+    decoder_cross_mask,
+    document_ids,
+    encoder_cross_mask,
+    global_mask,
+    local_mask,
+)
 
 
 def main() -> None:
