@@ -20,6 +20,7 @@ from bltkit.model.attention import (
     encoder_cross_mask,
     global_mask,
     local_mask,
+    packed_global_mask,
 )
 from bltkit.presets import tiny
 
@@ -467,6 +468,66 @@ def test_model_flex_equals_sdpa(make_tiny_model):
         assert torch.equal(model.patch(x), ref_lengths)
         out = _logits(model, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_flex
+@pytest.mark.usefixtures("flex_shape_agnostic")
+def test_packed_global_transformer_equals_padded(tiny_model):
+    """With Flex and several rows the global transformer runs over the real patches packed into
+    one sequence. Rows of very different patch counts (1-byte patches against 9-byte ones, with
+    documents): logits (Flex, and SDPA with packing forced) and every gradient (SDPA: Flex has no
+    backward on a CPU) equal the padded [B, P] run within fp32 reassociation (1e-5); the packed
+    mask's key-tile ranges cover every visible pair."""
+    from bltkit.model import blt as blt_module
+
+    T = 60
+    x = ids([1] + [40 + i % 30 for i in range(T - 1)], [1] + [90] * (T - 1), [1] + [60 + i % 7 for i in range(T - 1)])
+    x[0, 20] = x[2, 33] = EOS_ID
+    rows = [[1] + [1] * T, [1] + [9] * 6 + [T - 54], [1] + [4, 2, 7] * 4 + [T - 52]]
+    n_p = max(map(len, rows)) + 3  # trailing empty patches, as padding adds them
+    lengths = torch.tensor([r + [0] * (n_p - len(r)) for r in rows])
+    out, grads = {}, {}
+    try:
+        tiny_model.set_attn_impl("flex")
+        for packed in (False, None):  # None: packs, since Flex
+            tiny_model.pack_global = packed
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out["flex", packed is None] = _logits(tiny_model, x, lengths)
+        tiny_model.set_attn_impl("sdpa")
+        tiny_model.train()
+        for packed in (False, True):
+            tiny_model.pack_global = packed
+            tiny_model.zero_grad()
+            logits = tiny_model(x, lengths)
+            logits.square().mean().backward()
+            out["sdpa", packed] = logits.detach()
+            grads[packed] = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        assert tiny_model.pack_floor == blt_module.PACK_MULTIPLE  # a training forward: 93 slots, rounded up
+    finally:
+        tiny_model.pack_global, tiny_model.pack_floor = None, 0
+        tiny_model.eval()
+        tiny_model.set_attn_impl("sdpa")
+    for key in (("flex", False), ("flex", True), ("sdpa", True)):
+        torch.testing.assert_close(out[key], out["sdpa", False], atol=1e-5, rtol=1e-5, msg=str(key))
+    assert grads[True].keys() == grads[False].keys()
+    assert any(n.startswith("global_transformer.") for n in grads[True])
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-5, msg=n)
+
+    # the mask by itself: three rows of 5, 3 and 4 slots, two documents in the first, 4 padding slots
+    row = torch.tensor([0] * 5 + [1] * 3 + [2] * 4 + [3] * 4)
+    start = torch.tensor([0] * 5 + [5] * 3 + [8] * 4 + [12] * 4)
+    pdoc = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    mask = packed_global_mask(row, pdoc, start, "flex")
+    dense = mask.dense()[0, 0]
+    q, kv = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    assert torch.equal(dense, (kv <= q) & (row[q] == row[kv]) & (pdoc[q] == pdoc[kv]))
+    for bs in (2, 3, 4):
+        need = _blocks_any(mask.dense(), bs)
+        lo, hi = mask.kv_block_range(bs)
+        kv_b = torch.arange(need.shape[2])
+        assert not (need & ~((kv_b >= lo[..., None]) & (kv_b < hi[..., None]))).any()
 
 
 def test_set_attn_impl_rejects_unknown(tiny_model):

@@ -216,6 +216,29 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
     return mask
 
 
+def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_start_C: torch.Tensor,
+                       impl: str) -> Mask:
+    """`global_mask` for the patches of a batch packed into one sequence of C slots: causal, same
+    row, same patch-document. `row_start_C` is the slot where each slot's row begins."""
+    C = row_C.shape[0]
+
+    def mask_mod(b, h, q, kv):
+        m = (kv <= q) & (row_C[q] == row_C[kv])
+        if pdoc_C is not None:
+            m = m & (pdoc_C[q] == pdoc_C[kv])
+        return m
+
+    mask = Mask(mask_mod, 1, C, C, row_C.device, impl)
+
+    def kv_block_range(bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q0 = torch.arange(0, C, bs, device=row_C.device)  # rows are contiguous: a tile's keys start
+        last = (q0 + bs).clamp(max=C) - 1                 # where its first slot's row starts
+        return (row_start_C[q0] // bs)[None], (last // bs + 1)[None]
+
+    mask.kv_block_range = kv_block_range
+    return mask
+
+
 def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
     """Unit u = p*K + r (query) sees the bytes t of patch p: pid(t) = p."""
     B, T = pid_BT.shape

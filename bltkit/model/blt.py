@@ -22,14 +22,18 @@ from .attention import (
     encoder_cross_mask,
     global_mask,
     local_mask,
+    packed_global_mask,
 )
 from .entropy import EntropyModel
 from .global_transformer import GlobalTransformer
 from .hashing import all_hash_ids
-from .layers import trunc_normal_
+from .layers import rope_cos_sin, trunc_normal_
 from .local_decoder import LocalDecoder
 from .local_encoder import LocalEncoder
 from .transformer import positions_cos_sin
+
+
+PACK_MULTIPLE = 512  # the packed global sequence's length is a multiple of this (see BLT.pack_global)
 
 
 @dataclass
@@ -69,6 +73,14 @@ class BLT(nn.Module):
         # Empty trailing patches change no logit (spec §4.5).
         self.pad_patches_multiple = 1
         self.pad_patches_floor = 0
+        # the global transformer may run over the batch's real patches packed into one sequence
+        # (block-diagonal mask, per-row positions) instead of B rows padded to the widest: rows
+        # of a training batch hold 570 patches (median) against a widest of ~1,200-1,650
+        # (docs/benchmarks.md). None: with Flex and several rows; True: whenever several rows;
+        # False: never. The packed length is rounded up to `PACK_MULTIPLE` and, in training, to
+        # the largest so far (few compiled shapes). The generator's prefill never packs.
+        self.pack_global: bool | None = None
+        self.pack_floor = 0
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -190,8 +202,12 @@ class BLT(nn.Module):
                                       kv["enc_kv"], kv["enc_h"])
         g_in = units.reshape(B, P, K * c.encoder.dim)  # concat_k
         pdoc = self.patch_documents(tokens_BT, lay) if c.doc_masks else None
-        g_cos, g_sin = positions_cos_sin(P, c.global_transformer, dev)
-        g = self.global_transformer(g_in, global_mask(P, pdoc, B, dev, impl), g_cos, g_sin, kv["g_kv"])
+        pack = self.pack_global if self.pack_global is not None else impl == "flex"
+        if pack and capture is None and B > 1:
+            g = self._global_packed(g_in, pdoc, lay)
+        else:
+            g_cos, g_sin = positions_cos_sin(P, c.global_transformer, dev)
+            g = self.global_transformer(g_in, global_mask(P, pdoc, B, dev, impl), g_cos, g_sin, kv["g_kv"])
         dec_cos, dec_sin = (enc_cos, enc_sin) if c.decoder.head_dim == c.encoder.head_dim and \
             c.decoder.rope_theta == c.encoder.rope_theta else positions_cos_sin(T, c.decoder, dev)
         logits = self.local_decoder(h, g, dec_self, decoder_cross_mask(lay.dec_BT, P, K, impl), dec_cos, dec_sin,
@@ -199,6 +215,38 @@ class BLT(nn.Module):
         if capture is not None:
             cap.update(kv, g=g, pdoc=pdoc)
         return logits
+
+    def _global_packed(self, g_in_BPD: torch.Tensor, pdoc_BP: torch.Tensor | None, lay: PatchLayout) -> torch.Tensor:
+        """The global transformer over the real patches of all rows packed into one sequence:
+        the same outputs as the padded [B, P] run for every real patch (zeros for padding slots,
+        which no byte reads), with work for sum(n_b) patches instead of B x P."""
+        B, P, _ = g_in_BPD.shape
+        dev, cfg = g_in_BPD.device, self.config.global_transformer
+        n_B = (lay.lengths_BP > 0).sum(1)  # real patches per row: padding adds only trailing empty ones
+        p_P = torch.arange(P, device=dev)
+        valid_BP = p_P[None] < n_B[:, None]
+        start_B = n_B.cumsum(0) - n_B
+        N = int(n_B.sum())  # one host sync: the packed length
+        C = max(-(-N // PACK_MULTIPLE) * PACK_MULTIPLE, self.pack_floor)
+        if self.training:
+            self.pack_floor = C
+        slot = (start_B[:, None] + p_P[None])[valid_BP]  # each real patch's slot, row-major
+        row_C = torch.full((C,), B, device=dev, dtype=torch.long)  # padding slots: a row of their own
+        row_C[slot] = torch.arange(B, device=dev)[:, None].expand(B, P)[valid_BP]
+        pos_C = torch.zeros(C, device=dev, dtype=torch.long)
+        pos_C[slot] = p_P[None].expand(B, P)[valid_BP]
+        row_start_C = torch.cat([start_B, torch.full((1,), N, device=dev, dtype=start_B.dtype)])[row_C]
+        pdoc_C = None
+        if pdoc_BP is not None:
+            pdoc_C = torch.zeros(C, device=dev, dtype=pdoc_BP.dtype)
+            pdoc_C[slot] = pdoc_BP[valid_BP]
+        x_C = g_in_BPD.new_zeros(C, g_in_BPD.shape[-1]).index_copy(0, slot, g_in_BPD[valid_BP])
+        cos, sin = rope_cos_sin(pos_C[None], cfg.head_dim, cfg.rope_theta)
+        mask = packed_global_mask(row_C, pdoc_C, row_start_C, self.attn_impl)
+        y_C = self.global_transformer(x_C[None], mask, cos, sin)[0]
+        out = y_C.new_zeros(B, P, y_C.shape[-1])
+        out[valid_BP] = y_C.index_select(0, slot)
+        return out
 
     @staticmethod
     def patch_documents(tokens_BT: torch.Tensor, lay: PatchLayout) -> torch.Tensor:
