@@ -32,7 +32,6 @@ from .local_decoder import LocalDecoder
 from .local_encoder import LocalEncoder
 from .transformer import positions_cos_sin
 
-
 PACK_MULTIPLE = 512  # the packed global sequence's length is a multiple of this (see BLT.pack_global)
 
 
