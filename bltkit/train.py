@@ -480,6 +480,9 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         if step % max(tc.log_every, 1) == 0 or final:
             metrics = window.collect(step, lr, timer, bytes_per_step, tc.steps, flops_fn, peak, W)
             metrics["wall_s"] = round(time.monotonic() - t_start, 2)  # stalls (compiles, evals) show here
+            if run.is_blt:  # the padded shapes the step runs (rank 0's): work on empty patch slots shows here
+                metrics["patch_slots"] = model.pad_patches_floor or None
+                metrics["packed_slots"] = model.pack_floor or None
         if tc.eval_batches > 0 and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
             metrics = {"step": step, **metrics, "val_bpb": _validate(model, val_stream, tc, info)}
         if metrics:

@@ -103,6 +103,16 @@ def test_tiny_blt_loss_falls(corpus, tmp_path):
     assert rows[-1]["bytes_per_s"] > 0
     assert rows[-1]["mean_patch_len"] == pytest.approx(128 / 33)  # [1] + 32 patches of 4 (static)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert rows[-1]["patch_slots"] is None  # SDPA: no padding
+    assert rows[-1]["packed_slots"] is None
+
+
+def test_padded_patch_slots_are_logged(corpus, tmp_path):
+    """metrics.jsonl shows the padded patch count the step runs: 33 static patches per row,
+    padded to a multiple of 16 (train.pad_patches) -> 48 slots."""
+    rows = _run(tmp_path / "run", corpus, "train.steps=2", "train.seq_len=128", "train.pad_patches=16")
+    assert [r["patch_slots"] for r in rows] == [48, 48]
+    assert rows[-1]["mean_patch_len"] == pytest.approx(128 / 33)  # the empty slots are not patches
 
 
 def test_overfits_one_batch(tmp_path):
