@@ -27,6 +27,15 @@
 # same validation curve through step 1200, but not the shipped model's settings), PYTHON
 # (the interpreter with torch and bltkit; default python3), EVAL_MAX_BYTES (score only the first N bytes
 # of each held-out file, for a CPU).
+#
+# On the GPU tool (docs/benchmarks.md): it sends the tracked tree with the carried paths, 64 MiB in
+# all, and the shipped model (57 MB) does not fit beside the packed corpus (data/pack, 53 MB). For
+# the call, untrack the shipped copy:
+#   git rm -r -q --cached bltkit/models/default && echo /bltkit/models/default/ >> .git/info/exclude
+# and afterwards restore it:
+#   git reset -q HEAD bltkit/models/default && sed -i '\#^/bltkit/models/default/$#d' .git/info/exclude
+# The blt stage alone needs only data/pack/{main.txt.xz,main.docs.xz,extra.tar.xz,MANIFEST.json}
+# and RUN/ent/model with RUN/calibration.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the interpreter that has torch and bltkit (a symlink to a venv's python loses the venv: use PYTHON)
