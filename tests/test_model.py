@@ -400,11 +400,23 @@ def _random_layout_masks(T: int, seed: int, K: int, window: int | None, q_offset
     }
 
 
-def _blocks_any(dense: torch.Tensor, bs: int) -> torch.Tensor:
-    """[B, 1, Q, K] bool -> [B, Q blocks, K blocks]: which tiles hold a visible pair."""
+def _blocks_any(dense: torch.Tensor, bs: int, reduce: str = "any") -> torch.Tensor:
+    """[B, 1, Q, K] bool -> [B, Q blocks, K blocks]: which tiles hold a visible pair ("any"), or
+    whose pairs are all visible ("all"; the part of an edge tile past Q or K does not count)."""
     B, _, Q, K = dense.shape
-    d = torch.nn.functional.pad(dense[:, 0], (0, -K % bs, 0, -Q % bs))
-    return d.view(B, d.shape[1] // bs, bs, d.shape[2] // bs, bs).any(4).any(2)
+    d = torch.nn.functional.pad(dense[:, 0], (0, -K % bs, 0, -Q % bs), value=reduce == "all")
+    d = d.view(B, d.shape[1] // bs, bs, d.shape[2] // bs, bs)
+    return d.any(4).any(2) if reduce == "any" else d.all(4).all(2)
+
+
+def _tile_sets(mask, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial and the full tiles that `Mask.tiles` lists, as [B, Q blocks, K blocks] bools."""
+    part_num, part_idx, full_num, full_idx = mask.tiles(bs)
+    sets = []
+    for num, idx in ((part_num, part_idx), (full_num, full_idx)):
+        chosen = torch.arange(idx.shape[-1]) < num[..., None]
+        sets.append(torch.zeros(chosen.shape, dtype=torch.long).scatter_add(-1, idx.long(), chosen.long()) > 0)
+    return sets[0], sets[1]
 
 
 @pytest.mark.parametrize(("T", "K", "window", "q_offset", "bs"),
@@ -413,7 +425,9 @@ def test_kv_block_ranges_cover_every_visible_key(T, K, window, q_offset, bs):
     """The key-block ranges that build the FlexAttention BlockMask without evaluating mask_mod
     densely must hold every visible (query, key) pair: compiled Flex skips a tile not listed
     (eager Flex on a CPU does not, so the outputs alone could not catch a gap). For the cross
-    masks the ranges are exact: a query tile's keys are one contiguous run."""
+    masks the ranges are exact: a query tile's keys are one contiguous run. A tile listed as full
+    (the kernel skips mask_mod there) must have every pair visible, and for the local and global
+    masks every such tile is listed full."""
     for seed in range(4):
         for kind, mask in _random_layout_masks(T, seed, K, window, q_offset).items():
             need = _blocks_any(mask.dense(), bs)
@@ -423,21 +437,35 @@ def test_kv_block_ranges_cover_every_visible_key(T, K, window, q_offset, bs):
             assert not (need & ~have).any(), (kind, seed)
             if kind.endswith("cross"):
                 assert torch.equal(need, have), (kind, seed)
+            partial, full = _tile_sets(mask, bs)
+            assert not (partial & full).any()
+            assert torch.equal(partial | full, have), (kind, seed)
+            all_visible = _blocks_any(mask.dense(), bs, "all")
+            assert not (full & ~all_visible).any(), (kind, seed)
+            if not kind.endswith("cross"):
+                assert torch.equal(full, all_visible & have), (kind, seed)
 
 
 @needs_flex
 def test_block_masks_built_from_ranges_match_create_block_mask():
     """At Flex's real tile (128), several tiles per side: the BlockMask built from the ranges
-    lists every tile create_block_mask finds (as partial tiles), and exactly those for the
-    cross masks."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    lists every tile create_block_mask finds, exactly those for the cross masks, and the same
+    full tiles (mask_mod skipped) for the local and global masks."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    def full_tiles(bm):
+        return BlockMask.from_kv_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, BLOCK_SIZE=bm.BLOCK_SIZE,
+                                        seq_lengths=bm.seq_lengths).to_dense()[:, 0].bool()
 
     for kind, mask in _random_layout_masks(700, 0, 2, 512).items():
-        ours = mask.block_mask().to_dense()[:, 0].bool()
-        ref = create_block_mask(mask.mask_mod, mask.B, None, mask.Q, mask.K, device="cpu").to_dense()[:, 0].bool()
+        ours_bm = mask.block_mask()
+        ref_bm = create_block_mask(mask.mask_mod, mask.B, None, mask.Q, mask.K, device="cpu")
+        ours, ref = ours_bm.to_dense()[:, 0].bool(), ref_bm.to_dense()[:, 0].bool()
         assert not (ref & ~ours).any(), kind
         if kind.endswith("cross"):
             assert torch.equal(ours, ref), kind
+        elif ours_bm.full_kv_num_blocks is not None:
+            assert torch.equal(full_tiles(ours_bm), full_tiles(ref_bm)), kind
 
 
 def test_mask_rejects_unknown_impl():
@@ -524,10 +552,9 @@ def test_packed_global_transformer_equals_padded(tiny_model):
     q, kv = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     assert torch.equal(dense, (kv <= q) & (row[q] == row[kv]) & (pdoc[q] == pdoc[kv]))
     for bs in (2, 3, 4):
-        need = _blocks_any(mask.dense(), bs)
-        lo, hi = mask.kv_block_range(bs)
-        kv_b = torch.arange(need.shape[2])
-        assert not (need & ~((kv_b >= lo[..., None]) & (kv_b < hi[..., None]))).any()
+        partial, full = _tile_sets(mask, bs)
+        assert not (_blocks_any(mask.dense(), bs) & ~(partial | full)).any()
+        assert torch.equal(full, _blocks_any(mask.dense(), bs, "all"))
 
 
 def test_set_attn_impl_rejects_unknown(tiny_model):

@@ -53,6 +53,9 @@ class Mask:
         # block may see. Given, the FlexAttention BlockMask is built from it in O(B x blocks)
         # instead of by evaluating mask_mod over all B x Q x K pairs (create_block_mask)
         self.kv_block_range: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        # (block_size, query tiles [nQ], key tiles [B, nQ, W]) -> bool [B, nQ, W]: every pair of the
+        # tile is visible. Such "full" tiles skip mask_mod in the kernel; None: all tiles partial
+        self.kv_block_full: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._dense: torch.Tensor | None = None
         self._bands: list | None = None
         self._block = None
@@ -99,16 +102,27 @@ class Mask:
 
             if self.kv_block_range is None:
                 self._block = create_block_mask(self.mask_mod, self.B, None, self.Q, self.K, device=self.device)
-            else:  # every listed block is partial: mask_mod still decides inside it
-                n_kv = -(-self.K // FLEX_BLOCK)
-                lo, hi = self.kv_block_range(FLEX_BLOCK)
-                lo = lo.clamp(0, n_kv)
-                num = (hi.clamp(max=n_kv) - lo).clamp(min=0)
-                idx = (lo[..., None] + torch.arange(n_kv, device=lo.device)).clamp(max=n_kv - 1)
-                self._block = BlockMask.from_kv_blocks(
-                    num[:, None].to(torch.int32), idx[:, None].to(torch.int32), BLOCK_SIZE=FLEX_BLOCK,
-                    mask_mod=self.mask_mod, seq_lengths=(self.Q, self.K))
+            else:
+                part_num, part_idx, full_num, full_idx = (t[:, None].to(torch.int32) for t in self.tiles(FLEX_BLOCK))
+                self._block = BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                                       mask_mod=self.mask_mod, seq_lengths=(self.Q, self.K))
         return self._block
+
+    def tiles(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From `kv_block_range` and `kv_block_full`: per query tile the partial key tiles (count
+        [B, nQ], indices first [B, nQ, nK]) and the full ones, as BlockMask.from_kv_blocks takes them."""
+        n_kv = -(-self.K // bs)
+        lo, hi = self.kv_block_range(bs)
+        kv = lo.clamp(0, n_kv)[..., None] + torch.arange(n_kv, device=lo.device)  # B nQ nK candidates
+        listed = kv < hi.clamp(max=n_kv)[..., None]
+        kv = kv.clamp(max=n_kv - 1)
+        full = listed & self.kv_block_full(bs, torch.arange(lo.shape[1], device=lo.device), kv) \
+            if self.kv_block_full is not None else torch.zeros_like(listed)
+        out = []
+        for chosen in (listed & ~full, full):  # the chosen tiles first, in order
+            order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
+            out += [chosen.sum(-1), kv.gather(-1, order)]
+        return tuple(out)
 
 
 def attend(q_BNQH: torch.Tensor, k_BNKH: torch.Tensor, v_BNKH: torch.Tensor, mask: Mask | None) -> torch.Tensor:
@@ -193,7 +207,20 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
         first = (q0 + q_offset - window + 1).clamp(min=0) if window is not None else torch.zeros_like(q0)
         return (first // bs).expand(B, -1), (last // bs + 1).expand(B, -1)
 
-    mask.kv_block_range = kv_block_range
+    def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+        q_first = (qt * bs + q_offset)[None, :, None]
+        q_last = ((qt * bs + bs).clamp(max=T - q_offset) - 1 + q_offset)[None, :, None]
+        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=T) - 1
+        full = k_last <= q_first
+        if window is not None:
+            full = full & (q_last - k_first < window)
+        if doc_BT is not None:  # document ids never decrease along a row
+            doc = doc_BT.long()
+            full = full & (doc.gather(1, k_first.flatten(1)) == doc.gather(1, q_last.expand_as(kt).flatten(1))
+                           ).view_as(kt)
+        return full
+
+    mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
 
 
@@ -212,7 +239,17 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
         last = (torch.arange(0, P, bs, device=device) + bs).clamp(max=P) - 1
         return torch.zeros_like(last).expand(B, -1), (last // bs + 1).expand(B, -1)
 
-    mask.kv_block_range = kv_block_range
+    def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+        q_first, q_last = (qt * bs)[None, :, None], ((qt * bs + bs).clamp(max=P) - 1)[None, :, None]
+        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=P) - 1
+        full = k_last <= q_first
+        if pdoc_BP is not None:  # patch-documents never decrease along a row
+            pdoc = pdoc_BP.long()
+            full = full & (pdoc.gather(1, k_first.flatten(1)) == pdoc.gather(1, q_last.expand_as(kt).flatten(1))
+                           ).view_as(kt)
+        return full
+
+    mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
 
 
@@ -235,7 +272,15 @@ def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_sta
         last = (q0 + bs).clamp(max=C) - 1                 # where its first slot's row starts
         return (row_start_C[q0] // bs)[None], (last // bs + 1)[None]
 
-    mask.kv_block_range = kv_block_range
+    def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+        q_first, q_last = (qt * bs)[None, :, None], ((qt * bs + bs).clamp(max=C) - 1)[None, :, None]
+        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=C) - 1
+        full = (k_last <= q_first) & (row_C[k_first] == row_C[q_last])  # rows are contiguous
+        if pdoc_C is not None:  # and patch-documents never decrease within a row
+            full = full & (pdoc_C[k_first] == pdoc_C[q_last])
+        return full
+
+    mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
 
 
