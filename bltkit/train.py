@@ -80,6 +80,7 @@ class TrainConfig:
     patcher_dtype: str = "fp32"
     attn_impl: str = "auto"  # "sdpa" | "flex"; auto: flex on CUDA
     pad_patches: int = 0  # pad patch counts to the largest so far, a multiple of this; 0: 64 with flex, else off
+    pack_global: bool = True  # with flex: the global transformer over the batch's packed patches (docs/model.md)
     tensorboard: bool = False
     device: str = "auto"
     init_from: str = ""  # a model directory (or "bundled") whose weights start the run: fine-tuning; "": random init
@@ -403,6 +404,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     # validation reuses those shapes (each new shape costs ~20-40 s of compiling on an H100)
     if run.is_blt:
         model.pad_patches_multiple = tc.pad_patches or (64 if impl == "flex" or tc.compile else 1)
+        model.pack_global = None if tc.pack_global else False  # None: packs with flex and several rows
     for block in distributed.blocks(model):
         if tc.activation_checkpointing:
             checkpoint_activations(block)

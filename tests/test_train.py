@@ -408,6 +408,10 @@ def test_overrides_and_unknown_keys(corpus):
     with pytest.raises(ValueError, match=r"up to 513 patches .* set model\.max_patches=513"):
         resolve_config("tiny", [str(corpus)], None, too_many)
     assert resolve_config("tiny", [str(corpus)], None, [*too_many[:2], "model.max_patches=513"])
+    packed = resolve_config("tiny", [str(corpus)], None, ["model.patcher.mode=space", "train.pack_global=false"])
+    assert packed.train.pack_global is False
+    with pytest.raises(ValueError, match="true/false"):
+        resolve_config("tiny", [str(corpus)], None, ["model.patcher.mode=space", "train.pack_global=maybe"])
 
 
 def test_toml_precedence(corpus, tmp_path):
