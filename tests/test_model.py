@@ -532,6 +532,9 @@ def test_packed_global_transformer_equals_padded(tiny_model):
             out["sdpa", packed] = logits.detach()
             grads[packed] = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
         assert tiny_model.pack_floor == blt_module.PACK_MULTIPLE  # a training forward: 93 slots, rounded up
+        # rounding: a multiple of 512, or of 1/8 of the power of two below, so few lengths compile
+        assert [blt_module.packed_length(n) for n in (1, 512, 513, 8192, 8193, 20000)] == \
+            [512, 512, 1024, 8192, 9216, 20480]
     finally:
         tiny_model.pack_global, tiny_model.pack_floor = None, 0
         tiny_model.eval()

@@ -35,6 +35,14 @@ from .transformer import positions_cos_sin
 PACK_MULTIPLE = 512  # the packed global sequence's length is a multiple of this (see BLT.pack_global)
 
 
+def packed_length(n: int) -> int:
+    """The slots for n packed patches: n rounded up to a multiple of PACK_MULTIPLE or of 1/8 of the
+    largest power of two <= n, whichever is larger: under 1/8 more work past 4,096 patches, and
+    at most 8 lengths per doubling (each length is one more compiled shape)."""
+    step = max(PACK_MULTIPLE, 1 << max(n.bit_length() - 4, 0))
+    return -(-n // step) * step
+
+
 @dataclass
 class PatchLayout:
     """Everything derived from the patch lengths of one batch."""
@@ -76,8 +84,8 @@ class BLT(nn.Module):
         # (block-diagonal mask, per-row positions) instead of B rows padded to the widest: rows
         # of a training batch hold 570 patches (median) against a widest of ~1,200-1,650
         # (docs/benchmarks.md). None: with Flex and several rows; True: whenever several rows;
-        # False: never. The packed length is rounded up to `PACK_MULTIPLE` and, in training, to
-        # the largest so far (few compiled shapes). The generator's prefill never packs.
+        # False: never. The packed length is rounded up (`packed_length`) and, in training, to the
+        # largest so far (few compiled shapes). The generator's prefill never packs.
         self.pack_global: bool | None = None
         self.pack_floor = 0
 
@@ -226,7 +234,7 @@ class BLT(nn.Module):
         valid_BP = p_P[None] < n_B[:, None]
         start_B = n_B.cumsum(0) - n_B
         N = int(n_B.sum())  # one host sync: the packed length
-        C = max(-(-N // PACK_MULTIPLE) * PACK_MULTIPLE, self.pack_floor)
+        C = max(packed_length(N), self.pack_floor)
         if self.training:
             self.pack_floor = C
         slot = (start_B[:, None] + p_P[None])[valid_BP]  # each real patch's slot, row-major
