@@ -18,7 +18,7 @@ run() {
   echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$OUT/$name.txt"; }
 # FlexAttention BlockMasks are built from key-block ranges since the fifth session (not yet run on
 # a GPU, where compiled Flex skips unlisted tiles): the bf16 Flex path against fp32 SDPA first
-run flex_check 120 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192
+run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192 --rows 2
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
