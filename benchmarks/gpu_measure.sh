@@ -7,8 +7,10 @@
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
 # (flex_check block_masks profile_generate generate train_step profile_flex profile_flex_bf16
 # profile_flex_bf16_compiled profile_sdpa trainer_pack_true trainer_pack_false), e.g.
-#   ONLY="flex_check block_masks generate trainer_pack_true trainer_pack_false" GEN_VARIANTS=graphs
-#   ONLY="profile_generate train_step profile_flex_bf16 profile_flex_bf16_compiled"
+#   ONLY="flex_check block_masks trainer_pack_true trainer_pack_false"          (~8 minutes)
+#   ONLY="profile_generate generate train_step"                                   (~10 minutes)
+#   ONLY="profile_flex_bf16 profile_flex_bf16_compiled"                           (~4 minutes)
+# (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
