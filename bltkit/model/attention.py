@@ -209,15 +209,16 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
         q_first = (qt * bs + q_offset)[None, :, None]
-        q_last = ((qt * bs + bs).clamp(max=T - q_offset) - 1 + q_offset)[None, :, None]
-        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=T) - 1
-        full = k_last <= q_first
+        q_last = (qt * bs + bs - 1 + q_offset)[None, :, None]
+        k_first, k_last = kt * bs, kt * bs + bs - 1
+        # a tile cut short by the sequence's end stays partial (as create_block_mask has it)
+        full = (k_last <= q_first) & (q_last < T)
         if window is not None:
             full = full & (q_last - k_first < window)
         if doc_BT is not None:  # document ids never decrease along a row
             doc = doc_BT.long()
-            full = full & (doc.gather(1, k_first.flatten(1)) == doc.gather(1, q_last.expand_as(kt).flatten(1))
-                           ).view_as(kt)
+            q_in = q_last.clamp(max=T - 1).expand_as(kt)
+            full = full & (doc.gather(1, k_first.flatten(1)) == doc.gather(1, q_in.flatten(1))).view_as(kt)
         return full
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
@@ -240,13 +241,13 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
         return torch.zeros_like(last).expand(B, -1), (last // bs + 1).expand(B, -1)
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        q_first, q_last = (qt * bs)[None, :, None], ((qt * bs + bs).clamp(max=P) - 1)[None, :, None]
-        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=P) - 1
-        full = k_last <= q_first
+        q_first, q_last = (qt * bs)[None, :, None], (qt * bs + bs - 1)[None, :, None]
+        k_first, k_last = kt * bs, kt * bs + bs - 1
+        full = (k_last <= q_first) & (q_last < P)  # a tile cut short by the end stays partial
         if pdoc_BP is not None:  # patch-documents never decrease along a row
             pdoc = pdoc_BP.long()
-            full = full & (pdoc.gather(1, k_first.flatten(1)) == pdoc.gather(1, q_last.expand_as(kt).flatten(1))
-                           ).view_as(kt)
+            q_in = q_last.clamp(max=P - 1).expand_as(kt)
+            full = full & (pdoc.gather(1, k_first.flatten(1)) == pdoc.gather(1, q_in.flatten(1))).view_as(kt)
         return full
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
@@ -273,11 +274,12 @@ def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_sta
         return (row_start_C[q0] // bs)[None], (last // bs + 1)[None]
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        q_first, q_last = (qt * bs)[None, :, None], ((qt * bs + bs).clamp(max=C) - 1)[None, :, None]
-        k_first, k_last = kt * bs, (kt * bs + bs).clamp(max=C) - 1
-        full = (k_last <= q_first) & (row_C[k_first] == row_C[q_last])  # rows are contiguous
+        q_first, q_last = (qt * bs)[None, :, None], (qt * bs + bs - 1)[None, :, None]
+        k_first, k_last = kt * bs, kt * bs + bs - 1
+        q_last_in = q_last.clamp(max=C - 1)  # a tile cut short by the end stays partial
+        full = (k_last <= q_first) & (q_last < C) & (row_C[k_first] == row_C[q_last_in])  # rows are contiguous
         if pdoc_C is not None:  # and patch-documents never decrease within a row
-            full = full & (pdoc_C[k_first] == pdoc_C[q_last])
+            full = full & (pdoc_C[k_first] == pdoc_C[q_last_in])
         return full
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
