@@ -512,6 +512,52 @@ def test_compiled_flex_honours_range_built_block_masks():
         torch._dynamo.reset()
 
 
+@needs_flex
+def test_model_compiled_flex_equals_sdpa(make_tiny_model, monkeypatch):
+    """The GPU's path on a CPU: compiled Flex (which visits only listed tiles) through a whole
+    forward, rows of different patch counts (the global transformer packed), documents, windows
+    shorter than the rows; the same logits as the SDPA reference within 1e-5 (fp32)."""
+    import shutil
+
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from bltkit.model import attention
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("inductor's CPU kernels need a C++ compiler")
+    cfg = tiny()
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, window=160),
+                              decoder=dataclasses.replace(cfg.decoder, window=160))
+    model = make_tiny_model(cfg)
+    T = 400
+    text = encode(TEXT * 20)
+    x = torch.tensor([text[:T], text[300:300 + T], text[700:700 + T]])
+    x[0, 150] = x[2, 333] = EOS_ID
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for longest in (3, 9, 15):  # patch counts ~200, ~80, ~50
+        lengths, left = [1], T
+        while left > 0:
+            lengths.append(min(left, int(torch.randint(1, longest + 1, (1,), generator=g))))
+            left -= lengths[-1]
+        rows.append(lengths)
+    n_p = max(map(len, rows))
+    lengths = torch.tensor([r + [0] * (n_p - len(r)) for r in rows])
+    ref = _logits(model, x, lengths)
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False)
+    monkeypatch.setattr(attention, "_flex_attention", lambda: (compiled, compiled))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            model.set_attn_impl("flex")
+            out = _logits(model, x, lengths)
+    finally:
+        model.set_attn_impl("sdpa")
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_mask_rejects_unknown_impl():
     with pytest.raises(ValueError, match="sdpa"):
         local_mask(4, None, None, 1, "cpu", "xformers")
