@@ -67,9 +67,19 @@ def main() -> None:
     ev = json.loads((run / "eval.json").read_text())
     xz = {Path(r["path"]).name: r["xz_bpb"] for r in json.loads((run / "xz.json").read_text())}
     cal = json.loads((run / "calibration.json").read_text())
-    (ent_m, ent_min), (blt_m, blt_min) = metrics(run / "ent"), metrics(run / "blt")
+    blt_m, blt_min = metrics(run / "blt")
     blt_cfg = json.loads((run / "blt" / "config.json").read_text())
-    ent_env = json.loads((run / "ent" / "env.json").read_text()) if (run / "ent" / "env.json").exists() else {}
+    env_path = next((p for p in (run / "blt" / "env.json", run / "ent" / "env.json") if p.exists()), None)
+    env = json.loads(env_path.read_text()) if env_path else {}
+    origin = run / "ent" / "origin.json"
+    if origin.exists():  # train_bundled.sh ENT_FROM=...: a reused entropy model
+        o = json.loads(origin.read_text())
+        ent_line = (f"Entropy model: reused from `{o['reused_from']}`"
+                    + (f" (its card: \"{o['card_line']}\")" if o.get("card_line") else "") + ". ")
+    else:
+        ent_m, ent_min = metrics(run / "ent")
+        ent_line = (f"Entropy model: {ent_m.get('step', '?')} steps ({ent_min:.1f} min), "
+                    f"final loss {ent_m.get('loss', float('nan')):.3f}. ")
     gen = Generator(model)
     samples = gen.generate(PROMPTS, 160, temperature=0.0)
 
@@ -89,14 +99,12 @@ def main() -> None:
              "Austen's five novels, the calibration prose)", "",
              "## Training", "",
              f"Command: {args.command}.", "",
-             "Entropy model: "
-             f"{ent_m.get('step', '?')} steps ({ent_min:.1f} min), "
-             f"final loss {ent_m.get('loss', float('nan')):.3f}. "
+             ent_line +
              f"BLT: {blt_m.get('step', '?')} of {blt_cfg['train']['steps']} planned steps "
              f"({blt_cfg['train']['batch_size']} x {blt_cfg['train']['seq_len']} bytes), "
              f"{blt_min:.1f} min, final loss {blt_m.get('loss', float('nan')):.3f}, "
              f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
-             f"Device: {', '.join(map(str, ent_env.get('gpus') or [])) or 'CPU'}, torch {ent_env.get('torch', '?')}.", "",
+             f"Device: {', '.join(map(str, env.get('gpus') or [])) or 'CPU'}, torch {env.get('torch', '?')}.", "",
              "## Held-out bits per byte (never trained on)", "",
              f"`blt eval bpb`: {ev.get('note', '')}; windows of {ev['seq_len']} bytes"
              + (f"; the first {ev['max_bytes']:,} bytes of each file" if ev.get("max_bytes") else "")

@@ -26,7 +26,9 @@
 # EXTRA_BLT_ARGS=train.patcher_dtype=bf16 patches in bf16: ~1.25x the BLT's bytes/s on an H200 and the
 # same validation curve through step 1200, but not the shipped model's settings), PYTHON
 # (the interpreter with torch and bltkit; default python3), EVAL_MAX_BYTES (score only the first N bytes
-# of each held-out file, for a CPU).
+# of each held-out file, for a CPU), ENT_FROM (an entropy-model directory for the entropy stage to
+# reuse instead of training one, e.g. a copy of bltkit/models/default/entropy_model; it is still
+# calibrated, and the card names where it came from).
 #
 # On the GPU tool (docs/benchmarks.md): it sends the tracked tree with the carried paths, 64 MiB in
 # all, and the shipped model (57 MB) does not fit beside the packed corpus (data/pack, 53 MB). For
@@ -115,13 +117,28 @@ PY
 }
 
 if want entropy; then
-  log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
-  read -r -a EA <<< "$ENT_ARGS ${EXTRA_ENT_ARGS:-}"
-  STEPS=${ENT_STEPS:-$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")}
-  echo "steps: $STEPS"
   rm -rf "$RUN/ent"
-  # shellcheck disable=SC2086
-  blt train --preset "$ENT_PRESET" --data $TRAIN --out "$RUN/ent" train.steps="$STEPS" "${EA[@]}"
+  if [ -n "${ENT_FROM:-}" ]; then  # reuse a trained entropy model (the card says where it came from)
+    log "entropy model: reusing $ENT_FROM"
+    mkdir -p "$RUN/ent"
+    cp -r "$ENT_FROM" "$RUN/ent/model"
+    "$PY" - "$ENT_FROM" "$RUN/ent/origin.json" <<'PY'
+import json, sys
+from pathlib import Path
+src = Path(sys.argv[1])
+card = next((p / "MODEL_CARD.md" for p in (src, src.parent) if (p / "MODEL_CARD.md").is_file()), None)
+lines = card.read_text().splitlines() if card else []
+note = next((line for line in lines if line.startswith("Entropy model:")), "")
+Path(sys.argv[2]).write_text(json.dumps({"reused_from": str(src), "card_line": note}) + "\n")
+PY
+  else
+    log "entropy model ($ENT_PRESET, ~${ENT_SECONDS}s)"
+    read -r -a EA <<< "$ENT_ARGS ${EXTRA_ENT_ARGS:-}"
+    STEPS=${ENT_STEPS:-$(steps_for "$ENT_PRESET" "$ENT_SECONDS" "$TRAIN" "${EA[@]}")}
+    echo "steps: $STEPS"
+    # shellcheck disable=SC2086
+    blt train --preset "$ENT_PRESET" --data $TRAIN --out "$RUN/ent" train.steps="$STEPS" "${EA[@]}"
+  fi
   log "threshold for a mean patch of 4.5 bytes on English prose (Austen, not Persuasion)"
   blt calibrate --model "$RUN/ent/model" "$DATA/tiny/train.txt" --target 4.5 --json | tee "$RUN/calibration.json"
 fi
@@ -180,8 +197,8 @@ if want pack; then
   OUT=${OUT:-$RUN/out}
   mkdir -p "$OUT"
   PARTS=()
-  for f in model ent/metrics.jsonl ent/config.json ent/env.json blt/metrics.jsonl blt/config.json blt/env.json \
-      calibration.json eval.json xz.json; do
+  for f in model ent/metrics.jsonl ent/config.json ent/env.json ent/origin.json blt/metrics.jsonl blt/config.json \
+      blt/env.json calibration.json eval.json xz.json; do
     if [ -e "$RUN/$f" ]; then PARTS+=("$f"); fi
   done
   tar -cf - -C "$RUN" "${PARTS[@]}" | xz -1 | split -b 15m - "$OUT/bundled.tar.xz.part-"
