@@ -185,6 +185,25 @@ def document_ids(tokens_BT: torch.Tensor, eos_id: int = 2) -> torch.Tensor:
     return (is_eos.cumsum(1) - is_eos).to(torch.int32)
 
 
+def _full_causal_tiles(bs: int, qt: torch.Tensor, kt: torch.Tensor, n: int, ids: list[torch.Tensor],
+                       window: int | None = None, q_offset: int = 0) -> torch.Tensor:
+    """`kv_block_full` for a causal mask (query i at key position i + q_offset), with a window,
+    and with equal `ids` ([B or 1, n] each, never decreasing along a row: documents, rows of a
+    packed batch): the tiles, query tiles `qt` x key tiles `kt` [B, nQ, W], whose every pair is
+    visible. A tile cut short by the sequence's end (n) stays partial, as create_block_mask has it."""
+    q_first = (qt * bs + q_offset)[None, :, None]
+    q_last = q_first + bs - 1
+    k_first, k_last = kt * bs, kt * bs + bs - 1
+    full = (k_last <= q_first) & (q_last < n)
+    if window is not None:
+        full = full & (q_last - k_first < window)
+    q_in = q_last.clamp(max=n - 1).expand_as(kt).flatten(1)
+    for id_Bn in ids:  # equal at the tile's first key and last query: equal in between
+        id_Bn = id_Bn.long().expand(kt.shape[0], -1)
+        full = full & (id_Bn.gather(1, k_first.flatten(1)) == id_Bn.gather(1, q_in)).view_as(kt)
+    return full
+
+
 def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, device, impl: str,
                q_offset: int = 0) -> Mask:
     """Causal, sliding window of `window` keys (query included), same document."""
@@ -208,18 +227,7 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
         return (first // bs).expand(B, -1), (last // bs + 1).expand(B, -1)
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        q_first = (qt * bs + q_offset)[None, :, None]
-        q_last = (qt * bs + bs - 1 + q_offset)[None, :, None]
-        k_first, k_last = kt * bs, kt * bs + bs - 1
-        # a tile cut short by the sequence's end stays partial (as create_block_mask has it)
-        full = (k_last <= q_first) & (q_last < T)
-        if window is not None:
-            full = full & (q_last - k_first < window)
-        if doc_BT is not None:  # document ids never decrease along a row
-            doc = doc_BT.long()
-            q_in = q_last.clamp(max=T - 1).expand_as(kt)
-            full = full & (doc.gather(1, k_first.flatten(1)) == doc.gather(1, q_in.flatten(1))).view_as(kt)
-        return full
+        return _full_causal_tiles(bs, qt, kt, T, [] if doc_BT is None else [doc_BT], window, q_offset)
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
@@ -241,14 +249,7 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
         return torch.zeros_like(last).expand(B, -1), (last // bs + 1).expand(B, -1)
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        q_first, q_last = (qt * bs)[None, :, None], (qt * bs + bs - 1)[None, :, None]
-        k_first, k_last = kt * bs, kt * bs + bs - 1
-        full = (k_last <= q_first) & (q_last < P)  # a tile cut short by the end stays partial
-        if pdoc_BP is not None:  # patch-documents never decrease along a row
-            pdoc = pdoc_BP.long()
-            q_in = q_last.clamp(max=P - 1).expand_as(kt)
-            full = full & (pdoc.gather(1, k_first.flatten(1)) == pdoc.gather(1, q_in.flatten(1))).view_as(kt)
-        return full
+        return _full_causal_tiles(bs, qt, kt, P, [] if pdoc_BP is None else [pdoc_BP])
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
@@ -274,13 +275,8 @@ def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_sta
         return (row_start_C[q0] // bs)[None], (last // bs + 1)[None]
 
     def kv_block_full(bs: int, qt: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
-        q_first, q_last = (qt * bs)[None, :, None], (qt * bs + bs - 1)[None, :, None]
-        k_first, k_last = kt * bs, kt * bs + bs - 1
-        q_last_in = q_last.clamp(max=C - 1)  # a tile cut short by the end stays partial
-        full = (k_last <= q_first) & (q_last < C) & (row_C[k_first] == row_C[q_last_in])  # rows are contiguous
-        if pdoc_C is not None:  # and patch-documents never decrease within a row
-            full = full & (pdoc_C[k_first] == pdoc_C[q_last_in])
-        return full
+        # rows are contiguous, patch-documents never decrease within one
+        return _full_causal_tiles(bs, qt, kt, C, [row_C[None]] + ([] if pdoc_C is None else [pdoc_C[None]]))
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
     return mask
