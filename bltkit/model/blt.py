@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..bytes import EOS_ID, check_ids
@@ -229,30 +230,25 @@ class BLT(nn.Module):
         which no byte reads), with work for sum(n_b) patches instead of B x P."""
         B, P, _ = g_in_BPD.shape
         dev, cfg = g_in_BPD.device, self.config.global_transformer
-        n_B = (lay.lengths_BP > 0).sum(1)  # real patches per row: padding adds only trailing empty ones
-        p_P = torch.arange(P, device=dev)
-        valid_BP = p_P[None] < n_B[:, None]
-        start_B = n_B.cumsum(0) - n_B
-        N = int(n_B.sum())  # one host sync: the packed length
+        # real patches (padding adds only trailing empty ones), row-major: slot i holds the i-th
+        # of them. nonzero is the one host sync (the packed length)
+        b_N, p_N = torch.nonzero(lay.lengths_BP > 0, as_tuple=True)
+        N = b_N.numel()
         C = max(packed_length(N), self.pack_floor)
         if self.training:
             self.pack_floor = C
-        slot = (start_B[:, None] + p_P[None])[valid_BP]  # each real patch's slot, row-major
-        row_C = torch.full((C,), B, device=dev, dtype=torch.long)  # padding slots: a row of their own
-        row_C[slot] = torch.arange(B, device=dev)[:, None].expand(B, P)[valid_BP]
-        pos_C = torch.zeros(C, device=dev, dtype=torch.long)
-        pos_C[slot] = p_P[None].expand(B, P)[valid_BP]
-        row_start_C = torch.cat([start_B, torch.full((1,), N, device=dev, dtype=start_B.dtype)])[row_C]
-        pdoc_C = None
-        if pdoc_BP is not None:
-            pdoc_C = torch.zeros(C, device=dev, dtype=pdoc_BP.dtype)
-            pdoc_C[slot] = pdoc_BP[valid_BP]
-        x_C = g_in_BPD.new_zeros(C, g_in_BPD.shape[-1]).index_copy(0, slot, g_in_BPD[valid_BP])
+        pad = C - N  # padding slots: a row of their own (B), position 0
+        row_C = F.pad(b_N, (0, pad), value=B)
+        pos_C = F.pad(p_N, (0, pad))
+        n_B = torch.bincount(b_N, minlength=B)
+        row_start_C = torch.cat([n_B.cumsum(0) - n_B, torch.full((1,), N, device=dev, dtype=n_B.dtype)])[row_C]
+        pdoc_C = F.pad(pdoc_BP[b_N, p_N], (0, pad)) if pdoc_BP is not None else None
+        x_C = F.pad(g_in_BPD[b_N, p_N], (0, 0, 0, pad))
         cos, sin = rope_cos_sin(pos_C[None], cfg.head_dim, cfg.rope_theta)
         mask = packed_global_mask(row_C, pdoc_C, row_start_C, self.attn_impl)
         y_C = self.global_transformer(x_C[None], mask, cos, sin)[0]
         out = y_C.new_zeros(B, P, y_C.shape[-1])
-        out[valid_BP] = y_C.index_select(0, slot)
+        out[b_N, p_N] = y_C[:N]
         return out
 
     @staticmethod
