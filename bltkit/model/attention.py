@@ -17,19 +17,27 @@ FLEX_BLOCK = 128  # FlexAttention's default tile: BlockMasks are built for it
 _compiled_flex = None
 
 
+def allow_recompiles(limit: int = 128) -> None:
+    """Raise dynamo's recompile limit (8 per function) to `limit`. A BLT step compiles one
+    function (a block, the Flex kernel) for several (shape, dtype) variants: the local and global
+    blocks, the encoder and decoder cross-attention, the entropy model, and three more for each new
+    padded patch count. Past the limit dynamo runs the function eagerly: eager Flex is ~50x slower
+    and memory-hungry (seen on an H100: 370k -> 34k bytes/s, 11 -> 71 GB). Call it outside compiled
+    code: a config change made while dynamo traces becomes a guard of that trace, and every later
+    call recompiles (seen on an H200: compiled blocks ran at half the eager speed)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+
+
 def _flex_attention():
-    """flex_attention, compiled on CUDA (eager flex is a slow reference there), eager elsewhere."""
+    """flex_attention, compiled on CUDA (eager flex is a slow reference there), eager elsewhere.
+    The compiled function is made on first use by `Mask.prepare`, outside any compiled block."""
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if _compiled_flex is None:
-        # one compiled function serves every call site: a BLT step has ~6 (shape, stride) variants
-        # (local self, global, encoder and decoder cross, entropy model) and each new padded patch
-        # count adds 3. Past dynamo's default of 8 it would fall back to eager flex, ~50x slower
-        # and memory-hungry (seen on an H100: 370k -> 34k bytes/s, 11 -> 71 GB)
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+        allow_recompiles()  # one compiled function serves every call site
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return flex_attention, _compiled_flex
 
@@ -95,6 +103,22 @@ class Mask:
             idx = sel.clamp(0, n - 1)[:, :, None] * units + torch.arange(units, device=sel.device)
             self._selection = idx.view(self.B, 1, -1, 1), ((sel >= 0) & (sel < n))[:, None, :, None]
         return self._selection
+
+    def prepare(self) -> Mask:
+        """Build now what `attend` will read (the BlockMask, or the reference path's dense mask,
+        bands or selection). The mask factories call it, outside any compiled region, so that a
+        compiled block takes the built mask as an input: traced inside a block, the BlockMask's
+        construction became part of that block's graph (and failed to compile on a CPU)."""
+        if self.impl == "flex":
+            _flex_attention()
+            self.block_mask()
+        elif self.select is not None:
+            self.selection()
+        elif self.band is not None and self.K > 2 * self.band:
+            self.bands()
+        else:
+            self.dense()
+        return self
 
     def block_mask(self):
         if self._block is None:
@@ -230,7 +254,7 @@ def local_mask(T: int, window: int | None, doc_BT: torch.Tensor | None, B: int, 
         return _full_causal_tiles(bs, qt, kt, T, [] if doc_BT is None else [doc_BT], window, q_offset)
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
-    return mask
+    return mask.prepare()
 
 
 def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str) -> Mask:
@@ -252,7 +276,7 @@ def global_mask(P: int, pdoc_BP: torch.Tensor | None, B: int, device, impl: str)
         return _full_causal_tiles(bs, qt, kt, P, [] if pdoc_BP is None else [pdoc_BP])
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
-    return mask
+    return mask.prepare()
 
 
 def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_start_C: torch.Tensor,
@@ -279,7 +303,7 @@ def packed_global_mask(row_C: torch.Tensor, pdoc_C: torch.Tensor | None, row_sta
         return _full_causal_tiles(bs, qt, kt, C, [row_C[None]] + ([] if pdoc_C is None else [pdoc_C[None]]))
 
     mask.kv_block_range, mask.kv_block_full = kv_block_range, kv_block_full
-    return mask
+    return mask.prepare()
 
 
 def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
@@ -302,7 +326,7 @@ def encoder_cross_mask(pid_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
         return lo, torch.where(t_end > t_first, (t_end - 1) // bs + 1, lo)
 
     mask.kv_block_range = kv_block_range
-    return mask
+    return mask.prepare()
 
 
 def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
@@ -326,4 +350,4 @@ def decoder_cross_mask(dec_BT: torch.Tensor, P: int, K: int, impl: str) -> Mask:
         return lo, torch.where(valid.any(-1), ((d_max + 1) * K - 1) // bs + 1, lo)
 
     mask.kv_block_range = kv_block_range
-    return mask
+    return mask.prepare()
