@@ -13,13 +13,16 @@ from pathlib import Path
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "The Byte Latent Transformer", "Москва —"]
 
 
-def metrics(run_dir: Path) -> tuple[dict, float]:
-    """A run's last logged row, and its training minutes: steps times the median step time
-    (compile stalls excluded)."""
+def metrics(run_dir: Path) -> tuple[dict, float, float]:
+    """A run's last logged row, its training minutes (steps times the median step time: compile
+    stalls excluded) and its wall minutes (compiles, evaluations and checkpoints included; summed
+    over resumed segments, whose wall clock starts again at 0)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ms = sorted(r["step_ms"] for r in rows if r.get("step_ms"))
     minutes = rows[-1]["step"] * ms[len(ms) // 2] / 60e3 if ms else float("nan")
-    return (rows[-1] if rows else {}), minutes
+    walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
+    wall = sum(a for a, b in zip(walls, walls[1:] + [0.0]) if b < a) / 60  # each segment's last value
+    return (rows[-1] if rows else {}), minutes, wall
 
 
 def data_section(manifest_path: Path) -> list[str]:
@@ -67,7 +70,7 @@ def main() -> None:
     ev = json.loads((run / "eval.json").read_text())
     xz = {Path(r["path"]).name: r["xz_bpb"] for r in json.loads((run / "xz.json").read_text())}
     cal = json.loads((run / "calibration.json").read_text())
-    blt_m, blt_min = metrics(run / "blt")
+    blt_m, blt_min, blt_wall = metrics(run / "blt")
     blt_cfg = json.loads((run / "blt" / "config.json").read_text())
     env_path = next((p for p in (run / "blt" / "env.json", run / "ent" / "env.json") if p.exists()), None)
     env = json.loads(env_path.read_text()) if env_path else {}
@@ -75,9 +78,9 @@ def main() -> None:
     if origin.exists():  # train_bundled.sh ENT_FROM=...: a reused entropy model
         o = json.loads(origin.read_text())
         ent_line = (f"Entropy model: reused from `{o['reused_from']}`"
-                    + (f" (its card: \"{o['card_line']}\")" if o.get("card_line") else "") + ". ")
+                    + (f" (its card: \"{o['card_line'].split(' BLT:')[0]}\")" if o.get("card_line") else "") + ". ")
     else:
-        ent_m, ent_min = metrics(run / "ent")
+        ent_m, ent_min, _ = metrics(run / "ent")
         ent_line = (f"Entropy model: {ent_m.get('step', '?')} steps ({ent_min:.1f} min), "
                     f"final loss {ent_m.get('loss', float('nan')):.3f}. ")
     gen = Generator(model)
@@ -102,7 +105,8 @@ def main() -> None:
              ent_line +
              f"BLT: {blt_m.get('step', '?')} of {blt_cfg['train']['steps']} planned steps "
              f"({blt_cfg['train']['batch_size']} x {blt_cfg['train']['seq_len']} bytes), "
-             f"{blt_min:.1f} min, final loss {blt_m.get('loss', float('nan')):.3f}, "
+             f"{blt_min:.1f} min of steps ({blt_wall:.1f} min of wall time with compiles, evaluations and "
+             f"checkpoints), final loss {blt_m.get('loss', float('nan')):.3f}, "
              f"{blt_m.get('bytes_per_s', 0) / 1e3:.0f}k bytes/s, mean patch {blt_m.get('mean_patch_len', 0):.2f}. "
              f"Device: {', '.join(map(str, env.get('gpus') or [])) or 'CPU'}, torch {env.get('torch', '?')}.", "",
              "## Held-out bits per byte (never trained on)", "",
