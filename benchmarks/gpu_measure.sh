@@ -5,11 +5,14 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks profile_generate generate train_step profile_flex profile_flex_bf16
-# profile_flex_bf16_compiled profile_sdpa trainer_pack_true trainer_pack_false), e.g.
-#   ONLY="flex_check block_masks trainer_pack_true trainer_pack_false"          (~8 minutes)
-#   ONLY="profile_generate generate train_step"                                   (~10 minutes)
-#   ONLY="profile_flex_bf16 profile_flex_bf16_compiled"                           (~4 minutes)
+# (flex_check block_masks profile_generate generate train_step train_step_eager profile_train_1b
+# profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
+# trainer_pack_false). The sixth session ran flex_check, block_masks, profile_generate (it failed
+# before its kernel table; fixed since) and train_step; next:
+#   ONLY="train_step train_step_eager profile_train_1b" GEN_VARIANTS=graphs    (~7 minutes: is the
+#        compiled step now faster than eager? where does the blt-1b step go?)
+#   ONLY="profile_generate"  GEN_VARIANTS=graphs                                  (~2 minutes)
+#   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -27,6 +30,10 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --json "$OUT/generate.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
+run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
+# where the blt-1b training step goes (the 2x target against transformers: 1.02x eager in the sixth session)
+run profile_train_1b 150 python benchmarks/profile_train.py --preset blt-1b --batch 1 --seq-len 8192 --steps 3 \
+  --mean-patch 4.5 --rows 30
 if [ "${PROFILE_TRAIN:-0}" = 1 ] || [[ " ${ONLY:-} " == *" profile_flex"* || " ${ONLY:-} " == *" profile_sdpa"* ]]; then
   P=(python benchmarks/profile_train.py --steps 5 --rows 30 --batch 32 --pad-patches 256)  # the bundled run's step
   run profile_flex 100 "${P[@]}"
