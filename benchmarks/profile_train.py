@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import calibrate_threshold, random_model, sync, with_threshold
 
 from bltkit.bytes import encode
-from bltkit.distributed import blocks
+from bltkit.distributed import compile_blocks
 from bltkit.model.patching import starts_to_lengths
 from bltkit.optim import OptimConfig, build_optimizer
 
@@ -68,8 +68,7 @@ def main() -> None:
     with_threshold(model, calibrate_threshold(model, text, args.mean_patch))
     model.train()
     if args.compile:
-        for block in blocks(model):
-            block.compile(dynamic=False)  # one compile per padded patch count, no symbolic shapes
+        compile_blocks(model)  # as train.compile=true
     opt = build_optimizer(model, OptimConfig(lr=1e-4), dev)
     ids = encode(TEXT.read_bytes())
     g = torch.Generator().manual_seed(0)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from bltkit.checkpoint import init_model
+from bltkit.distributed import compile_blocks
 from bltkit.flops import count_params, peak_flops, train_flops_per_byte
-from bltkit.model.attention import allow_recompiles
 from bltkit.presets import get_preset
 
 
@@ -148,9 +148,7 @@ def bench_bltkit(cfg, args, device, attn, lengths, x, y, warmup, fpb, hf_dir) ->
 
         export_hf(model, hf_dir.name)
     if args.compile:
-        allow_recompiles()
-        for block in [*model.local_encoder.layers, *model.global_transformer.layers, *model.local_decoder.layers]:
-            block.compile(dynamic=False)  # one compile per padded patch count, no symbolic shapes
+        compile_blocks(model)  # as train.compile=true
     params = [p for p in model.parameters() if p.requires_grad]
     step = make_step(lambda x_: model(x_, patch_lengths=lengths), params, device, x, y)
     return run_steps("bltkit", step, args.steps, warmup, device, x.numel(), fpb)

@@ -96,6 +96,17 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(model.layers)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """`block.compile(dynamic=False)` on every block (one compile per padded patch count, no
+    symbolic shapes), after raising dynamo's recompile limit outside any trace (see
+    `allow_recompiles`): the trainer's `train.compile` and the benchmarks compile this way."""
+    from .model.attention import allow_recompiles
+
+    allow_recompiles()
+    for block in blocks(model):
+        block.compile(dynamic=False)
+
+
 def shard_model(model: nn.Module, param_dtype: torch.dtype = torch.float32) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root, in place.
 

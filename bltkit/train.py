@@ -47,7 +47,6 @@ from .config import (
 )
 from .data import BatchLoader, DataConfig, build_streams, prepared_info
 from .metrics import LogWindow, MetricsLogger, StepTimer, env_info
-from .model.attention import allow_recompiles
 from .model.patching import starts_to_lengths
 from .optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -406,13 +405,11 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     if run.is_blt:
         model.pad_patches_multiple = tc.pad_patches or (64 if impl == "flex" or tc.compile else 1)
         model.pack_global = None if tc.pack_global else False  # None: packs with flex and several rows
-    if tc.compile:
-        allow_recompiles()
-    for block in distributed.blocks(model):
-        if tc.activation_checkpointing:
+    if tc.activation_checkpointing:
+        for block in distributed.blocks(model):
             checkpoint_activations(block)
-        if tc.compile:
-            block.compile(dynamic=False)  # one compile per padded patch count, no symbolic shapes
+    if tc.compile:
+        distributed.compile_blocks(model)
     compute_dtype = torch.bfloat16 if tc.dtype == "bf16" or (tc.dtype == "auto" and dev.type == "cuda") \
         else torch.float32
     if info.distributed:

@@ -21,7 +21,7 @@ def metrics(run_dir: Path) -> tuple[dict, float, float]:
     ms = sorted(r["step_ms"] for r in rows if r.get("step_ms"))
     minutes = rows[-1]["step"] * ms[len(ms) // 2] / 60e3 if ms else float("nan")
     walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
-    wall = sum(a for a, b in zip(walls, walls[1:] + [0.0]) if b < a) / 60  # each segment's last value
+    wall = sum(a for a, b in zip(walls, [*walls[1:], 0.0], strict=True) if b < a) / 60  # each segment's last value
     return (rows[-1] if rows else {}), minutes, wall
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from bltkit.bytes import BOS_ID, EOS_ID, encode
 from bltkit.checkpoint import init_model
 from bltkit.config import PatcherConfig
+from bltkit.distributed import compile_blocks
 from bltkit.model import patching as P
 from bltkit.model.attention import (
     attend,
@@ -513,8 +514,8 @@ def test_compiled_flex_honours_range_built_block_masks():
 
 
 @needs_flex
-@pytest.mark.parametrize("blocks", ["eager", "compiled"])
-def test_model_compiled_flex_equals_sdpa(make_tiny_model, monkeypatch, blocks):
+@pytest.mark.parametrize("block_mode", ["eager", "compiled"])
+def test_model_compiled_flex_equals_sdpa(make_tiny_model, monkeypatch, block_mode):
     """The GPU's path on a CPU: compiled Flex (which visits only listed tiles) through a whole
     forward, rows of different patch counts (the global transformer packed), documents, windows
     shorter than the rows; the same logits as the SDPA reference within 1e-5 (fp32). "compiled":
@@ -554,10 +555,8 @@ def test_model_compiled_flex_equals_sdpa(make_tiny_model, monkeypatch, blocks):
     try:
         with torch._dynamo.config.patch(recompile_limit=64):
             model.set_attn_impl("flex")
-            if blocks == "compiled":
-                for block in [*model.local_encoder.layers, *model.global_transformer.layers,
-                              *model.local_decoder.layers]:
-                    block.compile(dynamic=False)
+            if block_mode == "compiled":
+                compile_blocks(model)  # as the trainer compiles them
             out = _logits(model, x, lengths)
     finally:
         model.set_attn_impl("sdpa")

@@ -105,19 +105,14 @@ class Mask:
         return self._selection
 
     def prepare(self) -> Mask:
-        """Build now what `attend` will read (the BlockMask, or the reference path's dense mask,
-        bands or selection). The mask factories call it, outside any compiled region, so that a
-        compiled block takes the built mask as an input: traced inside a block, the BlockMask's
-        construction became part of that block's graph (and failed to compile on a CPU)."""
+        """For Flex: make the compiled kernel and build the BlockMask now. The mask factories call
+        it, outside any compiled region, so a compiled block takes the built mask as an input:
+        traced inside a block, the BlockMask's construction became part of that block's graph (and
+        failed to compile on a CPU), and making the kernel there put dynamo's recompile limit into
+        the trace's guards. The reference path's masks stay lazy (plain tensor work, traced fine)."""
         if self.impl == "flex":
             _flex_attention()
             self.block_mask()
-        elif self.select is not None:
-            self.selection()
-        elif self.band is not None and self.K > 2 * self.band:
-            self.bands()
-        else:
-            self.dense()
         return self
 
     def block_mask(self):
