@@ -84,14 +84,17 @@ def main() -> None:
             (gen.graphs[1][gen._global_slots()] if g == 1 else gen.graphs[g]).replay()
         torch.cuda.synchronize()
         print(f"graph {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
-    restore()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            gen.graphs[0].replay()
-            gen.graphs[1][gen._global_slots()].replay()
-            gen.graphs[2].replay()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    graphs = {"front": gen.graphs[0], "patch": gen.graphs[1][gen._global_slots()], "back": gen.graphs[2]}
+    for name, graph in graphs.items():  # one kernel table per step function
+        restore()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        n_kernels = sum(e.count for e in events) / 10
+        print(f"== kernels of the {name} graph (10 replays; {n_kernels:.0f} kernels a replay)")
+        print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
 
 
 if __name__ == "__main__":
