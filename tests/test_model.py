@@ -147,6 +147,62 @@ def test_causality_with_explicit_lengths(tiny_model):
             assert torch.equal(_logits(tiny_model, y, lengths)[:, :t], base[:, :t])  # same shapes: bitwise
 
 
+class _HostReads:
+    """Counts the calls that read a tensor's values on the host: on a GPU each is a device sync
+    (`if t.any()`, `int(t.max())`, `.item()`, `.tolist()`, and ops whose output size depends on
+    the values: nonzero, bincount, ...)."""
+
+    METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+    FUNCTIONS = ("nonzero", "bincount", "unique", "masked_select", "repeat_interleave", "argwhere")
+
+    def __init__(self, monkeypatch, functions: bool = True):
+        self.n = 0
+        pairs = ((torch.Tensor, self.METHODS),) + (((torch, self.FUNCTIONS), (torch.Tensor, self.FUNCTIONS))
+                                                   if functions else ())
+        for owner, names in pairs:
+            for name in names:
+                orig = getattr(owner, name)
+
+                def counted(*a, _orig=orig, **k):
+                    self.n += 1
+                    return _orig(*a, **k)
+
+                monkeypatch.setattr(owner, name, counted)
+
+
+def test_forward_without_validation_reads_nothing_on_host(tiny_model, monkeypatch):
+    """`validate=False` (the trainer's call) leaves the training step with no host read of a
+    tensor value, so the host can queue a step's work ahead of the GPU; the same logits and
+    gradients as the validated call, which does read (ids' range, lengths' values)."""
+    model = tiny_model.train()
+    x = ids(encode(TEXT), encode(TEXT[::-1]))
+    T = x.shape[1]
+    lengths = P.normalize_lengths(torch.tensor([[1] + [4] * ((T - 1) // 4) + ([(T - 1) % 4 + 1])] * 2), T)
+    grads, outs = [], []
+    for validate in (True, False):
+        model.zero_grad(set_to_none=True)
+        reads = _HostReads(monkeypatch, functions=False)  # (the layout's nonzero reads the host lengths)
+        logits = model(x, patch_lengths=lengths, validate=validate)
+        logits.float().logsumexp(-1).sum().backward()
+        monkeypatch.undo()
+        assert (reads.n > 0) == validate, f"validate={validate}: {reads.n} host reads"
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        outs.append(logits.detach())
+    assert torch.equal(*outs)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # the packed global run (Flex and several rows; forced here): none either, given a layout
+    # from host lengths (the trainer's); the forward itself makes that layout before any device work
+    try:
+        model.pack_global = True
+        lay = model.layout(model.pad_lengths(lengths), T, validate=False)
+        reads = _HostReads(monkeypatch)
+        model.forward_layout(x, lay).float().logsumexp(-1).sum().backward()
+        monkeypatch.undo()
+        assert reads.n == 0, f"packed: {reads.n} host reads"
+    finally:
+        model.pack_global, model.pack_floor = None, 0
+
+
 def test_prefix_consistency_own_patcher(tiny_model):
     """Logits at t from a forward over x[:n] equal those over the full x (spec §13.2.1).
     The prefix has fewer bytes and maybe fewer patches, so GEMM shapes change: 1e-5 absorbs the
@@ -627,6 +683,13 @@ def test_packed_global_transformer_equals_padded(tiny_model):
             logits.square().mean().backward()
             out["sdpa", packed] = logits.detach()
             grads[packed] = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        # lengths on the host give the layout the real patches' indices; lengths on the device
+        # (none here) leave them to the packed run's nonzero: both the same
+        lay = tiny_model.layout(tiny_model.pad_lengths(lengths), T)
+        assert lay.real_N is not None
+        with torch.no_grad():
+            on_device = tiny_model.forward_layout(x, dataclasses.replace(lay, real_N=None))
+        assert torch.equal(on_device, out["sdpa", True])
         assert tiny_model.pack_floor == blt_module.PACK_MULTIPLE  # a training forward: 93 slots, rounded up
         # rounding: a multiple of 512, or of 1/8 of the power of two below, so few lengths compile
         assert [blt_module.packed_length(n) for n in (1, 512, 513, 8192, 8193, 20000)] == \

@@ -51,6 +51,9 @@ class PatchLayout:
     lengths_BP: torch.Tensor  # T+1 convention
     pid_BT: torch.Tensor  # encoder patch of each byte
     dec_BT: torch.Tensor  # global patch each byte's decoder reads
+    # (row, patch) of every non-empty patch, row-major, when the lengths came from the host: the
+    # packed global run then needs no device sync to learn how many there are
+    real_N: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_patches(self) -> int:
@@ -150,19 +153,24 @@ class BLT(nn.Module):
         target = max(P, min(target, self.config.max_patches))
         return torch.nn.functional.pad(patch_lengths_BP, (0, target - P)) if target > P else patch_lengths_BP
 
-    def layout(self, patch_lengths_BP: torch.Tensor, T: int, B: int | None = None) -> PatchLayout:
-        lengths = patching.normalize_lengths(patch_lengths_BP, T).to(self.device)
+    def layout(self, patch_lengths_BP: torch.Tensor, T: int, B: int | None = None, validate: bool = True
+               ) -> PatchLayout:
+        lengths = patching.normalize_lengths(patch_lengths_BP, T, validate)
+        real = None
+        if lengths.device.type == "cpu":  # host lengths: the packed run's indices with no device sync
+            real = tuple(i.to(self.device, non_blocking=True) for i in torch.nonzero(lengths > 0, as_tuple=True))
+        lengths = lengths.to(self.device, non_blocking=True)
         if B is not None and lengths.shape[0] != B:
             raise ValueError(f"patch_lengths has batch size {lengths.shape[0]} but tokens have batch size {B}")
         if lengths.shape[1] > self.config.max_patches:
             raise ValueError(f"{lengths.shape[1]} patches exceed the global transformer's limit of "
                              f"{self.config.max_patches} (config.max_patches); use shorter inputs")
         pid, dec = patching.patch_ids(lengths, T)
-        return PatchLayout(lengths, pid, dec)
+        return PatchLayout(lengths, pid, dec, real)
 
     # -- forward -------------------------------------------------------------------------------
 
-    def check_tokens(self, tokens_BT: torch.Tensor) -> None:
+    def check_tokens(self, tokens_BT: torch.Tensor, validate: bool = True) -> None:
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens must be [batch, bytes], got shape {tuple(tokens_BT.shape)}")
         if tokens_BT.shape[1] == 0:
@@ -170,24 +178,31 @@ class BLT(nn.Module):
         if tokens_BT.shape[1] > self.config.max_bytes:
             raise ValueError(f"sequence of {tokens_BT.shape[1]} bytes exceeds the model's limit of "
                              f"{self.config.max_bytes} (config.max_bytes)")
-        check_ids(tokens_BT, self.config.vocab_size)
+        if validate:
+            check_ids(tokens_BT, self.config.vocab_size)
 
-    def forward(self, tokens_BT: torch.Tensor, patch_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, patch_lengths: torch.Tensor | None = None,
+                validate: bool = True) -> torch.Tensor:
         """Next-byte logits [B, T, V] (fp32); `logits[:, t]` predicts byte t+1.
 
         Args:
             tokens_BT: ids with BOS first (see `bltkit.bytes.encode`).
             patch_lengths: [B, P] lengths starting with a length-1 patch and summing to T or T+1
                 per row; None patches with the model's own patcher.
+            validate: check the ids' range and the lengths' values (a clear error for bad input).
+                Each check reads a device tensor on the host, a sync that stops the host from
+                queueing work ahead of a GPU; the trainer, whose batches are valid by construction
+                (bytes from its loader, lengths from `starts_to_lengths`: the T+1 convention),
+                passes False.
         """
-        self.check_tokens(tokens_BT)
+        self.check_tokens(tokens_BT, validate)
         T = tokens_BT.shape[1]
         if patch_lengths is None:
             patch_lengths = self.patch(tokens_BT)
         patch_lengths = self.pad_lengths(patch_lengths)
         if self.training and self.pad_patches_multiple > 1:
             self.pad_patches_floor = patch_lengths.shape[1]
-        lay = self.layout(patch_lengths, T, tokens_BT.shape[0])
+        lay = self.layout(patch_lengths, T, tokens_BT.shape[0], validate)
         return self.forward_layout(tokens_BT, lay)
 
     def forward_layout(self, tokens_BT: torch.Tensor, lay: PatchLayout, capture: dict | None = None
@@ -231,8 +246,8 @@ class BLT(nn.Module):
         B, P, _ = g_in_BPD.shape
         dev, cfg = g_in_BPD.device, self.config.global_transformer
         # real patches (padding adds only trailing empty ones), row-major: slot i holds the i-th
-        # of them. nonzero is the one host sync (the packed length)
-        b_N, p_N = torch.nonzero(lay.lengths_BP > 0, as_tuple=True)
+        # of them. nonzero is the one host sync (the packed length), unless the layout has them
+        b_N, p_N = lay.real_N if lay.real_N is not None else torch.nonzero(lay.lengths_BP > 0, as_tuple=True)
         N = b_N.numel()
         C = max(packed_length(N), self.pack_floor)
         if self.training:
@@ -240,7 +255,7 @@ class BLT(nn.Module):
         pad = C - N  # padding slots: a row of their own (B), position 0
         row_C = F.pad(b_N, (0, pad), value=B)
         pos_C = F.pad(p_N, (0, pad))
-        n_B = torch.bincount(b_N, minlength=B)
+        n_B = (lay.lengths_BP > 0).sum(1)  # real patches per row (bincount would sync on a GPU)
         row_start_C = torch.cat([n_B.cumsum(0) - n_B, torch.full((1,), N, device=dev, dtype=n_B.dtype)])[row_C]
         pdoc_C = F.pad(pdoc_BP[b_N, p_N], (0, pad)) if pdoc_BP is not None else None
         x_C = F.pad(g_in_BPD[b_N, p_N], (0, 0, 0, pad))
