@@ -76,6 +76,32 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a global norm of at most `max_norm`, take the optimizer step, and
+    return the norm before clipping (as `clip_grad_norm_` followed by `step()`).
+
+    A fused Adam(W) over plain tensors takes the clip inside its kernel: the factor goes in as
+    the optimizer's `grad_scale`, the input `GradScaler` uses (gradients are divided by it and
+    written back unscaled), which saves a read and a write of every gradient (blt-1b: ~36 GB, ~10 ms
+    of an H200 step). Same result up to rounding (x / (1/c) for x * c: the parameters within an
+    ulp). Anything else, sharded (DTensor) gradients included, runs the two calls as they are.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    fused = optimizer.defaults.get("fused") and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+    if not fused or not grads or any(type(g) is not torch.Tensor for g in grads):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return norm
+    norm = torch.nn.utils.get_total_norm(grads)
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this divides by the inverse
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm
+
+
 def lr_factor(step: int, steps: int, cfg: OptimConfig) -> float:
     """Multiplier of `cfg.lr` for optimizer step `step` (0-based) of a run of `steps` steps."""
     warmup = cfg.warmup_steps(steps)

@@ -48,7 +48,7 @@ from .config import (
 from .data import BatchLoader, DataConfig, build_streams, prepared_info
 from .metrics import LogWindow, MetricsLogger, StepTimer, env_info
 from .model.patching import starts_to_lengths
-from .optim import OptimConfig, build_optimizer, build_scheduler
+from .optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step
 
 # -- configs --------------------------------------------------------------------------------------
 
@@ -443,29 +443,31 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     for step in range(state.step + 1, tc.steps + 1):
         batches = [loader.next_batch() for _ in range(tc.grad_accum)]
         n_targets = distributed.all_reduce_sum(
-            sum((b.tokens[:, 1:] != 0).sum() for b in batches).to(dev, torch.float64))
+            sum((b.tokens[:, 1:] != 0).sum() for b in batches).to(dev, torch.float64, non_blocking=True))
         for batch in batches:
             tokens = batch.tokens.to(dev, non_blocking=True)
             x, y = tokens[:, :-1], tokens[:, 1:]
             lengths = None
             if run.is_blt:
                 with torch.no_grad(), patcher_autocast:
-                    ent = batch.entropies[:, :-1].to(dev) if tc.patching == "precomputed" else None
-                    lengths = starts_to_lengths(model.patch_starts(x, entropies_BT=ent))
+                    ent = batch.entropies[:, :-1].to(dev, non_blocking=True) if tc.patching == "precomputed" \
+                        else None
+                    # on the host: the copy is the patcher's one device sync (its patch count), and
+                    # the forward then learns everything about the layout without another
+                    lengths = starts_to_lengths(model.patch_starts(x, entropies_BT=ent).cpu())
                 window.patches += (lengths > 0).sum()
-            with autocast:
-                logits = model(x, patch_lengths=lengths) if run.is_blt else model(x, impl=impl)
+            with autocast:  # no host-side checks (device syncs): loader bytes and patcher lengths are valid
+                logits = model(x, patch_lengths=lengths, validate=False) if run.is_blt else model(x, impl=impl)
             loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=0, reduction="sum")
             # FSDP averages gradients over ranks: scale by W so the result is Σ CE / global targets
             (loss_sum * (W / n_targets).float()).backward()
             window.loss_sum += loss_sum.detach().double()
         window.targets += n_targets
         max_norm = run.optim.grad_clip if run.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], max_norm)
         window.grad_norm += _full(grad_norm).detach().double()
         window.steps += 1
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step, state.bytes_seen = step, state.bytes_seen + bytes_per_step

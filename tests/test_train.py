@@ -25,7 +25,7 @@ from bltkit.checkpoint import WEIGHTS, CheckpointError, load_entropy_model, load
 from bltkit.cli import main as cli_main
 from bltkit.data import BatchLoader
 from bltkit.metrics import format_line
-from bltkit.optim import OptimConfig, lr_factor, param_groups
+from bltkit.optim import OptimConfig, clip_and_step, lr_factor, param_groups
 from bltkit.train import resolve_config, train
 
 ASSET = Path(__file__).parent / "assets" / "pride_20k.txt"
@@ -469,6 +469,40 @@ def test_lr_schedules_and_groups():
     assert len(decay["params"]) == 1
     assert len(keep["params"]) == 4
     assert keep["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e9])  # clipped, and a norm under the limit
+def test_clip_and_step_equals_clip_grad_norm_then_step(max_norm):
+    """The fused AdamW takes the clip as its grad_scale: the same norm, the same parameters within
+    an ulp of fp32 (x / (1/c) for x * c) over steps, gradients left clipped as clip_grad_norm_
+    leaves them; no grad_scale stays behind. A non-fused optimizer runs the two calls as they are."""
+    torch.manual_seed(0)
+    init = [torch.randn(300), torch.randn(7, 11)]
+    runs = {}
+    for name, fused in (("fused", True), ("plain", True), ("foreach", False)):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, foreach=None if fused else True)
+        gen = torch.Generator().manual_seed(1)
+        norms = []
+        for _ in range(4):
+            for p in params:
+                p.grad = 5 * torch.randn(p.shape, generator=gen)
+            if name == "plain":
+                norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                opt.step()
+            else:
+                norms.append(clip_and_step(opt, params, max_norm))
+            assert not hasattr(opt, "grad_scale")
+        runs[name] = (torch.stack(norms), [p.detach().clone() for p in params], [p.grad.clone() for p in params])
+    (n_f, p_f, g_f), (n_p, p_p, g_p), (n_e, p_e, g_e) = runs["fused"], runs["plain"], runs["foreach"]
+    assert torch.equal(n_f, n_p) and torch.equal(n_e, n_p)
+    assert (n_p > max_norm).all() == (max_norm == 1.0)
+    for a, b in zip(p_f, p_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+    for a, b in zip(g_f, g_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+    for a, b in zip(p_e, p_p, strict=True):  # foreach AdamW: clip_grad_norm_ then step, as given
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
 
 
 def test_log_line_has_fixed_columns():
