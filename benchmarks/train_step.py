@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from bltkit.checkpoint import init_model
 from bltkit.distributed import compile_blocks
 from bltkit.flops import count_params, peak_flops, train_flops_per_byte
+from bltkit.model.patching import normalize_lengths
+from bltkit.optim import clip_and_step
 from bltkit.presets import get_preset
 
 
@@ -111,7 +113,15 @@ def _fmt(v, fmt: str) -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def make_step(forward, params, device: torch.device, x, y):
+def clip_then_step(opt, params, max_norm: float) -> None:
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
+def make_step(forward, params, device: torch.device, x, y, clip_step=clip_then_step):
+    """One AdamW step (fused on CUDA) with the global grad norm clipped to 1. `clip_step`: how
+    the library's trainer clips and steps (bltkit: `clip_and_step`, the clip inside the fused
+    kernel; transformers' Trainer: clip_grad_norm_, then step)."""
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -120,8 +130,7 @@ def make_step(forward, params, device: torch.device, x, y):
             logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clip_step(opt, params, 1.0)
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -150,7 +159,10 @@ def bench_bltkit(cfg, args, device, attn, lengths, x, y, warmup, fpb, hf_dir) ->
     if args.compile:
         compile_blocks(model)  # as train.compile=true
     params = [p for p in model.parameters() if p.requires_grad]
-    step = make_step(lambda x_: model(x_, patch_lengths=lengths), params, device, x, y)
+    # as the trainer steps: lengths on the host in the T+1 convention (the patcher's), no checks
+    lengths = normalize_lengths(lengths.cpu(), x.shape[1])
+    step = make_step(lambda x_: model(x_, patch_lengths=lengths, validate=False), params, device, x, y,
+                     clip_step=clip_and_step)
     return run_steps("bltkit", step, args.steps, warmup, device, x.numel(), fpb)
 
 
