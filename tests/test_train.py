@@ -495,7 +495,8 @@ def test_clip_and_step_equals_clip_grad_norm_then_step(max_norm):
             assert not hasattr(opt, "grad_scale")
         runs[name] = (torch.stack(norms), [p.detach().clone() for p in params], [p.grad.clone() for p in params])
     (n_f, p_f, g_f), (n_p, p_p, g_p), (n_e, p_e, g_e) = runs["fused"], runs["plain"], runs["foreach"]
-    assert torch.equal(n_f, n_p) and torch.equal(n_e, n_p)
+    assert torch.equal(n_f, n_p)
+    assert torch.equal(n_e, n_p)
     assert (n_p > max_norm).all() == (max_norm == 1.0)
     for a, b in zip(p_f, p_p, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
@@ -503,6 +504,7 @@ def test_clip_and_step_equals_clip_grad_norm_then_step(max_norm):
         torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
     for a, b in zip(p_e, p_p, strict=True):  # foreach AdamW: clip_grad_norm_ then step, as given
         torch.testing.assert_close(a, b, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+    assert all(torch.equal(a, b) for a, b in zip(g_e, g_p, strict=True))  # the same clip_grad_norm_
 
 
 def test_log_line_has_fixed_columns():
