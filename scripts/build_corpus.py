@@ -825,15 +825,15 @@ def c_gnome_help(lang, script=None):
     return build
 
 
-def c_gimp_help(lang, script):
+def c_gimp_help(lang, script, pkg=None):
     """GIMP 2.10 user manual pages (HTML) in one language, script-filtered; pages left with
     fewer than 80 characters (untranslated ones) are dropped."""
     def build(pk):
         docs = Docs()
-        pkg = f"gimp-help-{lang}"
-        files = [(r, p) for r, p in files_under(pk.path(pkg, f"usr/share/gimp/2.0/help/{lang}"))
+        pkg_ = pkg or f"gimp-help-{lang}"
+        files = [(r, p) for r, p in files_under(pk.path(pkg_, f"usr/share/gimp/2.0/help/{lang}"))
                  if "/" not in r and r.endswith(".html")]
-        for _rel, p in require(files, f"{pkg}: usr/share/gimp/2.0/help/{lang}/*.html"):
+        for _rel, p in require(files, f"{pkg_}: usr/share/gimp/2.0/help/{lang}/*.html"):
             text = script_filter(html_to_text(decode(p.read_bytes())), script)
             if len(text) > 80:
                 docs.add(text)
@@ -845,16 +845,16 @@ _L10N_VALUE = re.compile(r"^\s*[\w.-]+\s*=\s*(.+)$")
 _L10N_DTD = re.compile(r'^<!ENTITY\s+\S+\s+"(.*)">')
 
 
-def c_firefox_strings(pkg, script):
-    """Firefox's translated interface strings (the language pack's .ftl/.properties/.dtd files
-    inside its .xpi): values only, script-filtered; each file one document."""
+def c_firefox_strings(pkg, script, ext_dir="usr/lib/firefox-esr/browser/extensions"):
+    """Firefox's (or Thunderbird's, with its `ext_dir`) translated interface strings (the
+    language pack's .ftl/.properties/.dtd files inside its .xpi): values only, script-filtered;
+    each file one document."""
     def build(pk):
         import zipfile
 
         docs = Docs()
-        xpis = [p for r, p in files_under(pk.path(pkg, "usr/lib/firefox-esr/browser/extensions"))
-                if r.endswith(".xpi")]
-        for xpi in require(xpis, f"{pkg}: usr/lib/firefox-esr/browser/extensions/*.xpi"):
+        xpis = [p for r, p in files_under(pk.path(pkg, ext_dir)) if r.endswith(".xpi")]
+        for xpi in require(xpis, f"{pkg}: {ext_dir}/*.xpi"):
             with zipfile.ZipFile(xpi) as z:
                 for name in sorted(n for n in z.namelist() if n.endswith((".ftl", ".properties", ".dtd"))):
                     values = []
@@ -865,6 +865,60 @@ def c_firefox_strings(pkg, script):
                     text = script_filter("\n".join(values), script)
                     if text.strip():
                         docs.add(text)
+        return docs
+    return build
+
+
+# GNOME and system packages with over 60 kB of Hindi, Korean and Chinese gettext catalogs
+# (usr/share/locale/<lang>/LC_MESSAGES/*.mo), plus a few small ones: interface strings, the only
+# sizeable Hindi text in Debian outside LibreOffice (docs/corpus.md)
+GETTEXT_PKGS = ["apt", "aptitude-common", "brasero-common", "debconf-i18n", "dpkg", "eog",
+                "epiphany-browser-data", "evince-common", "evolution-common", "evolution-data-server-common",
+                "file-roller", "gedit-common", "gnome-calculator", "gnome-control-center-data",
+                "gnome-desktop3-data", "gnome-disk-utility", "gnome-settings-daemon-common",
+                "gnome-shell-common", "gnome-software-common", "gnome-system-monitor", "gnome-terminal-data",
+                "gucharmap", "gvfs-common", "iso-codes", "libglib2.0-data", "libgtk-3-common",
+                "libgweather-4-common", "mutter-common", "nautilus-data", "network-manager",
+                "network-manager-gnome", "orca", "pulseaudio", "rhythmbox-data", "seahorse", "synaptic",
+                "totem-common", "tracker-extract", "util-linux-locales", "xkb-data"]
+
+
+def mo_strings(data: bytes) -> list[str]:
+    """The translations (msgstr) of a GNU .mo catalog in table order, the header entry (empty
+    msgid) left out; plural forms one per line. Catalogs are taken as UTF-8 (every one used is)."""
+    import struct
+
+    magic = struct.unpack("<I", data[:4])[0]
+    end = "<" if magic == 0x950412DE else ">" if magic == 0xDE120495 else None
+    if end is None:
+        raise BuildError("not a GNU .mo catalog (bad magic number)")
+    n, o_ids, o_strs = struct.unpack(end + "III", data[8:20])
+    out = []
+    for i in range(n):
+        id_len, _ = struct.unpack(end + "II", data[o_ids + 8 * i:o_ids + 8 * i + 8])
+        s_len, s_off = struct.unpack(end + "II", data[o_strs + 8 * i:o_strs + 8 * i + 8])
+        if id_len and s_len:
+            out.append(decode(data[s_off:s_off + s_len]).replace("\x00", "\n"))
+    return out
+
+
+def c_gettext(lang, script):
+    """The translated strings of every gettext catalog in GETTEXT_PKGS for one locale,
+    script-filtered; each catalog one document."""
+    def build(pk):
+        docs = Docs()
+        found = 0
+        for pkg in GETTEXT_PKGS:
+            where = pk.root(pkg) / f"usr/share/locale/{lang}/LC_MESSAGES"  # not every package has every locale
+            for rel, p in files_under(where) if where.is_dir() else []:
+                if not rel.endswith(".mo"):
+                    continue
+                found += 1
+                text = script_filter("\n".join(mo_strings(p.read_bytes())), script)
+                if text.strip():
+                    docs.add(text)
+        if not found:
+            raise BuildError(f"no usr/share/locale/{lang}/LC_MESSAGES/*.mo in {GETTEXT_PKGS}")
         return docs
     return build
 
@@ -1011,6 +1065,17 @@ EXTRA_CORPORA = [
      None, "MPL-2.0"),
     ("ml_firefox_ko", ["firefox-esr-l10n-ko"], c_firefox_strings("firefox-esr-l10n-ko", "hangul"), None, "MPL-2.0"),
     ("ml_firefox_el", ["firefox-esr-l10n-el"], c_firefox_strings("firefox-esr-l10n-el", "greek"), None, "MPL-2.0"),
+    # eighth bundle session: more Hindi, Korean and Chinese, the three sets the shipped model lost to xz
+    ("ml_gimp_help_zh_cn", ["gimp-help-zh-cn"], c_gimp_help("zh_CN", "han", "gimp-help-zh-cn"), None, "GFDL-1.2+"),
+    ("ml_firefox_zh_cn", ["firefox-esr-l10n-zh-cn"], c_firefox_strings("firefox-esr-l10n-zh-cn", "han"), None,
+     "MPL-2.0"),
+    ("ml_thunderbird_ko", ["thunderbird-l10n-ko"],
+     c_firefox_strings("thunderbird-l10n-ko", "hangul", "usr/lib/thunderbird/extensions"), None, "MPL-2.0"),
+    ("ml_thunderbird_zh_cn", ["thunderbird-l10n-zh-cn"],
+     c_firefox_strings("thunderbird-l10n-zh-cn", "han", "usr/lib/thunderbird/extensions"), None, "MPL-2.0"),
+    ("ml_gettext_hi", GETTEXT_PKGS, c_gettext("hi", "devanagari"), None, "GPL/LGPL (GNOME, util-linux, debconf), MIT (xkb-data), LGPL-2.1+ (iso-codes)"),
+    ("ml_gettext_ko", GETTEXT_PKGS, c_gettext("ko", "hangul"), None, "GPL/LGPL (GNOME, util-linux, debconf), MIT (xkb-data), LGPL-2.1+ (iso-codes)"),
+    ("ml_gettext_zh_cn", GETTEXT_PKGS, c_gettext("zh_CN", "han"), None, "GPL/LGPL (GNOME, util-linux, debconf), MIT (xkb-data), LGPL-2.1+ (iso-codes)"),
 ]
 
 # ---------------------------------------------------------------------------
