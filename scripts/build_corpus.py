@@ -1065,7 +1065,7 @@ EXTRA_CORPORA = [
      None, "MPL-2.0"),
     ("ml_firefox_ko", ["firefox-esr-l10n-ko"], c_firefox_strings("firefox-esr-l10n-ko", "hangul"), None, "MPL-2.0"),
     ("ml_firefox_el", ["firefox-esr-l10n-el"], c_firefox_strings("firefox-esr-l10n-el", "greek"), None, "MPL-2.0"),
-    # eighth bundle session: more Hindi, Korean and Chinese, the three sets the shipped model lost to xz
+    # seventh session: more Hindi, Korean and Chinese, the three sets the shipped model lost to xz
     ("ml_gimp_help_zh_cn", ["gimp-help-zh-cn"], c_gimp_help("zh_CN", "han", "gimp-help-zh-cn"), None, "GFDL-1.2+"),
     ("ml_firefox_zh_cn", ["firefox-esr-l10n-zh-cn"], c_firefox_strings("firefox-esr-l10n-zh-cn", "han"), None,
      "MPL-2.0"),
