@@ -7,12 +7,10 @@
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
 # (flex_check block_masks profile_generate generate train_step train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
-# trainer_pack_false). The sixth session ran flex_check, block_masks, profile_generate (it failed
-# before its kernel table; fixed since) and train_step; next:
-#   ONLY="train_step train_step_eager profile_train_1b" GEN_VARIANTS=graphs    (~7 minutes: is the
-#        compiled step now faster than eager? where does the blt-1b step go?)
-#   ONLY="profile_generate"  GEN_VARIANTS=graphs                                  (~2 minutes)
+# trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
+# (2.05-2.09x transformers) and profile_train_1b (compiled); next:
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
+#   ONLY="generate" after a generation change (the issue 4 figures)               (~3 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -31,8 +29,8 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
   --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --json "$OUT/generate.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
-# where the blt-1b training step goes (the 2x target against transformers: 1.02x eager in the sixth session)
-run profile_train_1b 150 python benchmarks/profile_train.py --preset blt-1b --batch 1 --seq-len 8192 --steps 3 \
+# where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)
+run profile_train_1b 200 python benchmarks/profile_train.py --preset blt-1b --batch 1 --seq-len 8192 --steps 3 --compile \
   --mean-patch 4.5 --rows 30
 if [ "${PROFILE_TRAIN:-0}" = 1 ] || [[ " ${ONLY:-} " == *" profile_flex"* || " ${ONLY:-} " == *" profile_sdpa"* ]]; then
   P=(python benchmarks/profile_train.py --steps 5 --rows 30 --batch 32 --pad-patches 256)  # the bundled run's step
