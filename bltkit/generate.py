@@ -56,7 +56,8 @@ class _Ring:
                    torch.zeros(B, size, dtype=torch.int32, device=device), window)
 
     def advance(self, n: torch.Tensor, doc_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Claim the slot of position n; return it and the attention mask [B, 1, 1, R]."""
+        """Claim the slot of position n; return it and the additive attention mask [B, 1, 1, R]
+        (0 visible, -inf not) in the ring's dtype."""
         slot = (n % self.pos.shape[0]).view(1)
         self.pos.index_copy_(0, slot, n.view(1))
         self.doc.index_copy_(1, slot, doc_B.view(-1, 1).to(torch.int32))
@@ -64,7 +65,13 @@ class _Ring:
         if self.window is not None:
             valid = valid & (n - self.pos < self.window)
         mask = valid[None, :] & (self.doc == doc_B.view(-1, 1))
-        return slot, mask[:, None, None, :]
+        return slot, _additive(mask[:, None, None, :], self.k.dtype)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `visible`, -inf elsewhere: what SDPA makes of a boolean mask (three kernels) in
+    every call, made once a step and shared by the stack's layers."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class _Fused:
@@ -315,8 +322,8 @@ class Generator:
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
         j_pos = torch.arange(L, device=close.device)
-        gmask = ((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
-                 & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :]
+        gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
+                           & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
         for i, layer in enumerate(gt.layers):
             att = layer.attention
