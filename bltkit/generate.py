@@ -138,12 +138,19 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     vc.index_copy_(2, slot, v.transpose(1, 2))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                          enable_gqa=att.n_heads != att.n_kv_heads)
-    h = x_B1D + att.wo(out.transpose(1, 2).flatten(2))
-    hn = layer.ffn_norm(h)
     if fused is None:
-        return h + layer.feed_forward(hn)
-    a, b = F.linear(hn, fused.w13[id(layer)]).chunk(2, dim=-1)
-    return h + layer.feed_forward.w2(F.silu(a) * b)
+        h = x_B1D + att.wo(out.transpose(1, 2).flatten(2))
+        return h + layer.feed_forward(layer.ffn_norm(h))
+    # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
+    h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
+    a, b = F.linear(layer.ffn_norm(h), fused.w13[id(layer)]).chunk(2, dim=-1)
+    return _linear_add(h, F.silu(a) * b, layer.feed_forward.w2.weight)
+
+
+def _linear_add(x_B1D: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x + a @ weight.T as one kernel, for one position a row (x [B, 1, D]; a [B, 1, ...])."""
+    return torch.addmm(x_B1D.reshape(-1, x_B1D.shape[-1]), a.reshape(x_B1D.shape[0], -1), weight.t()
+                       ).view_as(x_B1D)
 
 
 class Generator:
@@ -333,8 +340,9 @@ class Generator:
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
             out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=gmask,
                                                  enable_gqa=att.n_heads != att.n_kv_heads)
-            x = x + att.wo(out.transpose(1, 2).flatten(2))
-            x = x + layer.feed_forward(layer.ffn_norm(x))
+            x = _linear_add(x, out.transpose(1, 2), att.wo.weight)
+            ff, hn = layer.feed_forward, layer.ffn_norm(x)
+            x = _linear_add(x, F.silu(ff.w1(hn)) * ff.w3(hn), ff.w2.weight)
         dunits = m.local_decoder.split_units(x)  # B K Dd
         sel = close.view(B, 1, 1, 1)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):
