@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
+from .model.attention import attend
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
@@ -147,10 +148,18 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     return _linear_add(h, F.silu(a) * b, layer.feed_forward.w2.weight)
 
 
-def _linear_add(x_B1D: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x + a @ weight.T as one kernel, for one position a row (x [B, 1, D]; a [B, 1, ...])."""
-    return torch.addmm(x_B1D.reshape(-1, x_B1D.shape[-1]), a.reshape(x_B1D.shape[0], -1), weight.t()
-                       ).view_as(x_B1D)
+def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """beta * x + a @ weight.T as one kernel (x [B, T, D]; a [B, T, ...])."""
+    B, T, D = x_BTD.shape
+    return torch.addmm(x_BTD.reshape(B * T, D), a.reshape(B * T, -1), weight.t(), beta=beta).view_as(x_BTD)
+
+
+def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
+    residual inside the output projection."""
+    B, T, _ = x_BTD.shape
+    q = layer.wq(layer.cross_attn_norm_q(x_BTD)).view(B, T, layer.n_heads, layer.head_dim).transpose(1, 2)
+    return _linear_add(x_BTD, attend(q, k, v, mask).transpose(1, 2), layer.wo.weight, beta=2.0)
 
 
 class Generator:
@@ -318,9 +327,8 @@ class Generator:
         for i in range(len(enc.layers)):
             j = enc.cross_index(i)
             if j is not None:
-                xa = enc.cross_attn_layers[j].attend_kv(units, self.enc_xk[j], self.enc_xv[j],
-                                                        _DenseMask(in_patch[:, None, None, :]))
-                units = 2 * units + xa  # double residual
+                units = _cross_step(enc.cross_attn_layers[j], units, self.enc_xk[j], self.enc_xv[j],
+                                    _DenseMask(in_patch[:, None, None, :]))
         gt = m.global_transformer
         x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
         idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
@@ -368,7 +376,7 @@ class Generator:
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
-                z = 2 * z + dec.cross_attn_layers[j].attend_kv(z, self.dec_xk[j], self.dec_xv[j], None)
+                z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R)
         return dec.head(z)[:, 0]
 
