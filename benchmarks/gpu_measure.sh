@@ -5,12 +5,13 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks profile_generate generate train_step train_step_eager profile_train_1b
+# (flex_check block_masks profile_generate generate generate_kernels train_step train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
 # (2.05-2.09x transformers) and profile_train_1b (compiled); next:
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
-#   ONLY="generate" after a generation change (the issue 4 figures)               (~3 minutes)
+#   ONLY="profile_generate generate generate_kernels" GEN_VARIANTS=graphs,kernels    (~8 minutes: the
+#        seventh session's untimed generation changes, Generator(kernels=True) among them)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -27,6 +28,9 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
   --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --json "$OUT/generate.json"
+# the same with the Triton block steps (Generator(kernels=True); written in the seventh session, untimed)
+run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
+  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels --json "$OUT/generate_kernels.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
 # where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)

@@ -25,7 +25,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", default="graphs,eager,compile",
-                    help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile)")
+                    help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile), "
+                         "kernels (graphs + bltkit.kernels' Triton block steps)")
+    ap.add_argument("--table-kernels", action="store_true",
+                    help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -33,22 +36,23 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
-    variants = {"graphs": (True, False), "eager": (False, False), "compile": (True, True)}
-    for graphs, comp in (variants[v] for v in args.variants.split(",")):
+    variants = {"graphs": (True, False, False), "eager": (False, False, False), "compile": (True, True, False),
+                "kernels": (True, False, True)}
+    for graphs, comp, kern in (variants[v] for v in args.variants.split(",")):
         t = time.perf_counter()
-        gen = Generator(model, cuda_graphs=graphs, compile=comp)
+        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
-        print(f"cuda graphs {graphs} compile {comp}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+        print(f"cuda graphs {graphs} compile {comp} kernels {kern}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a
     # state taken at the end has none: the next step indexes past the caches, the device-side
     # assert of the fifth and sixth sessions' runs)
-    gen = Generator(model, cuda_graphs=True)
+    gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels)
     saved = {}
 
     def keep(row, tok, close):

@@ -122,11 +122,16 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
-                R: torch.Tensor | None = None):
+                rope: torch.Tensor | tuple | None = None):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
-    `fused` (and its `R` from _rope_matrix), q|k|v come from one matrix product and RoPE is
-    the product with R."""
+    `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
+    matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
+    kernels (`bltkit.kernels`: norm, q|k|v, RoPE and the ring writes in one kernel, and norm,
+    w1|w3 and SwiGLU in another)."""
     att = layer.attention
+    if isinstance(rope, tuple):
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope)
+    R = rope
     xn = layer.attention_norm(x_B1D)
     if fused is None:
         q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
@@ -146,6 +151,20 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
     a, b = F.linear(layer.ffn_norm(h), fused.w13[id(layer)]).chunk(2, dim=-1)
     return _linear_add(h, F.silu(a) * b, layer.feed_forward.w2.weight)
+
+
+def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple) -> torch.Tensor:
+    from . import kernels
+
+    att, B = layer.attention, x_B1D.shape[0]
+    an, fn = layer.attention_norm, layer.ffn_norm
+    q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
+                              att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
+    out = F.scaled_dot_product_attention(q[:, :, None], kc, vc, attn_mask=mask,
+                                         enable_gqa=att.n_heads != att.n_kv_heads)
+    h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
+    m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
+    return _linear_add(h, m, layer.feed_forward.w2.weight)
 
 
 def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -170,12 +189,14 @@ class Generator:
         cuda_graphs: replay the three step functions as CUDA graphs (default: on CUDA).
         compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
         prefill: read prompts with one full forward (default) rather than byte by byte.
+        kernels: run the byte-level blocks' steps with the Triton kernels of `bltkit.kernels`
+            (needs `triton` and a CUDA model; off by default until timed, docs/generation.md).
         fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
             more copy of those weights, refreshed when the model's weights change).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
-                 fuse: bool = True):
+                 fuse: bool = True, kernels: bool = False):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -193,6 +214,19 @@ class Generator:
         # fused q|k|v and w1|w3 for the byte-level stacks (see _Fused)
         ent_layers = list(model.entropy_model.layers) if pc.mode == "entropy" else []
         self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers]) if fuse else None
+        self.kernels = kernels
+        if kernels:
+            from . import kernels as K
+
+            stacks = [self.cfg.encoder, self.cfg.decoder] + ([self.cfg.entropy_model] if ent_layers else [])
+            if not fuse:
+                raise ValueError("Generator(kernels=True) runs the fused projections: leave fuse=True")
+            if not K.available(model.device):
+                raise ValueError("Generator(kernels=True) needs the triton package and a CUDA model "
+                                 "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
+            bad = [c.head_dim for c in stacks if not K.supported(c.head_dim, c.dim)]
+            if bad:
+                raise ValueError(f"Generator(kernels=True) needs power-of-two head dims >= 4; this model has {bad}")
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -246,12 +280,20 @@ class Generator:
 
     # -- one byte ----------------------------------------------------------------------------------
 
+    def _rope(self, cos: torch.Tensor, sin: torch.Tensor):
+        """The step's RoPE in the form `_block_step` takes (None unfused)."""
+        if self.fused is None:
+            return None
+        if self.kernels:
+            return cos.reshape(-1).contiguous(), sin.reshape(-1, 2)[:, 1].contiguous()  # H/2 each
+        return _rope_matrix(cos, sin)
+
     def _entropy_step(self, x_B: torch.Tensor) -> torch.Tensor:
         em = self.model.entropy_model
         ec = em.config
         slot, mask = self.ent.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), ec.head_dim, ec.rope_theta)
-        R = _rope_matrix(cos, sin) if self.fused is not None else None
+        R = self._rope(cos, sin)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R)
@@ -294,7 +336,7 @@ class Generator:
             self.h_prev.copy_(H)
         slot, mask = self.enc.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
-        R = _rope_matrix(cos, sin) if self.fused is not None else None
+        R = self._rope(cos, sin)
         enc = m.local_encoder
         h = e
         pooled_yet = False
@@ -370,7 +412,7 @@ class Generator:
         m = self.model
         dec, c = m.local_decoder, self.cfg
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
-        R = _rope_matrix(cos, sin) if self.fused is not None else None
+        R = self._rope(cos, sin)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
         for i, layer in enumerate(dec.layers):

@@ -1,0 +1,154 @@
+"""Triton kernels for the generator's one-position block step (optional: needs `triton`).
+
+A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Two kernels here replace the
+chains of a block's step that surround its matrix-vector products:
+
+- `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
+  ring caches at the step's slot: one kernel for what took seven (norm, product, two casts and
+  the rotation product, two cache writes).
+- `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
+
+Each program computes whole output rows from the full input row, so no partial sums cross
+programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
+weights it reads). Rounding follows the PyTorch path step by step (every tensor the reference
+materialises in the model's dtype is rounded to it here too), so in fp32 the results agree to
+summation order. `TRITON_INTERPRET=1` runs them on a CPU (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the generator then keeps its PyTorch path
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """Triton is installed and can run on `device` (CUDA, or any device under TRITON_INTERPRET=1)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def supported(head_dim: int, dim: int) -> bool:
+    """Shapes the kernels take: a power-of-two head dim of at least 4 (pairs are rotated in
+    halves of tl.arange)."""
+    return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and dim > 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rstd(x_row, D, eps, BLOCK_D: tl.constexpr):
+        ss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+            ss += x * x
+        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
+
+    @triton.jit
+    def _normed(x_row, g_ptr, d, D, rstd):
+        """RMSNorm of a chunk as bltkit's RMSNorm rounds it: (x * rstd) in the dtype, times w."""
+        dt = x_row.dtype.element_ty
+        x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        return ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
+                              D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r,
+                              H: tl.constexpr, BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)  # q heads, then k heads, then v heads
+        dt = x_ptr.dtype.element_ty
+        x_row = x_ptr + b * D
+        rstd = _rstd(x_row, D, eps, BLOCK_D)
+        i = tl.arange(0, H // 2)
+        rows = head * H + 2 * i  # the even feature of each pair; odd = rows + 1
+        acc_e = tl.zeros([H // 2], dtype=tl.float32)
+        acc_o = tl.zeros([H // 2], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            xn = _normed(x_row, g_ptr, d, D, rstd)
+            dmask = (d < D)[None, :]
+            w_e = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=dmask, other=0.0).to(tl.float32)
+            w_o = tl.load(w_ptr + (rows + 1)[:, None] * D + d[None, :], mask=dmask, other=0.0).to(tl.float32)
+            acc_e += tl.sum(w_e * xn[None, :], axis=1)
+            acc_o += tl.sum(w_o * xn[None, :], axis=1)
+        e = acc_e.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
+        o = acc_o.to(dt).to(tl.float32)
+        if head < N + NK:  # RoPE on q and k: (a, b) -> (a cos - b sin, b cos + a sin), in fp32
+            c = tl.load(cos_ptr + i)
+            s = tl.load(sin_ptr + i)
+            e, o = e * c - o * s, o * c + e * s
+        if head < N:
+            q_row = q_ptr + (b * N + head) * H
+            tl.store(q_row + 2 * i, e.to(dt))
+            tl.store(q_row + 2 * i + 1, o.to(dt))
+        else:
+            slot = tl.load(slot_ptr)
+            if head < N + NK:
+                at = kc_ptr + b * skc_b + (head - N) * skc_n + slot * skc_r
+            else:
+                at = vc_ptr + b * svc_b + (head - N - NK) * svc_n + slot * svc_r
+            tl.store(at + 2 * i, e.to(dt))
+            tl.store(at + 2 * i + 1, o.to(dt))
+
+    @triton.jit
+    def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        dt = x_ptr.dtype.element_ty
+        x_row = x_ptr + b * D
+        rstd = _rstd(x_row, D, eps, BLOCK_D)
+        acc_a = tl.zeros([BLOCK_O], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_O], dtype=tl.float32)
+        rmask = (rows < F)[:, None]
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            xn = _normed(x_row, g_ptr, d, D, rstd)
+            m = rmask & (d < D)[None, :]
+            w_a = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            w_b = tl.load(w_ptr + (rows + F)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            acc_a += tl.sum(w_a * xn[None, :], axis=1)
+            acc_b += tl.sum(w_b * xn[None, :], axis=1)
+        a = acc_a.to(dt).to(tl.float32)
+        g = acc_b.to(dt).to(tl.float32)
+        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
+        tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
+
+
+def _block_d(D: int) -> int:
+    return min(128, triton.next_power_of_2(D))
+
+
+def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+                  cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """q [B, N, H] of one position a row; k and v go into the caches [B, Nkv, R, H] at `slot`
+    (a 1-element device tensor). `cos_H2`, `sin_H2`: fp32 [H/2] at the step's position."""
+    B, D = x_BD.shape
+    H = k_cache.shape[-1]
+    q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
+    _norm_qkv_rope_kernel[(B, n_heads + 2 * n_kv_heads)](
+        x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), H=H, BLOCK_D=_block_d(D))
+    return q
+
+
+def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: torch.Tensor) -> torch.Tensor:
+    """silu(w1 n(x)) * w3 n(x) [B, F] with n the RMSNorm and w13 = [w1; w3] ([2F, D])."""
+    B, D = x_BD.shape
+    F = w13.shape[0] // 2
+    out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
+    BLOCK_O = 16
+    _norm_swiglu_kernel[(B, triton.cdiv(F, BLOCK_O))](x_BD, norm_weight, w13, out, D, F, eps,
+                                                      BLOCK_O=BLOCK_O, BLOCK_D=_block_d(D))
+    return out

@@ -1,0 +1,123 @@
+"""The generator's Triton kernels (bltkit.kernels) against the PyTorch step they replace.
+
+They run on a CPU under Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
+imported); without the `triton` package (CI's install) this module is skipped, and on a GPU
+machine `benchmarks/profile_generate.py --variants kernels` runs them compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if not os.environ.get("TRITON_INTERPRET") and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton's @jit runs (at bltkit.kernels' import)
+pytest.importorskip("triton")
+
+import torch
+import torch.nn.functional as F
+from test_generate import make_model, random_prompts
+
+from bltkit import kernels
+from bltkit.generate import Generator, reference_generate
+from bltkit.model.layers import RMSNorm, apply_rope, rope_cos_sin
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rnd(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype -> fp32 as the kernels round: to nearest on a GPU; Triton's interpreter
+    truncates bf16 conversions (measured: every one of 1,000 random values), so there the
+    reference truncates too and the test checks the kernels' arithmetic, not numpy's rounding."""
+    if dtype == torch.float32:
+        return t.float()
+    if INTERPRETED:
+        return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return t.to(dtype).float()
+
+
+def _normed(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """bltkit's RMSNorm with its two roundings (normalised, then times the weight)."""
+    xf = x.float()
+    n = _rnd(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps), x.dtype)
+    return _rnd(n * norm.weight.float(), x.dtype)
+
+
+def _case(dtype, B=3, D=96, N=4, NK=2, H=16, R=8, F_=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(D).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    w_qkv = (torch.randn((N + 2 * NK) * H, D, generator=g) / D**0.5).to(DEV, dtype)
+    w13 = (torch.randn(2 * F_, D, generator=g) / D**0.5).to(DEV, dtype)
+    return norm, x, w_qkv, w13
+
+
+# fp32: the same operations, summed in another order (1e-5). bf16: the kernels accumulate the
+# products in another order than cuBLAS / CPU BLAS, so a rounded projection may land one bf16
+# step away; RoPE (or SwiGLU) then combines two such values and rounds once more: up to ~3 steps
+# of 2^-8 relative, bounded here by 4 steps of the largest magnitude (2^-6)
+BF16_TOL = 2**-6
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol):
+    N, NK, H, R = 4, 2, 16, 8
+    norm, x, w_qkv, _ = _case(dtype, N=N, NK=NK, H=H, R=R)
+    B = x.shape[0]
+    cos, sin = rope_cos_sin(torch.tensor([[37]], device=DEV), H, 10000.0)
+    kc = torch.zeros(B, NK, R, H, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    slot = torch.tensor([5], device=DEV)
+    q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, cos.reshape(-1).contiguous(),
+                              sin.reshape(-1, 2)[:, 1].contiguous(), N, NK, kc, vc, slot)
+    y = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)  # fp32 accumulation
+    qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]  # (apply_rope computes in fp32)
+    scale = y.abs().max().item()
+    for got, want in ((q, qk[:, :N]), (kc[:, :, 5], qk[:, N:]), (vc[:, :, 5], y[:, 0, N + NK:])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
+    other = torch.ones(R, dtype=torch.bool)
+    other[5] = False
+    assert not kc[:, :, other].any()  # only the step's slot is written
+    assert not vc[:, :, other].any()
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_norm_swiglu_equals_the_pytorch_step(dtype, tol):
+    norm, x, _, w13 = _case(dtype)
+    out = kernels.norm_swiglu(x, norm.weight, norm.eps, w13)
+    a, b = _rnd(_normed(norm, x) @ w13.float().T, dtype).chunk(2, dim=-1)
+    want = _rnd(_rnd(F.silu(a), dtype) * b, dtype)
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", [{}, {"mode": "space", "max_patch_length": 4}])
+def test_generator_with_kernels_equals_reference(mode):
+    """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
+    within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap)."""
+    model = make_model(seed=4, window=8, **mode).to(DEV)
+    prompts = random_prompts(seed=5, n=2)
+    logits = {}
+    for use in (False, True):
+        gen = Generator(model, kernels=use)
+        rows = []
+        out = gen.generate_ids(prompts, 12, stop_at_eos=False,
+                               on_step=lambda row, tok, close, rows=rows, gen=gen: rows.append(gen.logits[row].clone()))
+        logits[use] = torch.stack(rows)
+        if use:
+            assert out == reference_generate(model, prompts, 12, stop_at_eos=False)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
+    model = make_model()
+    with pytest.raises(ValueError, match="fuse=True"):
+        Generator(model, kernels=True, fuse=False)
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        Generator(model, kernels=True)
