@@ -181,6 +181,12 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return _linear_add(x_BTD, attend(q, k, v, mask).transpose(1, 2), layer.wo.weight, beta=2.0)
 
 
+# Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
+# read a head's weights for one row (matrix-vector products), which is what one to a few rows
+# need; more rows share cuBLAS's matrix products better
+KERNEL_MAX_ROWS = 8
+
+
 class Generator:
     """Fast generation for a `BLT`: `generate()` for batches, `stream()` for one prompt.
 
@@ -190,7 +196,8 @@ class Generator:
         compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
         prefill: read prompts with one full forward (default) rather than byte by byte.
         kernels: run the byte-level blocks' steps with the Triton kernels of `bltkit.kernels`
-            (needs `triton` and a CUDA model; off by default until timed, docs/generation.md).
+            for batches of up to KERNEL_MAX_ROWS rows (needs `triton` and a CUDA model; off by
+            default until timed, docs/generation.md).
         fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
             more copy of those weights, refreshed when the model's weights change).
     """
@@ -284,7 +291,7 @@ class Generator:
         """The step's RoPE in the form `_block_step` takes (None unfused)."""
         if self.fused is None:
             return None
-        if self.kernels:
+        if self.kernels and self.x.shape[0] <= KERNEL_MAX_ROWS:
             return cos.reshape(-1).contiguous(), sin.reshape(-1, 2)[:, 1].contiguous()  # H/2 each
         return _rope_matrix(cos, sin)
 

@@ -121,3 +121,19 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda device: False)
     with pytest.raises(ValueError, match="needs the triton package"):
         Generator(model, kernels=True)
+
+
+def test_generator_kernels_only_for_few_rows(monkeypatch):
+    """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products."""
+    from bltkit import generate
+
+    model = make_model(seed=6).to(DEV)
+    prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
+    want = Generator(model).generate_ids(prompts, 4, stop_at_eos=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("a Triton kernel ran for a large batch")
+
+    monkeypatch.setattr(kernels, "norm_qkv_rope", refuse)
+    monkeypatch.setattr(kernels, "norm_swiglu", refuse)
+    assert Generator(model, kernels=True).generate_ids(prompts, 4, stop_at_eos=False) == want
