@@ -153,14 +153,17 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     return _linear_add(h, F.silu(a) * b, layer.feed_forward.w2.weight)
 
 
-def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple) -> torch.Tensor:
+def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
+                        n_keys: int | None = None) -> torch.Tensor:
+    """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
+    attention over the first `n_keys` cache slots (all by default)."""
     from . import kernels
 
     att, B = layer.attention, x_B1D.shape[0]
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    out = F.scaled_dot_product_attention(q[:, :, None], kc, vc, attn_mask=mask,
+    out = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=att.n_heads != att.n_kv_heads)
     h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
@@ -222,10 +225,13 @@ class Generator:
         ent_layers = list(model.entropy_model.layers) if pc.mode == "entropy" else []
         self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers]) if fuse else None
         self.kernels = kernels
+        # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB)
+        self.fused_global = _Fused(model.global_transformer.layers) if kernels and fuse else None
         if kernels:
             from . import kernels as K
 
-            stacks = [self.cfg.encoder, self.cfg.decoder] + ([self.cfg.entropy_model] if ent_layers else [])
+            stacks = [self.cfg.encoder, self.cfg.decoder, self.cfg.global_transformer] + \
+                ([self.cfg.entropy_model] if ent_layers else [])
             if not fuse:
                 raise ValueError("Generator(kernels=True) runs the fused projections: leave fuse=True")
             if not K.available(model.device):
@@ -239,8 +245,9 @@ class Generator:
 
     def _init_state(self, B: int, capacity: int, keys: list[int]) -> None:
         m, c = self.model, self.cfg
-        if self.fused is not None:
-            self.fused.refresh()  # weights changed since the last call (training in between)
+        for fused in (self.fused, self.fused_global):
+            if fused is not None:
+                fused.refresh()  # weights changed since the last call (training in between)
         dev, dt = m.device, m.local_encoder.tok_embeddings.weight.dtype
         enc, dec, g, K = c.encoder, c.decoder, c.global_transformer, c.cross_attn_k
 
@@ -291,8 +298,10 @@ class Generator:
         """The step's RoPE in the form `_block_step` takes (None unfused)."""
         if self.fused is None:
             return None
-        if self.kernels and self.x.shape[0] <= KERNEL_MAX_ROWS:
-            return cos.reshape(-1).contiguous(), sin.reshape(-1, 2)[:, 1].contiguous()  # H/2 each
+        if self.kernels and self.x.shape[0] <= KERNEL_MAX_ROWS:  # H/2 halves, one set or one a row
+            rows = cos.shape[0]
+            c, s = cos.reshape(rows, -1), sin.reshape(rows, -1, 2)[..., 1]
+            return c.squeeze(0).contiguous(), s.squeeze(0).contiguous()
         return _rope_matrix(cos, sin)
 
     def _entropy_step(self, x_B: torch.Tensor) -> torch.Tensor:
@@ -389,8 +398,13 @@ class Generator:
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
+        kernel_rope = self._rope(cos, sin) if self.fused_global is not None and B <= KERNEL_MAX_ROWS else None
         for i, layer in enumerate(gt.layers):
             att = layer.attention
+            if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
+                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, self.fused_global,
+                                        kernel_rope, L)
+                continue
             q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))

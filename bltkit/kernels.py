@@ -5,8 +5,8 @@ A byte step on a GPU is bound by its count of small kernels, not by bandwidth (d
 chains of a block's step that surround its matrix-vector products:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
-  ring caches at the step's slot: one kernel for what took seven (norm, product, two casts and
-  the rotation product, two cache writes).
+  caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
+  kernel for what took seven (norm, product, two casts and the rotation product, two cache writes).
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
 
 Each program computes whole output rows from the full input row, so no partial sums cross
@@ -61,7 +61,7 @@ if triton is not None:
 
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
-                              D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r,
+                              D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
                               H: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
@@ -83,15 +83,15 @@ if triton is not None:
         e = acc_e.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
         o = acc_o.to(dt).to(tl.float32)
         if head < N + NK:  # RoPE on q and k: (a, b) -> (a cos - b sin, b cos + a sin), in fp32
-            c = tl.load(cos_ptr + i)
-            s = tl.load(sin_ptr + i)
+            c = tl.load(cos_ptr + b * s_rope + i)
+            s = tl.load(sin_ptr + b * s_rope + i)
             e, o = e * c - o * s, o * c + e * s
         if head < N:
             q_row = q_ptr + (b * N + head) * H
             tl.store(q_row + 2 * i, e.to(dt))
             tl.store(q_row + 2 * i + 1, o.to(dt))
         else:
-            slot = tl.load(slot_ptr)
+            slot = tl.load(slot_ptr + b * s_slot)
             if head < N + NK:
                 at = kc_ptr + b * skc_b + (head - N) * skc_n + slot * skc_r
             else:
@@ -131,15 +131,18 @@ def _block_d(D: int) -> int:
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """q [B, N, H] of one position a row; k and v go into the caches [B, Nkv, R, H] at `slot`
-    (a 1-element device tensor). `cos_H2`, `sin_H2`: fp32 [H/2] at the step's position."""
+    """q [B, N, H] of one position a row; k and v go into the caches [B, Nkv, S, H] at `slot`:
+    one device index for every row ([1]) or one a row ([B]). `cos_H2`, `sin_H2`: the fp32 RoPE
+    halves at the position, shared ([H/2]) or a row's own ([B, H/2]), both contiguous."""
     B, D = x_BD.shape
     H = k_cache.shape[-1]
     q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
+    per_row = [slot.numel() == B > 1, cos_H2.dim() == 2]
     _norm_qkv_rope_kernel[(B, n_heads + 2 * n_kv_heads)](
         x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), H=H, BLOCK_D=_block_d(D))
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        1 if per_row[0] else 0, H // 2 if per_row[1] else 0, H=H, BLOCK_D=_block_d(D))
     return q
 
 

@@ -65,26 +65,31 @@ def _case(dtype, B=3, D=96, N=4, NK=2, H=16, R=8, F_=40, seed=0):
 BF16_TOL = 2**-6
 
 
+@pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot, or each row's global-cache slot
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol):
+def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row):
     N, NK, H, R = 4, 2, 16, 8
     norm, x, w_qkv, _ = _case(dtype, N=N, NK=NK, H=H, R=R)
     B = x.shape[0]
-    cos, sin = rope_cos_sin(torch.tensor([[37]], device=DEV), H, 10000.0)
+    pos = torch.tensor([[37], [3], [100]] if per_row else [[37]], device=DEV)
+    slots = [5, 2, 7] if per_row else [5] * B
+    cos, sin = rope_cos_sin(pos, H, 10000.0)  # [1 or B, 1, H/2, 1], [.., H/2, 2]
     kc = torch.zeros(B, NK, R, H, dtype=dtype, device=DEV)
     vc = torch.zeros_like(kc)
-    slot = torch.tensor([5], device=DEV)
-    q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, cos.reshape(-1).contiguous(),
-                              sin.reshape(-1, 2)[:, 1].contiguous(), N, NK, kc, vc, slot)
+    slot = torch.tensor(slots if per_row else [5], device=DEV)
+    c, s_ = cos.reshape(len(pos), -1).squeeze(0).contiguous(), sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0)
+    q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot)
     y = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)  # fp32 accumulation
     qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]  # (apply_rope computes in fp32)
     scale = y.abs().max().item()
-    for got, want in ((q, qk[:, :N]), (kc[:, :, 5], qk[:, N:]), (vc[:, :, 5], y[:, 0, N + NK:])):
+    rows = torch.arange(B)
+    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]  # B NK H
+    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y[:, 0, N + NK:])):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-    other = torch.ones(R, dtype=torch.bool)
-    other[5] = False
-    assert not kc[:, :, other].any()  # only the step's slot is written
-    assert not vc[:, :, other].any()
+    written = torch.zeros(B, R, dtype=torch.bool)
+    written[rows, slots] = True
+    assert not kc.transpose(1, 2)[~written].any()  # only each row's slot is written
+    assert not vc.transpose(1, 2)[~written].any()
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
