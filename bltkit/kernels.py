@@ -40,6 +40,12 @@ def supported(head_dim: int, dim: int) -> bool:
     return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and dim > 0
 
 
+def _configs(options: list[dict], warps: list[int]) -> list:
+    """Autotuning candidates; one under the interpreter, where timing them means nothing."""
+    configs = [triton.Config(o, num_warps=w) for o, w in zip(options, warps, strict=True)]
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+
+
 if triton is not None:
 
     @triton.jit
@@ -59,6 +65,10 @@ if triton is not None:
         g = tl.load(g_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         return ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
 
+    # tuned once per shape on the first call (the generator's warm-up, before CUDA graph capture);
+    # the writes are idempotent (the same q, k, v for the same inputs), so timing runs are harmless
+    @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 256}, {"BLOCK_D": 512}],
+                                      [4, 4, 8, 8]), key=["D", "N", "NK"])
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                               D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
@@ -99,6 +109,9 @@ if triton is not None:
             tl.store(at + 2 * i, e.to(dt))
             tl.store(at + 2 * i + 1, o.to(dt))
 
+    @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_D": 128}, {"BLOCK_O": 16, "BLOCK_D": 256},
+                                       {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512}],
+                                      [4, 8, 8, 8]), key=["D", "F"])
     @triton.jit
     def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
                             BLOCK_D: tl.constexpr):
@@ -124,10 +137,6 @@ if triton is not None:
         tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
 
 
-def _block_d(D: int) -> int:
-    return min(128, triton.next_power_of_2(D))
-
-
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -142,7 +151,7 @@ def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_q
         x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        1 if per_row[0] else 0, H // 2 if per_row[1] else 0, H=H, BLOCK_D=_block_d(D))
+        1 if per_row[0] else 0, H // 2 if per_row[1] else 0, H=H)
     return q
 
 
@@ -151,7 +160,5 @@ def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: 
     B, D = x_BD.shape
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
-    BLOCK_O = 16
-    _norm_swiglu_kernel[(B, triton.cdiv(F, BLOCK_O))](x_BD, norm_weight, w13, out, D, F, eps,
-                                                      BLOCK_O=BLOCK_O, BLOCK_D=_block_d(D))
+    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
     return out
