@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model.attention import attend
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
@@ -179,9 +178,7 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection."""
-    B, T, _ = x_BTD.shape
-    q = layer.wq(layer.cross_attn_norm_q(x_BTD)).view(B, T, layer.n_heads, layer.head_dim).transpose(1, 2)
-    return _linear_add(x_BTD, attend(q, k, v, mask).transpose(1, 2), layer.wo.weight, beta=2.0)
+    return _linear_add(x_BTD, layer.heads(x_BTD, k, v, mask), layer.wo.weight, beta=2.0)
 
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each

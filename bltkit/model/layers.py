@@ -117,11 +117,15 @@ class CrossAttention(nn.Module):
         v = self.wv(kvn).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def attend_kv(self, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    def heads(self, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+        """The attention's output [B,T,N*H] before `wo` (the generator folds `wo` and the residual
+        into one product)."""
         B, T, _ = x_BTD.shape
         q = self.wq(self.cross_attn_norm_q(x_BTD)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        out_BNTH = attend(q, k, v, mask)
-        return self.wo(out_BNTH.transpose(1, 2).flatten(2))
+        return attend(q, k, v, mask).transpose(1, 2).flatten(2)
+
+    def attend_kv(self, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+        return self.wo(self.heads(x_BTD, k, v, mask))
 
     def forward(self, x_BTD: torch.Tensor, kv_BSD: torch.Tensor, mask: Mask) -> torch.Tensor:
         k, v = self.kv(kv_BSD)
