@@ -191,10 +191,13 @@ def test_forward_without_validation_reads_nothing_on_host(tiny_model, monkeypatc
     assert torch.equal(*outs)
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
     # the packed global run (Flex and several rows; forced here): none either, given a layout
-    # from host lengths (the trainer's); the forward itself makes that layout before any device work
+    # from host lengths (the trainer's); the forward itself makes that layout before any device work.
+    # A layout for an unpacked run does not look for the real patches at all
+    assert model.layout(lengths, T, validate=False).real_N is None
     try:
         model.pack_global = True
         lay = model.layout(model.pad_lengths(lengths), T, validate=False)
+        assert lay.real_N is not None
         reads = _HostReads(monkeypatch)
         model.forward_layout(x, lay).float().logsumexp(-1).sum().backward()
         monkeypatch.undo()

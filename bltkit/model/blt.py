@@ -157,7 +157,8 @@ class BLT(nn.Module):
                ) -> PatchLayout:
         lengths = patching.normalize_lengths(patch_lengths_BP, T, validate)
         real = None
-        if lengths.device.type == "cpu":  # host lengths: the packed run's indices with no device sync
+        if lengths.device.type == "cpu" and self.packs_global(lengths.shape[0]):
+            # host lengths: the packed run's indices with no device sync
             real = tuple(i.to(self.device, non_blocking=True) for i in torch.nonzero(lengths > 0, as_tuple=True))
         lengths = lengths.to(self.device, non_blocking=True)
         if B is not None and lengths.shape[0] != B:
@@ -225,8 +226,7 @@ class BLT(nn.Module):
                                       kv["enc_kv"], kv["enc_h"])
         g_in = units.reshape(B, P, K * c.encoder.dim)  # concat_k
         pdoc = self.patch_documents(tokens_BT, lay) if c.doc_masks else None
-        pack = self.pack_global if self.pack_global is not None else impl == "flex"
-        if pack and capture is None and B > 1:
+        if capture is None and self.packs_global(B):
             g = self._global_packed(g_in, pdoc, lay)
         else:
             g_cos, g_sin = positions_cos_sin(P, c.global_transformer, dev)
@@ -238,6 +238,12 @@ class BLT(nn.Module):
         if capture is not None:
             cap.update(kv, g=g, pdoc=pdoc)
         return logits
+
+    def packs_global(self, B: int) -> bool:
+        """Does a forward of B rows run the global transformer packed (`pack_global`; by default
+        with Flex and several rows)? (The generator's prefill, which captures caches, never does.)"""
+        pack = self.pack_global if self.pack_global is not None else self.attn_impl == "flex"
+        return bool(pack) and B > 1
 
     def _global_packed(self, g_in_BPD: torch.Tensor, pdoc_BP: torch.Tensor | None, lay: PatchLayout) -> torch.Tensor:
         """The global transformer over the real patches of all rows packed into one sequence:
