@@ -70,8 +70,8 @@ class _Ring:
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `visible`, -inf elsewhere: what SDPA makes of a boolean mask (three kernels) in
-    every call, made once a step and shared by the stack's layers."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    every call, made once a step (two kernels) and shared by the stack's layers."""
+    return torch.full(visible.shape, float("-inf"), dtype=dtype, device=visible.device).masked_fill_(visible, 0.0)
 
 
 class _Fused:
