@@ -234,7 +234,7 @@ class Generator:
             if not K.available(model.device):
                 raise ValueError("Generator(kernels=True) needs the triton package and a CUDA model "
                                  "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
-            bad = [c.head_dim for c in stacks if not K.supported(c.head_dim, c.dim)]
+            bad = [c.head_dim for c in stacks if not K.supported(c.head_dim)]
             if bad:
                 raise ValueError(f"Generator(kernels=True) needs power-of-two head dims >= 4; this model has {bad}")
 

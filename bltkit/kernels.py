@@ -34,10 +34,10 @@ def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def supported(head_dim: int, dim: int) -> bool:
-    """Shapes the kernels take: a power-of-two head dim of at least 4 (pairs are rotated in
-    halves of tl.arange)."""
-    return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and dim > 0
+def supported(head_dim: int) -> bool:
+    """Head dims the kernels take: a power of two of at least 4 (pairs are rotated in halves of
+    tl.arange)."""
+    return head_dim >= 4 and head_dim & (head_dim - 1) == 0
 
 
 def _configs(options: list[dict], warps: list[int]) -> list:
