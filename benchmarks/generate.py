@@ -27,6 +27,8 @@ from bltkit.generate import Generator
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
+KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> Generator(kernels=...)
+
 
 def prompts_of(length: int, batch: int) -> list[bytes]:
     text = (SAMPLE_TEXT * (length // len(SAMPLE_TEXT) + 2)).encode()
@@ -69,7 +71,9 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
-    ap.add_argument("--kernels", action="store_true", help="Generator(model, kernels=True): bltkit.kernels' Triton steps")
+    ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                    help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
+                         "runs them on CUDA when Triton is installed")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
@@ -94,13 +98,13 @@ def main() -> None:
             prompt = prompts_of(64, 1)[0]
             model.float()
             hf_new, _ = hf_generate(model, prompt, args.check_fp32, torch.float32, dev)
-            ours = Generator(model, kernels=args.kernels).generate_ids([prompt], args.check_fp32, stop_at_eos=False)[0]
+            ours = Generator(model, kernels=KERNELS[args.kernels]).generate_ids([prompt], args.check_fp32, stop_at_eos=False)[0]
             same = next((i for i, (a, b) in enumerate(zip(hf_new, ours, strict=False)) if a != b), len(ours))
             results["fp32_check"] = {"identical_prefix": same, "n": args.check_fp32}
             print(f"fp32 check: greedy bytes identical to transformers for {same}/{args.check_fp32}", flush=True)
         finally:
             model.to(dtype)
-    gen = Generator(model, compile=args.compile, kernels=args.kernels)
+    gen = Generator(model, compile=args.compile, kernels=KERNELS[args.kernels])
     results["hf"] = []
     for hf_len in [] if args.no_hf else args.hf_prompt_lens:
         prompt = prompts_of(hf_len, 1)[0]

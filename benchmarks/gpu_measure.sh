@@ -8,10 +8,11 @@
 # (flex_check block_masks profile_generate generate generate_kernels train_step train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
-# (2.05-2.09x transformers) and profile_train_1b (compiled); next:
+# (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
+# profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8
+# (docs/benchmarks.md); next:
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
-#   ONLY="profile_generate generate generate_kernels" GEN_VARIANTS=graphs,kernels    (~8 minutes: the
-#        seventh session's untimed generation changes, Generator(kernels=True) among them)
+#   ONLY="generate generate_kernels"     (~6 minutes: batch 64 and 2,048-byte prompts, both paths)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -26,11 +27,11 @@ run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 819
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
+# the PyTorch block steps, then the Triton ones (Generator's default on CUDA since the eighth session)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
-  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --json "$OUT/generate.json"
-# the same with the Triton block steps (Generator(kernels=True); written in the seventh session, untimed)
+  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
-  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels --json "$OUT/generate_kernels.json"
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --json "$OUT/generate_kernels.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
 # where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)

@@ -187,6 +187,13 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 KERNEL_MAX_ROWS = 8
 
 
+def _kernels_run(device: torch.device, stacks) -> bool:
+    """bltkit.kernels can run the step of every stack in `stacks` on `device`."""
+    from . import kernels as K
+
+    return K.available(device) and all(K.supported(c.head_dim) for c in stacks)
+
+
 class Generator:
     """Fast generation for a `BLT`: `generate()` for batches, `stream()` for one prompt.
 
@@ -195,15 +202,17 @@ class Generator:
         cuda_graphs: replay the three step functions as CUDA graphs (default: on CUDA).
         compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
         prefill: read prompts with one full forward (default) rather than byte by byte.
-        kernels: run the byte-level blocks' steps with the Triton kernels of `bltkit.kernels`
-            for batches of up to KERNEL_MAX_ROWS rows (needs `triton` and a CUDA model; off by
-            default until timed, docs/generation.md).
+        kernels: run the blocks' steps with the Triton kernels of `bltkit.kernels` for batches of
+            up to KERNEL_MAX_ROWS rows (needs `triton` and a CUDA model). Default (None): on
+            where they can run (a CUDA model, `triton` installed, power-of-two head dims, `fuse`,
+            no `compile`); 1.40x faster a byte for blt-1b on an H200 (docs/benchmarks.md), for
+            one more copy of the global stack's q|k|v and w1|w3 (blt-1b: 1.8 GB in bf16).
         fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
             more copy of those weights, refreshed when the model's weights change).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
-                 fuse: bool = True, kernels: bool = False):
+                 fuse: bool = True, kernels: bool | None = None):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -221,16 +230,18 @@ class Generator:
         # fused q|k|v and w1|w3 for the byte-level stacks (see _Fused)
         ent_layers = list(model.entropy_model.layers) if pc.mode == "entropy" else []
         self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers]) if fuse else None
+        stacks = [self.cfg.encoder, self.cfg.decoder, self.cfg.global_transformer] + \
+            ([self.cfg.entropy_model] if ent_layers else [])
+        if kernels is None:  # where they can run (Triton's CPU interpreter, for tests, only when asked)
+            kernels = model.device.type == "cuda" and fuse and not compile and _kernels_run(model.device, stacks)
         self.kernels = kernels
         # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB)
         self.fused_global = _Fused(model.global_transformer.layers) if kernels and fuse else None
         if kernels:
-            from . import kernels as K
-
-            stacks = [self.cfg.encoder, self.cfg.decoder, self.cfg.global_transformer] + \
-                ([self.cfg.entropy_model] if ent_layers else [])
             if not fuse:
                 raise ValueError("Generator(kernels=True) runs the fused projections: leave fuse=True")
+            from . import kernels as K
+
             if not K.available(model.device):
                 raise ValueError("Generator(kernels=True) needs the triton package and a CUDA model "
                                  "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")

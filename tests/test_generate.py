@@ -262,3 +262,21 @@ def test_oversized_caches_change_nothing():
     out = gen.generate_ids(prompts, 20, stop_at_eos=False)
     assert gen.capacity == 256
     assert out == reference_generate(model, prompts, 20, stop_at_eos=False)
+
+
+def test_kernels_default_only_where_they_can_run(monkeypatch):
+    """Generator() picks bltkit.kernels by itself only for a CUDA model whose stacks they take;
+    Triton's CPU interpreter (tests) runs them only when asked."""
+    from types import SimpleNamespace
+
+    from bltkit import kernels
+    from bltkit.generate import _kernels_run
+
+    model = make_model()
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    assert Generator(model).kernels is False
+    cuda = torch.device("cuda")
+    assert _kernels_run(cuda, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=128)])
+    assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=96)])
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64)])
