@@ -9,11 +9,14 @@
 #   scripts/train_bundled.sh pack            # RUN/model + records as <= 15 MB parts in $OUT (the GPU
 #                                            # tool returns at most 8 files of 16 MiB); rejoin with cat
 #   scripts/train_bundled.sh entropy blt     # several stages, in order
+#   scripts/train_bundled.sh sweep           # a size sweep (scripts/size_sweep.py; after entropy, not
+#                                            # in "all"): SWEEP_STEPS steps a candidate (600),
+#                                            # SWEEP_ONLY="name ..." runs some of them
 #   SMOKE=1 scripts/train_bundled.sh         # tiny presets on the tiny corpus, CPU, ~3 minutes
 #
-# With no environment it retrains the shipped model's settings (ENT_STEPS=1400, BLT_STEPS=3800, the
-# patcher in bf16: about 2 + 9 minutes of training steps on one H200, ~16 minutes with compiling,
-# validation, checkpoints and the held-out evaluation; more than one 10-minute lease: BLT_STOP_AT).
+# With no environment it retrains the shipped model's settings (ENT_STEPS=1400, BLT_STEPS=6400, the
+# patcher in bf16: about 2 + 15 minutes of training steps on one H200, ~27 minutes with compiling,
+# validation, checkpoints and the held-out evaluation; three 10-minute leases: BLT_STOP_AT).
 #
 # Environment: DATA (corpus folder, default data), RUN (default runs/bundled), ENT_STEPS / BLT_STEPS
 # (step counts; set them empty to size the runs by ENT_SECONDS / BLT_SECONDS, time budgets turned
@@ -61,7 +64,7 @@ else
   ENT_SECONDS=${ENT_SECONDS:-240} BLT_SECONDS=${BLT_SECONDS:-420}
   # the shipped model's step counts (its MODEL_CARD.md); ENT_STEPS= / BLT_STEPS= (empty) size the
   # runs by ENT_SECONDS / BLT_SECONDS with a throughput probe instead
-  ENT_STEPS=${ENT_STEPS-1400} BLT_STEPS=${BLT_STEPS-3800}
+  ENT_STEPS=${ENT_STEPS-1400} BLT_STEPS=${BLT_STEPS-6400}
   ENT_ARGS="train.seq_len=4096 train.batch_size=32 optim.lr=2e-3 optim.warmup=200"
   # sized to ship under 60 MB in bf16 with its entropy model (~28M parameters in all)
   BLT_ARGS="train.seq_len=4096 train.batch_size=32 train.pad_patches=256 train.patcher_dtype=bf16 optim.lr=1.5e-3 optim.warmup=200 model.hash_vocab=4096 model.max_patches=8192 model.global_transformer.dim=384 model.global_transformer.n_heads=6 model.global_transformer.n_layers=6"
@@ -173,6 +176,21 @@ if want blt; then
     echo "shipped size: $SIZE bytes"
     [ "$SIZE" -le 60000000 ] || { echo "the model is over 60 MB: shrink it"; exit 1; }
   fi
+fi
+
+if [[ $STAGES == *" sweep "* ]]; then  # not part of "all": a size sweep before choosing the shape
+  THETA=$("$PY" -c "import json; print(json.load(open('$RUN/calibration.json'))['threshold'])")
+  SWEEP=(--shipped-steps "${BLT_STEPS:-6400}")
+  if [ "${SMOKE:-0}" = 1 ]; then
+    SWEEP_STEPS=${SWEEP_STEPS:-20}
+    SWEEP+=(--candidate base= --candidate global-1=model.global_transformer.n_layers=1)
+  fi
+  log "size sweep ($BLT_PRESET, ${SWEEP_STEPS:=600} steps a candidate)"
+  SWEEP+=(--steps "$SWEEP_STEPS")
+  # shellcheck disable=SC2086
+  "$PY" scripts/size_sweep.py --preset "$BLT_PRESET" --data $TRAIN --entropy-model "$RUN/ent/model" \
+    --out "$RUN/sweep" --args "$BLT_ARGS ${EXTRA_BLT_ARGS:-} model.patcher.threshold=$THETA" "${SWEEP[@]}" \
+    ${SWEEP_ONLY:+--only $SWEEP_ONLY}
 fi
 
 if want eval; then
