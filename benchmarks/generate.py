@@ -27,7 +27,7 @@ from bltkit.generate import Generator
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> Generator(kernels=...)
+KERNELS = {"auto": None, "on": True, "off": False}  # --kernels / --speculate -> Generator(...)
 
 
 def prompts_of(length: int, batch: int) -> list[bytes]:
@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
+    ap.add_argument("--speculate", choices=["auto", "on", "off"], default="auto",
+                    help="Generator(model, speculate=...): decode beside the entropy model; auto (the "
+                         "default) on CUDA")
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
@@ -98,13 +101,14 @@ def main() -> None:
             prompt = prompts_of(64, 1)[0]
             model.float()
             hf_new, _ = hf_generate(model, prompt, args.check_fp32, torch.float32, dev)
-            ours = Generator(model, kernels=KERNELS[args.kernels]).generate_ids([prompt], args.check_fp32, stop_at_eos=False)[0]
+            check = Generator(model, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate])
+            ours = check.generate_ids([prompt], args.check_fp32, stop_at_eos=False)[0]
             same = next((i for i, (a, b) in enumerate(zip(hf_new, ours, strict=False)) if a != b), len(ours))
             results["fp32_check"] = {"identical_prefix": same, "n": args.check_fp32}
             print(f"fp32 check: greedy bytes identical to transformers for {same}/{args.check_fp32}", flush=True)
         finally:
             model.to(dtype)
-    gen = Generator(model, compile=args.compile, kernels=KERNELS[args.kernels])
+    gen = Generator(model, compile=args.compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate])
     results["hf"] = []
     for hf_len in [] if args.no_hf else args.hf_prompt_lens:
         prompt = prompts_of(hf_len, 1)[0]

@@ -11,8 +11,10 @@
 # (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
 # profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8
 # (docs/benchmarks.md); next:
+#   ONLY="profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate   (~6 minutes: the
+#        eighth session's speculative decoder beside the entropy model, untimed, against the
+#        kernels alone; batch 64 and 2,048-byte prompts)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
-#   ONLY="generate generate_kernels"     (~6 minutes: batch 64 and 2,048-byte prompts, both paths)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -29,7 +31,7 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
   --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
 # the PyTorch block steps, then the Triton ones (Generator's default on CUDA since the eighth session)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
-  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --json "$OUT/generate.json"
+  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --json "$OUT/generate_kernels.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6

@@ -26,9 +26,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", default="graphs,eager,compile",
                     help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile), "
-                         "kernels (graphs + bltkit.kernels' Triton block steps)")
+                         "kernels (graphs + bltkit.kernels' Triton block steps), speculate (kernels + "
+                         "Generator(speculate=True): the decoder beside the entropy model); only "
+                         "speculate speculates")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
+    ap.add_argument("--table-speculate", action="store_true",
+                    help="the per-graph tables for Generator(speculate=True) (its speculative graph)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -36,23 +40,24 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
-    variants = {"graphs": (True, False, False), "eager": (False, False, False), "compile": (True, True, False),
-                "kernels": (True, False, True)}
-    for graphs, comp, kern in (variants[v] for v in args.variants.split(",")):
+    variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
+                "compile": (True, True, False, False), "kernels": (True, False, True, False),
+                "speculate": (True, False, True, True)}
+    for graphs, comp, kern, spec in (variants[v] for v in args.variants.split(",")):
         t = time.perf_counter()
-        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern)
+        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
-        print(f"cuda graphs {graphs} compile {comp} kernels {kern}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+        print(f"cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a
     # state taken at the end has none: the next step indexes past the caches, the device-side
     # assert of the fifth and sixth sessions' runs)
-    gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels)
+    gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels, speculate=args.table_speculate)
     saved = {}
 
     def keep(row, tok, close):
@@ -70,25 +75,27 @@ def main() -> None:
 
     restore()
     x = torch.tensor([encode(p)[-1] for p in prompts], device=dev)
-    for name, fn in (("front", gen._run_front), ("patch", gen._run_patch), ("back", gen._run_back)):
+    names = [*gen._step_names(), "patch"]  # speculating: speculative, decode, advance
+    for name in names:
+        L = gen._global_slots() if name == "patch" else None
         restore()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(20):
             gen.x.copy_(x)
-            fn()
+            gen._fns[name]() if L is None else gen._fns[name](L)
         torch.cuda.synchronize()
         print(f"eager {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
-        g = {"front": 0, "patch": 1, "back": 2}[name]
         restore()
         gen._prepare_graphs()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(20):
-            (gen.graphs[1][gen._global_slots()] if g == 1 else gen.graphs[g]).replay()
+            gen._run(name, L)
         torch.cuda.synchronize()
         print(f"graph {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
-    graphs = {"front": gen.graphs[0], "patch": gen.graphs[1][gen._global_slots()], "back": gen.graphs[2]}
+    graphs = {name: gen.graphs[name] if name != "patch" else gen.graphs[name][gen._global_slots()]
+              for name in names}
     for name, graph in graphs.items():  # one kernel table per step function
         restore()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -181,6 +181,11 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return _linear_add(x_BTD, layer.heads(x_BTD, k, v, mask), layer.wo.weight, beta=2.0)
 
 
+# from this many rows on nearly every step closes some row's patch: the patch step then runs every
+# step without asking the GPU (a host sync), and decoding before the boundary is known would
+# nearly always be repeated (Generator(speculate=...))
+PATCH_EVERY_BYTE_ROWS = 8
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a head's weights for one row (matrix-vector products), which is what one to a few rows
 # need; more rows share cuBLAS's matrix products better
@@ -209,17 +214,24 @@ class Generator:
             one more copy of the global stack's q|k|v and w1|w3 (blt-1b: 1.8 GB in bf16).
         fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
             more copy of those weights, refreshed when the model's weights change).
+        speculate: for batches under PATCH_EVERY_BYTE_ROWS rows, decode each byte before its
+            boundary is known, as if no patch closes, beside the entropy model (a second CUDA
+            stream), and decode again after the patch step when one closes. Default (None): on
+            for a CUDA model that patches by entropy, without `compile`. The same bytes either way
+            (tests/test_generate.py); not yet timed on a GPU (docs/generation.md).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
-                 fuse: bool = True, kernels: bool | None = None):
+                 fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        fns = (self._run_front, self._run_patch, self._run_back)
+        fns = {"front": self._run_front, "patch": self._run_patch, "back": self._run_back,
+               "speculative": self._run_speculative, "decode": self._run_decode, "advance": self._run_advance}
         # compile fuses the many small elementwise kernels of a one-byte step (norms, RoPE, SwiGLU)
-        self._fns = tuple(torch.compile(f, dynamic=False) for f in fns) if compile else fns
+        self._fns = {k: torch.compile(f, dynamic=False) for k, f in fns.items()} if compile else fns
         self.compiled = compile
+        self.speculate = speculate
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
         self.graphs = None
@@ -299,6 +311,15 @@ class Generator:
         self.x = torch.zeros(B, dtype=torch.long, device=dev)  # byte n (input of the step)
         self.next = torch.zeros(B, dtype=torch.long, device=dev)  # sampled byte n+1
         self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)
+        self.H = torch.zeros(B, dtype=torch.float32, device=dev)  # entropy of byte n+1
+        # speculating pays where the entropy model can run beside the decoder: on CUDA, uncompiled
+        spec = self.speculate
+        if spec is None:
+            spec = dev.type == "cuda" and not self.compiled and self.ent is not None
+        self.speculating = spec and B < PATCH_EVERY_BYTE_ROWS
+        # the entropy model's stream beside the decoder's (not under compile, which traces one)
+        side = self.speculating and self.ent is not None and dev.type == "cuda" and not self.compiled
+        self._side = torch.cuda.Stream(dev) if side else None
 
     # -- one byte ----------------------------------------------------------------------------------
 
@@ -351,13 +372,16 @@ class Generator:
         return close
 
     def _front(self, x_B: torch.Tensor) -> torch.Tensor:
-        """Hash embedding, entropy, boundary decision and encoder for byte n. Returns `close`."""
+        """Entropy, hash embedding, encoder and boundary decision for byte n. Returns `close`."""
+        H = self._entropy_step(x_B) if self.ent is not None else None
+        self._encode(x_B)
+        return self._decide(x_B, H)
+
+    def _encode(self, x_B: torch.Tensor) -> None:
+        """Hash embedding and encoder for byte n: self.h, the encoder's caches and the open patch's
+        pooling (it reads nothing the entropy model or the boundary decision writes)."""
         m, c = self.model, self.cfg
         e = m.embed(x_B[:, None], history_BH=self.hist)
-        H = self._entropy_step(x_B) if self.ent is not None else None
-        close = self._close_decision(x_B, H)
-        if H is not None:
-            self.h_prev.copy_(H)
         slot, mask = self.enc.advance(self.n, self.doc)
         cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
         R = self._rope(cos, sin)
@@ -375,6 +399,13 @@ class Generator:
                     torch.maximum(self.runmax, h[:, 0], out=self.runmax)
                     pooled_yet = True
         self.h.copy_(h)
+
+    def _decide(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
+        """Does a patch close after byte n (H_B: the entropy of byte n+1)? Then byte n joins the
+        open patch's counts and the hash history. Returns `close` (also in self.close)."""
+        close = self._close_decision(x_B, H_B)  # reads open_len before byte n is counted
+        if H_B is not None:
+            self.h_prev.copy_(H_B)
         self.open_len.add_(1)
         self.open_eos.logical_or_(x_B == EOS_ID)
         if self.hist.shape[1]:
@@ -548,14 +579,53 @@ class Generator:
         return min(full, -(-self.g_used // G) * G)
 
     def _run_back(self) -> None:
+        self._run_decode()
+        self._run_advance()
+
+    def _run_decode(self) -> None:
+        """The decoder for byte n: logits and the sampled byte n+1 (a function of the row's key and
+        n alone, so running it again at the same n gives the same byte)."""
         logits = self._back()
         self.logits.copy_(logits)
         self.next.copy_(sample(logits, self.keys, self.n, *self.sampling))
+
+    def _run_advance(self) -> None:
         self.doc.add_((self.x == EOS_ID).long())
         self.n.add_(1)
 
+    def _run_speculative(self) -> None:
+        """Byte n's front and decoder step, the decoder run as if no patch closes after byte n
+        (step() decodes again, after the patch step, when one does). The decoder then need not
+        wait for the entropy model, whose output only decides the boundary: on CUDA the entropy
+        model runs on a second stream beside the encoder and the decoder (in the CUDA graph too:
+        a fork and a join), each a chain of small kernels that leaves most of the GPU idle."""
+        x, side = self.x, self._side
+        if self.ent is not None:
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.H.copy_(self._entropy_step(x))
+            else:
+                self.H.copy_(self._entropy_step(x))
+        self._encode(x)
+        self._run_decode()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        self._decide(x, self.H if self.ent is not None else None)
+
+    def _step_names(self) -> tuple[str, ...]:
+        """The step functions a byte runs besides the patch step."""
+        return ("speculative", "decode", "advance") if self.speculating else ("front", "back")
+
+    def _run(self, name: str, L: int | None = None) -> None:
+        """One step function: its CUDA graph (the patch step's for L slots) or the call."""
+        if self.graphs is not None:
+            (self.graphs[name] if L is None else self.graphs[name][L]).replay()
+        else:
+            self._fns[name]() if L is None else self._fns[name](L)
+
     def _prepare_graphs(self) -> None:
-        """Capture the three step functions as CUDA graphs (static buffers, no host sync inside)."""
+        """Capture the step functions as CUDA graphs (static buffers, no host sync inside)."""
         self.graphs = None
         if not self.use_cuda_graphs:
             return
@@ -564,11 +634,12 @@ class Generator:
         stream.wait_stream(torch.cuda.current_stream())
         full, G = self.p_cap + 1, self.global_bucket
         slots = sorted({min(full, L) for L in range(self._global_slots(), full + G, G)})  # every bucket ahead
+        names = self._step_names()
         with torch.cuda.stream(stream):  # warm-up (compilation, allocator, library handles)
-            self._fns[0]()
+            for name in names:
+                self._fns[name]()
             for L in slots:
-                self._fns[1](L)
-            self._fns[2]()
+                self._fns["patch"](L)
         torch.cuda.current_stream().wait_stream(stream)
 
         def capture(fn) -> torch.cuda.CUDAGraph:
@@ -577,8 +648,8 @@ class Generator:
                 fn()
             return graph
 
-        graphs = [capture(self._fns[0]), {L: capture(lambda L=L: self._fns[1](L)) for L in slots},
-                  capture(self._fns[2])]
+        graphs = {name: capture(self._fns[name]) for name in names}
+        graphs["patch"] = {L: capture(lambda L=L: self._fns["patch"](L)) for L in slots}
         for k, v in self._state_tensors().items():  # undo the warm-up's writes
             v.copy_(snapshot[k])
         self.graphs = graphs
@@ -595,16 +666,23 @@ class Generator:
     def step(self, x_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume byte n for every row; return (logits for position n [B, V], close [B]).
 
-        The patch step runs only when some row closes a patch (or always for batches of 8 or
-        more, where that is nearly every byte and skipping the check saves a host sync).
+        The patch step runs only when some row closes a patch (or always for batches of
+        PATCH_EVERY_BYTE_ROWS or more, where that is nearly every byte and skipping the check
+        saves a host sync). Speculating, the decoder has run already, as if no patch closed, and
+        runs again after a patch step.
         """
         self.x.copy_(x_B)
-        g, fns = self.graphs, self._fns
-        g[0].replay() if g else fns[0]()
-        if self.x.shape[0] >= 8 or bool(self.close.any()):
-            L = self._global_slots()
-            g[1][L].replay() if g else fns[1](L)
-        g[2].replay() if g else fns[2]()
+        if self.speculating:
+            self._run("speculative")
+            if bool(self.close.any()):
+                self._run("patch", self._global_slots())
+                self._run("decode")
+            self._run("advance")
+        else:
+            self._run("front")
+            if self.x.shape[0] >= PATCH_EVERY_BYTE_ROWS or bool(self.close.any()):
+                self._run("patch", self._global_slots())
+            self._run("back")
         self.g_used += 1  # a row's p grows by at most one a step
         return self.logits, self.close
 

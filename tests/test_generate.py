@@ -45,39 +45,41 @@ def random_prompts(seed: int, n: int = 3) -> list[bytes]:
     return [("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))).encode() for _ in range(n)]
 
 
+@pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_greedy_equals_reference_every_mode(mode):
+def test_greedy_equals_reference_every_mode(mode, speculate):
     model = make_model(seed=1, **MODES[mode])
     prompts = random_prompts(seed=len(mode))
-    gen = Generator(model)
+    gen = Generator(model, speculate=speculate)
     out = gen.generate_ids(prompts, 24, stop_at_eos=False)
     ref = reference_generate(model, prompts, 24, stop_at_eos=False)
     assert out == ref
 
 
+@pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("seed", [2, 3])
-def test_greedy_equals_reference_window_and_documents(seed):
+def test_greedy_equals_reference_window_and_documents(seed, speculate):
     """Window 8 < sequence length exercises the ring caches; an EOS inside a prompt exercises the
     document masks and the patch-document mask of the global cache."""
     model = make_model(seed=seed, window=8)
     prompts = [[*encode("first doc"), EOS_ID, *encode("second one, longer than eight")], "short"]
-    gen = Generator(model)
+    gen = Generator(model, speculate=speculate)
     assert gen.generate_ids(prompts, 30, stop_at_eos=False) == reference_generate(model, prompts, 30,
                                                                                   stop_at_eos=False)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_step_logits_equal_full_forward_and_online_boundaries(fuse):
+@pytest.mark.parametrize(("fuse", "speculate"), [(True, False), (False, False), (True, True)])
+def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate):
     """Every step's logits equal the full forward's within 1e-5 (fp32; measured ~1e-6: the
     one-position attention sums keys in a different order), and the boundaries decided online
     equal those of the full patcher on the final text; with the fused q|k|v, w1|w3 projections
-    (default) and without."""
+    (default) and without, and decoding before the boundary is known (speculate)."""
     model = make_model(seed=4, window=8)
     seq = [*encode("Online boundaries must equal offline ones"), EOS_ID, *encode("ok")]
     x = torch.tensor([seq])
     full = model(x)[0]
     starts = model.patch_starts(x)[0]
-    gen = Generator(model, fuse=fuse)
+    gen = Generator(model, fuse=fuse, speculate=speculate)
     gen._init_state(1, len(seq), [0])
     for n in range(len(seq)):
         logits, close = gen.step(x[:, n])
@@ -115,10 +117,11 @@ def test_batch_equals_single_and_order_independent():
 
 @pytest.mark.parametrize("kw", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
                                 {"temperature": 1.3, "top_p": 0.8}, {"temperature": 1.0, "top_k": 50, "top_p": 0.5}])
-def test_sampling_equals_reference(kw):
+@pytest.mark.parametrize("speculate", [False, True])
+def test_sampling_equals_reference(kw, speculate):
     model = make_model(seed=6)
     prompts = random_prompts(seed=9, n=2)
-    gen = Generator(model)
+    gen = Generator(model, speculate=speculate)
     out = gen.generate_ids(prompts, 20, seed=3, stop_at_eos=False, **kw)
     assert out == reference_generate(model, prompts, 20, seed=3, stop_at_eos=False, **kw)
     assert out == gen.generate_ids(prompts, 20, seed=3, stop_at_eos=False, **kw)  # reproducible
@@ -243,7 +246,7 @@ def test_global_cache_buckets_read_only_the_patches_so_far(prefill):
     gen.global_bucket = 2
     seen = []
     real_patch = gen._run_patch
-    gen._fns = (gen._fns[0], lambda L=None: (seen.append(L), real_patch(L)), gen._fns[2])
+    gen._fns = {**gen._fns, "patch": lambda L=None: (seen.append(L), real_patch(L))}
     out = gen.generate_ids(prompts, 24, stop_at_eos=False)
     assert out == reference_generate(model, prompts, 24, stop_at_eos=False)
     assert len(set(seen)) > 3  # several shapes, growing
@@ -280,3 +283,28 @@ def test_kernels_default_only_where_they_can_run(monkeypatch):
     assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=96)])
     monkeypatch.setattr(kernels, "available", lambda device: False)
     assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64)])
+
+
+def test_speculative_decoding_repeats_only_after_a_patch_step():
+    """Speculating, the decoder runs once a byte before the boundary is known and once more only
+    when a patch closes; from PATCH_EVERY_BYTE_ROWS rows on the generator does not speculate."""
+    from bltkit.generate import PATCH_EVERY_BYTE_ROWS
+
+    model = make_model(seed=12)
+    prompts = random_prompts(seed=5, n=3)
+    gen = Generator(model, speculate=True)
+    calls = {"decode": 0, "patch": 0}
+    for name in calls:
+        real = gen._fns[name]
+        gen._fns[name] = lambda *a, name=name, real=real: (calls.__setitem__(name, calls[name] + 1), real(*a))
+    gen._fns["speculative"] = lambda real=gen._fns["speculative"]: (calls.__setitem__("decode", calls["decode"] + 1),
+                                                                      real())
+    out = gen.generate_ids(prompts, 24, stop_at_eos=False)
+    assert gen.speculating
+    assert out == reference_generate(model, prompts, 24, stop_at_eos=False)
+    assert calls["patch"] > 0
+    assert calls["decode"] == gen.stats["steps"] + calls["patch"]
+    wide = Generator(model, speculate=True)
+    rows = random_prompts(seed=6, n=PATCH_EVERY_BYTE_ROWS)
+    assert wide.generate_ids(rows, 8, stop_at_eos=False) == reference_generate(model, rows, 8, stop_at_eos=False)
+    assert not wide.speculating
