@@ -5,15 +5,15 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks profile_generate generate generate_kernels train_step train_step_eager profile_train_1b
+# (flex_check block_masks gpu_tests profile_generate generate generate_kernels train_step train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
 # (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
 # profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8
 # (docs/benchmarks.md); next:
-#   ONLY="profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate   (~6 minutes: the
-#        eighth session's speculative decoder beside the entropy model, untimed, against the
-#        kernels alone; batch 64 and 2,048-byte prompts)
+#   ONLY="gpu_tests profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate  (~7 minutes:
+#        the eighth session's speculative decoder beside the entropy model, untested on a GPU and
+#        untimed, against the kernels alone; batch 64 and 2,048-byte prompts)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
@@ -27,9 +27,13 @@ run() {
 # a GPU, where compiled Flex skips unlisted tiles): the bf16 Flex path against fp32 SDPA first
 run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192 --rows 2
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
+# the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
+run gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+  "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps"
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
-# the PyTorch block steps, then the Triton ones (Generator's default on CUDA since the eighth session)
+# the PyTorch block steps, then the Triton ones with speculation (both Generator defaults on CUDA
+# since the eighth session; speculation only under 8 rows)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \

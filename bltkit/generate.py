@@ -204,7 +204,7 @@ class Generator:
 
     Args:
         model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
-        cuda_graphs: replay the three step functions as CUDA graphs (default: on CUDA).
+        cuda_graphs: replay the step functions as CUDA graphs (default: on CUDA).
         compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
         prefill: read prompts with one full forward (default) rather than byte by byte.
         kernels: run the blocks' steps with the Triton kernels of `bltkit.kernels` for batches of

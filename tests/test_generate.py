@@ -308,3 +308,23 @@ def test_speculative_decoding_repeats_only_after_a_patch_step():
     rows = random_prompts(seed=6, n=PATCH_EVERY_BYTE_ROWS)
     assert wide.generate_ids(rows, 8, stop_at_eos=False) == reference_generate(model, rows, 8, stop_at_eos=False)
     assert not wide.speculating
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the second stream, the graphs)")
+@pytest.mark.parametrize("kernels", [False, None])
+def test_speculation_on_cuda_equals_plain_steps(kernels):
+    """On a GPU the speculative step forks the entropy model onto a second stream inside the CUDA
+    graph: its logits and bytes equal the plain steps' exactly (the same kernels on the same
+    inputs), greedy and sampled, batch 1 and 3, with the Triton kernels (None: where they run)
+    and without."""
+    model = make_model(seed=13).cuda()
+    for prompts in (random_prompts(seed=7, n=1), random_prompts(seed=8, n=3)):
+        for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+            plain = Generator(model, kernels=kernels, speculate=False)
+            spec = Generator(model, kernels=kernels, speculate=True)
+            want = plain.generate_ids(prompts, 40, stop_at_eos=False, **kw)
+            assert spec.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
+            assert spec.speculating
+            assert spec._side is not None
+            assert spec.graphs is not None
+            torch.testing.assert_close(spec.logits, plain.logits, rtol=0, atol=0)
