@@ -199,6 +199,18 @@ def _kernels_run(device: torch.device, stacks) -> bool:
     return K.available(device) and all(K.supported(c.head_dim) for c in stacks)
 
 
+def _fused_bytes(blocks) -> int:
+    """Bytes that `_Fused(blocks)` allocates: one more copy of each block's q, k, v, w1, w3."""
+    ws = [w for b in blocks for w in (b.attention.wq.weight, b.attention.wk.weight, b.attention.wv.weight,
+                                       b.feed_forward.w1.weight, b.feed_forward.w3.weight)]
+    return sum(w.numel() * w.element_size() for w in ws)
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    """`nbytes` is at most half of the device's free memory (CUDA), leaving room for the caches."""
+    return device.type != "cuda" or 2 * nbytes <= torch.cuda.mem_get_info(device)[0]
+
+
 class Generator:
     """Fast generation for a `BLT`: `generate()` for batches, `stream()` for one prompt.
 
@@ -210,8 +222,10 @@ class Generator:
         kernels: run the blocks' steps with the Triton kernels of `bltkit.kernels` for batches of
             up to KERNEL_MAX_ROWS rows (needs `triton` and a CUDA model). Default (None): on
             where they can run (a CUDA model, `triton` installed, power-of-two head dims, `fuse`,
-            no `compile`); 1.40x faster a byte for blt-1b on an H200 (docs/benchmarks.md), for
-            one more copy of the global stack's q|k|v and w1|w3 (blt-1b: 1.8 GB in bf16).
+            no `compile`); 1.40x faster a byte for blt-1b on an H200 (docs/benchmarks.md). The
+            global patch step runs them on one more copy of the global stack's q|k|v and w1|w3
+            (blt-1b: 1.8 GB in bf16), by default only where that copy takes at most half of the
+            free GPU memory.
         fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices (default; costs one
             more copy of those weights, refreshed when the model's weights change).
         speculate: for batches under PATCH_EVERY_BYTE_ROWS rows, decode each byte before its
@@ -244,11 +258,16 @@ class Generator:
         self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers]) if fuse else None
         stacks = [self.cfg.encoder, self.cfg.decoder, self.cfg.global_transformer] + \
             ([self.cfg.entropy_model] if ent_layers else [])
-        if kernels is None:  # where they can run (Triton's CPU interpreter, for tests, only when asked)
+        auto = kernels is None
+        if auto:  # where they can run (Triton's CPU interpreter, for tests, only when asked)
             kernels = model.device.type == "cuda" and fuse and not compile and _kernels_run(model.device, stacks)
         self.kernels = kernels
-        # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB)
-        self.fused_global = _Fused(model.global_transformer.layers) if kernels and fuse else None
+        # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB);
+        # chosen by default only where they take at most half of the free memory (else the byte
+        # stacks run the kernels and the patch step stays on cuBLAS)
+        glob = model.global_transformer.layers
+        self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
+            else None
         if kernels:
             if not fuse:
                 raise ValueError("Generator(kernels=True) runs the fused projections: leave fuse=True")

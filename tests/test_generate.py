@@ -328,3 +328,13 @@ def test_speculation_on_cuda_equals_plain_steps(kernels):
             assert spec._side is not None
             assert spec.graphs is not None
             torch.testing.assert_close(spec.logits, plain.logits, rtol=0, atol=0)
+
+
+def test_fused_bytes_is_what_the_fused_copies_take():
+    """The default decides on the global stack's fused copies by this count (against free memory)."""
+    from bltkit.generate import _fits, _Fused, _fused_bytes
+
+    layers = make_model().global_transformer.layers
+    fused = _Fused(layers)
+    assert _fused_bytes(layers) == sum(t.numel() * t.element_size() for t in [*fused.qkv.values(), *fused.w13.values()])
+    assert _fits(10**15, torch.device("cpu"))  # host memory is not checked
