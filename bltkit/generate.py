@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model.layers import rope_cos_sin
+from .model.layers import apply_rope, rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
 
@@ -463,7 +463,14 @@ class Generator:
                 x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, self.fused_global,
                                         kernel_rope, L)
                 continue
-            q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+            fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
+            if fg is not None:  # q|k|v in one product, w1|w3 in another: 3 kernels fewer a layer
+                N, Nk = att.n_heads, att.n_kv_heads
+                y = F.linear(layer.attention_norm(x), fg.qkv[id(layer)]).view(B, 1, N + 2 * Nk, att.head_dim)
+                q, k = apply_rope(y[:, :, :N + Nk], cos, sin).split([N, Nk], dim=2)
+                v = y[:, :, N + Nk:]
+            else:
+                q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
@@ -471,7 +478,11 @@ class Generator:
                                                  enable_gqa=att.n_heads != att.n_kv_heads)
             x = _linear_add(x, out.transpose(1, 2), att.wo.weight)
             ff, hn = layer.feed_forward, layer.ffn_norm(x)
-            x = _linear_add(x, F.silu(ff.w1(hn)) * ff.w3(hn), ff.w2.weight)
+            if fg is not None:
+                a, b = F.linear(hn, fg.w13[id(layer)]).chunk(2, dim=-1)
+                x = _linear_add(x, F.silu(a) * b, ff.w2.weight)
+            else:
+                x = _linear_add(x, F.silu(ff.w1(hn)) * ff.w3(hn), ff.w2.weight)
         dunits = m.local_decoder.split_units(x)  # B K Dd
         sel = close.view(B, 1, 1, 1)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):

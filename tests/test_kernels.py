@@ -129,16 +129,20 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
 
 
 def test_generator_kernels_only_for_few_rows(monkeypatch):
-    """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products."""
+    """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
+    global stack's on the kernels' fused copies (q|k|v, w1|w3), with the reference's bytes."""
     from bltkit import generate
 
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
-    want = Generator(model).generate_ids(prompts, 4, stop_at_eos=False)
+    want = reference_generate(model, prompts, 12, stop_at_eos=False)
+    assert Generator(model).generate_ids(prompts, 12, stop_at_eos=False) == want
 
     def refuse(*a, **k):
         raise AssertionError("a Triton kernel ran for a large batch")
 
     monkeypatch.setattr(kernels, "norm_qkv_rope", refuse)
     monkeypatch.setattr(kernels, "norm_swiglu", refuse)
-    assert Generator(model, kernels=True).generate_ids(prompts, 4, stop_at_eos=False) == want
+    gen = Generator(model, kernels=True)
+    assert gen.fused_global is not None
+    assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
