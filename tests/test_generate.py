@@ -199,14 +199,15 @@ def test_cli_generate(tmp_path, capsys):
     assert capsys.readouterr().out.replace("|", "").startswith("Hi")
 
 
+@pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", ["entropy", "threshold_add", "space+max4"])
-def test_prefill_forward_equals_stepping(mode):
+def test_prefill_forward_equals_stepping(mode, speculate):
     """Reading prompts with one full forward leaves the caches as byte-by-byte stepping does:
     same greedy and sampled outputs, and the following steps' logits equal a full forward."""
     model = make_model(seed=12, window=8, **MODES[mode])
     prompts = [[*encode("a prompt, longer than the window"), EOS_ID, *encode("and a 2nd doc")],
                "and a second, shorter prompt"]
-    fast, slow = Generator(model, prefill=True), Generator(model, prefill=False)
+    fast, slow = Generator(model, prefill=True, speculate=speculate), Generator(model, prefill=False)
     for kw in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
         assert fast.generate_ids(prompts, 16, stop_at_eos=False, **kw) == slow.generate_ids(
             prompts, 16, stop_at_eos=False, **kw)
@@ -235,14 +236,14 @@ def test_rope_matrix_equals_apply_rope(head_dim):
         torch.testing.assert_close(x @ _rope_matrix(cos, sin), apply_rope(x, cos, sin), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("prefill", [True, False])
-def test_global_cache_buckets_read_only_the_patches_so_far(prefill):
+@pytest.mark.parametrize(("prefill", "speculate"), [(True, False), (False, False), (False, True)])
+def test_global_cache_buckets_read_only_the_patches_so_far(prefill, speculate):
     """The patch step attends the first L global-cache slots, L a host-side bound on every row's
     p + 1 rounded to `global_bucket`: with buckets of 2 slots the step shapes change as patches
     accumulate, and the output still equals the reference (and the whole-capacity reads)."""
     model = make_model(seed=9)
     prompts = [b"a prompt with several patches in it", b"short", b""]
-    gen = Generator(model, prefill=prefill)
+    gen = Generator(model, prefill=prefill, speculate=speculate)
     gen.global_bucket = 2
     seen = []
     real_patch = gen._run_patch
