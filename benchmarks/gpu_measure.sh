@@ -35,7 +35,7 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 # the PyTorch block steps, then the Triton ones with speculation (both Generator defaults on CUDA
 # since the eighth session; speculation only under 8 rows)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
-  --batches 1 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --json "$OUT/generate_kernels.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
