@@ -175,10 +175,20 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
     return torch.addmm(x_BTD.reshape(B * T, D), a.reshape(B * T, -1), weight.t(), beta=beta).view_as(x_BTD)
 
 
-def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
+                kernel: bool = False) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
-    residual inside the output projection."""
-    return _linear_add(x_BTD, layer.heads(x_BTD, k, v, mask), layer.wo.weight, beta=2.0)
+    residual inside the output projection. `kernel`: norm, q and the attention in one Triton
+    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend)."""
+    if kernel:
+        from . import kernels
+
+        B, _, D = x_BTD.shape
+        nq = layer.cross_attn_norm_q
+        heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
+    else:
+        heads = layer.heads(x_BTD, k, v, mask)
+    return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0)
 
 
 # from this many rows on nearly every step closes some row's patch: the patch step then runs every
@@ -505,10 +515,15 @@ class Generator:
         R = self._rope(cos, sin)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
+        kern = isinstance(R, tuple)  # the Triton block steps run (a few rows): the cross steps too
+        if kern:
+            from .kernels import supported
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
-                z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None)
+                xl = dec.cross_attn_layers[j]
+                z = _cross_step(xl, z, self.dec_xk[j], self.dec_xv[j], None,
+                                kernel=kern and supported(xl.head_dim))
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R)
         return dec.head(z)[:, 0]
 

@@ -1,13 +1,16 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Two kernels here replace the
-chains of a block's step that surround its matrix-vector products:
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Three kernels here replace the
+chains of a step that surround its matrix-vector products:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
   caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
   kernel for what took seven (norm, product, two casts and the rotation product, two cache writes).
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
+- `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
+  the q product and attention over the patch's few cached keys (cross_attn_k of them): one
+  kernel for the norm, product, layout copy and attention call.
 
 Each program computes whole output rows from the full input row, so no partial sums cross
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
@@ -136,6 +139,37 @@ if triton is not None:
         s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
         tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
 
+    @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
+                     key=["D", "N", "NK", "K"])
+    @triton.jit
+    def _norm_cross_attend_kernel(x_ptr, g_ptr, w_ptr, k_ptr, v_ptr, out_ptr, D, eps, scale, N, NK, K,
+                                  sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)
+        dt = x_ptr.dtype.element_ty
+        x_row = x_ptr + b * D
+        rstd = _rstd(x_row, D, eps, BLOCK_D)
+        h = tl.arange(0, H)
+        acc = tl.zeros([H], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            xn = _normed(x_row, g_ptr, d, D, rstd)
+            w = tl.load(w_ptr + (head * H + h)[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xn[None, :], axis=1)
+        q = acc.to(dt).to(tl.float32)  # the q product's output, rounded as F.linear's
+        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        j = tl.arange(0, BLOCK_K)
+        jm = (j < K)[:, None]
+        kk = tl.load(k_ptr + b * sk_b + kvh * sk_n + j[:, None] * sk_s + h[None, :], mask=jm, other=0.0)
+        vv = tl.load(v_ptr + b * sv_b + kvh * sv_n + j[:, None] * sv_s + h[None, :], mask=jm, other=0.0)
+        sc = tl.sum(kk.to(tl.float32) * q[None, :], axis=1) * scale
+        sc = tl.where(j < K, sc, float("-inf"))
+        p = tl.exp(sc - tl.max(sc, axis=0))
+        p = p / tl.sum(p, axis=0)
+        o = tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
+        tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
+
 
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
@@ -161,4 +195,19 @@ def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: 
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
     _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
+    return out
+
+
+def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(H)) v [B, N * H] for one position a row, q = w_q n(x) (n the RMSNorm;
+    w_q [N * H, D]) and k, v [B, Nkv, K, H] the row's cached keys and values (all visible)."""
+    B, D = x_BD.shape
+    _, n_kv, K, H = k.shape
+    n_heads = w_q.shape[0] // H
+    out = torch.empty(B, n_heads * H, dtype=x_BD.dtype, device=x_BD.device)
+    _norm_cross_attend_kernel[(B, n_heads)](
+        x_BD, norm_weight, w_q, k, v, out, D, eps, H ** -0.5, n_heads, n_kv, K,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H=H, BLOCK_K=triton.next_power_of_2(K))
     return out

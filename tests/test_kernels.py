@@ -101,6 +101,22 @@ def test_norm_swiglu_equals_the_pytorch_step(dtype, tol):
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize(("N", "NK", "K"), [(4, 4, 2), (4, 2, 3)])  # the decoder's 2 units; GQA, 3 keys
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
+    H = 16
+    norm, x, _, _ = _case(dtype, N=N, NK=NK, H=H)
+    B, D = x.shape
+    g = torch.Generator().manual_seed(1)
+    w_q = (torch.randn(N * H, D, generator=g) / D**0.5).to(DEV, dtype)
+    k = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    v = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    out = kernels.norm_cross_attend(x, norm.weight, norm.eps, w_q, k, v)
+    q = _rnd(_normed(norm, x) @ w_q.float().T, dtype).view(B, N, 1, H)
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=N != NK).reshape(B, N * H)
+    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", [{}, {"mode": "space", "max_patch_length": 4}])
 def test_generator_with_kernels_equals_reference(mode):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
