@@ -76,11 +76,11 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _Fused:
     """Per-block inference copies of the projections, concatenated: q|k|v as one matrix and
-    w1|w3 as another, so a one-byte block step runs 4 matrix-vector products instead of 7. Only
-    the byte-level stacks (entropy model, encoder, decoder: every byte) are fused; the global
-    stack runs once a patch and stays as is, which keeps the extra memory small (the fused
-    blocks' q/k/v/w1/w3 once more). `refresh()` copies changed weights in place, so the
-    addresses captured by CUDA graphs stay valid."""
+    w1|w3 as another, so a one-byte block step runs 4 matrix-vector products instead of 7. The
+    byte-level stacks (entropy model, encoder, decoder: every byte) are always fused; the global
+    stack, which runs once a patch and is the large one, only for the Triton kernels (when its
+    copy fits: `Generator`), which keeps the extra memory small otherwise. `refresh()` copies
+    changed weights in place, so the addresses captured by CUDA graphs stay valid."""
 
     def __init__(self, blocks):
         self.blocks = list(blocks)
@@ -466,14 +466,13 @@ class Generator:
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
-        kernel_rope = self._rope(cos, sin) if self.fused_global is not None and B <= KERNEL_MAX_ROWS else None
+        fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
+        kernel_rope = self._rope(cos, sin) if fg is not None and B <= KERNEL_MAX_ROWS else None
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
-                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, self.fused_global,
-                                        kernel_rope, L)
+                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L)
                 continue
-            fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
             if fg is not None:  # q|k|v in one product, w1|w3 in another: 3 kernels fewer a layer
                 N, Nk = att.n_heads, att.n_kv_heads
                 y = F.linear(layer.attention_norm(x), fg.qkv[id(layer)]).view(B, 1, N + 2 * Nk, att.head_dim)
