@@ -11,7 +11,8 @@
 # (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
 # profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8
 # (docs/benchmarks.md); next:
-#   ONLY="gpu_tests profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate  (~7 minutes:
+#   ONLY="gpu_tests profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate \
+#        GEN_TABLE="--table-kernels --table-speculate"                                (~7 minutes:
 #        the eighth session's speculative decoder beside the entropy model, untested on a GPU and
 #        untimed, against the kernels alone; batch 64 and 2,048-byte prompts)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
@@ -30,8 +31,10 @@ run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
 run gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps"
+# GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)
+# shellcheck disable=SC2086
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
-  --variants "${GEN_VARIANTS:-graphs,eager,compile}"  # the kernel table at the end needs ~30 s more
+  --variants "${GEN_VARIANTS:-graphs,eager,compile}" ${GEN_TABLE:-}  # the kernel table at the end needs ~30 s more
 # the PyTorch block steps, then the Triton ones with speculation (both Generator defaults on CUDA
 # since the eighth session; speculation only under 8 rows)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
