@@ -73,42 +73,48 @@ def contains(sorted_h: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return sorted_h[i] == queries
 
 
-def longest_spans(heldout: bytes, train: list[Path], width: int, chunk: int, k: int) -> list[tuple[int, str]]:
-    """The `k` longest runs of held-out bytes whose every window occurs in the training files:
-    (length in bytes, the text)."""
-    h = window_hashes(heldout, width)
-    hit = np.zeros(len(h), dtype=bool)
-    for path in train:
-        hit |= found_in(path, h, width, chunk)
-    idx = np.flatnonzero(hit)
-    if len(idx) == 0:
-        return []
-    runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1)
-    runs.sort(key=len, reverse=True)
-    return [(len(r) + width - 1, heldout[r[0]:r[-1] + width].decode("utf-8", errors="replace")) for r in runs[:k]]
+def lookup(train: list[Path], queries: list[np.ndarray], width: int, chunk: int) -> dict[str, list[np.ndarray]]:
+    """{training path: [which hashes of each query array occur in it]}: one pass over each
+    training file for all the query arrays together."""
+    allq = np.concatenate(queries)
+    cuts = np.cumsum([len(q) for q in queries])[:-1]
+    return {str(path): np.split(found_in(path, allq, width, chunk), cuts) for path in train}
+
+
+def longest_spans(heldout: list[bytes], train: list[Path], width: int, chunk: int, k: int
+                  ) -> list[list[tuple[int, str]]]:
+    """Per held-out text, the `k` longest runs of bytes whose every window occurs in the
+    training files: (length in bytes, the text)."""
+    hs = [window_hashes(b, width) for b in heldout]
+    hits = lookup(train, hs, width, chunk)
+    spans = []
+    for i, text in enumerate(heldout):
+        hit = np.zeros(len(hs[i]), dtype=bool)
+        for per_file in hits.values():
+            hit |= per_file[i]
+        idx = np.flatnonzero(hit)
+        runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if len(idx) else []
+        runs.sort(key=len, reverse=True)
+        spans.append([(len(r) + width - 1, text[r[0]:r[-1] + width].decode("utf-8", errors="replace"))
+                      for r in runs[:k]])
+    return spans
 
 
 def overlap(train: list[Path], heldout: list[Path], width: int = 32, samples: int = 20000, seed: int = 0,
             chunk: int = 16 << 20) -> dict:
     """{held-out name: {training path: share of sampled windows found, ..., "any": share}}."""
     rng = np.random.default_rng(seed)
-    queries = {}
+    queries = []
     for path in heldout:
         h = window_hashes(path.read_bytes(), width)
         if len(h) == 0:
             raise SystemExit(f"{path} is shorter than one window of {width} bytes")
-        queries[path] = h[rng.choice(len(h), min(samples, len(h)), replace=False)]
-    allq = np.concatenate(list(queries.values()))  # one lookup a chunk for every held-out file
-    bounds = np.cumsum([0, *(len(q) for q in queries.values())])
-    result = {p.name: {} for p in heldout}
-    anyhit = np.zeros(len(allq), dtype=bool)
-    for tpath in train:
-        hit = found_in(tpath, allq, width, chunk)
-        anyhit |= hit
-        for path, a, b in zip(queries, bounds[:-1], bounds[1:], strict=True):
-            result[path.name][str(tpath)] = float(hit[a:b].mean())
-    for path, a, b in zip(queries, bounds[:-1], bounds[1:], strict=True):
-        result[path.name]["any"] = float(anyhit[a:b].mean())
+        queries.append(h[rng.choice(len(h), min(samples, len(h)), replace=False)])
+    hits = lookup(train, queries, width, chunk)
+    result = {}
+    for i, path in enumerate(heldout):
+        result[path.name] = {t: float(per_file[i].mean()) for t, per_file in hits.items()}
+        result[path.name]["any"] = float(np.logical_or.reduce([per_file[i] for per_file in hits.values()]).mean())
     return result
 
 
@@ -129,9 +135,9 @@ def main() -> None:
             ap.error(f"{p} is not a file")
     result = overlap(args.train, args.heldout, args.width, args.samples, chunk=args.chunk)
     if args.spans:
-        for p in args.heldout:
-            result[p.name]["longest_spans"] = longest_spans(p.read_bytes(), args.train, args.width,
-                                                            args.chunk, args.spans)
+        spans = longest_spans([p.read_bytes() for p in args.heldout], args.train, args.width, args.chunk, args.spans)
+        for p, s in zip(args.heldout, spans, strict=True):
+            result[p.name]["longest_spans"] = s
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return

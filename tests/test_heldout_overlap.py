@@ -46,5 +46,7 @@ def test_overlap_counts_the_shared_windows(tmp_path):
     windows = len(held) - 15
     assert r[str(tmp_path / "train.txt")] == r["any"] == (len(shared) - 15) / windows
     assert r[str(tmp_path / "other.txt")] == 0.0
-    spans = ho.longest_spans(held, [tmp_path / "train.txt"], 16, 1000, 2)
+    spans, none = ho.longest_spans([held, _text(6, 3000)], [tmp_path / "train.txt", tmp_path / "other.txt"],
+                                   16, 1000, 2)
     assert spans[0] == (len(shared), shared.decode())
+    assert none == []
