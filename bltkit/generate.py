@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model.layers import apply_rope, rope_cos_sin
+from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
 
@@ -86,16 +86,19 @@ class _Fused:
         self.blocks = list(blocks)
         self.qkv, self.w13 = {}, {}
         with torch.no_grad():
-            for b in self.blocks:
-                a, f = b.attention, b.feed_forward
-                self.qkv[id(b)] = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight])
-                self.w13[id(b)] = torch.cat([f.w1.weight, f.w3.weight])
+            for b, qkv, w13 in self._sources():
+                self.qkv[id(b)], self.w13[id(b)] = torch.cat(qkv), torch.cat(w13)
         self.version = self._version()
 
-    def _sources(self):
-        for b in self.blocks:
+    @staticmethod
+    def sources(blocks):
+        """(block, (wq, wk, wv), (w1, w3)) of each block: the weights a fused copy concatenates."""
+        for b in blocks:
             a, f = b.attention, b.feed_forward
             yield b, (a.wq.weight, a.wk.weight, a.wv.weight), (f.w1.weight, f.w3.weight)
+
+    def _sources(self):
+        return self.sources(self.blocks)
 
     def _version(self) -> int:
         return sum(w._version for _, qkv, w13 in self._sources() for w in (*qkv, *w13))
@@ -148,8 +151,16 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         return h + layer.feed_forward(layer.ffn_norm(h))
     # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
     h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
-    a, b = F.linear(layer.ffn_norm(h), fused.w13[id(layer)]).chunk(2, dim=-1)
-    return _linear_add(h, F.silu(a) * b, layer.feed_forward.w2.weight)
+    m = _swiglu(layer.feed_forward, layer.ffn_norm(h), fused.w13[id(layer)])
+    return _linear_add(h, m, layer.feed_forward.w2.weight)
+
+
+def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(w1 hn) * w3 hn, the FFN before w2; `w13` ([w1; w3], a fused copy): one product."""
+    if w13 is None:
+        return F.silu(ff.w1(hn)) * ff.w3(hn)
+    a, b = F.linear(hn, w13).chunk(2, dim=-1)
+    return F.silu(a) * b
 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
@@ -202,18 +213,24 @@ PATCH_EVERY_BYTE_ROWS = 8
 KERNEL_MAX_ROWS = 8
 
 
-def _kernels_run(device: torch.device, stacks) -> bool:
-    """bltkit.kernels can run the step of every stack in `stacks` on `device`."""
+def _kernels_refusal(device: torch.device, fuse: bool, stacks) -> str | None:
+    """Why bltkit.kernels cannot run the steps of `stacks` on `device` (None: they can)."""
     from . import kernels as K
 
-    return K.available(device) and all(K.supported(c.head_dim) for c in stacks)
+    if not fuse:
+        return "Generator(kernels=True) runs the fused projections: leave fuse=True"
+    if not K.available(device):
+        return ("Generator(kernels=True) needs the triton package and a CUDA model "
+                "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
+    bad = [c.head_dim for c in stacks if not K.supported(c.head_dim)]
+    if bad:
+        return f"Generator(kernels=True) needs power-of-two head dims >= 4; this model has {bad}"
+    return None
 
 
 def _fused_bytes(blocks) -> int:
     """Bytes that `_Fused(blocks)` allocates: one more copy of each block's q, k, v, w1, w3."""
-    ws = [w for b in blocks for w in (b.attention.wq.weight, b.attention.wk.weight, b.attention.wv.weight,
-                                       b.feed_forward.w1.weight, b.feed_forward.w3.weight)]
-    return sum(w.numel() * w.element_size() for w in ws)
+    return sum(w.numel() * w.element_size() for _, qkv, w13 in _Fused.sources(blocks) for w in (*qkv, *w13))
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:
@@ -270,7 +287,9 @@ class Generator:
             ([self.cfg.entropy_model] if ent_layers else [])
         auto = kernels is None
         if auto:  # where they can run (Triton's CPU interpreter, for tests, only when asked)
-            kernels = model.device.type == "cuda" and fuse and not compile and _kernels_run(model.device, stacks)
+            kernels = model.device.type == "cuda" and not compile and _kernels_refusal(model.device, fuse, stacks) is None
+        elif kernels and (refusal := _kernels_refusal(model.device, fuse, stacks)):
+            raise ValueError(refusal)
         self.kernels = kernels
         # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB);
         # chosen by default only where they take at most half of the free memory (else the byte
@@ -278,17 +297,9 @@ class Generator:
         glob = model.global_transformer.layers
         self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
             else None
-        if kernels:
-            if not fuse:
-                raise ValueError("Generator(kernels=True) runs the fused projections: leave fuse=True")
-            from . import kernels as K
-
-            if not K.available(model.device):
-                raise ValueError("Generator(kernels=True) needs the triton package and a CUDA model "
-                                 "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
-            bad = [c.head_dim for c in stacks if not K.supported(c.head_dim)]
-            if bad:
-                raise ValueError(f"Generator(kernels=True) needs power-of-two head dims >= 4; this model has {bad}")
+        # the decoder's cross-attention steps take the Triton kernel too where its heads fit
+        self._cross_kernel = bool(kernels) and _kernels_refusal(model.device, fuse,
+                                                                model.local_decoder.cross_attn_layers) is None
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -473,25 +484,16 @@ class Generator:
             if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
                 x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L)
                 continue
-            if fg is not None:  # q|k|v in one product, w1|w3 in another: 3 kernels fewer a layer
-                N, Nk = att.n_heads, att.n_kv_heads
-                y = F.linear(layer.attention_norm(x), fg.qkv[id(layer)]).view(B, 1, N + 2 * Nk, att.head_dim)
-                q, k = apply_rope(y[:, :, :N + Nk], cos, sin).split([N, Nk], dim=2)
-                v = y[:, :, N + Nk:]
-            else:
-                q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+            # with fg: q|k|v in one product, w1|w3 in another (3 kernels fewer a layer)
+            q, k, v = att.qkv(layer.attention_norm(x), cos, sin, fg.qkv[id(layer)] if fg is not None else None)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
             out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=gmask,
                                                  enable_gqa=att.n_heads != att.n_kv_heads)
             x = _linear_add(x, out.transpose(1, 2), att.wo.weight)
-            ff, hn = layer.feed_forward, layer.ffn_norm(x)
-            if fg is not None:
-                a, b = F.linear(hn, fg.w13[id(layer)]).chunk(2, dim=-1)
-                x = _linear_add(x, F.silu(a) * b, ff.w2.weight)
-            else:
-                x = _linear_add(x, F.silu(ff.w1(hn)) * ff.w3(hn), ff.w2.weight)
+            w13 = fg.w13[id(layer)] if fg is not None else None
+            x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
         dunits = m.local_decoder.split_units(x)  # B K Dd
         sel = close.view(B, 1, 1, 1)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):
@@ -514,15 +516,11 @@ class Generator:
         R = self._rope(cos, sin)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
-        kern = isinstance(R, tuple)  # the Triton block steps run (a few rows): the cross steps too
-        if kern:
-            from .kernels import supported
+        kern = isinstance(R, tuple) and self._cross_kernel  # the Triton block steps run (a few rows)
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
-                xl = dec.cross_attn_layers[j]
-                z = _cross_step(xl, z, self.dec_xk[j], self.dec_xv[j], None,
-                                kernel=kern and supported(xl.head_dim))
+                z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R)
         return dec.head(z)[:, 0]
 

@@ -274,16 +274,17 @@ def test_kernels_default_only_where_they_can_run(monkeypatch):
     from types import SimpleNamespace
 
     from bltkit import kernels
-    from bltkit.generate import _kernels_run
+    from bltkit.generate import _kernels_refusal
 
     model = make_model()
     monkeypatch.setattr(kernels, "available", lambda device: True)
     assert Generator(model).kernels is False
     cuda = torch.device("cuda")
-    assert _kernels_run(cuda, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=128)])
-    assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=96)])
+    assert _kernels_refusal(cuda, True, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=128)]) is None
+    assert "head dims" in _kernels_refusal(cuda, True, [SimpleNamespace(head_dim=64), SimpleNamespace(head_dim=96)])
+    assert "fuse=True" in _kernels_refusal(cuda, False, [SimpleNamespace(head_dim=64)])
     monkeypatch.setattr(kernels, "available", lambda device: False)
-    assert not _kernels_run(cuda, [SimpleNamespace(head_dim=64)])
+    assert "triton" in _kernels_refusal(cuda, True, [SimpleNamespace(head_dim=64)])
 
 
 def test_speculative_decoding_repeats_only_after_a_patch_step():

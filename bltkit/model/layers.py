@@ -75,14 +75,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Projected, rotated q [B,T,N,H] and k, v [B,T,Nkv,H] (used by the KV caches too)."""
+    def qkv(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_qkv: torch.Tensor | None = None):
+        """Projected, rotated q [B,T,N,H] and k, v [B,T,Nkv,H] (used by the KV caches too).
+        `w_qkv`: wq, wk and wv concatenated (the generator's fused copy): one product for three."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        qk = apply_rope(torch.cat([q, k], dim=2), cos, sin)  # one rotation for q and k
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        N, Nk = self.n_heads, self.n_kv_heads
+        if w_qkv is None:
+            q = self.wq(x_BTD).view(B, T, N, self.head_dim)
+            k = self.wk(x_BTD).view(B, T, Nk, self.head_dim)
+            v = self.wv(x_BTD).view(B, T, Nk, self.head_dim)
+            qk = torch.cat([q, k], dim=2)
+        else:
+            y = F.linear(x_BTD, w_qkv).view(B, T, N + 2 * Nk, self.head_dim)
+            qk, v = y[:, :, :N + Nk], y[:, :, N + Nk:]
+        q, k = apply_rope(qk, cos, sin).split([N, Nk], dim=2)  # one rotation for q and k
         return q, k, v
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
