@@ -35,12 +35,13 @@ run gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.
 # shellcheck disable=SC2086
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}" ${GEN_TABLE:-}  # the kernel table at the end needs ~30 s more
-# the PyTorch block steps, then the Triton ones with speculation (both Generator defaults on CUDA
-# since the eighth session; speculation only under 8 rows)
+# the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation
+# (under 8 rows); the latter two off by default until this run tests them (UNTIMED_BY_DEFAULT)
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
-  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --json "$OUT/generate_kernels.json"
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
+  --json "$OUT/generate_kernels.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
 # where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)
