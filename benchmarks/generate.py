@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
     ap.add_argument("--speculate", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, speculate=...): decode beside the entropy model; auto (the "
-                         "default) is the Generator's default (off until timed: UNTIMED_BY_DEFAULT)")
+                         "default) is the Generator's default (on for CUDA models that patch by entropy)")
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")

@@ -36,7 +36,7 @@ run gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}" ${GEN_TABLE:-}  # the kernel table at the end needs ~30 s more
 # the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation
-# (under 8 rows); the latter two off by default until this run tests them (UNTIMED_BY_DEFAULT)
+# (under 8 rows); both on by default since the ninth session's run tested them
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \

@@ -207,11 +207,6 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # nearly always be repeated (Generator(speculate=...))
 PATCH_EVERY_BYTE_ROWS = 8
 
-# paths written without a GPU at hand (speculation, the cross-attention kernel): the default
-# leaves them off, and asking turns them on, until a GPU run tests and times them
-# (benchmarks/gpu_measure.sh gpu_tests, profile_generate, generate_kernels); then flip this
-UNTIMED_BY_DEFAULT = False
-
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a head's weights for one row (matrix-vector products), which is what one to a few rows
 # need; more rows share cuBLAS's matrix products better
@@ -263,9 +258,9 @@ class Generator:
         speculate: for batches under PATCH_EVERY_BYTE_ROWS rows, decode each byte before its
             boundary is known, as if no patch closes, beside the entropy model (a second CUDA
             stream), and decode again after the patch step when one closes. The same bytes either
-            way (tests/test_generate.py). Default (None): off until a GPU run has tested and
-            timed it (UNTIMED_BY_DEFAULT); then on for a CUDA model that patches by entropy,
-            without `compile`.
+            way (tests/test_generate.py). Default (None): on for a CUDA model that patches by
+            entropy, without `compile` (blt-1b on an H200: 2.17 -> 2.07 ms a byte;
+            docs/benchmarks.md).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
@@ -303,9 +298,8 @@ class Generator:
         glob = model.global_transformer.layers
         self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
             else None
-        # the decoder's cross-attention steps take the Triton kernel too where its heads fit (by
-        # default only once a GPU run has tested it: UNTIMED_BY_DEFAULT)
-        self._cross_kernel = bool(kernels) and (not auto or UNTIMED_BY_DEFAULT) and _kernels_refusal(
+        # the decoder's cross-attention steps take the Triton kernel too where its heads fit
+        self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
     # -- state ----------------------------------------------------------------------------------
@@ -362,7 +356,7 @@ class Generator:
         # speculating pays where the entropy model can run beside the decoder: on CUDA, uncompiled
         spec = self.speculate
         if spec is None:
-            spec = UNTIMED_BY_DEFAULT and dev.type == "cuda" and not self.compiled and self.ent is not None
+            spec = dev.type == "cuda" and not self.compiled and self.ent is not None
         self.speculating = spec and B < PATCH_EVERY_BYTE_ROWS
         # the entropy model's stream beside the decoder's (not under compile, which traces one)
         side = self.speculating and self.ent is not None and dev.type == "cuda" and not self.compiled
