@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
 
+from bltkit import generate
 from bltkit.bytes import encode
 from bltkit.generate import Generator
 
@@ -26,13 +27,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", default="graphs,eager,compile",
                     help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile), "
-                         "kernels (graphs + bltkit.kernels' Triton block steps), speculate (kernels + "
-                         "Generator(speculate=True): the decoder beside the entropy model); only "
-                         "speculate speculates")
+                         "kernels (graphs + bltkit.kernels' Triton block steps), kernels-attend (kernels "
+                         "with kernels.attend for the attention: generate.ATTEND_KERNEL = True), speculate "
+                         "(kernels + Generator(speculate=True): the decoder beside the entropy model); "
+                         "only speculate speculates")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
                     help="the per-graph tables for Generator(speculate=True) (its speculative graph)")
+    ap.add_argument("--table-attend", action="store_true", help="the tables with kernels.attend (ATTEND_KERNEL)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -42,16 +45,20 @@ def main() -> None:
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
-                "speculate": (True, False, True, True)}
-    for graphs, comp, kern, spec in (variants[v] for v in args.variants.split(",")):
+                "kernels-attend": (True, False, True, False), "speculate": (True, False, True, True)}
+    default_attend = generate.ATTEND_KERNEL
+    for name in args.variants.split(","):
+        graphs, comp, kern, spec = variants[name]
+        generate.ATTEND_KERNEL = default_attend or name == "kernels-attend"  # read when a Generator is made
         t = time.perf_counter()
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
-        print(f"cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+        print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
+    generate.ATTEND_KERNEL = default_attend or args.table_attend
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a

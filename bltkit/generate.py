@@ -124,15 +124,16 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
-                rope: torch.Tensor | tuple | None = None):
+                rope: torch.Tensor | tuple | None = None, attend_kernel: bool = False):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
     kernels (`bltkit.kernels`: norm, q|k|v, RoPE and the ring writes in one kernel, and norm,
-    w1|w3 and SwiGLU in another)."""
+    w1|w3 and SwiGLU in another, with their attention kernel). `attend_kernel`: the attention
+    by `bltkit.kernels.attend` on the PyTorch path too (more rows than the block kernels take)."""
     att = layer.attention
     if isinstance(rope, tuple):
-        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope)
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, attend_kernel=attend_kernel)
     R = rope
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -144,13 +145,12 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
-                                         enable_gqa=att.n_heads != att.n_kv_heads)
+    out = _attend(q[:, 0], kc, vc, mask, kernel=attend_kernel)  # B N H
     if fused is None:
-        h = x_B1D + att.wo(out.transpose(1, 2).flatten(2))
+        h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
     # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
-    h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
+    h = _linear_add(x_B1D, out, att.wo.weight)
     m = _swiglu(layer.feed_forward, layer.ffn_norm(h), fused.w13[id(layer)])
     return _linear_add(h, m, layer.feed_forward.w2.weight)
 
@@ -164,20 +164,33 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tens
 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
-                        n_keys: int | None = None) -> torch.Tensor:
+                        n_keys: int | None = None, attend_kernel: bool = False) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
-    attention over the first `n_keys` cache slots (all by default)."""
+    attention over the first `n_keys` cache slots (all by default; `attend_kernel`: by
+    kernels.attend)."""
     from . import kernels
 
     att, B = layer.attention, x_B1D.shape[0]
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    out = F.scaled_dot_product_attention(q[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
-                                         enable_gqa=att.n_heads != att.n_kv_heads)
-    h = _linear_add(x_B1D, out.transpose(1, 2), att.wo.weight)
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=attend_kernel), att.wo.weight)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
     return _linear_add(h, m, layer.feed_forward.w2.weight)
+
+
+def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
+            n_keys: int | None = None, kernel: bool = False) -> torch.Tensor:
+    """One position's attention over the first `n_keys` cache slots (all by default) with the
+    step's additive mask -> [B, N, H]: SDPA, or with `kernel` bltkit.kernels.attend (SDPA runs a
+    many-query kernel for the one query: 20-39 µs a call at 64 rows on an H200)."""
+    if kernel:
+        from . import kernels
+
+        return kernels.attend(q_BNH, kc, vc, mask, n_keys)
+    out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
+                                         enable_gqa=q_BNH.shape[1] != kc.shape[1])
+    return out[:, :, 0]
 
 
 def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -206,6 +219,11 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # step without asking the GPU (a host sync), and decoding before the boundary is known would
 # nearly always be repeated (Generator(speculate=...))
 PATCH_EVERY_BYTE_ROWS = 8
+
+# Generator(kernels=...) runs bltkit.kernels.attend for the steps' self-attention, at every row
+# count, where this is True: off until a GPU run has tested and timed it against SDPA
+# (benchmarks/profile_generate.py --variants kernels,kernels-attend)
+ATTEND_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a head's weights for one row (matrix-vector products), which is what one to a few rows
@@ -298,7 +316,9 @@ class Generator:
         glob = model.global_transformer.layers
         self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
             else None
-        # the decoder's cross-attention steps take the Triton kernel too where its heads fit
+        # the attention kernel for every row count (it reads no weights: ATTEND_KERNEL); the decoder's
+        # cross-attention steps take the Triton kernel too where its heads fit
+        self._attend_kernel = bool(kernels) and ATTEND_KERNEL
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -382,7 +402,8 @@ class Generator:
         R = self._rope(cos, sin)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
-            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R)
+            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
+                            self._attend_kernel)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -430,7 +451,8 @@ class Generator:
         h = e
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
-            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R)
+            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
+                            self._attend_kernel)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -483,16 +505,16 @@ class Generator:
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
-                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L)
+                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L,
+                                        self._attend_kernel)
                 continue
             # with fg: q|k|v in one product, w1|w3 in another (3 kernels fewer a layer)
             q, k, v = att.qkv(layer.attention_norm(x), cos, sin, fg.qkv[id(layer)] if fg is not None else None)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=gmask,
-                                                 enable_gqa=att.n_heads != att.n_kv_heads)
-            x = _linear_add(x, out.transpose(1, 2), att.wo.weight)
+            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._attend_kernel)
+            x = _linear_add(x, out, att.wo.weight)
             w13 = fg.w13[id(layer)] if fg is not None else None
             x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
         dunits = m.local_decoder.split_units(x)  # B K Dd
@@ -522,7 +544,8 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern)
-            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R)
+            z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
+                            self._attend_kernel)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()

@@ -1,8 +1,8 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Three kernels here replace the
-chains of a step that surround its matrix-vector products:
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Four kernels here replace the
+chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
   caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
@@ -11,8 +11,13 @@ chains of a step that surround its matrix-vector products:
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
   kernel for the norm, product, layout copy and attention call.
+- `attend`: one position's attention over a stack's cache with the step's additive mask, in
+  place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
+  20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
+  program per row and head walks the keys in blocks with an online softmax in fp32. Unlike the
+  others it has no weights, so it serves any batch size.
 
-Each program computes whole output rows from the full input row, so no partial sums cross
+Each projecting program computes whole output rows from the full input row, so no partial sums cross
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
 weights it reads). Rounding follows the PyTorch path step by step (every tensor the reference
 materialises in the model's dtype is rounded to it here too), so in fp32 the results agree to
@@ -171,6 +176,42 @@ if triton is not None:
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
 
+    @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
+                                      [4, 2, 4, 8]), key=["S", "N", "NK"])
+    @triton.jit
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, scale, N, NK, sq_b, sq_n,
+                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, H: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)
+        dt = o_ptr.dtype.element_ty
+        h = tl.arange(0, H)
+        q = tl.load(q_ptr + b * sq_b + head * sq_n + h).to(tl.float32)
+        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        k_row = k_ptr + b * sk_b + kvh * sk_n
+        v_row = v_ptr + b * sv_b + kvh * sv_n
+        m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)  # running max (a scalar)
+        l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)  # running sum of exp
+        acc = tl.zeros([H], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < S
+            mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
+            # hidden slots are never read: whatever they hold (a discarded row's NaN at the global
+            # cache's dummy slot) stays out of the sums
+            seen = mask != float("-inf")
+            kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+            sc = tl.where(seen, tl.sum(kk * q[None, :], axis=1) * scale + mask, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf) = 0
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(sc - m_use)
+            vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            m_i = m_new
+        tl.store(o_ptr + (b * N + head) * H + h, (acc / tl.where(l_i > 0, l_i, 1.0)).to(dt))  # none seen: 0
+
+
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -210,4 +251,23 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         x_BD, norm_weight, w_q, k, v, out, D, eps, H ** -0.5, n_heads, n_kv, K,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H=H, BLOCK_K=triton.next_power_of_2(K))
+    return out
+
+
+def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           n_keys: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
+    row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
+    slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
+    or any view whose last dim indexes the slots: 0 visible, -inf not). Hidden slots are not
+    read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros (the
+    global step's rows that close no patch, whose results are discarded)."""
+    B, N, H = q_BNH.shape
+    S = k.shape[2] if n_keys is None else n_keys
+    out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
+    m = mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
+    _attend_kernel[(B, N)](
+        q_BNH, k, v, m, out, S, H ** -0.5, N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        m.stride(0) if m.shape[0] > 1 else 0, m.stride(1), H=H)
     return out

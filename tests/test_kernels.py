@@ -117,10 +117,80 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize("mode", [{}, {"mode": "space", "max_patch_length": 4}])
-def test_generator_with_kernels_equals_reference(mode):
+# the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
+# and round once to the dtype: one bf16 step (2^-7 relative) at the largest magnitude at most
+@pytest.mark.parametrize(("N", "NK", "S", "n_keys"), [(4, 4, 8, None), (4, 2, 150, 130)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys):
+    """One query a row over a cache's first n_keys slots with an additive mask: GQA, q a strided
+    view (as the fused q|k|v product leaves it), and a row whose only visible key is the last, so
+    the online softmax starts on fully masked key blocks (S = 150 spans several blocks)."""
+    B, H = 3, 16
+    L = n_keys or S
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(B, N + 2, H, generator=g).to(DEV, dtype)
+    q = y[:, :N]  # strided rows
+    k = torch.randn(B, NK, S, H, generator=g).to(DEV, dtype)
+    v = torch.randn(B, NK, S, H, generator=g).to(DEV, dtype)
+    visible = torch.rand(B, L, generator=g) < 0.5
+    visible[0, 0] = True
+    visible[1] = False
+    visible[1, L - 1] = True
+    visible[2] = True
+    mask = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype).masked_fill_(visible[:, None, None], 0.0).to(DEV)
+    out = kernels.attend(q, k, v, mask, n_keys)
+    want = F.scaled_dot_product_attention(q.float()[:, :, None], k.float()[:, :, :L], v.float()[:, :, :L],
+                                          attn_mask=visible[:, None, None].to(DEV), enable_gqa=N != NK)[:, :, 0]
+    assert out.shape == (B, N, H)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
+def test_attend_reads_no_hidden_slot():
+    """Hidden slots may hold anything (a discarded row's NaN at the global cache's dummy slot):
+    they stay out of the sums, and a row that sees no key gets zeros, not 0/0."""
+    B, N, H, S = 2, 2, 16, 70
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, N, H, generator=g).to(DEV)
+    k = torch.randn(B, N, S, H, generator=g).to(DEV)
+    v = torch.randn(B, N, S, H, generator=g).to(DEV)
+    visible = torch.zeros(B, S, dtype=torch.bool)
+    visible[0, [3, 40, 69]] = True  # row 1 sees nothing
+    mask = torch.full((B, 1, 1, S), float("-inf")).masked_fill_(visible[:, None, None], 0.0).to(DEV)
+    want = F.scaled_dot_product_attention(q[:1, :, None], k[:1], v[:1], attn_mask=visible[:1, None, None].to(DEV))
+    k[~visible.to(DEV)[:, None].expand(B, N, S)] = float("nan")
+    v[~visible.to(DEV)[:, None].expand(B, N, S)] = float("nan")
+    out = kernels.attend(q, k, v, mask)
+    torch.testing.assert_close(out[:1], want[:, :, 0], rtol=0, atol=1e-5)
+    assert not out[1].any()
+
+
+@pytest.mark.parametrize("attend", [False, True])
+def test_generator_with_kernels_across_documents(attend, monkeypatch):
+    """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
+    no global key in its discarded step, and its NaN-free result keeps later steps exact (the
+    ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot)."""
+    from bltkit import generate
+
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", attend)
+    model = make_model(seed=0, window=8, mode="space", max_patch_length=4).to(DEV)
+    with torch.no_grad():  # EOS about one byte in three
+        w = model.local_decoder.output.weight
+        w[2] = w[2] * 4 + w.std() * 2
+    prompts = random_prompts(seed=1, n=2)
+    want = reference_generate(model, prompts, 12, stop_at_eos=False)
+    assert sum(row.count(2) for row in want) >= 4
+    assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
+
+
+@pytest.mark.parametrize(("mode", "attend"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
+def test_generator_with_kernels_equals_reference(mode, attend, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
-    within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap)."""
+    within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); the attention
+    by SDPA or by kernels.attend (ATTEND_KERNEL)."""
+    from bltkit import generate
+
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", attend)
     model = make_model(seed=4, window=8, **mode).to(DEV)
     prompts = random_prompts(seed=5, n=2)
     logits = {}
@@ -146,7 +216,8 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
 
 def test_generator_kernels_only_for_few_rows(monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
-    global stack's on the kernels' fused copies (q|k|v, w1|w3), with the reference's bytes."""
+    global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays,
+    with the reference's bytes."""
     from bltkit import generate
 
     model = make_model(seed=6).to(DEV)
@@ -159,6 +230,16 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
 
     monkeypatch.setattr(kernels, "norm_qkv_rope", refuse)
     monkeypatch.setattr(kernels, "norm_swiglu", refuse)
+    attend, calls = kernels.attend, []  # the attention kernel reads no weights: it serves every batch
+
+    def counted(*a, **k):
+        calls.append(a[0].shape[0])
+        return attend(*a, **k)
+
+    monkeypatch.setattr(kernels, "attend", counted)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
     gen = Generator(model, kernels=True)
     assert gen.fused_global is not None
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
+    assert calls
+    assert set(calls) == {len(prompts)}
