@@ -88,9 +88,19 @@ def main() -> None:
     ap.add_argument("--shipped-steps", type=int, default=6400, help="the shipped run's steps, for the last column")
     ap.add_argument("--candidate", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="instead of the built-in candidates (repeat; the first is the reference)")
-    ap.add_argument("--only", nargs="+", help="run only these built-in candidates")
+    ap.add_argument("--only", nargs="+", help="run only these built-in candidates; the results of the others "
+                    "from earlier calls (OUT/sweep.json) stay in the table")
+    ap.add_argument("--table", action="store_true", help="print the table of OUT/sweep.json and stop")
     args = ap.parse_args()
     cands = dict(c.split("=", 1) for c in args.candidate) if args.candidate else dict(CANDIDATES)
+    order = list(cands)  # the table's order; its first candidate with a result is the reference
+    saved = Path(args.out) / "sweep.json"
+    # a sweep split over several calls (--only): the earlier calls' results stay
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    if args.table:
+        if not results:
+            raise SystemExit(f"no results in {saved}")
+        return print_table(results, order, args)
     if args.only:
         unknown = set(args.only) - set(cands)
         if unknown:
@@ -98,7 +108,6 @@ def main() -> None:
         cands = {k: v for k, v in cands.items() if k in args.only}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     base = shlex.split(args.args)
-    results = {}
     for name, extra in cands.items():
         overrides = shlex.split(extra)
         n, size = shipped_bytes(args.preset, base + overrides)
@@ -110,13 +119,21 @@ def main() -> None:
             r.update(run_candidate(name, overrides, args))
             print(f"{name}: val bpb {r['val_bpb']:.4f}, {r['step_ms']:.0f} ms a step", flush=True)
         results[name] = r
-        (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")
-    ref = next((r for r in results.values() if "step_ms" in r), None)
-    print(f"\n{args.steps} steps each; last column: steps in the time the first candidate takes for "
+        saved.write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results, order, args)
+
+
+def print_table(results: dict, order: list[str], args) -> None:
+    """The sweep's markdown table, candidates in `order` (then any others of an earlier sweep)."""
+    names = [n for n in order if n in results] + [n for n in results if n not in order]
+    ref_name = next(n for n in names if "step_ms" in results[n])
+    ref = results[ref_name]
+    print(f"\n{args.steps} steps each; last column: steps in the time {ref_name} takes for "
           f"{args.shipped_steps}")
     print("| candidate | parameters | shipped MB | ms a step | val bpb | steps in the same time |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
+    for name in names:
+        r = results[name]
         if "skipped" in r:
             print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['shipped_bytes'] / 1e6:.1f} | - | skipped: {r['skipped']} | - |")
         else:

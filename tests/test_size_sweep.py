@@ -33,3 +33,20 @@ def test_every_candidate_fits_the_cap_and_differs():
              for name, extra in size_sweep.CANDIDATES.items()}
     assert all(b <= 60e6 for _, b in sizes.values()), sizes
     assert len({n for n, _ in sizes.values()}) == len(sizes)  # each candidate is another shape
+
+
+def test_table_merges_calls_in_candidate_order(tmp_path, monkeypatch, capsys):
+    """A sweep split over calls (--only) keeps the earlier results; the table lists the
+    candidates in their built-in order and times them against the first (the shipped shape),
+    whichever call ran it."""
+    runs = {"decoder-6-global-5": {"overrides": "", "params": 2e7, "shipped_bytes": 4e7, "val_bpb": 1.9,
+                                   "step_ms": 200.0},
+            "shipped": {"overrides": "", "params": 2e7, "shipped_bytes": 4e7, "val_bpb": 2.0, "step_ms": 100.0}}
+    (tmp_path / "sweep.json").write_text(__import__("json").dumps(runs))
+    monkeypatch.setattr(sys, "argv", ["size_sweep.py", "--data", "x", "--entropy-model", "x", "--out",
+                                      str(tmp_path), "--table", "--shipped-steps", "1000"])
+    size_sweep.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "---" not in r][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| shipped", "| decoder-6-global-5"]
+    assert rows[0].endswith("| 1,000 |")
+    assert rows[1].endswith("| 500 |")
