@@ -34,7 +34,7 @@
 # calibrated, and the card names where it came from).
 #
 # On the GPU tool (docs/benchmarks.md): it sends the tracked tree with the carried paths, 64 MiB in
-# all, and the shipped model (57 MB) does not fit beside the packed corpus (data/pack, 53 MB). For
+# all, and the shipped model (57 MB) does not fit beside the packed corpus (data/pack, 54 MB). For
 # the call, untrack the shipped copy:
 #   git rm -r -q --cached bltkit/models/default && echo /bltkit/models/default/ >> .git/info/exclude
 # and afterwards restore it:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gettext
+import hashlib
 import io
+import shutil
 import struct
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,30 @@ def test_mo_strings_reads_translations_in_table_order(end):
 def test_mo_strings_rejects_other_files():
     with pytest.raises(build_corpus.BuildError, match=r"not a GNU \.mo catalog"):
         build_corpus.mo_strings(b"\0" * 28)
+
+
+@pytest.mark.skipif(shutil.which("xz") is None, reason="needs the xz program")
+def test_pack_of_one_bundle_keeps_the_other_packed_files(tmp_path):
+    files = {"main/train.txt": b"main\n", "main/train.docs": b"0\n",
+             "extra/train.txt": b"extra\n", "extra/train.docs": b"0\n"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack/main.txt.xz").write_bytes(b"packed before")
+    sha = {rel: hashlib.sha256(files[rel]).hexdigest() for rel in ("main/train.txt", "extra/train.txt")}
+    manifest = {"files": {rel: {"bytes": len(files[rel]), "sha256": sha[rel]} for rel in sha},
+                "pack": {"main.txt.xz": 13}}
+    timings = {}
+    build_corpus.pack(tmp_path, manifest, timings, ["extra"])
+    assert (tmp_path / "pack/main.txt.xz").read_bytes() == b"packed before"
+    assert manifest["pack"]["main.txt.xz"] == 13
+    assert "main.docs.xz" not in manifest["pack"]
+    assert "xz9_bytes" in manifest["files"]["extra/train.txt"]
+    assert "xz9_bytes" not in manifest["files"]["main/train.txt"]
+    with tarfile.open(tmp_path / "pack/extra.tar.xz") as tf:
+        assert tf.getnames() == ["extra/train.txt", "extra/train.docs"]
+        assert tf.extractfile("extra/train.txt").read() == b"extra\n"
+    assert (tmp_path / "pack/SHA256SUMS").read_text() == (
+        f"{sha['extra/train.txt']}  extra/train.txt\n{sha['main/train.txt']}  main/train.txt\n")
+    assert set(timings) == {"pack_extra"}
