@@ -78,16 +78,17 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
-    ap.add_argument("--attend", choices=["auto", "on", "off"], default="auto",
-                    help="with the kernels, their attention too (bltkit.kernels.attend; "
-                         "generate.ATTEND_KERNEL): auto (the default) is the module's default")
+    ap.add_argument("--untimed-kernels", nargs="*", choices=["attend", "linear"], default=[],
+                    help="with the kernels, these too, off by default until timed: attend "
+                         "(bltkit.kernels.attend, generate.ATTEND_KERNEL), linear (kernels.linear_add, "
+                         "generate.LINEAR_KERNEL)")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
-    if args.attend != "auto":
-        generate.ATTEND_KERNEL = args.attend == "on"
+    for name in args.untimed_kernels:
+        setattr(generate, f"{name.upper()}_KERNEL", True)
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     t = time.perf_counter()

@@ -133,7 +133,8 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     by `bltkit.kernels.attend` on the PyTorch path too (more rows than the block kernels take)."""
     att = layer.attention
     if isinstance(rope, tuple):
-        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, attend_kernel=attend_kernel)
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope,
+                                   attend_kernel=attend_kernel)
     R = rope
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -174,9 +175,10 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=attend_kernel), att.wo.weight)
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=attend_kernel), att.wo.weight,
+                    kernel=LINEAR_KERNEL)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
-    return _linear_add(h, m, layer.feed_forward.w2.weight)
+    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=LINEAR_KERNEL)
 
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
@@ -193,9 +195,15 @@ def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch
     return out[:, :, 0]
 
 
-def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """beta * x + a @ weight.T as one kernel (x [B, T, D]; a [B, T, ...])."""
+def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0,
+                kernel: bool = False) -> torch.Tensor:
+    """beta * x + a @ weight.T as one kernel (x [B, T, D]; a [B, T, ...]): addmm, or with
+    `kernel` bltkit.kernels.linear_add (a few rows, T = 1)."""
     B, T, D = x_BTD.shape
+    if kernel:
+        from . import kernels
+
+        return kernels.linear_add(x_BTD.reshape(B, D), a.reshape(B, -1), weight, beta).view_as(x_BTD)
     return torch.addmm(x_BTD.reshape(B * T, D), a.reshape(B * T, -1), weight.t(), beta=beta).view_as(x_BTD)
 
 
@@ -212,7 +220,7 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
-    return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0)
+    return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=kernel and LINEAR_KERNEL)
 
 
 # from this many rows on nearly every step closes some row's patch: the patch step then runs every
@@ -224,6 +232,12 @@ PATCH_EVERY_BYTE_ROWS = 8
 # count, where this is True: off until a GPU run has tested and timed it against SDPA
 # (benchmarks/profile_generate.py --variants kernels,kernels-attend)
 ATTEND_KERNEL = False
+
+# the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with
+# bltkit.kernels.linear_add where this is True: off until a GPU run has tested and timed it
+# against cuBLAS (benchmarks/profile_generate.py --variants kernels,kernels-linear); read as the
+# steps run (so when their CUDA graphs are captured), where ATTEND_KERNEL is read by Generator()
+LINEAR_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a head's weights for one row (matrix-vector products), which is what one to a few rows

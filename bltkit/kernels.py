@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Four kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Five kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -11,11 +11,15 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
   kernel for the norm, product, layout copy and attention call.
+- `linear_add`: beta * x + a @ W.T, the output and down projections with their residual, for a
+  few rows (what `torch.addmm` computes, one rounding), where cuBLAS runs two kernels (split-K
+  and its reduction, 8.7 + 1.7 µs for the global stack's output projection at one row).
 - `attend`: one position's attention over a stack's cache with the step's additive mask, in
   place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
   20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
   program per row and head walks the keys in blocks with an online softmax in fp32. Unlike the
-  others it has no weights, so it serves any batch size.
+  others it has no weights, so it serves any batch size. With few rows a row's keys are split
+  over several programs and a second kernel combines their partial sums (flash-decoding).
 
 Each projecting program computes whole output rows from the full input row, so no partial sums cross
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
@@ -177,12 +181,17 @@ if triton is not None:
 
 
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
-                                      [4, 2, 4, 8]), key=["S", "N", "NK"])
+                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS"])
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, S, scale, N, NK, sq_b, sq_n,
-                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, H: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, S, scale, N, NK, sq_b, sq_n,
+                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, SPLITS, H: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
+        split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
+        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        start = split * chunk
+        end = tl.minimum(S, start + chunk)
         dt = o_ptr.dtype.element_ty
         h = tl.arange(0, H)
         q = tl.load(q_ptr + b * sq_b + head * sq_n + h).to(tl.float32)
@@ -192,9 +201,9 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)  # running max (a scalar)
         l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)  # running sum of exp
         acc = tl.zeros([H], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
+        for s0 in range(start, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
             s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < S
+            ok = s < end
             mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
             # hidden slots are never read: whatever they hold (a discarded row's NaN at the global
             # cache's dummy slot) stays out of the sums
@@ -209,7 +218,51 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
             m_i = m_new
-        tl.store(o_ptr + (b * N + head) * H + h, (acc / tl.where(l_i > 0, l_i, 1.0)).to(dt))  # none seen: 0
+        if SPLITS == 1:
+            tl.store(o_ptr + (b * N + head) * H + h, (acc / tl.where(l_i > 0, l_i, 1.0)).to(dt))  # none seen: 0
+        else:  # the unnormalised sums, the max and the sum of weights, for _attend_combine_kernel
+            row = part_ptr + ((b * N + head) * SPLITS + split) * (H + 2)
+            tl.store(row + h, acc)
+            tl.store(row + H, m_i)
+            tl.store(row + H + 1, l_i)
+
+    @triton.jit
+    def _attend_combine_kernel(part_ptr, o_ptr, N, SPLITS, H: tl.constexpr, BLOCK_J: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)
+        dt = o_ptr.dtype.element_ty
+        h = tl.arange(0, H)
+        j = tl.arange(0, BLOCK_J)
+        jm = j < SPLITS
+        rows = part_ptr + ((b * N + head) * SPLITS + j) * (H + 2)
+        m = tl.load(rows + H, mask=jm, other=float("-inf"))
+        l_j = tl.load(rows + H + 1, mask=jm, other=0.0)
+        top = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(top == float("-inf"), 0.0, top))  # a split that saw nothing: 0
+        acc = tl.load(rows[:, None] + h[None, :], mask=jm[:, None], other=0.0)
+        total = tl.sum(l_j * w, axis=0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
+
+
+    @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
+                                       {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512}],
+                                      [4, 4, 4, 8]), key=["D", "K"])
+    @triton.jit
+    def _linear_add_kernel(x_ptr, a_ptr, w_ptr, out_ptr, D, K, beta, sa_b, BLOCK_O: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        b = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        dt = out_ptr.dtype.element_ty
+        rmask = rows < D
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + b * sa_b + k, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + k[None, :], mask=rmask[:, None] & (k < K)[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        x = tl.load(x_ptr + b * D + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # addmm's one rounding
 
 
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
@@ -254,20 +307,44 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     return out
 
 
+# attend() splits a row's keys over programs until about this many run (an H200 has 132 SMs), in
+# chunks of at least ATTEND_MIN_CHUNK keys; a second kernel then combines the splits
+ATTEND_PROGRAMS = 512
+ATTEND_MIN_CHUNK = 64
+
+
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           n_keys: int | None = None) -> torch.Tensor:
+           n_keys: int | None = None, splits: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
     or any view whose last dim indexes the slots: 0 visible, -inf not). Hidden slots are not
     read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros (the
-    global step's rows that close no patch, whose results are discarded)."""
+    global step's rows that close no patch, whose results are discarded). `splits`: programs a
+    row and head (default: enough for ATTEND_PROGRAMS in all, chunks of >= ATTEND_MIN_CHUNK)."""
     B, N, H = q_BNH.shape
     S = k.shape[2] if n_keys is None else n_keys
     out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
     m = mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
-    _attend_kernel[(B, N)](
-        q_BNH, k, v, m, out, S, H ** -0.5, N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1),
+    if splits is None:
+        splits = max(1, min(-(-ATTEND_PROGRAMS // (B * N)), -(-S // ATTEND_MIN_CHUNK)))
+    part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
+    _attend_kernel[(B, N, splits)](
+        q_BNH, k, v, m, out, part, S, H ** -0.5, N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        m.stride(0) if m.shape[0] > 1 else 0, m.stride(1), H=H)
+        m.stride(0) if m.shape[0] > 1 else 0, m.stride(1), splits, H=H)
+    if splits > 1:
+        _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
+    return out
+
+
+def linear_add(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """beta * x + a @ weight.T [B, D] for a few rows (weight [D, K]): `torch.addmm`'s result and
+    its single rounding (the sum in fp32, then the dtype), one kernel where cuBLAS runs a split-K
+    product and its reduction for one row. `a` may have any row stride."""
+    B, D = x_BD.shape
+    K = weight.shape[1]
+    out = torch.empty_like(x_BD)
+    _linear_add_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_O"]))](
+        x_BD, a_BK, weight, out, D, K, beta, a_BK.stride(0))
     return out

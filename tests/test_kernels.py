@@ -119,12 +119,14 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
 
 # the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
 # and round once to the dtype: one bf16 step (2^-7 relative) at the largest magnitude at most
+@pytest.mark.parametrize("splits", [1, 3])  # one program a row and head, or three and their combination
 @pytest.mark.parametrize(("N", "NK", "S", "n_keys"), [(4, 4, 8, None), (4, 2, 150, 130)])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
-def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys):
+def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys, splits):
     """One query a row over a cache's first n_keys slots with an additive mask: GQA, q a strided
     view (as the fused q|k|v product leaves it), and a row whose only visible key is the last, so
-    the online softmax starts on fully masked key blocks (S = 150 spans several blocks)."""
+    the online softmax starts on fully masked key blocks (S = 150 spans several blocks) and, split,
+    some splits see nothing (and with S = 8 some have no keys at all)."""
     B, H = 3, 16
     L = n_keys or S
     g = torch.Generator().manual_seed(2)
@@ -138,7 +140,7 @@ def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys):
     visible[1, L - 1] = True
     visible[2] = True
     mask = torch.full((B, 1, 1, L), float("-inf"), dtype=dtype).masked_fill_(visible[:, None, None], 0.0).to(DEV)
-    out = kernels.attend(q, k, v, mask, n_keys)
+    out = kernels.attend(q, k, v, mask, n_keys, splits)
     want = F.scaled_dot_product_attention(q.float()[:, :, None], k.float()[:, :, :L], v.float()[:, :, :L],
                                           attn_mask=visible[:, None, None].to(DEV), enable_gqa=N != NK)[:, :, 0]
     assert out.shape == (B, N, H)
@@ -146,7 +148,24 @@ def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
-def test_attend_reads_no_hidden_slot():
+@pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the cross-attention's double one
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_linear_add_equals_addmm(dtype, tol, beta):
+    """beta x + a W^T in fp32 and one rounding, as addmm; a with a row stride (a view), K not a
+    multiple of the kernel's blocks (one bf16 step at the largest magnitude, as attend's)."""
+    B, D, K = 3, 40, 600
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
+    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
+    out = kernels.linear_add(x, a, w, beta)
+    want = beta * x.float() + a.float() @ w.float().T
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_attend_reads_no_hidden_slot(splits):
     """Hidden slots may hold anything (a discarded row's NaN at the global cache's dummy slot):
     they stay out of the sums, and a row that sees no key gets zeros, not 0/0."""
     B, N, H, S = 2, 2, 16, 70
@@ -160,19 +179,21 @@ def test_attend_reads_no_hidden_slot():
     want = F.scaled_dot_product_attention(q[:1, :, None], k[:1], v[:1], attn_mask=visible[:1, None, None].to(DEV))
     k[~visible.to(DEV)[:, None].expand(B, N, S)] = float("nan")
     v[~visible.to(DEV)[:, None].expand(B, N, S)] = float("nan")
-    out = kernels.attend(q, k, v, mask)
+    out = kernels.attend(q, k, v, mask, splits=splits)
     torch.testing.assert_close(out[:1], want[:, :, 0], rtol=0, atol=1e-5)
     assert not out[1].any()
 
 
-@pytest.mark.parametrize("attend", [False, True])
-def test_generator_with_kernels_across_documents(attend, monkeypatch):
+@pytest.mark.parametrize("untimed", [False, True])
+def test_generator_with_kernels_across_documents(untimed, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
     no global key in its discarded step, and its NaN-free result keeps later steps exact (the
     ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot)."""
     from bltkit import generate
 
-    monkeypatch.setattr(generate, "ATTEND_KERNEL", attend)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", untimed)
+    monkeypatch.setattr(generate, "LINEAR_KERNEL", untimed)
+    monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=0, window=8, mode="space", max_patch_length=4).to(DEV)
     with torch.no_grad():  # EOS about one byte in three
         w = model.local_decoder.output.weight
@@ -183,14 +204,16 @@ def test_generator_with_kernels_across_documents(attend, monkeypatch):
     assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
 
 
-@pytest.mark.parametrize(("mode", "attend"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
-def test_generator_with_kernels_equals_reference(mode, attend, monkeypatch):
+@pytest.mark.parametrize(("mode", "untimed"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
+def test_generator_with_kernels_equals_reference(mode, untimed, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
-    within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); the attention
-    by SDPA or by kernels.attend (ATTEND_KERNEL)."""
+    within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); with the
+    kernels that are off by default (kernels.attend, kernels.linear_add) too."""
     from bltkit import generate
 
-    monkeypatch.setattr(generate, "ATTEND_KERNEL", attend)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", untimed)
+    monkeypatch.setattr(generate, "LINEAR_KERNEL", untimed)
+    monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=4, window=8, **mode).to(DEV)
     prompts = random_prompts(seed=5, n=2)
     logits = {}
