@@ -9,12 +9,12 @@
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
 # (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
-# profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8
+# profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8;
+# the ninth gpu_tests, profile_generate with GEN_VARIANTS=kernels,speculate and generate_kernels
 # (docs/benchmarks.md); next:
-#   ONLY="gpu_tests profile_generate generate_kernels" GEN_VARIANTS=kernels,speculate \
-#        GEN_TABLE="--table-kernels --table-speculate"                                (~7 minutes:
-#        the eighth session's speculative decoder beside the entropy model, untested on a GPU and
-#        untimed, against the kernels alone; batch 64 and 2,048-byte prompts)
+#   ONLY=gpu_tests, then python benchmarks/profile_generate.py --batch 1 --steps 64 \
+#        --variants kernels,kernels-attend,kernels-linear,kernels-both,speculate (~3 minutes: the kernels
+#        off by default: kernels.linear_add, and kernels.attend after its fix and key splits; also --batch 64)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
