@@ -95,8 +95,9 @@ def main() -> None:
     cands = dict(c.split("=", 1) for c in args.candidate) if args.candidate else dict(CANDIDATES)
     order = list(cands)  # the table's order; its first candidate with a result is the reference
     saved = Path(args.out) / "sweep.json"
-    # a sweep split over several calls (--only): the earlier calls' results stay
-    results = json.loads(saved.read_text()) if saved.exists() else {}
+    # a sweep split over several calls (--only): the earlier calls' results stay; a full sweep
+    # starts afresh
+    results = json.loads(saved.read_text()) if saved.exists() and (args.only or args.table) else {}
     if args.table:
         if not results:
             raise SystemExit(f"no results in {saved}")
@@ -111,7 +112,7 @@ def main() -> None:
     for name, extra in cands.items():
         overrides = shlex.split(extra)
         n, size = shipped_bytes(args.preset, base + overrides)
-        r = {"overrides": extra, "params": n, "shipped_bytes": size}
+        r = {"overrides": extra, "params": n, "shipped_bytes": size, "steps": args.steps}
         if size > args.cap:
             print(f"{name}: {size / 1e6:.1f} MB in bf16, over the {args.cap / 1e6:.0f} MB cap: skipped", flush=True)
             r["skipped"] = "over the cap"
@@ -128,8 +129,10 @@ def print_table(results: dict, order: list[str], args) -> None:
     names = [n for n in order if n in results] + [n for n in results if n not in order]
     ref_name = next(n for n in names if "step_ms" in results[n])
     ref = results[ref_name]
-    print(f"\n{args.steps} steps each; last column: steps in the time {ref_name} takes for "
-          f"{args.shipped_steps}")
+    steps = sorted({r.get("steps", args.steps) for r in results.values()})
+    print(f"\n{' / '.join(map(str, steps))} steps each"
+          f"{' (NOT the same for all: compare with care)' if len(steps) > 1 else ''}; last column: steps in "
+          f"the time {ref_name} takes for {args.shipped_steps}")
     print("| candidate | parameters | shipped MB | ms a step | val bpb | steps in the same time |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:

@@ -50,3 +50,20 @@ def test_table_merges_calls_in_candidate_order(tmp_path, monkeypatch, capsys):
     assert [r.split(" | ")[0] for r in rows] == ["| shipped", "| decoder-6-global-5"]
     assert rows[0].endswith("| 1,000 |")
     assert rows[1].endswith("| 500 |")
+
+
+def test_full_sweep_starts_afresh(tmp_path, monkeypatch, capsys):
+    """Only a split sweep (--only) keeps earlier results; a full one never mixes in a previous
+    sweep's (other steps or settings)."""
+    (tmp_path / "sweep.json").write_text(__import__("json").dumps(
+        {"stale": {"overrides": "", "params": 1, "shipped_bytes": 2, "val_bpb": 9.0, "step_ms": 1.0}}))
+    monkeypatch.setattr(size_sweep, "shipped_bytes", lambda preset, overrides: (10, 20))
+    monkeypatch.setattr(size_sweep, "run_candidate",
+                        lambda name, overrides, args: {"val_bpb": 2.0, "train_bpb": 2.0, "step_ms": 50.0})
+    monkeypatch.setattr(sys, "argv", ["size_sweep.py", "--data", "x", "--entropy-model", "x", "--out",
+                                      str(tmp_path), "--candidate", "a=", "--steps", "7"])
+    size_sweep.main()
+    out = capsys.readouterr().out
+    assert "stale" not in out
+    assert "| a |" in out
+    assert "7 steps each;" in out
