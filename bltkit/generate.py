@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,18 +124,27 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
 
 
+class _Untimed(NamedTuple):
+    """The kernels a Generator runs beyond the default ones (ATTEND_KERNEL, LINEAR_KERNEL)."""
+
+    attend: bool = False  # kernels.attend for the self-attention, at every row count
+    linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
+
+
+_DEFAULT_KERNELS = _Untimed()
+
+
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
-                rope: torch.Tensor | tuple | None = None, attend_kernel: bool = False):
+                rope: torch.Tensor | tuple | None = None, untimed: _Untimed = _DEFAULT_KERNELS):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
     kernels (`bltkit.kernels`: norm, q|k|v, RoPE and the ring writes in one kernel, and norm,
-    w1|w3 and SwiGLU in another, with their attention kernel). `attend_kernel`: the attention
-    by `bltkit.kernels.attend` on the PyTorch path too (more rows than the block kernels take)."""
+    w1|w3 and SwiGLU in another). `untimed`: the kernels that are off by default (the attention
+    kernel also on the PyTorch path, for more rows than the block kernels take)."""
     att = layer.attention
     if isinstance(rope, tuple):
-        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope,
-                                   attend_kernel=attend_kernel)
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, untimed=untimed)
     R = rope
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -146,7 +156,7 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
-    out = _attend(q[:, 0], kc, vc, mask, kernel=attend_kernel)  # B N H
+    out = _attend(q[:, 0], kc, vc, mask, kernel=untimed.attend)  # B N H
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
@@ -165,20 +175,19 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tens
 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
-                        n_keys: int | None = None, attend_kernel: bool = False) -> torch.Tensor:
+                        n_keys: int | None = None, untimed: _Untimed = _DEFAULT_KERNELS) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
-    attention over the first `n_keys` cache slots (all by default; `attend_kernel`: by
-    kernels.attend)."""
+    attention over the first `n_keys` cache slots (all by default)."""
     from . import kernels
 
     att, B = layer.attention, x_B1D.shape[0]
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=attend_kernel), att.wo.weight,
-                    kernel=LINEAR_KERNEL)
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=untimed.attend), att.wo.weight,
+                    kernel=untimed.linear)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
-    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=LINEAR_KERNEL)
+    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=untimed.linear)
 
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
@@ -208,7 +217,7 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
-                kernel: bool = False) -> torch.Tensor:
+                kernel: bool = False, linear_kernel: bool = False) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
     kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend)."""
@@ -220,7 +229,7 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
-    return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=kernel and LINEAR_KERNEL)
+    return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=linear_kernel)
 
 
 # from this many rows on nearly every step closes some row's patch: the patch step then runs every
@@ -235,8 +244,8 @@ ATTEND_KERNEL = False
 
 # the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with
 # bltkit.kernels.linear_add where this is True: off until a GPU run has tested and timed it
-# against cuBLAS (benchmarks/profile_generate.py --variants kernels,kernels-linear); read as the
-# steps run (so when their CUDA graphs are captured), where ATTEND_KERNEL is read by Generator()
+# against cuBLAS (benchmarks/profile_generate.py --variants kernels,kernels-linear); both are read
+# when a Generator is made
 LINEAR_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
@@ -330,9 +339,9 @@ class Generator:
         glob = model.global_transformer.layers
         self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
             else None
-        # the attention kernel for every row count (it reads no weights: ATTEND_KERNEL); the decoder's
-        # cross-attention steps take the Triton kernel too where its heads fit
-        self._attend_kernel = bool(kernels) and ATTEND_KERNEL
+        # the kernels that are off by default; the decoder's cross-attention steps take the Triton
+        # kernel where its heads fit
+        self._untimed = _Untimed(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -417,7 +426,7 @@ class Generator:
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._attend_kernel)
+                            self._untimed)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -466,7 +475,7 @@ class Generator:
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
             h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._attend_kernel)
+                            self._untimed)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -520,14 +529,14 @@ class Generator:
             att = layer.attention
             if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
                 x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L,
-                                        self._attend_kernel)
+                                        self._untimed)
                 continue
             # with fg: q|k|v in one product, w1|w3 in another (3 kernels fewer a layer)
             q, k, v = att.qkv(layer.attention_norm(x), cos, sin, fg.qkv[id(layer)] if fg is not None else None)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._attend_kernel)
+            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._untimed.attend)
             x = _linear_add(x, out, att.wo.weight)
             w13 = fg.w13[id(layer)] if fg is not None else None
             x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
@@ -557,9 +566,10 @@ class Generator:
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
-                z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern)
+                z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
+                                linear_kernel=kern and self._untimed.linear)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
-                            self._attend_kernel)
+                            self._untimed)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()

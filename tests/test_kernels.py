@@ -17,9 +17,10 @@ pytest.importorskip("triton")
 
 import torch
 import torch.nn.functional as F
-from test_generate import make_model, random_prompts
+from test_generate import eos_heavy, make_model, random_prompts
 
 from bltkit import kernels
+from bltkit.bytes import EOS_ID
 from bltkit.generate import Generator, reference_generate
 from bltkit.model.layers import RMSNorm, apply_rope, rope_cos_sin
 
@@ -194,13 +195,10 @@ def test_generator_with_kernels_across_documents(untimed, monkeypatch):
     monkeypatch.setattr(generate, "ATTEND_KERNEL", untimed)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", untimed)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
-    model = make_model(seed=0, window=8, mode="space", max_patch_length=4).to(DEV)
-    with torch.no_grad():  # EOS about one byte in three
-        w = model.local_decoder.output.weight
-        w[2] = w[2] * 4 + w.std() * 2
+    model = eos_heavy(make_model(seed=0, window=8, mode="space", max_patch_length=4)).to(DEV)
     prompts = random_prompts(seed=1, n=2)
     want = reference_generate(model, prompts, 12, stop_at_eos=False)
-    assert sum(row.count(2) for row in want) >= 4
+    assert sum(row.count(EOS_ID) for row in want) >= 4
     assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
 
 
