@@ -25,7 +25,8 @@ Each projecting program computes whole output rows from the full input row, so n
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
 weights it reads). Rounding follows the PyTorch path step by step (every tensor the reference
 materialises in the model's dtype is rounded to it here too), so in fp32 the results agree to
-summation order. `TRITON_INTERPRET=1` runs them on a CPU (tests/test_kernels.py).
+summation order; `attend` keeps its softmax weights in fp32 (SDPA's flash kernels round them to
+the dtype before the product with v), so in bf16 it is off by at most a final rounding. `TRITON_INTERPRET=1` runs them on a CPU (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -179,7 +180,6 @@ if triton is not None:
         o = tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
-
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
                                       [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS"])
     @triton.jit
@@ -243,7 +243,6 @@ if triton is not None:
         total = tl.sum(l_j * w, axis=0)
         o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
-
 
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
                                        {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512}],
