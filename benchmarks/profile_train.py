@@ -33,8 +33,8 @@ from bltkit.distributed import compile_blocks
 from bltkit.model.patching import starts_to_lengths
 from bltkit.optim import OptimConfig, build_optimizer
 
-BUNDLED = ["hash_vocab=4096", "global_transformer.dim=384", "global_transformer.n_heads=6",
-           "global_transformer.n_layers=6"]
+BUNDLED = ["hash_vocab=6144", "global_transformer.dim=384", "global_transformer.n_heads=6",
+           "global_transformer.n_layers=4"]
 TEXT = Path(__file__).parent.parent / "tests" / "assets" / "pride_20k.txt"
 
 
