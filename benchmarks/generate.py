@@ -78,17 +78,19 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
-    ap.add_argument("--untimed-kernels", nargs="*", choices=["attend", "linear"], default=[],
-                    help="with the kernels, these too, off by default until timed: attend "
-                         "(bltkit.kernels.attend, generate.ATTEND_KERNEL), linear (kernels.linear_add, "
-                         "generate.LINEAR_KERNEL)")
+    for name, what in (("attend", "bltkit.kernels.attend for the steps' attention"),
+                       ("linear", "kernels.linear_add in the block steps of a few rows")):
+        ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
+                        help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
+                             "keeps the constant's value")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
-    for name in args.untimed_kernels:
-        setattr(generate, f"{name.upper()}_KERNEL", True)
+    for name in ("attend", "linear"):
+        if (value := getattr(args, f"{name}_kernel")) != "auto":
+            setattr(generate, f"{name.upper()}_KERNEL", value == "on")
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     t = time.perf_counter()

@@ -27,10 +27,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--variants", default="graphs,eager,compile",
                     help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile), "
-                         "kernels (graphs + bltkit.kernels' Triton block steps), kernels-attend (kernels "
-                         "with kernels.attend for the attention: generate.ATTEND_KERNEL = True), "
-                         "kernels-linear (kernels with kernels.linear_add: generate.LINEAR_KERNEL = True), "
-                         "kernels-both (both), speculate "
+                         "kernels (graphs + bltkit.kernels' Triton block steps, with the defaults of "
+                         "generate.ATTEND_KERNEL and LINEAR_KERNEL), kernels-attend (kernels with "
+                         "kernels.attend for the attention: ATTEND_KERNEL = True), kernels-linear "
+                         "(kernels.linear_add on, attend off), kernels-both (both on), kernels-plain "
+                         "(both off), speculate "
                          "(kernels + Generator(speculate=True): the decoder beside the entropy model); "
                          "only speculate speculates")
     ap.add_argument("--table-kernels", action="store_true",
@@ -38,7 +39,8 @@ def main() -> None:
     ap.add_argument("--table-speculate", action="store_true",
                     help="the per-graph tables for Generator(speculate=True) (its speculative graph)")
     ap.add_argument("--table-attend", action="store_true", help="the tables with kernels.attend (ATTEND_KERNEL)")
-    ap.add_argument("--table-linear", action="store_true", help="the tables with kernels.linear_add (LINEAR_KERNEL)")
+    ap.add_argument("--table-plain", action="store_true",
+                    help="the tables without kernels.linear_add (LINEAR_KERNEL, on by default)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -49,13 +51,16 @@ def main() -> None:
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "kernels-attend": (True, False, True, False), "kernels-linear": (True, False, True, False),
-                "kernels-both": (True, False, True, False), "speculate": (True, False, True, True)}
+                "kernels-both": (True, False, True, False), "kernels-plain": (True, False, True, False),
+                "speculate": (True, False, True, True)}
     default_attend, default_linear = generate.ATTEND_KERNEL, generate.LINEAR_KERNEL
+    # (ATTEND_KERNEL, LINEAR_KERNEL) of the kernel variants; the others keep the defaults
+    switched = {"kernels-attend": (True, default_linear), "kernels-linear": (False, True),
+                "kernels-both": (True, True), "kernels-plain": (False, False)}
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
         # read when a Generator is made and its steps are captured
-        generate.ATTEND_KERNEL = default_attend or name in ("kernels-attend", "kernels-both")
-        generate.LINEAR_KERNEL = default_linear or name in ("kernels-linear", "kernels-both")
+        generate.ATTEND_KERNEL, generate.LINEAR_KERNEL = switched.get(name, (default_attend, default_linear))
         t = time.perf_counter()
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
@@ -65,7 +70,7 @@ def main() -> None:
         print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     generate.ATTEND_KERNEL = default_attend or args.table_attend
-    generate.LINEAR_KERNEL = default_linear or args.table_linear
+    generate.LINEAR_KERNEL = default_linear and not args.table_plain
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a

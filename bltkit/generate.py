@@ -124,27 +124,28 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
 
 
-class _Untimed(NamedTuple):
-    """The kernels a Generator runs beyond the default ones (ATTEND_KERNEL, LINEAR_KERNEL)."""
+class _KernelChoice(NamedTuple):
+    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL), as read when a
+    Generator is made; all False without Generator(kernels=...)."""
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
 
 
-_DEFAULT_KERNELS = _Untimed()
+_DEFAULT_KERNELS = _KernelChoice()
 
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
-                rope: torch.Tensor | tuple | None = None, untimed: _Untimed = _DEFAULT_KERNELS):
+                rope: torch.Tensor | tuple | None = None, choice: _KernelChoice = _DEFAULT_KERNELS):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
     kernels (`bltkit.kernels`: norm, q|k|v, RoPE and the ring writes in one kernel, and norm,
-    w1|w3 and SwiGLU in another). `untimed`: the kernels that are off by default (the attention
+    w1|w3 and SwiGLU in another). `choice`: the kernels that module constants switch (the attention
     kernel also on the PyTorch path, for more rows than the block kernels take)."""
     att = layer.attention
     if isinstance(rope, tuple):
-        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, untimed=untimed)
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice)
     R = rope
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -156,7 +157,7 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         v = y[:, :, N + Nk:]
     kc.index_copy_(2, slot, k.transpose(1, 2))
     vc.index_copy_(2, slot, v.transpose(1, 2))
-    out = _attend(q[:, 0], kc, vc, mask, kernel=untimed.attend)  # B N H
+    out = _attend(q[:, 0], kc, vc, mask, kernel=choice.attend)  # B N H
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
@@ -175,7 +176,7 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tens
 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
-                        n_keys: int | None = None, untimed: _Untimed = _DEFAULT_KERNELS) -> torch.Tensor:
+                        n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
     attention over the first `n_keys` cache slots (all by default)."""
     from . import kernels
@@ -184,10 +185,10 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=untimed.attend), att.wo.weight,
-                    kernel=untimed.linear)
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend), att.wo.weight,
+                    kernel=choice.linear)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
-    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=untimed.linear)
+    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=choice.linear)
 
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
@@ -238,15 +239,18 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 PATCH_EVERY_BYTE_ROWS = 8
 
 # Generator(kernels=...) runs bltkit.kernels.attend for the steps' self-attention, at every row
-# count, where this is True: off until a GPU run has tested and timed it against SDPA
-# (benchmarks/profile_generate.py --variants kernels,kernels-attend)
+# count, where this is True: off, since on an H200 it beats SDPA at 64 rows with short caches
+# (5.66 -> 5.06 ms a step) but lost to it with 2,048-byte prompts (before its key splits, which
+# do not split at 64 rows: the rows and heads already make ATTEND_PROGRAMS programs) and ties at
+# batch 1 (benchmarks/profile_generate.py --variants kernels,kernels-attend)
 ATTEND_KERNEL = False
 
 # the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with
-# bltkit.kernels.linear_add where this is True: off until a GPU run has tested and timed it
-# against cuBLAS (benchmarks/profile_generate.py --variants kernels,kernels-linear); both are read
-# when a Generator is made
-LINEAR_KERNEL = False
+# bltkit.kernels.linear_add where this is True (one kernel instead of cuBLAS's split-K product
+# and its reduction): on since the tenth session's H200 run, 2.07 -> 1.92 ms a byte at batch 1
+# (benchmarks/profile_generate.py --variants kernels-plain,kernels); both are read when a
+# Generator is made
+LINEAR_KERNEL = True
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a head's weights for one row (matrix-vector products), which is what one to a few rows
@@ -339,9 +343,9 @@ class Generator:
         glob = model.global_transformer.layers
         self.fused_global = _Fused(glob) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
             else None
-        # the kernels that are off by default; the decoder's cross-attention steps take the Triton
-        # kernel where its heads fit
-        self._untimed = _Untimed(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
+        # the kernels that module constants switch; the decoder's cross-attention steps take the
+        # Triton kernel where its heads fit
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -426,7 +430,7 @@ class Generator:
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._untimed)
+                            self._kernel_choice)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -475,7 +479,7 @@ class Generator:
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
             h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._untimed)
+                            self._kernel_choice)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -529,14 +533,14 @@ class Generator:
             att = layer.attention
             if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
                 x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L,
-                                        self._untimed)
+                                        self._kernel_choice)
                 continue
             # with fg: q|k|v in one product, w1|w3 in another (3 kernels fewer a layer)
             q, k, v = att.qkv(layer.attention_norm(x), cos, sin, fg.qkv[id(layer)] if fg is not None else None)
             kc, vc = self.g_k[i], self.g_v[i]
             kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
             vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._untimed.attend)
+            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._kernel_choice.attend)
             x = _linear_add(x, out, att.wo.weight)
             w13 = fg.w13[id(layer)] if fg is not None else None
             x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
@@ -567,9 +571,9 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
-                                linear_kernel=kern and self._untimed.linear)
+                                linear_kernel=kern and self._kernel_choice.linear)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
-                            self._untimed)
+                            self._kernel_choice)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()

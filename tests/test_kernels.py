@@ -185,15 +185,15 @@ def test_attend_reads_no_hidden_slot(splits):
     assert not out[1].any()
 
 
-@pytest.mark.parametrize("untimed", [False, True])
-def test_generator_with_kernels_across_documents(untimed, monkeypatch):
+@pytest.mark.parametrize("switched", [False, True])
+def test_generator_with_kernels_across_documents(switched, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
     no global key in its discarded step, and its NaN-free result keeps later steps exact (the
     ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot)."""
     from bltkit import generate
 
-    monkeypatch.setattr(generate, "ATTEND_KERNEL", untimed)
-    monkeypatch.setattr(generate, "LINEAR_KERNEL", untimed)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
+    monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = eos_heavy(make_model(seed=0, window=8, mode="space", max_patch_length=4)).to(DEV)
     prompts = random_prompts(seed=1, n=2)
@@ -202,15 +202,15 @@ def test_generator_with_kernels_across_documents(untimed, monkeypatch):
     assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
 
 
-@pytest.mark.parametrize(("mode", "untimed"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
-def test_generator_with_kernels_equals_reference(mode, untimed, monkeypatch):
+@pytest.mark.parametrize(("mode", "switched"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
+def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
     within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); with the
-    kernels that are off by default (kernels.attend, kernels.linear_add) too."""
+    kernels that module constants switch (kernels.attend, kernels.linear_add) on and off."""
     from bltkit import generate
 
-    monkeypatch.setattr(generate, "ATTEND_KERNEL", untimed)
-    monkeypatch.setattr(generate, "LINEAR_KERNEL", untimed)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
+    monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=4, window=8, **mode).to(DEV)
     prompts = random_prompts(seed=5, n=2)
