@@ -5,16 +5,17 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate generate generate_kernels train_step train_step_eager profile_train_1b
+# (flex_check block_masks gpu_tests profile_generate generate generate_kernels generate_attend train_step
+# train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
 # (2.05-2.09x transformers) and profile_train_1b (compiled); the eighth tests/test_kernels.py,
 # profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8;
-# the ninth gpu_tests, profile_generate with GEN_VARIANTS=kernels,speculate and generate_kernels
-# (docs/benchmarks.md); next:
-#   ONLY=gpu_tests, then python benchmarks/profile_generate.py --batch 1 --steps 64 \
-#        --variants kernels,kernels-attend,kernels-linear,kernels-both,speculate (~3 minutes: the kernels
-#        off by default: kernels.linear_add, and kernels.attend after its fix and key splits; also --batch 64)
+# the ninth gpu_tests, profile_generate with GEN_VARIANTS=kernels,speculate and generate_kernels;
+# the tenth gpu_tests and profile_generate --variants kernels,kernels-attend,kernels-linear,kernels-both
+# at batches 1 and 64 (docs/benchmarks.md); next:
+#   ONLY="gpu_tests generate_kernels generate_attend"  (~6 minutes: the defaults, now with
+#        kernels.linear_add, and kernels.attend with its long-cache splits, at 2,048-byte prompts too)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
@@ -42,6 +43,10 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
 run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
   --json "$OUT/generate_kernels.json"
+# the same with kernels.attend for the steps' self-attention (generate.ATTEND_KERNEL, off by default)
+run generate_attend 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 \
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --attend-kernel on \
+  --json "$OUT/generate_attend.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
 # where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)

@@ -240,9 +240,9 @@ PATCH_EVERY_BYTE_ROWS = 8
 
 # Generator(kernels=...) runs bltkit.kernels.attend for the steps' self-attention, at every row
 # count, where this is True: off, since on an H200 it beats SDPA at 64 rows with short caches
-# (5.66 -> 5.06 ms a step) but lost to it with 2,048-byte prompts (before its key splits, which
-# do not split at 64 rows: the rows and heads already make ATTEND_PROGRAMS programs) and ties at
-# batch 1 (benchmarks/profile_generate.py --variants kernels,kernels-attend)
+# (5.66 -> 5.06 ms a step) but lost to it with 2,048-byte prompts (before it split long caches:
+# kernels.attend_splits, untimed there) and ties at batch 1 (benchmarks/profile_generate.py
+# --variants kernels,kernels-attend; benchmarks/generate.py --attend-kernel on)
 ATTEND_KERNEL = False
 
 # the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with

@@ -306,10 +306,22 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     return out
 
 
-# attend() splits a row's keys over programs until about this many run (an H200 has 132 SMs), in
-# chunks of at least ATTEND_MIN_CHUNK keys; a second kernel then combines the splits
+# attend() splits a row's keys over programs until about this many run (an H200 has 132 SMs), and
+# however many run, so that no program walks more than ATTEND_MAX_CHUNK keys (64 rows of blt-1b's
+# 16 heads are 1,024 programs, which with 2,048-byte prompts each walked ~450 keys and lost to
+# cuDNN); chunks hold at least ATTEND_MIN_CHUNK keys; a second kernel then combines the splits
 ATTEND_PROGRAMS = 512
 ATTEND_MIN_CHUNK = 64
+ATTEND_MAX_CHUNK = 256
+
+
+def attend_splits(programs: int, n_keys: int) -> int:
+    """Programs a row and head for attend() over `n_keys` slots when rows x heads = `programs`:
+    enough for ATTEND_PROGRAMS in all and for chunks of at most ATTEND_MAX_CHUNK keys, but never
+    chunks under ATTEND_MIN_CHUNK keys (and so, with ATTEND_MAX_CHUNK >= 2 x ATTEND_MIN_CHUNK,
+    never over ATTEND_MAX_CHUNK either)."""
+    want = max(-(-ATTEND_PROGRAMS // programs), -(-n_keys // ATTEND_MAX_CHUNK))
+    return max(1, min(want, n_keys // ATTEND_MIN_CHUNK))
 
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -320,13 +332,13 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     or any view whose last dim indexes the slots: 0 visible, -inf not). Hidden slots are not
     read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros (the
     global step's rows that close no patch, whose results are discarded). `splits`: programs a
-    row and head (default: enough for ATTEND_PROGRAMS in all, chunks of >= ATTEND_MIN_CHUNK)."""
+    row and head (default: `attend_splits`)."""
     B, N, H = q_BNH.shape
     S = k.shape[2] if n_keys is None else n_keys
     out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
     m = mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
     if splits is None:
-        splits = max(1, min(-(-ATTEND_PROGRAMS // (B * N)), -(-S // ATTEND_MIN_CHUNK)))
+        splits = attend_splits(B * N, S)
     part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
     _attend_kernel[(B, N, splits)](
         q_BNH, k, v, m, out, part, S, H ** -0.5, N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1),

@@ -125,6 +125,25 @@ def test_fused_projections_follow_weight_changes():
     assert after == reference_generate(model, prompts, 16, stop_at_eos=False)
 
 
+def test_attend_splits_bound_each_programs_keys():
+    """kernels.attend's split of a row's keys (a plain function: CI has no Triton): enough
+    programs in all, no program over ATTEND_MAX_CHUNK keys unless that would make chunks under
+    ATTEND_MIN_CHUNK, and short caches of many rows unsplit (where the kernel was timed faster)."""
+    from bltkit import kernels
+
+    lo, hi, target = kernels.ATTEND_MIN_CHUNK, kernels.ATTEND_MAX_CHUNK, kernels.ATTEND_PROGRAMS
+    assert hi >= 2 * lo
+    assert kernels.attend_splits(64 * 16, 128) == 1  # blt-1b at 64 rows, a short cache
+    assert kernels.attend_splits(64 * 16, 455) == 2  # ... a 2,048-byte prompt's global cache
+    for programs in (1, 16, 100, 512, 1024, 4096):
+        for keys in (1, 63, 64, 65, 127, 128, 200, 256, 257, 455, 512, 2048, 8192):
+            n = kernels.attend_splits(programs, keys)
+            chunk = -(-keys // n)
+            assert n >= 1 and (n == 1 or keys // n >= lo), (programs, keys, n)  # no chunk under lo
+            assert chunk <= hi, (programs, keys, n)
+            assert programs * n >= target or n == max(1, keys // lo), (programs, keys, n)
+
+
 def test_batch_equals_single_and_order_independent():
     model = make_model(seed=5)
     prompts = [b"alpha", b"", "é€ mixed".encode(), b"a much longer prompt than the others"]
