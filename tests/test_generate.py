@@ -139,7 +139,8 @@ def test_attend_splits_bound_each_programs_keys():
         for keys in (1, 63, 64, 65, 127, 128, 200, 256, 257, 455, 512, 2048, 8192):
             n = kernels.attend_splits(programs, keys)
             chunk = -(-keys // n)
-            assert n >= 1 and (n == 1 or keys // n >= lo), (programs, keys, n)  # no chunk under lo
+            assert n >= 1, (programs, keys, n)
+            assert n == 1 or keys // n >= lo, (programs, keys, n)  # no chunk under lo
             assert chunk <= hi, (programs, keys, n)
             assert programs * n >= target or n == max(1, keys // lo), (programs, keys, n)
 
