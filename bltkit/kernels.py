@@ -80,47 +80,55 @@ if triton is not None:
 
     # tuned once per shape on the first call (the generator's warm-up, before CUDA graph capture);
     # the writes are idempotent (the same q, k, v for the same inputs), so timing runs are harmless
-    @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 256}, {"BLOCK_D": 512}],
-                                      [4, 4, 8, 8]), key=["D", "N", "NK"])
+    # PAIRS: a program's share of a head (rotation pairs, 2 output features each). A whole head of
+    # 128 features a program made 48 programs for blt-1b's global q|k|v at batch 1, a third of an
+    # H200's SMs; smaller shares give more programs, and the tuning keeps whichever is fastest
+    @triton.autotune(configs=_configs([{"PAIRS": 16, "BLOCK_D": 256}, {"PAIRS": 16, "BLOCK_D": 512},
+                                       {"PAIRS": 32, "BLOCK_D": 256}, {"PAIRS": 8, "BLOCK_D": 512},
+                                       {"PAIRS": 64, "BLOCK_D": 128}, {"PAIRS": 64, "BLOCK_D": 256},
+                                       {"PAIRS": 64, "BLOCK_D": 256}, {"PAIRS": 64, "BLOCK_D": 512}],
+                                      [4, 8, 4, 4, 4, 4, 8, 8]), key=["D", "N", "NK"])
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                               D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
-                              H: tl.constexpr, BLOCK_D: tl.constexpr):
+                              H: tl.constexpr, PAIRS: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
-        head = tl.program_id(1)  # q heads, then k heads, then v heads
+        shares = (H // 2 + PAIRS - 1) // PAIRS
+        head = tl.program_id(1) // shares  # q heads, then k heads, then v heads
+        i = (tl.program_id(1) % shares) * PAIRS + tl.arange(0, PAIRS)  # this program's pairs
+        ok = i < H // 2
         dt = x_ptr.dtype.element_ty
         x_row = x_ptr + b * D
         rstd = _rstd(x_row, D, eps, BLOCK_D)
-        i = tl.arange(0, H // 2)
         rows = head * H + 2 * i  # the even feature of each pair; odd = rows + 1
-        acc_e = tl.zeros([H // 2], dtype=tl.float32)
-        acc_o = tl.zeros([H // 2], dtype=tl.float32)
+        acc_e = tl.zeros([PAIRS], dtype=tl.float32)
+        acc_o = tl.zeros([PAIRS], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             xn = _normed(x_row, g_ptr, d, D, rstd)
-            dmask = (d < D)[None, :]
-            w_e = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=dmask, other=0.0).to(tl.float32)
-            w_o = tl.load(w_ptr + (rows + 1)[:, None] * D + d[None, :], mask=dmask, other=0.0).to(tl.float32)
+            m = ok[:, None] & (d < D)[None, :]
+            w_e = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            w_o = tl.load(w_ptr + (rows + 1)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
             acc_e += tl.sum(w_e * xn[None, :], axis=1)
             acc_o += tl.sum(w_o * xn[None, :], axis=1)
         e = acc_e.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
         o = acc_o.to(dt).to(tl.float32)
         if head < N + NK:  # RoPE on q and k: (a, b) -> (a cos - b sin, b cos + a sin), in fp32
-            c = tl.load(cos_ptr + b * s_rope + i)
-            s = tl.load(sin_ptr + b * s_rope + i)
+            c = tl.load(cos_ptr + b * s_rope + i, mask=ok, other=1.0)
+            s = tl.load(sin_ptr + b * s_rope + i, mask=ok, other=0.0)
             e, o = e * c - o * s, o * c + e * s
         if head < N:
             q_row = q_ptr + (b * N + head) * H
-            tl.store(q_row + 2 * i, e.to(dt))
-            tl.store(q_row + 2 * i + 1, o.to(dt))
+            tl.store(q_row + 2 * i, e.to(dt), mask=ok)
+            tl.store(q_row + 2 * i + 1, o.to(dt), mask=ok)
         else:
             slot = tl.load(slot_ptr + b * s_slot)
             if head < N + NK:
                 at = kc_ptr + b * skc_b + (head - N) * skc_n + slot * skc_r
             else:
                 at = vc_ptr + b * svc_b + (head - N - NK) * svc_n + slot * svc_r
-            tl.store(at + 2 * i, e.to(dt))
-            tl.store(at + 2 * i + 1, o.to(dt))
+            tl.store(at + 2 * i, e.to(dt), mask=ok)
+            tl.store(at + 2 * i + 1, o.to(dt), mask=ok)
 
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_D": 128}, {"BLOCK_O": 16, "BLOCK_D": 256},
                                        {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512}],
@@ -266,19 +274,25 @@ if triton is not None:
 
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+                  pairs: int | None = None) -> torch.Tensor:
     """q [B, N, H] of one position a row; k and v go into the caches [B, Nkv, S, H] at `slot`:
     one device index for every row ([1]) or one a row ([B]). `cos_H2`, `sin_H2`: the fp32 RoPE
-    halves at the position, shared ([H/2]) or a row's own ([B, H/2]), both contiguous."""
+    halves at the position, shared ([H/2]) or a row's own ([B, H/2]), both contiguous. `pairs`:
+    rotation pairs a program (a power of two), instead of the tuned choice (for tests)."""
     B, D = x_BD.shape
     H = k_cache.shape[-1]
     q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
     per_row = [slot.numel() == B > 1, cos_H2.dim() == 2]
-    _norm_qkv_rope_kernel[(B, n_heads + 2 * n_kv_heads)](
-        x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        1 if per_row[0] else 0, H // 2 if per_row[1] else 0, H=H)
+    heads = n_heads + 2 * n_kv_heads
+    args = (x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            1 if per_row[0] else 0, H // 2 if per_row[1] else 0)
+    if pairs is None:
+        _norm_qkv_rope_kernel[lambda meta: (B, heads * triton.cdiv(H // 2, meta["PAIRS"]))](*args, H=H)
+    else:  # the tuner's kernel itself, with one fixed choice
+        _norm_qkv_rope_kernel.fn[(B, heads * triton.cdiv(H // 2, pairs))](*args, H=H, PAIRS=pairs, BLOCK_D=128)
     return q
 
 

@@ -66,9 +66,12 @@ def _case(dtype, B=3, D=96, N=4, NK=2, H=16, R=8, F_=40, seed=0):
 BF16_TOL = 2**-6
 
 
+# the tuned choice (under the interpreter its first: 16 pairs a program, more than a head of 8 has,
+# so half its lanes are masked), 2 pairs (four programs a head), 8 (a whole head a program)
+@pytest.mark.parametrize("pairs", [None, 2, 8])
 @pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot, or each row's global-cache slot
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row):
+def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row, pairs):
     N, NK, H, R = 4, 2, 16, 8
     norm, x, w_qkv, _ = _case(dtype, N=N, NK=NK, H=H, R=R)
     B = x.shape[0]
@@ -79,7 +82,7 @@ def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row):
     vc = torch.zeros_like(kc)
     slot = torch.tensor(slots if per_row else [5], device=DEV)
     c, s_ = cos.reshape(len(pos), -1).squeeze(0).contiguous(), sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0)
-    q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot)
+    q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot, pairs)
     y = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)  # fp32 accumulation
     qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]  # (apply_rope computes in fp32)
     scale = y.abs().max().item()
