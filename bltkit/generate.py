@@ -253,8 +253,9 @@ ATTEND_KERNEL = False
 LINEAR_KERNEL = True
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
-# read a head's weights for one row (matrix-vector products), which is what one to a few rows
-# need; more rows share cuBLAS's matrix products better
+# read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
+# (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
+# products better
 KERNEL_MAX_ROWS = 8
 
 
