@@ -48,15 +48,14 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
-    variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
-                "compile": (True, True, False, False), "kernels": (True, False, True, False),
-                "kernels-attend": (True, False, True, False), "kernels-linear": (True, False, True, False),
-                "kernels-both": (True, False, True, False), "kernels-plain": (True, False, True, False),
-                "speculate": (True, False, True, True)}
     default_attend, default_linear = generate.ATTEND_KERNEL, generate.LINEAR_KERNEL
     # (ATTEND_KERNEL, LINEAR_KERNEL) of the kernel variants; the others keep the defaults
     switched = {"kernels-attend": (True, default_linear), "kernels-linear": (False, True),
                 "kernels-both": (True, True), "kernels-plain": (False, False)}
+    variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
+                "compile": (True, True, False, False), "kernels": (True, False, True, False),
+                "speculate": (True, False, True, True)}
+    variants.update(dict.fromkeys(switched, variants["kernels"]))
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
         # read when a Generator is made and its steps are captured

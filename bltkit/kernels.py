@@ -7,6 +7,7 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
   caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
   kernel for what took seven (norm, product, two casts and the rotation product, two cache writes).
+  A program computes a share of one head's features (tuned: 8 to 64 rotation pairs).
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
@@ -18,8 +19,9 @@ chains of a step that surround its matrix-vector products, and its attention cal
   place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
   20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
   program per row and head walks the keys in blocks with an online softmax in fp32. Unlike the
-  others it has no weights, so it serves any batch size. With few rows a row's keys are split
-  over several programs and a second kernel combines their partial sums (flash-decoding).
+  others it has no weights, so it serves any batch size. With few rows or long caches a row's
+  keys are split over several programs and a second kernel combines their partial sums
+  (flash-decoding; `attend_splits`).
 
 Each projecting program computes whole output rows from the full input row, so no partial sums cross
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
