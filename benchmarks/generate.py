@@ -31,6 +31,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 KERNELS = {"auto": None, "on": True, "off": False}  # --kernels / --speculate -> Generator(...)
 
 
+def _constant(switch: str) -> str:
+    """The module constant of bltkit.generate that a --SWITCH-kernel option sets."""
+    return f"{switch.upper().replace('-', '_')}_KERNEL"
+
+
 def prompts_of(length: int, batch: int) -> list[bytes]:
     text = (SAMPLE_TEXT * (length // len(SAMPLE_TEXT) + 2)).encode()
     return [text[i * 7: i * 7 + length - 1] for i in range(batch)]  # BOS makes it `length` ids
@@ -78,19 +83,21 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
-    for name, what in (("attend", "bltkit.kernels.attend for the steps' attention"),
-                       ("linear", "kernels.linear_add in the block steps of a few rows")):
+    switches = {"attend": "bltkit.kernels.attend for the steps' attention",
+                "linear": "kernels.linear_add in the block steps of a few rows",
+                "cross-split": "the decoder's cross-attention as kernels.norm_linear + cross_attend_linear_add"}
+    for name, what in switches.items():
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
-                        help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
+                        help=f"with the kernels, {what} (generate.{_constant(name)}); auto (the default) "
                              "keeps the constant's value")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
-    for name in ("attend", "linear"):
-        if (value := getattr(args, f"{name}_kernel")) != "auto":
-            setattr(generate, f"{name.upper()}_KERNEL", value == "on")
+    for name in switches:
+        if (value := getattr(args, f"{name.replace('-', '_')}_kernel")) != "auto":
+            setattr(generate, _constant(name), value == "on")
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     t = time.perf_counter()

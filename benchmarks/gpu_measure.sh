@@ -5,7 +5,7 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate generate generate_kernels generate_attend train_step
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_attend train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
@@ -30,12 +30,16 @@ run() {
 run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192 --rows 2
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
-run gpu_tests 150 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+run gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps"
 # GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)
 # shellcheck disable=SC2086
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \
   --variants "${GEN_VARIANTS:-graphs,eager,compile}" ${GEN_TABLE:-}  # the kernel table at the end needs ~30 s more
+# the same at 64 rows (the cuBLAS products, kernels.rope_write, kernels.attend where switched on)
+# shellcheck disable=SC2086
+run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --steps 32 \
+  --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
 # the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation
 # (under 8 rows); both on by default since the ninth session's run tested them
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \

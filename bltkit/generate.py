@@ -130,34 +130,44 @@ class _KernelChoice(NamedTuple):
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
+    cross_split: bool = False  # the decoder's cross-attention as kernels.norm_linear + cross_attend_linear_add
 
 
 _DEFAULT_KERNELS = _KernelChoice()
 
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
-                rope: torch.Tensor | tuple | None = None, choice: _KernelChoice = _DEFAULT_KERNELS):
+                rope: torch.Tensor | tuple | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
+                last: torch.Tensor | None = None):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
-    kernels (`bltkit.kernels`: norm, q|k|v, RoPE and the ring writes in one kernel, and norm,
-    w1|w3 and SwiGLU in another). `choice`: the kernels that module constants switch (the attention
-    kernel also on the PyTorch path, for more rows than the block kernels take)."""
+    kernels (`bltkit.kernels`; up to KERNEL_MAX_ROWS rows norm, q|k|v, RoPE and the ring writes
+    in one kernel, and norm, w1|w3 and SwiGLU in another; more rows cuBLAS's products, then
+    RoPE and the ring writes in one kernel). `choice`: the kernels that module constants switch (the attention
+    kernel also on the PyTorch path, for more rows than the block kernels take). `last`: the
+    attention kernel's bound on the slots it reads (`_attend`)."""
     att = layer.attention
-    if isinstance(rope, tuple):
-        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice)
-    R = rope
+    if isinstance(rope, tuple) and x_B1D.shape[0] <= KERNEL_MAX_ROWS:
+        return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice, last=last)
     xn = layer.attention_norm(x_B1D)
     if fused is None:
         q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
     else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
         N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
-        y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
-        q, k = (y[:, :, :N + Nk].float() @ R).to(y.dtype).split([N, Nk], dim=2)
-        v = y[:, :, N + Nk:]
-    kc.index_copy_(2, slot, k.transpose(1, 2))
-    vc.index_copy_(2, slot, v.transpose(1, 2))
-    out = _attend(q[:, 0], kc, vc, mask, kernel=choice.attend)  # B N H
+        y = F.linear(xn, fused.qkv[id(layer)])
+        if isinstance(rope, tuple):  # more rows than the block kernels take: RoPE and cache writes in one
+            from . import kernels
+
+            q = kernels.rope_write(y.view(y.shape[0], -1), *rope, N, Nk, kc, vc, slot)[:, None]
+        else:
+            y = y.view(*xn.shape[:2], N + 2 * Nk, H)
+            q, k = (y[:, :, :N + Nk].float() @ rope).to(y.dtype).split([N, Nk], dim=2)
+            v = y[:, :, N + Nk:]
+    if not isinstance(rope, tuple):
+        kc.index_copy_(2, slot, k.transpose(1, 2))
+        vc.index_copy_(2, slot, v.transpose(1, 2))
+    out = _attend(q[:, 0], kc, vc, mask, kernel=choice.attend, last=last)  # B N H
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
@@ -176,7 +186,8 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tens
 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
-                        n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS) -> torch.Tensor:
+                        n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
+                        last: torch.Tensor | None = None) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
     attention over the first `n_keys` cache slots (all by default)."""
     from . import kernels
@@ -185,21 +196,23 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend), att.wo.weight,
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last), att.wo.weight,
                     kernel=choice.linear)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
     return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=choice.linear)
 
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
-            n_keys: int | None = None, kernel: bool = False) -> torch.Tensor:
+            n_keys: int | None = None, kernel: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
     """One position's attention over the first `n_keys` cache slots (all by default) with the
     step's additive mask -> [B, N, H]: SDPA, or with `kernel` bltkit.kernels.attend (SDPA runs a
-    many-query kernel for the one query: 20-39 µs a call at 64 rows on an H200)."""
+    many-query kernel for the one query: 20-39 µs a call at 64 rows on an H200), which reads no
+    slot after `last` (a device tensor: the last slot any row sees, or each row's; the mask hides
+    those slots anyway, so SDPA, which reads them all, ignores it)."""
     if kernel:
         from . import kernels
 
-        return kernels.attend(q_BNH, kc, vc, mask, n_keys)
+        return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last)
     out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=q_BNH.shape[1] != kc.shape[1])
     return out[:, :, 0]
@@ -218,15 +231,20 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
-                kernel: bool = False, linear_kernel: bool = False) -> torch.Tensor:
+                kernel: bool = False, linear_kernel: bool = False, split: bool = False) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
-    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend)."""
+    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend); with `split`, norm
+    and q in one (kernels.norm_linear), the attention with the output product in another
+    (kernels.cross_attend_linear_add)."""
     if kernel:
         from . import kernels
 
         B, _, D = x_BTD.shape
         nq = layer.cross_attn_norm_q
+        if split:
+            q = kernels.norm_linear(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight)
+            return kernels.cross_attend_linear_add(x_BTD.reshape(B, D), q, k, v, layer.wo.weight, 2.0).view_as(x_BTD)
         heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
@@ -251,6 +269,13 @@ ATTEND_KERNEL = False
 # (benchmarks/profile_generate.py --variants kernels-plain,kernels); both are read when a
 # Generator is made
 LINEAR_KERNEL = True
+
+# the decoder's cross-attention steps in the Triton block steps: norm, q and the attention in one
+# kernel (kernels.norm_cross_attend: a program a row and head, 16 for blt-1b at batch 1, 7.2 µs
+# a call on an H200), then the output product (linear_add), where this is False; where True,
+# norm and q in one kernel and the attention inside the output product in another, each over
+# many programs (kernels.norm_linear, kernels.cross_attend_linear_add; untimed)
+CROSS_SPLIT_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
@@ -346,7 +371,8 @@ class Generator:
             else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
-        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL,
+                                            cross_split=bool(kernels) and CROSS_SPLIT_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -416,7 +442,7 @@ class Generator:
         """The step's RoPE in the form `_block_step` takes (None unfused)."""
         if self.fused is None:
             return None
-        if self.kernels and self.x.shape[0] <= KERNEL_MAX_ROWS:  # H/2 halves, one set or one a row
+        if self.kernels:  # H/2 halves, one set or one a row
             rows = cos.shape[0]
             c, s = cos.reshape(rows, -1), sin.reshape(rows, -1, 2)[..., 1]
             return c.squeeze(0).contiguous(), s.squeeze(0).contiguous()
@@ -431,7 +457,7 @@ class Generator:
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice)
+                            self._kernel_choice, self.n)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -480,7 +506,7 @@ class Generator:
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
             h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice)
+                            self._kernel_choice, self.n)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -529,19 +555,24 @@ class Generator:
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
         fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
-        kernel_rope = self._rope(cos, sin) if fg is not None and B <= KERNEL_MAX_ROWS else None
+        kernel_rope = self._rope(cos, sin) if fg is not None else None  # (fg: Generator(kernels=True))
         for i, layer in enumerate(gt.layers):
             att = layer.attention
-            if isinstance(kernel_rope, tuple):  # Generator(kernels=True): the Triton block step
-                x = _block_step_kernels(layer, self.g_k[i], self.g_v[i], x, idx, gmask, fg, kernel_rope, L,
-                                        self._kernel_choice)
-                continue
-            # with fg: q|k|v in one product, w1|w3 in another (3 kernels fewer a layer)
-            q, k, v = att.qkv(layer.attention_norm(x), cos, sin, fg.qkv[id(layer)] if fg is not None else None)
             kc, vc = self.g_k[i], self.g_v[i]
-            kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
-            vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._kernel_choice.attend)
+            if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
+                x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, self.p)
+                continue
+            if kernel_rope is not None:  # cuBLAS's q|k|v product, then RoPE and the cache writes in one kernel
+                from . import kernels
+
+                y = F.linear(layer.attention_norm(x), fg.qkv[id(layer)])
+                q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
+            else:
+                q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+                kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
+                vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
+                q = q[:, 0]
+            out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
             x = _linear_add(x, out, att.wo.weight)
             w13 = fg.w13[id(layer)] if fg is not None else None
             x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
@@ -567,14 +598,15 @@ class Generator:
         R = self._rope(cos, sin)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
-        kern = isinstance(R, tuple) and self._cross_kernel  # the Triton block steps run (a few rows)
+        kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
-                                linear_kernel=kern and self._kernel_choice.linear)
+                                linear_kernel=kern and self._kernel_choice.linear,
+                                split=self._kernel_choice.cross_split)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice)
+                            self._kernel_choice, self.n)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()

@@ -1,13 +1,15 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Five kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Six kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
   caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
   kernel for what took seven (norm, product, two casts and the rotation product, two cache writes).
   A program computes a share of one head's features (tuned: 8 to 64 rotation pairs).
+- `rope_write`: the same after a q|k|v product made elsewhere (cuBLAS, for batches over a few
+  rows): RoPE and the cache writes, one kernel for five.
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
@@ -88,8 +90,9 @@ if triton is not None:
     @triton.autotune(configs=_configs([{"PAIRS": 16, "BLOCK_D": 256}, {"PAIRS": 16, "BLOCK_D": 512},
                                        {"PAIRS": 32, "BLOCK_D": 256}, {"PAIRS": 8, "BLOCK_D": 512},
                                        {"PAIRS": 64, "BLOCK_D": 128}, {"PAIRS": 64, "BLOCK_D": 256},
-                                       {"PAIRS": 64, "BLOCK_D": 256}, {"PAIRS": 64, "BLOCK_D": 512}],
-                                      [4, 8, 4, 4, 4, 4, 8, 8]), key=["D", "N", "NK"])
+                                       {"PAIRS": 64, "BLOCK_D": 256}, {"PAIRS": 64, "BLOCK_D": 512},
+                                       {"PAIRS": 4, "BLOCK_D": 1024}, {"PAIRS": 8, "BLOCK_D": 1024}],
+                                      [4, 8, 4, 4, 4, 4, 8, 8, 4, 8]), key=["D", "N", "NK"])
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                               D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
@@ -132,12 +135,42 @@ if triton is not None:
             tl.store(at + 2 * i, e.to(dt), mask=ok)
             tl.store(at + 2 * i + 1, o.to(dt), mask=ok)
 
-    @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_D": 128}, {"BLOCK_O": 16, "BLOCK_D": 256},
-                                       {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512}],
-                                      [4, 8, 8, 8]), key=["D", "F"])
     @triton.jit
-    def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
+    def _rope_write_kernel(y_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr, N, NK, sy_b,
+                           skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope, H: tl.constexpr):
+        b = tl.program_id(0)
+        head = tl.program_id(1)  # q heads, then k heads, then v heads
+        i = tl.arange(0, H // 2)
+        dt = y_ptr.dtype.element_ty
+        row = y_ptr + b * sy_b + head * H
+        e = tl.load(row + 2 * i).to(tl.float32)
+        o = tl.load(row + 2 * i + 1).to(tl.float32)
+        if head < N + NK:  # RoPE on q and k in fp32, rounded once, as apply_rope
+            c = tl.load(cos_ptr + b * s_rope + i)
+            s = tl.load(sin_ptr + b * s_rope + i)
+            e, o = e * c - o * s, o * c + e * s
+        if head < N:
+            q_row = q_ptr + (b * N + head) * H
+            tl.store(q_row + 2 * i, e.to(dt))
+            tl.store(q_row + 2 * i + 1, o.to(dt))
+        else:
+            slot = tl.load(slot_ptr + b * s_slot)
+            if head < N + NK:
+                at = kc_ptr + b * skc_b + (head - N) * skc_n + slot * skc_r
+            else:
+                at = vc_ptr + b * svc_b + (head - N - NK) * svc_n + slot * svc_r
+            tl.store(at + 2 * i, e.to(dt))
+            tl.store(at + 2 * i + 1, o.to(dt))
+
+    @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_D": 128}, {"BLOCK_O": 16, "BLOCK_D": 256},
+                                       {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512},
+                                       {"BLOCK_O": 4, "BLOCK_D": 512}, {"BLOCK_O": 4, "BLOCK_D": 1024},
+                                       {"BLOCK_O": 8, "BLOCK_D": 1024}],
+                                      [4, 8, 8, 8, 4, 4, 8]), key=["D", "F", "GATED"])
+    @triton.jit
+    def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, GATED: tl.constexpr, BLOCK_O: tl.constexpr,
                             BLOCK_D: tl.constexpr):
+        """silu(w1 n(x)) * w3 n(x) (w = [w1; w3], F rows each), or with GATED off w n(x) (F rows)."""
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         dt = x_ptr.dtype.element_ty
@@ -151,13 +184,16 @@ if triton is not None:
             xn = _normed(x_row, g_ptr, d, D, rstd)
             m = rmask & (d < D)[None, :]
             w_a = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
-            w_b = tl.load(w_ptr + (rows + F)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
             acc_a += tl.sum(w_a * xn[None, :], axis=1)
-            acc_b += tl.sum(w_b * xn[None, :], axis=1)
-        a = acc_a.to(dt).to(tl.float32)
-        g = acc_b.to(dt).to(tl.float32)
-        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
-        tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
+            if GATED:
+                w_b = tl.load(w_ptr + (rows + F)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+                acc_b += tl.sum(w_b * xn[None, :], axis=1)
+        a = acc_a.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
+        if GATED:
+            g = acc_b.to(dt).to(tl.float32)
+            s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
+            a = s * g
+        tl.store(out_ptr + b * F + rows, a.to(dt), mask=rows < F)
 
     @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
                      key=["D", "N", "NK", "K"])
@@ -191,17 +227,20 @@ if triton is not None:
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
-                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS"])
+                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS", "HAS_LAST"])
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, S, scale, N, NK, sq_b, sq_n,
-                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, SPLITS, H: tl.constexpr,
-                       BLOCK_S: tl.constexpr):
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, S, scale, N, NK, sq_b, sq_n,
+                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS, H: tl.constexpr,
+                       BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
-        chunk = tl.cdiv(tl.cdiv(S, SPLITS), BLOCK_S) * BLOCK_S
+        n_read = S
+        if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
+            n_read = tl.minimum(S, tl.load(last_ptr + b * s_last).to(tl.int32) + 1)
+        chunk = tl.cdiv(tl.cdiv(n_read, SPLITS), BLOCK_S) * BLOCK_S
         start = split * chunk
-        end = tl.minimum(S, start + chunk)
+        end = tl.minimum(n_read, start + chunk)
         dt = o_ptr.dtype.element_ty
         h = tl.arange(0, H)
         q = tl.load(q_ptr + b * sq_b + head * sq_n + h).to(tl.float32)
@@ -236,6 +275,45 @@ if triton is not None:
             tl.store(row + H, m_i)
             tl.store(row + H + 1, l_i)
 
+    @triton.autotune(configs=_configs([{"BLOCK_O": 4, "HEADS": 2}, {"BLOCK_O": 2, "HEADS": 4},
+                                       {"BLOCK_O": 8, "HEADS": 2}, {"BLOCK_O": 4, "HEADS": 4},
+                                       {"BLOCK_O": 16, "HEADS": 2}], [4, 4, 4, 8, 4]), key=["D", "N", "NK", "K"])
+    @triton.jit
+    def _cross_attend_linear_add_kernel(x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, D, beta, scale, N, NK, K,
+                                        sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr,
+                                        BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, HEADS: tl.constexpr):
+        """beta x + W a for a program's BLOCK_O output rows, a the attention of q's heads over the
+        row's K cached keys, recomputed by every program a chunk of HEADS heads at a time (the
+        keys are few: cross_attn_k), so that the product's rows spread over many programs."""
+        b = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        rmask = rows < D
+        dt = out_ptr.dtype.element_ty
+        h = tl.arange(0, H)
+        j = tl.arange(0, BLOCK_J)
+        jm = (j < K)[None, :, None]
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for h0 in range(0, N, HEADS):
+            heads = h0 + tl.arange(0, HEADS)
+            hm = heads < N
+            q = tl.load(q_ptr + (b * N + heads)[:, None] * H + h[None, :], mask=hm[:, None], other=0.0)
+            kvh = (heads // (N // NK))[:, None, None]  # grouped-query heads share a key/value head
+            kv_m = hm[:, None, None] & jm
+            kk = tl.load(k_ptr + b * sk_b + kvh * sk_n + j[None, :, None] * sk_s + h[None, None, :], mask=kv_m,
+                         other=0.0).to(tl.float32)
+            sc = tl.sum(q.to(tl.float32)[:, None, :] * kk, axis=2) * scale  # HEADS, BLOCK_J
+            sc = tl.where((j < K)[None, :], sc, float("-inf"))
+            p = tl.exp(sc - tl.max(sc, axis=1)[:, None])
+            p = p / tl.sum(p, axis=1)[:, None]
+            vv = tl.load(v_ptr + b * sv_b + kvh * sv_n + j[None, :, None] * sv_s + h[None, None, :], mask=kv_m,
+                         other=0.0).to(tl.float32)
+            a = tl.sum(p[:, :, None] * vv, axis=1).to(dt).to(tl.float32)  # HEADS, H: the heads' output, rounded
+            w = tl.load(w_ptr + rows[:, None, None] * (N * H) + (heads[:, None] * H + h[None, :])[None, :, :],
+                        mask=rmask[:, None, None] & hm[None, :, None], other=0.0).to(tl.float32)
+            acc += tl.sum(tl.sum(w * a[None, :, :], axis=2), axis=1)
+        x = tl.load(x_ptr + b * D + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # one rounding, as addmm
+
     @triton.jit
     def _attend_combine_kernel(part_ptr, o_ptr, N, SPLITS, H: tl.constexpr, BLOCK_J: tl.constexpr):
         b = tl.program_id(0)
@@ -254,9 +332,14 @@ if triton is not None:
         o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
 
+    # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
+    # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
+    # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
-                                       {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512}],
-                                      [4, 4, 4, 8]), key=["D", "K"])
+                                       {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512},
+                                       {"BLOCK_O": 4, "BLOCK_K": 512}, {"BLOCK_O": 2, "BLOCK_K": 1024},
+                                       {"BLOCK_O": 4, "BLOCK_K": 1024}, {"BLOCK_O": 8, "BLOCK_K": 1024}],
+                                      [4, 4, 4, 8, 4, 4, 4, 8]), key=["D", "K"])
     @triton.jit
     def _linear_add_kernel(x_ptr, a_ptr, w_ptr, out_ptr, D, K, beta, sa_b, BLOCK_O: tl.constexpr,
                            BLOCK_K: tl.constexpr):
@@ -298,12 +381,58 @@ def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_q
     return q
 
 
+def rope_write(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`norm_qkv_rope` after the product: q [B, N, H] from y = the q|k|v product's output [B,
+    (N + 2 Nkv) H] (rows may be strided), RoPE on q and k, and k, v written into the caches at
+    `slot`; `cos_H2`, `sin_H2`, `slot` as there. One kernel for the rotation's casts and product
+    and the two cache writes, for batches too large for the matrix-vector kernels (cuBLAS runs
+    their products)."""
+    B = y_BF.shape[0]
+    H = k_cache.shape[-1]
+    q = torch.empty(B, n_heads, H, dtype=y_BF.dtype, device=y_BF.device)
+    _rope_write_kernel[(B, n_heads + 2 * n_kv_heads)](
+        y_BF, cos_H2, sin_H2, q, k_cache, v_cache, slot, n_heads, n_kv_heads, y_BF.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, cos_H2.shape[-1] if cos_H2.dim() == 2 else 0, H=H)
+    return q
+
+
 def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: torch.Tensor) -> torch.Tensor:
     """silu(w1 n(x)) * w3 n(x) [B, F] with n the RMSNorm and w13 = [w1; w3] ([2F, D])."""
     B, D = x_BD.shape
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
-    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
+    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps,
+                                                                           GATED=True)
+    return out
+
+
+def norm_linear(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
+    """w n(x) [B, O] with n the RMSNorm (w [O, D]): `norm_swiglu`'s kernel without the gate."""
+    B, D = x_BD.shape
+    out = torch.empty(B, w.shape[0], dtype=x_BD.dtype, device=x_BD.device)
+    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(w.shape[0], meta["BLOCK_O"]))](
+        x_BD, norm_weight, w, out, D, w.shape[0], eps, GATED=False)
+    return out
+
+
+def cross_attend_linear_add(x_BD: torch.Tensor, q_BF: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            w_o: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """beta x + w_o a [B, D] for one position a row, a = softmax(q k^T / sqrt(H)) v the
+    attention of q [B, N * H] (contiguous) over k, v [B, Nkv, K, H], the row's few cached keys
+    (all visible), rounded to the dtype before the product (what `norm_cross_attend` and
+    `linear_add` compute, with the heads' output never written: each program recomputes it
+    for its own output rows, so at one row the product spreads over D / 2-16 programs, not
+    the N heads' of `norm_cross_attend`)."""
+    B, D = x_BD.shape
+    _, n_kv, K, H = k.shape
+    n_heads = q_BF.shape[1] // H
+    out = torch.empty_like(x_BD)
+    _cross_attend_linear_add_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_O"]))](
+        x_BD, q_BF, k, v, w_o, out, D, beta, H ** -0.5, n_heads, n_kv, K,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H=H, BLOCK_J=triton.next_power_of_2(K))
     return out
 
 
@@ -341,14 +470,17 @@ def attend_splits(programs: int, n_keys: int) -> int:
 
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           n_keys: int | None = None, splits: int | None = None) -> torch.Tensor:
+           n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
     or any view whose last dim indexes the slots: 0 visible, -inf not). Hidden slots are not
     read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros (the
     global step's rows that close no patch, whose results are discarded). `splits`: programs a
-    row and head (default: `attend_splits`)."""
+    row and head (default: `attend_splits`). `last`: an integer device tensor, one value for all
+    rows (a single element) or one a row ([B]), the last slot a row may see: slots after it are
+    not read either (a cache's unfilled tail: the global cache past a row's patches, a ring
+    before it wraps), the splits sharing what is left."""
     B, N, H = q_BNH.shape
     S = k.shape[2] if n_keys is None else n_keys
     out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
@@ -357,9 +489,10 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         splits = attend_splits(B * N, S)
     part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
     _attend_kernel[(B, N, splits)](
-        q_BNH, k, v, m, out, part, S, H ** -0.5, N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        m.stride(0) if m.shape[0] > 1 else 0, m.stride(1), splits, H=H)
+        q_BNH, k, v, m, out, part, out if last is None else last, S, H ** -0.5, N, k.shape[1],
+        q_BNH.stride(0), q_BNH.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), m.stride(0) if m.shape[0] > 1 else 0, m.stride(1),
+        1 if last is not None and last.numel() > 1 else 0, splits, H=H, HAS_LAST=last is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

@@ -96,6 +96,36 @@ def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row, pairs):
     assert not vc.transpose(1, 2)[~written].any()
 
 
+@pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot and position, or each row's
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_rope_write_equals_the_pytorch_step(dtype, tol, per_row):
+    """RoPE and the cache writes after a q|k|v product made elsewhere, from strided rows: q as
+    apply_rope leaves it, k and v at each row's slot and nowhere else (one rounding of the fp32
+    rotation: one bf16 step at the largest magnitude at most)."""
+    N, NK, H, R, B = 4, 2, 16, 8, 3
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(B, (N + 2 * NK) * H + 5, generator=g).to(DEV, dtype)[:, 5:]  # strided rows
+    pos = torch.tensor([[37], [3], [100]] if per_row else [[37]], device=DEV)
+    slots = [5, 2, 7] if per_row else [5] * B
+    cos, sin = rope_cos_sin(pos, H, 10000.0)
+    c, s_ = cos.reshape(len(pos), -1).squeeze(0).contiguous(), sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0)
+    kc = torch.zeros(B, NK, R, H, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    slot = torch.tensor(slots if per_row else [5], device=DEV)
+    q = kernels.rope_write(y, c, s_.contiguous(), N, NK, kc, vc, slot)
+    y4 = y.reshape(B, 1, N + 2 * NK, H)
+    qk = apply_rope(y4[:, :, :N + NK], cos, sin)[:, 0]
+    rows = torch.arange(B)
+    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]
+    scale = y.abs().max().item()
+    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y4[:, 0, N + NK:])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
+    written = torch.zeros(B, R, dtype=torch.bool)
+    written[rows, slots] = True
+    assert not kc.transpose(1, 2)[~written].any()
+    assert not vc.transpose(1, 2)[~written].any()
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
 def test_norm_swiglu_equals_the_pytorch_step(dtype, tol):
     norm, x, _, w13 = _case(dtype)
@@ -118,6 +148,33 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
     out = kernels.norm_cross_attend(x, norm.weight, norm.eps, w_q, k, v)
     q = _rnd(_normed(norm, x) @ w_q.float().T, dtype).view(B, N, 1, H)
     want = F.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=N != NK).reshape(B, N * H)
+    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_norm_linear_equals_the_pytorch_step(dtype, tol):
+    norm, x, w_qkv, _ = _case(dtype)
+    out = kernels.norm_linear(x, norm.weight, norm.eps, w_qkv)
+    want = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype)
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("N", "NK", "K"), [(4, 4, 2), (6, 2, 3)])  # the decoder's 2 units; GQA, 3 keys, 6 heads
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_cross_attend_linear_add_equals_the_pytorch_step(dtype, tol, N, NK, K):
+    """2x + W a, a the attention over the row's cached keys rounded to the dtype, as
+    norm_cross_attend and linear_add compute it; 6 heads are not a multiple of every head chunk,
+    and D = 40 not of every row block."""
+    B, D, H = 3, 40, 16
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    q = torch.randn(B, N * H, generator=g).to(DEV, dtype)
+    k = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    v = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    w_o = (torch.randn(D, N * H, generator=g) / (N * H) ** 0.5).to(DEV, dtype)
+    out = kernels.cross_attend_linear_add(x, q, k, v, w_o, 2.0)
+    a = F.scaled_dot_product_attention(q.float().view(B, N, 1, H), k.float(), v.float(), enable_gqa=N != NK)
+    want = 2.0 * x.float() + _rnd(a.reshape(B, N * H), dtype) @ w_o.float().T
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
@@ -188,6 +245,31 @@ def test_attend_reads_no_hidden_slot(splits):
     assert not out[1].any()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_attend_reads_no_slot_after_last(per_row, splits):
+    """`last` bounds the slots read (a cache's unfilled tail: the global cache past a row's
+    patches, a ring before it wraps), one bound for all rows or one a row: the slots after it
+    hold NaN and the mask shows them, so only the bound keeps them out; the splits share the
+    slots up to the bound (row 2 sees its slots 0..0 alone, row 1 all of them)."""
+    B, N, H, S = 3, 2, 16, 150
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, N, H, generator=g).to(DEV)
+    k = torch.randn(B, N, S, H, generator=g).to(DEV)
+    v = torch.randn(B, N, S, H, generator=g).to(DEV)
+    last_rows = [97, S + 5, 0] if per_row else [97] * B  # past the cache: all S slots
+    for row, last in enumerate(last_rows):
+        k[row, :, last + 1:] = float("nan")
+        v[row, :, last + 1:] = float("nan")
+    mask = torch.zeros(B, 1, 1, S, device=DEV)
+    last = torch.tensor(last_rows if per_row else last_rows[:1], device=DEV)
+    out = kernels.attend(q, k, v, mask, splits=splits, last=last if per_row else last[0])
+    for row, n in enumerate(last_rows):
+        n = min(S, n + 1)
+        want = F.scaled_dot_product_attention(q[row:row + 1, :, None], k[row:row + 1, :, :n], v[row:row + 1, :, :n])
+        torch.testing.assert_close(out[row], want[0, :, 0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("switched", [False, True])
 def test_generator_with_kernels_across_documents(switched, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
@@ -197,6 +279,7 @@ def test_generator_with_kernels_across_documents(switched, monkeypatch):
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
+    monkeypatch.setattr(generate, "CROSS_SPLIT_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = eos_heavy(make_model(seed=0, window=8, mode="space", max_patch_length=4)).to(DEV)
     prompts = random_prompts(seed=1, n=2)
@@ -209,11 +292,13 @@ def test_generator_with_kernels_across_documents(switched, monkeypatch):
 def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
     within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); with the
-    kernels that module constants switch (kernels.attend, kernels.linear_add) on and off."""
+    kernels that module constants switch (kernels.attend, kernels.linear_add, the split
+    cross-attention kernels) on and off."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
+    monkeypatch.setattr(generate, "CROSS_SPLIT_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=4, window=8, **mode).to(DEV)
     prompts = random_prompts(seed=5, n=2)
