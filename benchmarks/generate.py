@@ -84,8 +84,7 @@ def main() -> None:
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
-                "linear": "kernels.linear_add in the block steps of a few rows",
-                "cross-split": "the decoder's cross-attention as kernels.norm_linear + cross_attend_linear_add"}
+                "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{_constant(name)}); auto (the default) "

@@ -130,7 +130,6 @@ class _KernelChoice(NamedTuple):
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
-    cross_split: bool = False  # the decoder's cross-attention as kernels.norm_linear + cross_attend_linear_add
 
 
 _DEFAULT_KERNELS = _KernelChoice()
@@ -231,20 +230,15 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
-                kernel: bool = False, linear_kernel: bool = False, split: bool = False) -> torch.Tensor:
+                kernel: bool = False, linear_kernel: bool = False) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
-    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend); with `split`, norm
-    and q in one (kernels.norm_linear), the attention with the output product in another
-    (kernels.cross_attend_linear_add)."""
+    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend)."""
     if kernel:
         from . import kernels
 
         B, _, D = x_BTD.shape
         nq = layer.cross_attn_norm_q
-        if split:
-            q = kernels.norm_linear(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight)
-            return kernels.cross_attend_linear_add(x_BTD.reshape(B, D), q, k, v, layer.wo.weight, 2.0).view_as(x_BTD)
         heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
@@ -269,13 +263,6 @@ ATTEND_KERNEL = False
 # (benchmarks/profile_generate.py --variants kernels-plain,kernels); both are read when a
 # Generator is made
 LINEAR_KERNEL = True
-
-# the decoder's cross-attention steps in the Triton block steps: norm, q and the attention in one
-# kernel (kernels.norm_cross_attend: a program a row and head, 16 for blt-1b at batch 1, 7.2 µs
-# a call on an H200), then the output product (linear_add), where this is False; where True,
-# norm and q in one kernel and the attention inside the output product in another, each over
-# many programs (kernels.norm_linear, kernels.cross_attend_linear_add; untimed)
-CROSS_SPLIT_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
@@ -371,8 +358,7 @@ class Generator:
             else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
-        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL,
-                                            cross_split=bool(kernels) and CROSS_SPLIT_KERNEL)
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -603,8 +589,7 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
-                                linear_kernel=kern and self._kernel_choice.linear,
-                                split=self._kernel_choice.cross_split)
+                                linear_kernel=kern and self._kernel_choice.linear)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n)
         return dec.head(z)[:, 0]

@@ -166,11 +166,10 @@ if triton is not None:
                                        {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512},
                                        {"BLOCK_O": 4, "BLOCK_D": 512}, {"BLOCK_O": 4, "BLOCK_D": 1024},
                                        {"BLOCK_O": 8, "BLOCK_D": 1024}],
-                                      [4, 8, 8, 8, 4, 4, 8]), key=["D", "F", "GATED"])
+                                      [4, 8, 8, 8, 4, 4, 8]), key=["D", "F"])
     @triton.jit
-    def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, GATED: tl.constexpr, BLOCK_O: tl.constexpr,
+    def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
                             BLOCK_D: tl.constexpr):
-        """silu(w1 n(x)) * w3 n(x) (w = [w1; w3], F rows each), or with GATED off w n(x) (F rows)."""
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         dt = x_ptr.dtype.element_ty
@@ -184,16 +183,13 @@ if triton is not None:
             xn = _normed(x_row, g_ptr, d, D, rstd)
             m = rmask & (d < D)[None, :]
             w_a = tl.load(w_ptr + rows[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            w_b = tl.load(w_ptr + (rows + F)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
             acc_a += tl.sum(w_a * xn[None, :], axis=1)
-            if GATED:
-                w_b = tl.load(w_ptr + (rows + F)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
-                acc_b += tl.sum(w_b * xn[None, :], axis=1)
-        a = acc_a.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
-        if GATED:
-            g = acc_b.to(dt).to(tl.float32)
-            s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
-            a = s * g
-        tl.store(out_ptr + b * F + rows, a.to(dt), mask=rows < F)
+            acc_b += tl.sum(w_b * xn[None, :], axis=1)
+        a = acc_a.to(dt).to(tl.float32)
+        g = acc_b.to(dt).to(tl.float32)
+        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
+        tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
 
     @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
                      key=["D", "N", "NK", "K"])
@@ -274,45 +270,6 @@ if triton is not None:
             tl.store(row + h, acc)
             tl.store(row + H, m_i)
             tl.store(row + H + 1, l_i)
-
-    @triton.autotune(configs=_configs([{"BLOCK_O": 4, "HEADS": 2}, {"BLOCK_O": 2, "HEADS": 4},
-                                       {"BLOCK_O": 8, "HEADS": 2}, {"BLOCK_O": 4, "HEADS": 4},
-                                       {"BLOCK_O": 16, "HEADS": 2}], [4, 4, 4, 8, 4]), key=["D", "N", "NK", "K"])
-    @triton.jit
-    def _cross_attend_linear_add_kernel(x_ptr, q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, D, beta, scale, N, NK, K,
-                                        sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr,
-                                        BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, HEADS: tl.constexpr):
-        """beta x + W a for a program's BLOCK_O output rows, a the attention of q's heads over the
-        row's K cached keys, recomputed by every program a chunk of HEADS heads at a time (the
-        keys are few: cross_attn_k), so that the product's rows spread over many programs."""
-        b = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        rmask = rows < D
-        dt = out_ptr.dtype.element_ty
-        h = tl.arange(0, H)
-        j = tl.arange(0, BLOCK_J)
-        jm = (j < K)[None, :, None]
-        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-        for h0 in range(0, N, HEADS):
-            heads = h0 + tl.arange(0, HEADS)
-            hm = heads < N
-            q = tl.load(q_ptr + (b * N + heads)[:, None] * H + h[None, :], mask=hm[:, None], other=0.0)
-            kvh = (heads // (N // NK))[:, None, None]  # grouped-query heads share a key/value head
-            kv_m = hm[:, None, None] & jm
-            kk = tl.load(k_ptr + b * sk_b + kvh * sk_n + j[None, :, None] * sk_s + h[None, None, :], mask=kv_m,
-                         other=0.0).to(tl.float32)
-            sc = tl.sum(q.to(tl.float32)[:, None, :] * kk, axis=2) * scale  # HEADS, BLOCK_J
-            sc = tl.where((j < K)[None, :], sc, float("-inf"))
-            p = tl.exp(sc - tl.max(sc, axis=1)[:, None])
-            p = p / tl.sum(p, axis=1)[:, None]
-            vv = tl.load(v_ptr + b * sv_b + kvh * sv_n + j[None, :, None] * sv_s + h[None, None, :], mask=kv_m,
-                         other=0.0).to(tl.float32)
-            a = tl.sum(p[:, :, None] * vv, axis=1).to(dt).to(tl.float32)  # HEADS, H: the heads' output, rounded
-            w = tl.load(w_ptr + rows[:, None, None] * (N * H) + (heads[:, None] * H + h[None, :])[None, :, :],
-                        mask=rmask[:, None, None] & hm[None, :, None], other=0.0).to(tl.float32)
-            acc += tl.sum(tl.sum(w * a[None, :, :], axis=2), axis=1)
-        x = tl.load(x_ptr + b * D + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # one rounding, as addmm
 
     @triton.jit
     def _attend_combine_kernel(part_ptr, o_ptr, N, SPLITS, H: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -403,36 +360,7 @@ def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: 
     B, D = x_BD.shape
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
-    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps,
-                                                                           GATED=True)
-    return out
-
-
-def norm_linear(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: torch.Tensor) -> torch.Tensor:
-    """w n(x) [B, O] with n the RMSNorm (w [O, D]): `norm_swiglu`'s kernel without the gate."""
-    B, D = x_BD.shape
-    out = torch.empty(B, w.shape[0], dtype=x_BD.dtype, device=x_BD.device)
-    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(w.shape[0], meta["BLOCK_O"]))](
-        x_BD, norm_weight, w, out, D, w.shape[0], eps, GATED=False)
-    return out
-
-
-def cross_attend_linear_add(x_BD: torch.Tensor, q_BF: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            w_o: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """beta x + w_o a [B, D] for one position a row, a = softmax(q k^T / sqrt(H)) v the
-    attention of q [B, N * H] (contiguous) over k, v [B, Nkv, K, H], the row's few cached keys
-    (all visible), rounded to the dtype before the product (what `norm_cross_attend` and
-    `linear_add` compute, with the heads' output never written: each program recomputes it
-    for its own output rows, so at one row the product spreads over D / 2-16 programs, not
-    the N heads' of `norm_cross_attend`)."""
-    B, D = x_BD.shape
-    _, n_kv, K, H = k.shape
-    n_heads = q_BF.shape[1] // H
-    out = torch.empty_like(x_BD)
-    _cross_attend_linear_add_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_O"]))](
-        x_BD, q_BF, k, v, w_o, out, D, beta, H ** -0.5, n_heads, n_kv, K,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H=H, BLOCK_J=triton.next_power_of_2(K))
+    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
     return out
 
 

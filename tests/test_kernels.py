@@ -151,33 +151,6 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_norm_linear_equals_the_pytorch_step(dtype, tol):
-    norm, x, w_qkv, _ = _case(dtype)
-    out = kernels.norm_linear(x, norm.weight, norm.eps, w_qkv)
-    want = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype)
-    torch.testing.assert_close(out.float(), want, rtol=0, atol=tol * want.abs().max().item())
-
-
-@pytest.mark.parametrize(("N", "NK", "K"), [(4, 4, 2), (6, 2, 3)])  # the decoder's 2 units; GQA, 3 keys, 6 heads
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_cross_attend_linear_add_equals_the_pytorch_step(dtype, tol, N, NK, K):
-    """2x + W a, a the attention over the row's cached keys rounded to the dtype, as
-    norm_cross_attend and linear_add compute it; 6 heads are not a multiple of every head chunk,
-    and D = 40 not of every row block."""
-    B, D, H = 3, 40, 16
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(B, D, generator=g).to(DEV, dtype)
-    q = torch.randn(B, N * H, generator=g).to(DEV, dtype)
-    k = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
-    v = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
-    w_o = (torch.randn(D, N * H, generator=g) / (N * H) ** 0.5).to(DEV, dtype)
-    out = kernels.cross_attend_linear_add(x, q, k, v, w_o, 2.0)
-    a = F.scaled_dot_product_attention(q.float().view(B, N, 1, H), k.float(), v.float(), enable_gqa=N != NK)
-    want = 2.0 * x.float() + _rnd(a.reshape(B, N * H), dtype) @ w_o.float().T
-    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
-
-
 # the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
 # and round once to the dtype: one bf16 step (2^-7 relative) at the largest magnitude at most
 @pytest.mark.parametrize("splits", [1, 3])  # one program a row and head, or three and their combination
@@ -279,7 +252,6 @@ def test_generator_with_kernels_across_documents(switched, monkeypatch):
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
-    monkeypatch.setattr(generate, "CROSS_SPLIT_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = eos_heavy(make_model(seed=0, window=8, mode="space", max_patch_length=4)).to(DEV)
     prompts = random_prompts(seed=1, n=2)
@@ -292,13 +264,11 @@ def test_generator_with_kernels_across_documents(switched, monkeypatch):
 def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
     within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); with the
-    kernels that module constants switch (kernels.attend, kernels.linear_add, the split
-    cross-attention kernels) on and off."""
+    kernels that module constants switch (kernels.attend, kernels.linear_add) on and off."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
-    monkeypatch.setattr(generate, "CROSS_SPLIT_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=4, window=8, **mode).to(DEV)
     prompts = random_prompts(seed=5, n=2)
