@@ -5,7 +5,7 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_attend train_step
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_sdpa train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
@@ -44,13 +44,14 @@ run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --
 # (under 8 rows); both on by default since the ninth session's run tested them
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
-run generate_kernels 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
+run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
   --json "$OUT/generate_kernels.json"
-# the same with kernels.attend for the steps' self-attention (generate.ATTEND_KERNEL, off by default)
-run generate_attend 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 \
-  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --attend-kernel on \
-  --json "$OUT/generate_attend.json"
+# the same with SDPA for every cache (generate.ATTEND_KERNEL off; on by default since the eleventh
+# session, for caches of up to generate.ATTEND_MAX_KEYS slots)
+run generate_sdpa 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --attend-kernel off \
+  --json "$OUT/generate_sdpa.json"
 run train_step 170 python benchmarks/train_step.py --compile --steps 6
 run train_step_eager 120 python benchmarks/train_step.py --steps 6 --no-hf  # eager blocks, for the ratio
 # where the blt-1b training step goes (compiled, as the 2.05-2.09x of the seventh session ran)

@@ -204,11 +204,12 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
             n_keys: int | None = None, kernel: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
     """One position's attention over the first `n_keys` cache slots (all by default) with the
-    step's additive mask -> [B, N, H]: SDPA, or with `kernel` bltkit.kernels.attend (SDPA runs a
-    many-query kernel for the one query: 20-39 µs a call at 64 rows on an H200), which reads no
-    slot after `last` (a device tensor: the last slot any row sees, or each row's; the mask hides
-    those slots anyway, so SDPA, which reads them all, ignores it)."""
-    if kernel:
+    step's additive mask -> [B, N, H]: SDPA, or with `kernel`, over at most ATTEND_MAX_KEYS
+    slots, bltkit.kernels.attend (SDPA runs a many-query kernel for the one query: 20-39 µs a
+    call at 64 rows on an H200), which reads no slot after `last` (a device tensor: the last slot
+    any row sees, or each row's; the mask hides those slots anyway, so SDPA, which reads them
+    all, ignores it)."""
+    if kernel and (kc.shape[2] if n_keys is None else n_keys) <= ATTEND_MAX_KEYS:
         from . import kernels
 
         return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last)
@@ -251,11 +252,14 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 PATCH_EVERY_BYTE_ROWS = 8
 
 # Generator(kernels=...) runs bltkit.kernels.attend for the steps' self-attention, at every row
-# count, where this is True: off, since on an H200 it beats SDPA at 64 rows with short caches
-# (5.66 -> 5.06 ms a step) but lost to it with 2,048-byte prompts (before it split long caches:
-# kernels.attend_splits, untimed there) and ties at batch 1 (benchmarks/profile_generate.py
-# --variants kernels,kernels-attend; benchmarks/generate.py --attend-kernel on)
-ATTEND_KERNEL = False
+# count, over caches of at most ATTEND_MAX_KEYS slots where this is True (longer ones keep SDPA).
+# On an H200 (eleventh session, blt-1b, benchmarks/generate.py --attend-kernel on / off) the
+# kernel, which reads no slot past a row's last, won with 64-byte prompts (caches of 192 slots:
+# batch 1 709 against 655 bytes/s, batch 64 14,350 against 12,662) and lost with 2,048-byte ones
+# (rings of 512 slots, the global cache's 512: batch 1 934 against 993, batch 8 1,272 against
+# 1,326, batch 64 6,703 against 6,802), where its splits need a second kernel to combine them
+ATTEND_KERNEL = True
+ATTEND_MAX_KEYS = 256  # read as the steps are traced (and captured into CUDA graphs)
 
 # the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with
 # bltkit.kernels.linear_add where this is True (one kernel instead of cuBLAS's split-K product

@@ -322,3 +322,29 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
     assert set(calls) == {len(prompts)}
+
+
+def test_attend_kernel_only_for_short_caches(monkeypatch):
+    """kernels.attend runs over caches of at most ATTEND_MAX_KEYS slots, SDPA over longer ones,
+    with the reference's bytes either way."""
+    from bltkit import generate
+
+    model = make_model(seed=8, window=8).to(DEV)
+    prompts = random_prompts(seed=9, n=2)
+    want = reference_generate(model, prompts, 10, stop_at_eos=False)
+    attend, sizes = kernels.attend, []
+
+    def counted(q, k, v, mask, n_keys=None, splits=None, last=None):
+        sizes.append(k.shape[2] if n_keys is None else n_keys)
+        return attend(q, k, v, mask, n_keys, splits, last)
+
+    monkeypatch.setattr(kernels, "attend", counted)
+    monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
+    runs = []
+    for limit in (10**9, 8):  # all caches; the rings' 8 slots, not the global cache's
+        monkeypatch.setattr(generate, "ATTEND_MAX_KEYS", limit)
+        sizes.clear()
+        assert Generator(model, kernels=True).generate_ids(prompts, 10, stop_at_eos=False) == want
+        runs.append(set(sizes))
+    assert min(runs[0]) == 8 < max(runs[0])
+    assert runs[1] == {8}
