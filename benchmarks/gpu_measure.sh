@@ -13,9 +13,9 @@
 # profile_generate with GEN_VARIANTS=graphs,kernels and generate --kernels on at batches 1 and 8;
 # the ninth gpu_tests, profile_generate with GEN_VARIANTS=kernels,speculate and generate_kernels;
 # the tenth gpu_tests and profile_generate --variants kernels,kernels-attend,kernels-linear,kernels-both
-# at batches 1 and 64 (docs/benchmarks.md); next:
-#   ONLY="gpu_tests generate_kernels generate_attend"  (~6 minutes: the defaults, now with
-#        kernels.linear_add, and kernels.attend with its long-cache splits, at 2,048-byte prompts too)
+# at batches 1 and 64; the eleventh gpu_tests, profile_generate and profile_generate_b64 with their
+# kernel tables, generate_kernels and the SDPA grid (docs/benchmarks.md); next:
+#   ONLY="gpu_tests generate_kernels generate_sdpa"  (~8 minutes: the defaults, then SDPA for every cache)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail

@@ -21,7 +21,8 @@ chains of a step that surround its matrix-vector products, and its attention cal
   place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
   20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
   program per row and head walks the keys in blocks with an online softmax in fp32. Unlike the
-  others it has no weights, so it serves any batch size. With few rows or long caches a row's
+  others it has no weights, so it serves any batch size, and it reads no slot after a row's
+  last (a device tensor: the cache's unfilled tail stays unread). With few rows or long caches a row's
   keys are split over several programs and a second kernel combines their partial sums
   (flash-decoding; `attend_splits`).
 
