@@ -84,8 +84,7 @@ def main() -> None:
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
-                "linear": "kernels.linear_add in the block steps of a few rows",
-                "mm": "the tensor-core block kernels over 8 rows (kernels.norm_qkv_rope_mm, norm_swiglu_mm)"}
+                "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{_constant(name)}); auto (the default) "

@@ -15,10 +15,7 @@
 # the tenth gpu_tests and profile_generate --variants kernels,kernels-attend,kernels-linear,kernels-both
 # at batches 1 and 64; the eleventh gpu_tests, profile_generate and profile_generate_b64 with their
 # kernel tables, generate_kernels and the SDPA grid (docs/benchmarks.md); next:
-#   ONLY="gpu_tests profile_generate_b64" GEN64_VARIANTS=kernels,kernels-mm GEN64_TABLE="--table-kernels
-#        --table-mm"  (~4 minutes: the untimed tensor-core block kernels for 64 rows, generate.MM_KERNEL)
-#   ONLY="generate_kernels generate_sdpa"  (~8 minutes: the defaults, then SDPA for every cache;
-#        with MM_KERNEL on if the profile above favours it)
+#   ONLY="gpu_tests generate_kernels generate_sdpa"  (~8 minutes: the defaults, then SDPA for every cache)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail

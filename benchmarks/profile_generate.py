@@ -31,8 +31,7 @@ def main() -> None:
                          "generate.ATTEND_KERNEL and LINEAR_KERNEL), kernels-attend (kernels with "
                          "kernels.attend for the attention: ATTEND_KERNEL = True), kernels-linear "
                          "(kernels.linear_add on, attend off), kernels-both (both on), kernels-plain "
-                         "(both off), kernels-mm (MM_KERNEL: over 8 rows the tensor-core block "
-                         "kernels), speculate "
+                         "(both off), speculate "
                          "(kernels + Generator(speculate=True): the decoder beside the entropy model); "
                          "only speculate speculates")
     ap.add_argument("--table-kernels", action="store_true",
@@ -40,8 +39,6 @@ def main() -> None:
     ap.add_argument("--table-speculate", action="store_true",
                     help="the per-graph tables for Generator(speculate=True) (its speculative graph)")
     ap.add_argument("--table-attend", action="store_true", help="the tables with kernels.attend (ATTEND_KERNEL)")
-    ap.add_argument("--table-mm", action="store_true",
-                    help="the tables with the tensor-core block kernels over 8 rows (MM_KERNEL)")
     ap.add_argument("--table-plain", action="store_true",
                     help="the tables without kernels.linear_add (LINEAR_KERNEL, on by default)")
     ap.add_argument("overrides", nargs="*")
@@ -51,13 +48,12 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
-    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "MM_KERNEL")
+    names = ("ATTEND_KERNEL", "LINEAR_KERNEL")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
                 "kernels-both": {"ATTEND_KERNEL": True, "LINEAR_KERNEL": True},
-                "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False},
-                "kernels-mm": {"MM_KERNEL": True}}
+                "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False}}
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}
@@ -76,7 +72,6 @@ def main() -> None:
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     generate.ATTEND_KERNEL = defaults["ATTEND_KERNEL"] or args.table_attend
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
-    generate.MM_KERNEL = defaults["MM_KERNEL"] or args.table_mm
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a

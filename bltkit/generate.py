@@ -125,12 +125,11 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class _KernelChoice(NamedTuple):
-    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL, MM_KERNEL), as read
-    when a Generator is made; all False without Generator(kernels=...)."""
+    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL), as read when a
+    Generator is made; all False without Generator(kernels=...)."""
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
-    mm: bool = False  # the block steps of more rows on kernels.norm_qkv_rope_mm and norm_swiglu_mm
 
 
 _DEFAULT_KERNELS = _KernelChoice()
@@ -148,7 +147,7 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     kernel also on the PyTorch path, for more rows than the block kernels take). `last`: the
     attention kernel's bound on the slots it reads (`_attend`)."""
     att = layer.attention
-    if isinstance(rope, tuple) and (x_B1D.shape[0] <= KERNEL_MAX_ROWS or choice.mm):
+    if isinstance(rope, tuple) and x_B1D.shape[0] <= KERNEL_MAX_ROWS:
         return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice, last=last)
     xn = layer.attention_norm(x_B1D)
     if fused is None:
@@ -189,21 +188,17 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
                         n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
                         last: torch.Tensor | None = None) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
-    attention over the first `n_keys` cache slots (all by default). Over KERNEL_MAX_ROWS rows
-    the tensor-core kernels (`choice.mm`) and cuBLAS's addmm."""
+    attention over the first `n_keys` cache slots (all by default)."""
     from . import kernels
 
     att, B = layer.attention, x_B1D.shape[0]
     an, fn = layer.attention_norm, layer.ffn_norm
-    few = B <= KERNEL_MAX_ROWS
-    qkv, swiglu = (kernels.norm_qkv_rope, kernels.norm_swiglu) if few else \
-        (kernels.norm_qkv_rope_mm, kernels.norm_swiglu_mm)
-    q = qkv(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
-            att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
+    q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
+                              att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
     h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last), att.wo.weight,
-                    kernel=choice.linear and few)
-    m = swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
-    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=choice.linear and few)
+                    kernel=choice.linear)
+    m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
+    return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=choice.linear)
 
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
@@ -273,14 +268,6 @@ ATTEND_MAX_KEYS = 256  # read as the steps are traced (and captured into CUDA gr
 # Generator is made
 LINEAR_KERNEL = True
 
-# Generator(kernels=...) runs the block steps of more than KERNEL_MAX_ROWS rows on
-# kernels.norm_qkv_rope_mm and norm_swiglu_mm (RMSNorm, the product on tensor cores over tiles of
-# rows, and RoPE with the cache writes, or SwiGLU, in one kernel each; cuBLAS's products with
-# separate norm, RoPE and SwiGLU kernels otherwise) where this is True and every stack's head dim
-# is one they take (kernels.mm_supported): written in the eleventh session after its GPU calls,
-# tested under Triton's interpreter only, so off until timed
-MM_KERNEL = False
-
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -301,12 +288,6 @@ def _kernels_refusal(device: torch.device, fuse: bool, stacks) -> str | None:
     if bad:
         return f"Generator(kernels=True) needs power-of-two head dims >= 4; this model has {bad}"
     return None
-
-
-def _kernels_mm(head_dim: int) -> bool:
-    from . import kernels as K
-
-    return K.mm_supported(head_dim)
 
 
 def _fused_bytes(blocks) -> int:
@@ -381,9 +362,7 @@ class Generator:
             else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
-        mm = bool(kernels) and MM_KERNEL and all(_kernels_mm(c.head_dim) for c in stacks)
-        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL,
-                                            mm=mm)
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
 
@@ -570,7 +549,7 @@ class Generator:
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
-            if kernel_rope is not None and (B <= KERNEL_MAX_ROWS or self._kernel_choice.mm):  # Triton block step
+            if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
                 x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, self.p)
                 continue
             if kernel_rope is not None:  # cuBLAS's q|k|v product, then RoPE and the cache writes in one kernel

@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). The kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Six kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -11,9 +11,6 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `rope_write`: the same after a q|k|v product made elsewhere (cuBLAS, for batches over a few
   rows): RoPE and the cache writes, one kernel for five.
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
-- `norm_qkv_rope_mm`, `norm_swiglu_mm`: the same two for many rows, a program a tile of rows
-  with its products on tensor cores (tl.dot), so the weights are read once a tile, not once a
-  row (generate.MM_KERNEL; untimed).
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
   kernel for the norm, product, layout copy and attention call.
@@ -138,113 +135,6 @@ if triton is not None:
                 at = vc_ptr + b * svc_b + (head - N - NK) * svc_n + slot * svc_r
             tl.store(at + 2 * i, e.to(dt), mask=ok)
             tl.store(at + 2 * i + 1, o.to(dt), mask=ok)
-
-    # -- the same two block-step kernels for many rows: tensor-core products over row tiles --------
-
-    @triton.jit
-    def _rstd_rows(x_ptr, rows, rmask, D, eps, BM: tl.constexpr, BK: tl.constexpr):
-        """1 / rms of each of a tile's BM rows (fp32)."""
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            k = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rmask[:, None] & (k < D)[None, :],
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-        return 1.0 / tl.sqrt(ss / D + eps)
-
-    @triton.jit
-    def _normed_rows(x_ptr, g_ptr, rows, rmask, k, D, rstd):
-        """A tile of RMSNorm's output [rows, k] in the dtype, rounded as `_normed`."""
-        dt = x_ptr.dtype.element_ty
-        x = tl.load(x_ptr + rows[:, None] * D + k[None, :], mask=rmask[:, None] & (k < D)[None, :],
-                    other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + k, mask=k < D, other=0.0).to(tl.float32)
-        return ((x * rstd[:, None]).to(dt).to(tl.float32) * g[None, :]).to(dt)
-
-    @triton.jit
-    def _dot(a, b_t, acc, IEEE: tl.constexpr):
-        """acc + a @ b_t.T; with IEEE in full fp32 (tl.dot would round fp32 inputs to tf32; the
-        products of bf16 inputs are exact in fp32 either way)."""
-        if IEEE:
-            return tl.dot(a.to(tl.float32), tl.trans(b_t).to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, tl.trans(b_t), acc)
-
-    # BP: pairs a program (a share of one head: divides H/2, which the configs below and
-    # mm_supported() keep to 16 or more, tl.dot's least width)
-    @triton.autotune(configs=_configs([{"BM": 16, "BP": 16, "BK": 64}, {"BM": 32, "BP": 16, "BK": 64},
-                                       {"BM": 64, "BP": 16, "BK": 64}, {"BM": 64, "BP": 32, "BK": 64},
-                                       {"BM": 32, "BP": 32, "BK": 128}, {"BM": 64, "BP": 16, "BK": 128}],
-                                      [4, 4, 4, 4, 4, 8]), key=["B", "D", "N", "NK"],
-                     prune_configs_by={"early_config_prune": lambda configs, named, **kw: [
-                         c for c in configs if ({**named, **kw}["H"] // 2) % c.kwargs["BP"] == 0]})
-    @triton.jit
-    def _norm_qkv_rope_mm_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
-                                 B, D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
-                                 H: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
-                                 BK: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rm = rows < B
-        shares = (H // 2) // BP
-        head = tl.program_id(1) // shares  # q heads, then k heads, then v heads
-        i = (tl.program_id(1) % shares) * BP + tl.arange(0, BP)  # this program's pairs
-        dt = x_ptr.dtype.element_ty
-        rstd = _rstd_rows(x_ptr, rows, rm, D, eps, BM, BK)
-        feats = head * H + 2 * i  # the even feature of each pair; odd = feats + 1
-        acc_e = tl.zeros([BM, BP], dtype=tl.float32)
-        acc_o = tl.zeros([BM, BP], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            k = k0 + tl.arange(0, BK)
-            xn = _normed_rows(x_ptr, g_ptr, rows, rm, k, D, rstd)
-            km = (k < D)[None, :]
-            w_e = tl.load(w_ptr + feats[:, None] * D + k[None, :], mask=km, other=0.0)
-            w_o = tl.load(w_ptr + (feats + 1)[:, None] * D + k[None, :], mask=km, other=0.0)
-            acc_e = _dot(xn, w_e, acc_e, IEEE)
-            acc_o = _dot(xn, w_o, acc_o, IEEE)
-        e = acc_e.to(dt).to(tl.float32)  # the product's output, rounded as F.linear's
-        o = acc_o.to(dt).to(tl.float32)
-        rm2 = rm[:, None]
-        if head < N + NK:  # RoPE on q and k in fp32
-            c = tl.load(cos_ptr + rows[:, None] * s_rope + i[None, :], mask=rm2, other=1.0)
-            s = tl.load(sin_ptr + rows[:, None] * s_rope + i[None, :], mask=rm2, other=0.0)
-            e, o = e * c - o * s, o * c + e * s
-        if head < N:
-            at = q_ptr + (rows[:, None] * N + head) * H + 2 * i[None, :]
-        else:
-            slot = tl.load(slot_ptr + rows * s_slot, mask=rm, other=0)[:, None]
-            if head < N + NK:
-                at = kc_ptr + rows[:, None] * skc_b + (head - N) * skc_n + slot * skc_r + 2 * i[None, :]
-            else:
-                at = vc_ptr + rows[:, None] * svc_b + (head - N - NK) * svc_n + slot * svc_r + 2 * i[None, :]
-        tl.store(at, e.to(dt), mask=rm2)
-        tl.store(at + 1, o.to(dt), mask=rm2)
-
-    @triton.autotune(configs=_configs([{"BM": 16, "BN": 32, "BK": 64}, {"BM": 32, "BN": 32, "BK": 64},
-                                       {"BM": 64, "BN": 32, "BK": 64}, {"BM": 64, "BN": 64, "BK": 64},
-                                       {"BM": 32, "BN": 64, "BK": 128}, {"BM": 64, "BN": 16, "BK": 128}],
-                                      [4, 4, 4, 4, 4, 4]), key=["B", "D", "F"])
-    @triton.jit
-    def _norm_swiglu_mm_kernel(x_ptr, g_ptr, w_ptr, out_ptr, B, D, F, eps, IEEE: tl.constexpr, BM: tl.constexpr,
-                               BN: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rm = rows < B
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        cm = (cols < F)[:, None]
-        dt = x_ptr.dtype.element_ty
-        rstd = _rstd_rows(x_ptr, rows, rm, D, eps, BM, BK)
-        acc_a = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_b = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            k = k0 + tl.arange(0, BK)
-            xn = _normed_rows(x_ptr, g_ptr, rows, rm, k, D, rstd)
-            m = cm & (k < D)[None, :]
-            w_a = tl.load(w_ptr + cols[:, None] * D + k[None, :], mask=m, other=0.0)
-            w_b = tl.load(w_ptr + (cols + F)[:, None] * D + k[None, :], mask=m, other=0.0)
-            acc_a = _dot(xn, w_a, acc_a, IEEE)
-            acc_b = _dot(xn, w_b, acc_b, IEEE)
-        a = acc_a.to(dt).to(tl.float32)
-        g = acc_b.to(dt).to(tl.float32)
-        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
-        tl.store(out_ptr + rows[:, None] * F + cols[None, :], (s * g).to(dt), mask=rm[:, None] & (cols < F)[None, :])
 
     @triton.jit
     def _rope_write_kernel(y_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr, N, NK, sy_b,
@@ -464,46 +354,6 @@ def rope_write(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, cos_H2.shape[-1] if cos_H2.dim() == 2 else 0, H=H)
     return q
-
-
-def _ieee(dtype: torch.dtype) -> bool:
-    """Whether the tensor-core kernels take their products in full fp32: for fp32 models, and
-    under Triton's interpreter, whose tl.dot gives garbage for bf16 inputs (Triton 3.9)."""
-    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def mm_supported(head_dim: int) -> bool:
-    """Head dims the many-row kernels take: a head's half (its rotation pairs) holds at least one
-    16-wide tile of tl.dot."""
-    return supported(head_dim) and head_dim >= 32
-
-
-def norm_qkv_rope_mm(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
-                     cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """`norm_qkv_rope` for many rows: a program takes a tile of rows and a share of a head's
-    pairs, and its products run on tensor cores (tl.dot), so the weights are read once a row
-    tile, not once a row. Head dims: `mm_supported`."""
-    B, D = x_BD.shape
-    H = k_cache.shape[-1]
-    q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
-    heads = n_heads + 2 * n_kv_heads
-    _norm_qkv_rope_mm_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), heads * (H // 2 // meta["BP"]))](
-        x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, B, D, eps, n_heads, n_kv_heads,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, H // 2 if cos_H2.dim() == 2 else 0,
-        H=H, IEEE=_ieee(x_BD.dtype))
-    return q
-
-
-def norm_swiglu_mm(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: torch.Tensor) -> torch.Tensor:
-    """`norm_swiglu` for many rows, on tensor cores over tiles of rows."""
-    B, D = x_BD.shape
-    F = w13.shape[0] // 2
-    out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
-    _norm_swiglu_mm_kernel[lambda meta: (triton.cdiv(B, meta["BM"]), triton.cdiv(F, meta["BN"]))](
-        x_BD, norm_weight, w13, out, B, D, F, eps, IEEE=_ieee(x_BD.dtype))
-    return out
 
 
 def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: torch.Tensor) -> torch.Tensor:

@@ -96,45 +96,6 @@ def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row, pairs):
     assert not vc.transpose(1, 2)[~written].any()
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_norm_qkv_rope_mm_equals_the_pytorch_step(dtype, tol, per_row):
-    """The many-row kernel: 20 rows (a tile of 16 and a part), D = 96 (not a multiple of the
-    product's 64-wide steps), 16 pairs a head (one tl.dot tile)."""
-    N, NK, H, R, B = 4, 2, 32, 8, 20
-    norm, x, w_qkv, _ = _case(dtype, B=B, N=N, NK=NK, H=H, R=R)
-    g = torch.Generator().manual_seed(9)
-    positions = torch.randint(0, 200, (B, 1), generator=g)
-    pos = (positions if per_row else positions[:1]).to(DEV)
-    slots = torch.randint(0, R, (B,), generator=g).tolist() if per_row else [5] * B
-    cos, sin = rope_cos_sin(pos, H, 10000.0)
-    c, s_ = cos.reshape(len(pos), -1).squeeze(0).contiguous(), sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0)
-    kc = torch.zeros(B, NK, R, H, dtype=dtype, device=DEV)
-    vc = torch.zeros_like(kc)
-    slot = torch.tensor(slots if per_row else [5], device=DEV)
-    q = kernels.norm_qkv_rope_mm(x, norm.weight, norm.eps, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot)
-    y = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)
-    qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]
-    scale = y.abs().max().item()
-    rows = torch.arange(B)
-    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]
-    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y[:, 0, N + NK:])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-    written = torch.zeros(B, R, dtype=torch.bool)
-    written[rows, slots] = True
-    assert not kc.transpose(1, 2)[~written].any()
-    assert not vc.transpose(1, 2)[~written].any()
-
-
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_norm_swiglu_mm_equals_the_pytorch_step(dtype, tol):
-    norm, x, _, w13 = _case(dtype, B=20)  # F = 40: a column tile and a part
-    out = kernels.norm_swiglu_mm(x, norm.weight, norm.eps, w13)
-    a, b = _rnd(_normed(norm, x) @ w13.float().T, dtype).chunk(2, dim=-1)
-    want = _rnd(_rnd(F.silu(a), dtype) * b, dtype)
-    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
-
-
 @pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot and position, or each row's
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
 def test_rope_write_equals_the_pytorch_step(dtype, tol, per_row):
@@ -387,42 +348,3 @@ def test_attend_kernel_only_for_short_caches(monkeypatch):
         runs.append(set(sizes))
     assert min(runs[0]) == 8 < max(runs[0])
     assert runs[1] == {8}
-
-
-def test_generator_mm_kernels_for_many_rows(monkeypatch):
-    """Over KERNEL_MAX_ROWS rows with MM_KERNEL, the block steps (byte-level and global) run the
-    tensor-core kernels, with the reference's bytes and the cuBLAS path's logits within 1e-5
-    (fp32; heads of 32 features, the least they take)."""
-    import dataclasses
-
-    from bltkit import generate, presets
-    from bltkit.checkpoint import init_model
-
-    cfg = presets.tiny()
-    one_head = {"n_heads": 1, "n_kv_heads": 1}
-    cfg = dataclasses.replace(
-        cfg, encoder=dataclasses.replace(cfg.encoder, **one_head), decoder=dataclasses.replace(cfg.decoder, **one_head),
-        global_transformer=dataclasses.replace(cfg.global_transformer, n_heads=2, n_kv_heads=2),
-        entropy_model=dataclasses.replace(cfg.entropy_model, **one_head))
-    model = init_model(cfg, seed=10).to(DEV)
-    with torch.no_grad():
-        model.entropy_model.output.weight.mul_(8.0)
-    prompts = random_prompts(seed=11, n=generate.KERNEL_MAX_ROWS + 2)
-    want = reference_generate(model, prompts, 10, stop_at_eos=False)
-    calls = {"norm_qkv_rope_mm": 0, "norm_swiglu_mm": 0}
-    for name in calls:
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, name=name, real=real, **k: (
-            calls.__setitem__(name, calls[name] + 1), real(*a, **k))[1])
-    logits = {}
-    for mm in (False, True):
-        monkeypatch.setattr(generate, "MM_KERNEL", mm)
-        gen = Generator(model, kernels=True)
-        assert gen._kernel_choice.mm == mm
-        rows = []
-        out = gen.generate_ids(prompts, 10, stop_at_eos=False,
-                               on_step=lambda row, tok, close, rows=rows, gen=gen: rows.append(gen.logits[row].clone()))
-        assert out == want
-        logits[mm] = torch.stack(rows)
-        assert (min(calls.values()) > 0) == mm
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
