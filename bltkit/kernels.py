@@ -7,7 +7,7 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
   caches at the step's slot (a ring's, or each row's next patch slot in the global cache): one
   kernel for what took seven (norm, product, two casts and the rotation product, two cache writes).
-  A program computes a share of one head's features (tuned: 8 to 64 rotation pairs).
+  A program computes a share of one head's features (tuned: 4 to 64 rotation pairs).
 - `rope_write`: the same after a q|k|v product made elsewhere (cuBLAS, for batches over a few
   rows): RoPE and the cache writes, one kernel for five.
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
