@@ -89,6 +89,9 @@ def main() -> None:
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{_constant(name)}); auto (the default) "
                              "keeps the constant's value")
+    ap.add_argument("--kernel-max-rows", type=int, default=None, metavar="N",
+                    help="with the kernels, the most rows the Triton block steps take (generate.KERNEL_MAX_ROWS; "
+                         "default: the constant's value), larger batches run cuBLAS's products")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
@@ -97,6 +100,8 @@ def main() -> None:
     for name in switches:
         if (value := getattr(args, f"{name.replace('-', '_')}_kernel")) != "auto":
             setattr(generate, _constant(name), value == "on")
+    if args.kernel_max_rows is not None:
+        generate.KERNEL_MAX_ROWS = args.kernel_max_rows
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     t = time.perf_counter()
