@@ -31,11 +31,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 KERNELS = {"auto": None, "on": True, "off": False}  # --kernels / --speculate -> Generator(...)
 
 
-def _constant(switch: str) -> str:
-    """The module constant of bltkit.generate that a --SWITCH-kernel option sets."""
-    return f"{switch.upper().replace('-', '_')}_KERNEL"
-
-
 def prompts_of(length: int, batch: int) -> list[bytes]:
     text = (SAMPLE_TEXT * (length // len(SAMPLE_TEXT) + 2)).encode()
     return [text[i * 7: i * 7 + length - 1] for i in range(batch)]  # BOS makes it `length` ids
@@ -87,7 +82,7 @@ def main() -> None:
                 "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
-                        help=f"with the kernels, {what} (generate.{_constant(name)}); auto (the default) "
+                        help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
                              "keeps the constant's value")
     ap.add_argument("--kernel-max-rows", type=int, default=None, metavar="N",
                     help="with the kernels, the most rows the Triton block steps take (generate.KERNEL_MAX_ROWS; "
@@ -98,8 +93,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=50002")
     args = ap.parse_args()
     for name in switches:
-        if (value := getattr(args, f"{name.replace('-', '_')}_kernel")) != "auto":
-            setattr(generate, _constant(name), value == "on")
+        if (value := getattr(args, f"{name}_kernel")) != "auto":
+            setattr(generate, f"{name.upper()}_KERNEL", value == "on")
     if args.kernel_max_rows is not None:
         generate.KERNEL_MAX_ROWS = args.kernel_max_rows
     dtype, dev = DTYPES[args.dtype], args.device

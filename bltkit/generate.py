@@ -150,23 +150,22 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     if isinstance(rope, tuple) and x_B1D.shape[0] <= KERNEL_MAX_ROWS:
         return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice, last=last)
     xn = layer.attention_norm(x_B1D)
-    if fused is None:
-        q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
-    else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
-        N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
-        y = F.linear(xn, fused.qkv[id(layer)])
-        if isinstance(rope, tuple):  # more rows than the block kernels take: RoPE and cache writes in one
-            from . import kernels
+    N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
+    if isinstance(rope, tuple):  # more rows than the block kernels take: RoPE and the ring writes in one
+        from . import kernels
 
-            q = kernels.rope_write(y.view(y.shape[0], -1), *rope, N, Nk, kc, vc, slot)[:, None]
-        else:
-            y = y.view(*xn.shape[:2], N + 2 * Nk, H)
+        q = kernels.rope_write(F.linear(xn, fused.qkv[id(layer)])[:, 0], *rope, N, Nk, kc, vc, slot)  # B N H
+    else:
+        if fused is None:
+            q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
+        else:  # the same products from one fused matrix; RoPE on the adjacent q|k columns at once
+            y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
             q, k = (y[:, :, :N + Nk].float() @ rope).to(y.dtype).split([N, Nk], dim=2)
             v = y[:, :, N + Nk:]
-    if not isinstance(rope, tuple):
         kc.index_copy_(2, slot, k.transpose(1, 2))
         vc.index_copy_(2, slot, v.transpose(1, 2))
-    out = _attend(q[:, 0], kc, vc, mask, kernel=choice.attend, last=last)  # B N H
+        q = q[:, 0]
+    out = _attend(q, kc, vc, mask, kernel=choice.attend, last=last)  # B N H
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
