@@ -270,11 +270,11 @@ LINEAR_KERNEL = True
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
-# products better. 8 rows were too many: on an H200 (eleventh session, blt-1b, 64-byte prompts)
-# a step of 8 rows on these kernels took 5.56 ms (1,438 bytes/s), one of 64 rows on cuBLAS's
-# products 4.49 ms (14,259 bytes/s), and the same kernels on fewer rows cost no more; where
-# between 1 row (the kernels: 2.11 against 2.96 ms a byte) and 7 the two cross is not timed
-KERNEL_MAX_ROWS = 7
+# products better. On an H200 (twelfth session, blt-1b, 64-byte prompts, benchmarks/generate.py
+# --kernel-max-rows 8 against 1) the Triton steps won at 2 rows (933 against 610 bytes/s) and 4
+# (1,143 against 1,095) and lost at 6 (1,285 against 1,552; at 8 the eleventh session's 5.56 ms a
+# step against 4.49 on cuBLAS at 64 rows)
+KERNEL_MAX_ROWS = 4
 
 
 def _kernels_refusal(device: torch.device, fuse: bool, stacks) -> str | None:
