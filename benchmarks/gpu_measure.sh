@@ -33,7 +33,8 @@ run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 819
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
 run gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
-  "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps"
+  "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
+  "tests/test_generate.py::test_graph_capture_survives_garbage_holding_cuda_graphs"
 # GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)
 # shellcheck disable=SC2086
 run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps 64 \

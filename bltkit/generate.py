@@ -13,6 +13,7 @@ global transformer runs once per closed patch. All rows advance in lockstep over
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,7 +138,7 @@ _DEFAULT_KERNELS = _KernelChoice()
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
                 rope: torch.Tensor | tuple | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
-                last: torch.Tensor | None = None):
+                last: torch.Tensor | None = None, own: bool = False):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
@@ -145,7 +146,9 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     in one kernel, and norm, w1|w3 and SwiGLU in another; more rows cuBLAS's products, then
     RoPE and the ring writes in one kernel). `choice`: the kernels that module constants switch (the attention
     kernel also on the PyTorch path, for more rows than the block kernels take). `last`: the
-    attention kernel's bound on the slots it reads (`_attend`)."""
+    attention kernel's bound on the slots it reads (`_attend`). `own`: x_B1D is the caller's
+    temporary, which the fused path's residual adds may overwrite (cuBLAS's products, no copy of x
+    first)."""
     att = layer.attention
     if isinstance(rope, tuple) and x_B1D.shape[0] <= KERNEL_MAX_ROWS:
         return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice, last=last)
@@ -170,16 +173,23 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
     # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
-    h = _linear_add(x_B1D, out, att.wo.weight)
-    m = _swiglu(layer.feed_forward, layer.ffn_norm(h), fused.w13[id(layer)])
-    return _linear_add(h, m, layer.feed_forward.w2.weight)
+    h = _linear_add(x_B1D, out, att.wo.weight, inplace=own)
+    m = _swiglu(layer.feed_forward, layer.ffn_norm(h), fused.w13[id(layer)], kernel=isinstance(rope, tuple))
+    return _linear_add(h, m, layer.feed_forward.w2.weight, inplace=True)
 
 
-def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(w1 hn) * w3 hn, the FFN before w2; `w13` ([w1; w3], a fused copy): one product."""
+def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool = False) -> torch.Tensor:
+    """silu(w1 hn) * w3 hn, the FFN before w2; `w13` ([w1; w3], a fused copy): one product, then
+    with `kernel` silu and the product in one kernel (bltkit.kernels.swiglu; two strided
+    elementwise kernels otherwise)."""
     if w13 is None:
         return F.silu(ff.w1(hn)) * ff.w3(hn)
-    a, b = F.linear(hn, w13).chunk(2, dim=-1)
+    y = F.linear(hn, w13)
+    if kernel:
+        from . import kernels
+
+        return kernels.swiglu(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], -1)
+    a, b = y.chunk(2, dim=-1)
     return F.silu(a) * b
 
 
@@ -218,14 +228,19 @@ def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch
 
 
 def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0,
-                kernel: bool = False) -> torch.Tensor:
+                kernel: bool = False, inplace: bool = False) -> torch.Tensor:
     """beta * x + a @ weight.T as one kernel (x [B, T, D]; a [B, T, ...]): addmm, or with
-    `kernel` bltkit.kernels.linear_add (a few rows, T = 1)."""
+    `kernel` bltkit.kernels.linear_add (a few rows, T = 1). `inplace` (x contiguous, a temporary
+    nothing else reads): addmm writes into x, where out of place it first copies x into its
+    result (a copy kernel, ~1.5 µs a call in a batch-64 step on an H200)."""
     B, T, D = x_BTD.shape
     if kernel:
         from . import kernels
 
         return kernels.linear_add(x_BTD.reshape(B, D), a.reshape(B, -1), weight, beta).view_as(x_BTD)
+    if inplace and x_BTD.is_contiguous():
+        x_BTD.view(B * T, D).addmm_(a.reshape(B * T, -1), weight.t(), beta=beta)
+        return x_BTD
     return torch.addmm(x_BTD.reshape(B * T, D), a.reshape(B * T, -1), weight.t(), beta=beta).view_as(x_BTD)
 
 
@@ -451,7 +466,7 @@ class Generator:
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice, self.n)
+                            self._kernel_choice, self.n, own=True)
         logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
@@ -500,7 +515,7 @@ class Generator:
         pooled_yet = False
         for i, layer in enumerate(enc.layers):
             h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice, self.n)
+                            self._kernel_choice, self.n, own=True)
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
@@ -567,9 +582,10 @@ class Generator:
                 vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
                 q = q[:, 0]
             out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
-            x = _linear_add(x, out, att.wo.weight)
+            x = _linear_add(x, out, att.wo.weight, inplace=True)  # x: this step's temporary
             w13 = fg.w13[id(layer)] if fg is not None else None
-            x = _linear_add(x, _swiglu(layer.feed_forward, layer.ffn_norm(x), w13), layer.feed_forward.w2.weight)
+            gated = _swiglu(layer.feed_forward, layer.ffn_norm(x), w13, kernel=kernel_rope is not None)
+            x = _linear_add(x, gated, layer.feed_forward.w2.weight, inplace=True)
         dunits = m.local_decoder.split_units(x)  # B K Dd
         sel = close.view(B, 1, 1, 1)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):
@@ -599,7 +615,7 @@ class Generator:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
                                 linear_kernel=kern and self._kernel_choice.linear)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice, self.n)
+                            self._kernel_choice, self.n, own=z is not self.h)
         return dec.head(z)[:, 0]
 
     @torch.no_grad()
@@ -768,8 +784,22 @@ class Generator:
                 fn()
             return graph
 
-        graphs = {name: capture(self._fns[name]) for name in names}
-        graphs["patch"] = {L: capture(lambda L=L: self._fns["patch"](L)) for L in slots}
+        # No garbage collection inside a capture: a collection there may free an unreachable
+        # object that holds CUDA resources (an earlier Generator's graphs and their memory pool,
+        # compiled kernels), and freeing them is not allowed while a stream captures, which
+        # invalidates the capture (cudaErrorStreamCaptureInvalidated: once in the first GPU test
+        # run on two fresh H200s, after test_kernels.py had made many Generators; PyTorch's
+        # torch.cuda.graph no longer collects before capturing by default). So collect first,
+        # then capture with the collector off.
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            graphs = {name: capture(self._fns[name]) for name in names}
+            graphs["patch"] = {L: capture(lambda L=L: self._fns["patch"](L)) for L in slots}
+        finally:
+            if enabled:
+                gc.enable()
         for k, v in self._state_tensors().items():  # undo the warm-up's writes
             v.copy_(snapshot[k])
         self.graphs = graphs

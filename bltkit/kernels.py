@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Six kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Seven kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -11,6 +11,8 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `rope_write`: the same after a q|k|v product made elsewhere (cuBLAS, for batches over a few
   rows): RoPE and the cache writes, one kernel for five.
 - `norm_swiglu`: RMSNorm, the w1|w3 product and silu(a) * b: one kernel for four.
+- `swiglu`: silu(a) * b after a w1|w3 product made elsewhere (cuBLAS, for batches over a few
+  rows): one kernel for two strided elementwise kernels.
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
   kernel for the norm, product, layout copy and attention call.
@@ -185,6 +187,17 @@ if triton is not None:
         s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
         tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
 
+    @triton.jit
+    def _swiglu_kernel(y_ptr, out_ptr, F, sy_b, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = f < F
+        dt = out_ptr.dtype.element_ty
+        a = tl.load(y_ptr + b * sy_b + f, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(y_ptr + b * sy_b + F + f, mask=ok, other=0.0).to(tl.float32)
+        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
+        tl.store(out_ptr + b * F + f, (s * g).to(dt), mask=ok)
+
     @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
                      key=["D", "N", "NK", "K"])
     @triton.jit
@@ -243,17 +256,20 @@ if triton is not None:
         for s0 in range(start, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < end
+            # the mask, keys and values load at once (no load waits for another); what hidden slots
+            # hold (a discarded row's NaN at the global cache's dummy slot) is replaced by zeros
+            # before any sum, so it stays out of them
             mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
-            # hidden slots are never read: whatever they hold (a discarded row's NaN at the global
-            # cache's dummy slot) stays out of the sums
+            kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
+            vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
             seen = mask != float("-inf")
-            kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+            kk = tl.where(seen[:, None], kk.to(tl.float32), 0.0)
+            vv = tl.where(seen[:, None], vv.to(tl.float32), 0.0)
             sc = tl.where(seen, tl.sum(kk * q[None, :], axis=1) * scale + mask, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf) = 0
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(sc - m_use)
-            vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
             m_i = m_new
@@ -355,6 +371,21 @@ def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: 
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
     _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
+    return out
+
+
+SWIGLU_BLOCK = 1024
+
+
+def swiglu(y_B2F: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b [B, F] of y = [a | b] ([B, 2F], the w1|w3 product's output; rows may be
+    strided), rounded as F.silu(a) * b: one kernel where PyTorch runs two elementwise kernels on
+    the strided halves (for batches too large for norm_swiglu)."""
+    B, F2 = y_B2F.shape
+    F = F2 // 2
+    assert y_B2F.stride(1) == 1, "swiglu needs contiguous rows"
+    out = torch.empty(B, F, dtype=y_B2F.dtype, device=y_B2F.device)
+    _swiglu_kernel[(B, triton.cdiv(F, SWIGLU_BLOCK))](y_B2F, out, F, y_B2F.stride(0), BLOCK=SWIGLU_BLOCK)
     return out
 
 

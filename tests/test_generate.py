@@ -373,6 +373,40 @@ def test_speculation_on_cuda_equals_plain_steps(kernels):
             torch.testing.assert_close(spec.logits, plain.logits, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graphs)")
+def test_graph_capture_survives_garbage_holding_cuda_graphs():
+    """An unreachable Generator (a reference cycle: its step functions are its bound methods)
+    keeps its CUDA graphs until the garbage collector frees them, which freeing inside another
+    capture is not allowed to do. Here the last reference to such a Generator goes away during a
+    capture and the collector is set to run at every allocation: the capture still succeeds (the
+    collector is off while capturing) and the bytes are the reference's."""
+    import gc
+
+    model = make_model(seed=13).cuda()
+    prompts = random_prompts(seed=7, n=1)
+    dead = [Generator(model)]
+    dead[0].generate_ids(prompts, 4, stop_at_eos=False)
+    assert dead[0].graphs is not None
+    gen = Generator(model)
+    patch = gen._fns["patch"]
+
+    def drop_then_patch(L=None):
+        if torch.cuda.is_current_stream_capturing():
+            dead.clear()  # unreachable now, mid-capture
+            for _ in range(100):
+                [object()]  # allocations: chances for the collector
+        patch(L)
+
+    gen._fns["patch"] = drop_then_patch
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        out = gen.generate_ids(prompts, 24, stop_at_eos=False)
+    finally:
+        gc.set_threshold(*threshold)
+    assert out == reference_generate(model, prompts, 24, stop_at_eos=False)
+
+
 def test_fused_bytes_is_what_the_fused_copies_take():
     """The default decides on the global stack's fused copies by this count (against free memory)."""
     from bltkit.generate import _fits, _Fused, _fused_bytes

@@ -135,6 +135,24 @@ def test_norm_swiglu_equals_the_pytorch_step(dtype, tol):
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("block", [None, 16])  # the default block (one a row here), or 3 a row, one partly masked
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 0.0)])
+def test_swiglu_equals_the_pytorch_step(dtype, tol, block, monkeypatch):
+    """silu(a) * b of the w1|w3 product's output, from strided rows (a view of a wider tensor),
+    with PyTorch's two roundings: in bf16 the same value (silu in fp32, rounded, times b in fp32,
+    rounded: the same operations as F.silu and the product); in fp32 within an exp's last bits."""
+    if block is not None:
+        monkeypatch.setattr(kernels, "SWIGLU_BLOCK", block)
+    g = torch.Generator().manual_seed(2)
+    y = (3 * torch.randn(5, 2 * 40 + 6, generator=g)).to(DEV, dtype)[:, 3:83]  # B 2F, row stride 86
+    out = kernels.swiglu(y)
+    a, b = y.float().chunk(2, dim=-1)
+    want = _rnd(_rnd(F.silu(a), dtype) * b, dtype)
+    assert out.shape == (5, 40)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize(("N", "NK", "K"), [(4, 4, 2), (4, 2, 3)])  # the decoder's 2 units; GQA, 3 keys
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
 def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
@@ -316,12 +334,19 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
         return attend(*a, **k)
 
     monkeypatch.setattr(kernels, "attend", counted)
+    swiglu, swiglu_rows = kernels.swiglu, []  # after cuBLAS's w1|w3 products
+
+    def counted_swiglu(y):
+        swiglu_rows.append(y.shape[0])
+        return swiglu(y)
+
+    monkeypatch.setattr(kernels, "swiglu", counted_swiglu)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
     gen = Generator(model, kernels=True)
     assert gen.fused_global is not None
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
-    assert set(calls) == {len(prompts)}
+    assert set(calls) == set(swiglu_rows) == {len(prompts)}
 
 
 def test_attend_kernel_only_for_short_caches(monkeypatch):
