@@ -14,10 +14,9 @@
 # the ninth gpu_tests, profile_generate with GEN_VARIANTS=kernels,speculate and generate_kernels;
 # the tenth gpu_tests and profile_generate --variants kernels,kernels-attend,kernels-linear,kernels-both
 # at batches 1 and 64; the eleventh gpu_tests, profile_generate and profile_generate_b64 with their
-# kernel tables, generate_kernels and the SDPA grid (docs/benchmarks.md); next:
-#   ONLY="gpu_tests generate_kernels generate_sdpa"  (~8 minutes: the defaults, then SDPA for every cache)
-#   python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf --batches 2 4 6 8 --prompt-lens 64 2048 \
-#     --new-bytes 128 --kernel-max-rows 1  (then 8: where the Triton block steps stop paying)
+# kernel tables, generate_kernels and the SDPA grid; the twelfth gpu_tests, the Triton/cuBLAS
+# crossover and profile_generate_b64 (docs/benchmarks.md); next:
+#   ONLY="gpu_tests profile_generate_b64 generate_kernels"  (the batch-64 kernel table, the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
