@@ -86,6 +86,13 @@ if triton is not None:
         return ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
 
     @triton.jit
+    def _silu_mul(a, g, dt):
+        """silu(a) * g (fp32 inputs, the product's outputs rounded to dt) rounded as F.silu(a) * g:
+        silu's output to dt, then the product."""
+        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)
+        return (s * g).to(dt)
+
+    @triton.jit
     def _rope_store(e, o, b, head, i, ok, cos_ptr, sin_ptr, s_rope, q_ptr, kc_ptr, vc_ptr, slot_ptr, s_slot,
                     N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, H: tl.constexpr):
         """Pairs `i` (where `ok`) of head `head` of row b, even features e and odd o (fp32, as the
@@ -184,8 +191,7 @@ if triton is not None:
             acc_b += tl.sum(w_b * xn[None, :], axis=1)
         a = acc_a.to(dt).to(tl.float32)
         g = acc_b.to(dt).to(tl.float32)
-        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
-        tl.store(out_ptr + b * F + rows, (s * g).to(dt), mask=rows < F)
+        tl.store(out_ptr + b * F + rows, _silu_mul(a, g, dt), mask=rows < F)
 
     @triton.jit
     def _swiglu_kernel(y_ptr, out_ptr, F, sy_b, BLOCK: tl.constexpr):
@@ -195,8 +201,7 @@ if triton is not None:
         dt = out_ptr.dtype.element_ty
         a = tl.load(y_ptr + b * sy_b + f, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(y_ptr + b * sy_b + F + f, mask=ok, other=0.0).to(tl.float32)
-        s = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)  # silu, rounded as F.silu's output
-        tl.store(out_ptr + b * F + f, (s * g).to(dt), mask=ok)
+        tl.store(out_ptr + b * F + f, _silu_mul(a, g, dt), mask=ok)
 
     @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
                      key=["D", "N", "NK", "K"])
