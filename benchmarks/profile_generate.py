@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
 
-from bltkit import generate
+from bltkit import generate, kernels
 from bltkit.bytes import encode
 from bltkit.generate import Generator
 
@@ -33,7 +33,8 @@ def main() -> None:
                          "(kernels.linear_add on, attend off), kernels-both (both on), kernels-plain "
                          "(both off), speculate "
                          "(kernels + Generator(speculate=True): the decoder beside the entropy model); "
-                         "only speculate speculates")
+                         "only speculate speculates; kernels-nosplit, speculate-nosplit: those with "
+                         "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -58,10 +59,13 @@ def main() -> None:
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}
     variants.update(dict.fromkeys(switched, variants["kernels"]))
+    variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"]})
+    programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
         for k, v in {**defaults, **switched.get(name, {})}.items():  # read when a Generator is made
             setattr(generate, k, v)
+        kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
         t = time.perf_counter()
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec)
         gen.generate_ids(prompts, 16, stop_at_eos=False)

@@ -429,6 +429,7 @@ class Generator:
         self.open_eos = torch.zeros(B, dtype=torch.bool, device=dev)
         self.keys = torch.tensor(keys, dtype=torch.long, device=dev)
         self.capacity = capacity
+        self._make_rope_tables(capacity)
         self.graphs = None
         self.h = torch.zeros(B, 1, enc.dim, dtype=dt, device=dev)  # encoder output of byte n
         self.close = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -447,6 +448,36 @@ class Generator:
 
     # -- one byte ----------------------------------------------------------------------------------
 
+    def _rope_at(self, pos: torch.Tensor, stack_cfg, table: bool = True):
+        """RoPE at `pos` ([1, 1] shared, [B, 1] a row's own) -> (cos, sin, R): apply_rope's tables
+        and `_rope`'s form of them. With the kernels (and `table`), R = the (cos, sin) halves
+        gathered from the tables made with the state (one indexing kernel; cos, sin None: the
+        kernels' steps read only R), where computing them took about ten small kernels a stack
+        and step."""
+        if self.kernels and table:
+            cs = self._rope_tables[(stack_cfg.head_dim, stack_cfg.rope_theta)][pos.reshape(-1)]  # B|1, 2, H/2
+            return None, None, (cs[0, 0], cs[0, 1]) if cs.shape[0] == 1 else (cs[:, 0], cs[:, 1])
+        cos, sin = rope_cos_sin(pos, stack_cfg.head_dim, stack_cfg.rope_theta)
+        return cos, sin, self._rope(cos, sin)
+
+    def _make_rope_tables(self, capacity: int) -> None:
+        """The kernels' RoPE halves [positions, 2 (cos, sin), H/2] (fp32) of every stack, for
+        every position a step can reach: rope_cos_sin's values (computed the same way, at once)."""
+        self._rope_tables = {}
+        if not self.kernels:
+            return
+        c = self.cfg
+        stacks = [(c.encoder, capacity + 1), (c.decoder, capacity + 1), (c.global_transformer, self.p_cap + 2)]
+        if self.ent is not None:
+            stacks.append((self.model.entropy_model.config, capacity + 1))
+        for sc, size in stacks:
+            key = (sc.head_dim, sc.rope_theta)
+            have = self._rope_tables.get(key)
+            if have is None or have.shape[0] < size:
+                pos = torch.arange(size, device=self.model.device).view(1, -1)
+                cos, sin = rope_cos_sin(pos, sc.head_dim, sc.rope_theta)  # 1 T H/2 1, 1 T H/2 2
+                self._rope_tables[key] = torch.stack((cos[0, :, :, 0], sin[0, :, :, 1]), dim=1).contiguous()
+
     def _rope(self, cos: torch.Tensor, sin: torch.Tensor):
         """The step's RoPE in the form `_block_step` takes (None unfused)."""
         if self.fused is None:
@@ -461,8 +492,7 @@ class Generator:
         em = self.model.entropy_model
         ec = em.config
         slot, mask = self.ent.advance(self.n, self.doc)
-        cos, sin = rope_cos_sin(self.n.view(1, 1), ec.head_dim, ec.rope_theta)
-        R = self._rope(cos, sin)
+        cos, sin, R = self._rope_at(self.n.view(1, 1), ec)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
@@ -508,8 +538,7 @@ class Generator:
         m, c = self.model, self.cfg
         e = m.embed(x_B[:, None], history_BH=self.hist)
         slot, mask = self.enc.advance(self.n, self.doc)
-        cos, sin = rope_cos_sin(self.n.view(1, 1), c.encoder.head_dim, c.encoder.rope_theta)
-        R = self._rope(cos, sin)
+        cos, sin, R = self._rope_at(self.n.view(1, 1), c.encoder)
         enc = m.local_encoder
         h = e
         pooled_yet = False
@@ -555,7 +584,9 @@ class Generator:
         gt = m.global_transformer
         x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
         idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
-        cos, sin = rope_cos_sin(self.p.view(B, 1), c.global_transformer.head_dim, c.global_transformer.rope_theta)
+        fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
+        cos, sin, kernel_rope = self._rope_at(self.p.view(B, 1), c.global_transformer, table=fg is not None)
+        kernel_rope = kernel_rope if fg is not None else None  # (fg: Generator(kernels=True))
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
@@ -563,8 +594,6 @@ class Generator:
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
-        fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
-        kernel_rope = self._rope(cos, sin) if fg is not None else None  # (fg: Generator(kernels=True))
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
@@ -604,8 +633,7 @@ class Generator:
         """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
         m = self.model
         dec, c = m.local_decoder, self.cfg
-        cos, sin = rope_cos_sin(self.n.view(1, 1), c.decoder.head_dim, c.decoder.rope_theta)
-        R = self._rope(cos, sin)
+        cos, sin, R = self._rope_at(self.n.view(1, 1), c.decoder)
         slot, mask = self.dec.advance(self.n, self.doc)
         z = self.h
         kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run

@@ -329,23 +329,34 @@ if triton is not None:
         tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # addmm's one rounding
 
 
+def _rope_stride(cos_H2: torch.Tensor, sin_H2: torch.Tensor) -> int:
+    """The row stride the kernels read both RoPE halves with: 0 for one set ([H/2]), else theirs
+    ([B, H/2] rows, each contiguous; both halves with the same stride)."""
+    assert cos_H2.stride(-1) == sin_H2.stride(-1) == 1, "RoPE halves need contiguous rows"
+    if cos_H2.dim() == 1:
+        return 0
+    assert cos_H2.stride(0) == sin_H2.stride(0), "both RoPE halves need the same row stride"
+    return cos_H2.stride(0)
+
+
 def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
                   cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int, n_kv_heads: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
                   pairs: int | None = None) -> torch.Tensor:
     """q [B, N, H] of one position a row; k and v go into the caches [B, Nkv, S, H] at `slot`:
     one device index for every row ([1]) or one a row ([B]). `cos_H2`, `sin_H2`: the fp32 RoPE
-    halves at the position, shared ([H/2]) or a row's own ([B, H/2]), both contiguous. `pairs`:
+    halves at the position, shared ([H/2]) or a row's own ([B, H/2], rows contiguous, one row
+    stride for both: a generator's table rows gathered as [B, 2, H/2]). `pairs`:
     rotation pairs a program (a power of two), instead of the tuned choice (for tests)."""
     B, D = x_BD.shape
     H = k_cache.shape[-1]
     q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
-    per_row = [slot.numel() == B > 1, cos_H2.dim() == 2]
+    per_row = slot.numel() == B > 1
     heads = n_heads + 2 * n_kv_heads
     args = (x_BD, norm_weight, w_qkv, cos_H2, sin_H2, q, k_cache, v_cache, slot, D, eps, n_heads, n_kv_heads,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            1 if per_row[0] else 0, H // 2 if per_row[1] else 0)
+            1 if per_row else 0, _rope_stride(cos_H2, sin_H2))
     if pairs is None:
         _norm_qkv_rope_kernel[lambda meta: (B, heads * triton.cdiv(H // 2, meta["PAIRS"]))](*args, H=H)
     else:  # the tuner's kernel itself, with one fixed choice
@@ -366,7 +377,7 @@ def rope_write(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n
     _rope_write_kernel[(B, n_heads + 2 * n_kv_heads)](
         y_BF, cos_H2, sin_H2, q, k_cache, v_cache, slot, n_heads, n_kv_heads, y_BF.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, cos_H2.shape[-1] if cos_H2.dim() == 2 else 0, H=H)
+        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, _rope_stride(cos_H2, sin_H2), H=H)
     return q
 
 
