@@ -123,8 +123,9 @@ if triton is not None:
                                        {"PAIRS": 32, "BLOCK_D": 256}, {"PAIRS": 8, "BLOCK_D": 512},
                                        {"PAIRS": 64, "BLOCK_D": 128}, {"PAIRS": 64, "BLOCK_D": 256},
                                        {"PAIRS": 64, "BLOCK_D": 256}, {"PAIRS": 64, "BLOCK_D": 512},
-                                       {"PAIRS": 4, "BLOCK_D": 1024}, {"PAIRS": 8, "BLOCK_D": 1024}],
-                                      [4, 8, 4, 4, 4, 4, 8, 8, 4, 8]), key=["D", "N", "NK"])
+                                       {"PAIRS": 4, "BLOCK_D": 1024}, {"PAIRS": 8, "BLOCK_D": 1024},
+                                       {"PAIRS": 2, "BLOCK_D": 2048}, {"PAIRS": 4, "BLOCK_D": 2048}],
+                                      [4, 8, 4, 4, 4, 4, 8, 8, 4, 8, 4, 8]), key=["D", "N", "NK"])
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                               D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
@@ -168,8 +169,9 @@ if triton is not None:
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_D": 128}, {"BLOCK_O": 16, "BLOCK_D": 256},
                                        {"BLOCK_O": 32, "BLOCK_D": 256}, {"BLOCK_O": 8, "BLOCK_D": 512},
                                        {"BLOCK_O": 4, "BLOCK_D": 512}, {"BLOCK_O": 4, "BLOCK_D": 1024},
-                                       {"BLOCK_O": 8, "BLOCK_D": 1024}],
-                                      [4, 8, 8, 8, 4, 4, 8]), key=["D", "F"])
+                                       {"BLOCK_O": 8, "BLOCK_D": 1024}, {"BLOCK_O": 2, "BLOCK_D": 2048},
+                                       {"BLOCK_O": 4, "BLOCK_D": 2048}],
+                                      [4, 8, 8, 8, 4, 4, 8, 4, 8]), key=["D", "F"])
     @triton.jit
     def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
                             BLOCK_D: tl.constexpr):
@@ -306,12 +308,15 @@ if triton is not None:
 
     # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
     # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
-    # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections
+    # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections. The
+    # 2,048-wide input blocks (here and in the norm kernels: a whole global row in one load, more
+    # bytes in flight a program) are candidates since the thirteenth session, untimed before it
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
                                        {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512},
                                        {"BLOCK_O": 4, "BLOCK_K": 512}, {"BLOCK_O": 2, "BLOCK_K": 1024},
-                                       {"BLOCK_O": 4, "BLOCK_K": 1024}, {"BLOCK_O": 8, "BLOCK_K": 1024}],
-                                      [4, 4, 4, 8, 4, 4, 4, 8]), key=["D", "K"])
+                                       {"BLOCK_O": 4, "BLOCK_K": 1024}, {"BLOCK_O": 8, "BLOCK_K": 1024},
+                                       {"BLOCK_O": 2, "BLOCK_K": 2048}, {"BLOCK_O": 4, "BLOCK_K": 2048}],
+                                      [4, 4, 4, 8, 4, 4, 4, 8, 4, 8]), key=["D", "K"])
     @triton.jit
     def _linear_add_kernel(x_ptr, a_ptr, w_ptr, out_ptr, D, K, beta, sa_b, BLOCK_O: tl.constexpr,
                            BLOCK_K: tl.constexpr):
