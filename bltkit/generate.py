@@ -125,6 +125,22 @@ def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
 
 
+def _rope_matrices(cos_TH2: torch.Tensor, sin_TH2: torch.Tensor) -> torch.Tensor:
+    """`_rope_matrix` of T positions at once [T, H, H] (cos, sin: [T, H/2], sin's + half)."""
+    T, h2 = cos_TH2.shape
+    c, s = cos_TH2, sin_TH2
+    blocks = torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)  # T, H/2, 2 (in), 2 (out)
+    R = c.new_zeros(T, h2, 2, h2, 2)  # [t, i, a, j, b]: row 2i+a, column 2j+b
+    i = torch.arange(h2, device=c.device)
+    R[:, i, :, i, :] = blocks.transpose(0, 1)  # the indexed dims come first: [H/2, T, 2, 2]
+    return R.view(T, 2 * h2, 2 * h2)
+
+
+# Generator._make_rope_tables keeps each stack's RoPE rotation matrices for every position (for
+# the fused steps without the kernels) where they take at most this many bytes
+ROPE_MATRIX_BYTES = 64 << 20
+
+
 class _KernelChoice(NamedTuple):
     """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL), as read when a
     Generator is made; all False without Generator(kernels=...)."""
@@ -453,35 +469,47 @@ class Generator:
 
     # -- one byte ----------------------------------------------------------------------------------
 
-    def _rope_at(self, pos: torch.Tensor, stack_cfg, table: bool = True):
-        """RoPE at `pos` ([1, 1] shared, [B, 1] a row's own) -> (cos, sin, R): apply_rope's tables
-        and `_rope`'s form of them. With the kernels (and `table`), R = the (cos, sin) halves
-        gathered from the tables made with the state (one indexing kernel; cos, sin None: the
-        kernels' steps read only R), where computing them took about ten small kernels a stack
-        and step."""
-        if self.kernels and table:
-            cs = self._rope_tables[(stack_cfg.head_dim, stack_cfg.rope_theta)][pos.reshape(-1)]  # B|1, 2, H/2
+    def _rope_at(self, pos: torch.Tensor, stack_cfg, form: bool = True):
+        """RoPE at `pos` ([1, 1] shared, [B, 1] a row's own) -> (cos, sin, R), gathered from the
+        tables made with the state (`_make_rope_tables`): one indexing kernel each, where
+        computing them took about ten small kernels a stack and step (on a CPU, tiny preset:
+        4.2 -> 3.7 ms a byte). cos, sin: apply_rope's tables. R (with `form`): `_rope`'s form of
+        them, what `_block_step` takes: with the kernels the (cos, sin) halves, else the rotation
+        matrix of one shared position (None unfused); where the steps read only R (the kernels,
+        the fused steps with a table of matrices), cos and sin are None."""
+        t = self._rope_tables[(stack_cfg.head_dim, stack_cfg.rope_theta)]
+        if self.kernels and form:
+            cs = t["halves"][pos.reshape(-1)]  # B|1, 2, H/2
             return None, None, (cs[0, 0], cs[0, 1]) if cs.shape[0] == 1 else (cs[:, 0], cs[:, 1])
-        cos, sin = rope_cos_sin(pos, stack_cfg.head_dim, stack_cfg.rope_theta)
-        return cos, sin, self._rope(cos, sin)
+        if form and self.fused is not None and "R" in t and pos.numel() == 1:  # the fused steps read R only
+            return None, None, t["R"][pos.reshape(-1)][0]
+        cos, sin = t["cos"][pos], t["sin"][pos]  # B|1, 1, H/2, 1 and .., 2: rope_cos_sin(pos)'s shapes
+        if not form or self.fused is None:
+            return cos, sin, None
+        return cos, sin, _rope_matrix(cos, sin)
 
     def _make_rope_tables(self, capacity: int) -> None:
-        """The kernels' RoPE halves [positions, 2 (cos, sin), H/2] (fp32) of every stack, for
-        every position a step can reach: rope_cos_sin's values (computed the same way, at once)."""
+        """Every stack's RoPE at every position a step can reach, made by `rope_cos_sin` at once
+        (the same values): apply_rope's cos [T, H/2, 1] and sin [T, H/2, 2]; with the kernels
+        their halves [T, 2 (cos, sin), H/2]; for the fused steps without them the rotation
+        matrices [T, H, H] (`_rope_matrix`), where those take at most ROPE_MATRIX_BYTES."""
         self._rope_tables = {}
-        if not self.kernels:
-            return
         c = self.cfg
         stacks = [(c.encoder, capacity + 1), (c.decoder, capacity + 1), (c.global_transformer, self.p_cap + 2)]
         if self.ent is not None:
             stacks.append((self.model.entropy_model.config, capacity + 1))
-        for sc, size in stacks:
+        for sc, size in sorted(stacks, key=lambda s: -s[1]):  # a key's longest first
             key = (sc.head_dim, sc.rope_theta)
-            have = self._rope_tables.get(key)
-            if have is None or have.shape[0] < size:
-                pos = torch.arange(size, device=self.model.device).view(1, -1)
-                cos, sin = rope_cos_sin(pos, sc.head_dim, sc.rope_theta)  # 1 T H/2 1, 1 T H/2 2
-                self._rope_tables[key] = torch.stack((cos[0, :, :, 0], sin[0, :, :, 1]), dim=1).contiguous()
+            if key in self._rope_tables:
+                continue
+            pos = torch.arange(size, device=self.model.device).view(1, -1)
+            cos, sin = rope_cos_sin(pos, sc.head_dim, sc.rope_theta)  # 1 T H/2 1, 1 T H/2 2
+            t = {"cos": cos[0], "sin": sin[0]}
+            if self.kernels:
+                t["halves"] = torch.stack((cos[0, :, :, 0], sin[0, :, :, 1]), dim=1).contiguous()
+            elif self.fused is not None and size * sc.head_dim ** 2 * 4 <= ROPE_MATRIX_BYTES:
+                t["R"] = _rope_matrices(cos[0, :, :, 0], sin[0, :, :, 1])
+            self._rope_tables[key] = t
 
     def _rope(self, cos: torch.Tensor, sin: torch.Tensor):
         """The step's RoPE in the form `_block_step` takes (None unfused)."""
@@ -590,8 +618,7 @@ class Generator:
         x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
         idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
         fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
-        cos, sin, kernel_rope = self._rope_at(self.p.view(B, 1), c.global_transformer, table=fg is not None)
-        kernel_rope = kernel_rope if fg is not None else None  # (fg: Generator(kernels=True))
+        cos, sin, kernel_rope = self._rope_at(self.p.view(B, 1), c.global_transformer, form=fg is not None)
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L

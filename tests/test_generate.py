@@ -212,6 +212,21 @@ def test_bytes_read_back_every_few_steps(every, monkeypatch):
             gen.generate_ids(prompts, 16, stop_at_eos=False)] == want
 
 
+@pytest.mark.parametrize("matrices", [True, False])
+def test_rope_from_tables(matrices, monkeypatch):
+    """The steps take RoPE from tables made with the state: the fused steps' rotation matrices of
+    every position, or (past ROPE_MATRIX_BYTES) each step's matrix made from the tables' cos
+    and sin; the reference's bytes either way."""
+    if not matrices:
+        monkeypatch.setattr(generate, "ROPE_MATRIX_BYTES", 0)
+    model = make_model(seed=11, window=8)
+    prompts = random_prompts(seed=12)
+    gen = Generator(model)
+    assert gen.generate_ids(prompts, 14, stop_at_eos=False) == reference_generate(model, prompts, 14,
+                                                                                    stop_at_eos=False)
+    assert all(("R" in t) == matrices for t in gen._rope_tables.values())
+
+
 def test_stream_pieces_are_whole_characters():
     model = make_model(seed=8)
     gen = Generator(model)
