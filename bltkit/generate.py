@@ -114,26 +114,20 @@ class _Fused:
             self.version = self._version()
 
 
-def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE at one position as a [H, H] fp32 matrix R, so that `x @ R` rotates every
-    interleaved pair of x's heads as `apply_rope` does: one matrix product per layer in place of
-    the elementwise chain. `cos`, `sin` from `rope_cos_sin` for a single position."""
-    c, s = cos.reshape(-1), sin.reshape(-1, 2)[:, 1]  # H/2 each
-    blocks = torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)  # H/2, 2 (in), 2 (out)
-    h2 = c.shape[0]
-    R = torch.diag_embed(blocks.permute(1, 2, 0))  # 2, 2, H/2, H/2: [a, b, i, i] = blocks[i, a, b]
-    return R.permute(2, 0, 3, 1).reshape(2 * h2, 2 * h2)
-
-
 def _rope_matrices(cos_TH2: torch.Tensor, sin_TH2: torch.Tensor) -> torch.Tensor:
-    """`_rope_matrix` of T positions at once [T, H, H] (cos, sin: [T, H/2], sin's + half)."""
-    T, h2 = cos_TH2.shape
+    """RoPE at T positions as [T, H, H] fp32 matrices R, so that `x @ R[t]` rotates every
+    interleaved pair of x's heads as `apply_rope` does at position t: one matrix product per
+    layer in place of the elementwise chain. cos, sin: [T, H/2] (sin's + half)."""
     c, s = cos_TH2, sin_TH2
+    T, h2 = c.shape
     blocks = torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)  # T, H/2, 2 (in), 2 (out)
-    R = c.new_zeros(T, h2, 2, h2, 2)  # [t, i, a, j, b]: row 2i+a, column 2j+b
-    i = torch.arange(h2, device=c.device)
-    R[:, i, :, i, :] = blocks.transpose(0, 1)  # the indexed dims come first: [H/2, T, 2, 2]
-    return R.view(T, 2 * h2, 2 * h2)
+    R = torch.diag_embed(blocks.permute(0, 2, 3, 1))  # T, 2, 2, H/2, H/2: [t, a, b, i, i] = blocks[t, i, a, b]
+    return R.permute(0, 3, 1, 4, 2).reshape(T, 2 * h2, 2 * h2)  # row 2i+a, column 2j+b
+
+
+def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`_rope_matrices` at one position [H, H], from `rope_cos_sin`'s tables for it."""
+    return _rope_matrices(cos.reshape(1, -1), sin.reshape(1, -1, 2)[:, :, 1])[0]
 
 
 # Generator._make_rope_tables keeps each stack's RoPE rotation matrices for every position (for
@@ -473,8 +467,8 @@ class Generator:
         """RoPE at `pos` ([1, 1] shared, [B, 1] a row's own) -> (cos, sin, R), gathered from the
         tables made with the state (`_make_rope_tables`): one indexing kernel each, where
         computing them took about ten small kernels a stack and step (on a CPU, tiny preset:
-        4.2 -> 3.7 ms a byte). cos, sin: apply_rope's tables. R (with `form`): `_rope`'s form of
-        them, what `_block_step` takes: with the kernels the (cos, sin) halves, else the rotation
+        4.2 -> 3.7 ms a byte). cos, sin: apply_rope's tables. R (with `form`): the form
+        `_block_step` takes: with the kernels the (cos, sin) halves, else the rotation
         matrix of one shared position (None unfused); where the steps read only R (the kernels,
         the fused steps with a table of matrices), cos and sin are None."""
         t = self._rope_tables[(stack_cfg.head_dim, stack_cfg.rope_theta)]
@@ -510,16 +504,6 @@ class Generator:
             elif self.fused is not None and size * sc.head_dim ** 2 * 4 <= ROPE_MATRIX_BYTES:
                 t["R"] = _rope_matrices(cos[0, :, :, 0], sin[0, :, :, 1])
             self._rope_tables[key] = t
-
-    def _rope(self, cos: torch.Tensor, sin: torch.Tensor):
-        """The step's RoPE in the form `_block_step` takes (None unfused)."""
-        if self.fused is None:
-            return None
-        if self.kernels:  # H/2 halves, one set or one a row
-            rows = cos.shape[0]
-            c, s = cos.reshape(rows, -1), sin.reshape(rows, -1, 2)[..., 1]
-            return c.squeeze(0).contiguous(), s.squeeze(0).contiguous()
-        return _rope_matrix(cos, sin)
 
     def _entropy_step(self, x_B: torch.Tensor) -> torch.Tensor:
         em = self.model.entropy_model
