@@ -118,6 +118,11 @@ def main() -> None:
     ap.add_argument("--new-bytes", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[64, 2048])
+    ap.add_argument("--single-prompts", type=int, default=8, metavar="N",
+                    help="batch 1 is timed over N prompts, one generate call each, with the threshold calibrated on "
+                         "their continuations as one batch (default 8: the batch-8 cell's prompts and threshold): one "
+                         "row's random-model text jumps between patch lengths as the threshold moves (the thirteenth "
+                         "session's closest to 4.5 bytes a patch was 5.33)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="Generator(model, compile=True)")
     ap.add_argument("--speculate", choices=["auto", "on", "off"], default="auto",
@@ -126,6 +131,9 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, kernels=...): bltkit.kernels' Triton steps; auto (the default) "
                          "runs them on CUDA when Triton is installed")
+    ap.add_argument("--overlap", choices=["on", "off"], default="on",
+                    help="Generator(model, overlap=...): from generate.PATCH_EVERY_BYTE_ROWS rows on, the global "
+                         "step beside the entropy model (on, the default) or after it")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
                 "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
@@ -159,13 +167,14 @@ def main() -> None:
     with_threshold(model, theta)
 
     def make_gen(compile: bool = args.compile):
-        return Generator(model, compile=compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate])
+        return Generator(model, compile=compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate],
+                         overlap=args.overlap == "on")
 
     thresholds: dict[str, tuple[float, float]] = {}  # cell -> (threshold, generated mean patch)
 
     def calibrated(prompts: list[bytes], n_bytes: int = args.new_bytes) -> Generator:
         """A Generator with the threshold for `prompts`' continuations (one a grid cell: a row's
-        text, and so its patches, depend on the prompt and the threshold)."""
+        text, and so its patches, depend on the prompt and the threshold), generated as one batch."""
         if args.calibrate == "generated":
             cell = f"{len(prompts)}x{len(encode(prompts[0]))}+{n_bytes}"  # batch x prompt + new bytes
             if cell not in thresholds:  # uncompiled: the same bytes, no compile a round
@@ -216,24 +225,33 @@ def main() -> None:
             print(f"transformers comparison failed: {type(e).__name__}: {e}", flush=True)
     for plen in args.prompt_lens:
         for b in args.batches:
-            prompts = prompts_of(plen, b)
+            # batch 1 over several prompts, one at a time, with the threshold of those prompts as one
+            # batch (a batch of 8 is the batch-8 cell's: the same prompts); the mean patch printed is
+            # that of the bytes timed
+            single = b == 1 and args.single_prompts > 1
+            prompts = prompts_of(plen, args.single_prompts if single else b)
+            calls = [[p] for p in prompts] if single else [prompts]
             try:
                 gen = calibrated(prompts)
-                gen.generate_ids([p[:16] for p in prompts], 8, stop_at_eos=False)  # warm-up
-                out = gen.generate_ids(prompts, args.new_bytes, stop_at_eos=False)
+                gen.generate_ids([p[:16] for p in calls[0]], 8, stop_at_eos=False)  # warm-up
+                out, s = [], dict.fromkeys(("new_bytes", "prefill_s", "decode_s", "bytes_read", "patches"), 0)
+                for call in calls:
+                    out += gen.generate_ids(call, args.new_bytes, stop_at_eos=False)
+                    s = {k: v + gen.stats[k] for k, v in s.items()}
             except torch.OutOfMemoryError:
                 print(f"batch {b:3d} prompt {plen:5d}: out of memory", flush=True)
                 torch.cuda.empty_cache()
                 continue
-            s = gen.stats
-            row = {"batch": b, "prompt": plen, "new_bytes": s["new_bytes"], "prefill_s": s["prefill_s"],
+            row = {"batch": b, "prompts": len(prompts), "prompt": plen, "new_bytes": s["new_bytes"],
+                   "prefill_s": s["prefill_s"],
                    "decode_s": s["decode_s"], "decode_bytes_per_s": s["new_bytes"] / s["decode_s"],
                    "prefill_bytes_per_s": b * (plen - 1) / max(s["prefill_s"], 1e-9),
                    "mean_patch_len": s["bytes_read"] / max(1, s["patches"]),  # prompt and output
                    "mean_patch_generated": generated_mean_patch(model, prompts, out),
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
             results["grid"].append(row)
-            print(f"batch {b:3d} prompt {plen:5d}: decode {row['decode_bytes_per_s']:10.1f} bytes/s total "
+            over = f" ({len(calls)} prompts, one at a time)" if single else ""
+            print(f"batch {b:3d} prompt {plen:5d}{over}: decode {row['decode_bytes_per_s']:10.1f} bytes/s total "
                   f"({row['decode_bytes_per_s'] / b:8.1f} per row), prefill {row['prefill_bytes_per_s']:9.1f} "
                   f"bytes/s ({s['prefill_s']:.2f}s), mean patch {row['mean_patch_generated']:.2f} generated, "
                   f"{row['mean_patch_len']:.2f} with the prompt", flush=True)

@@ -35,6 +35,7 @@ run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
 run gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
+  "tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_graph_capture_survives_garbage_holding_cuda_graphs"
 # GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)
 # shellcheck disable=SC2086

@@ -34,7 +34,10 @@ def main() -> None:
                          "(both off), speculate "
                          "(kernels + Generator(speculate=True): the decoder beside the entropy model); "
                          "only speculate speculates; kernels-nosplit, speculate-nosplit: those with "
-                         "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel)")
+                         "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel); "
+                         "kernels-nooverlap: kernels with Generator(overlap=False) (batches of "
+                         "generate.PATCH_EVERY_BYTE_ROWS or more: the global step after the entropy model, "
+                         "not beside it)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -59,7 +62,8 @@ def main() -> None:
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}
     variants.update(dict.fromkeys(switched, variants["kernels"]))
-    variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"]})
+    variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"],
+                     "kernels-nooverlap": variants["kernels"]})
     programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
@@ -67,12 +71,14 @@ def main() -> None:
             setattr(generate, k, v)
         kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
         t = time.perf_counter()
-        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec)
+        overlap = not name.endswith("-nooverlap")
+        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
-        print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+        print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec} overlap "
+              f"{gen.overlapping}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     generate.ATTEND_KERNEL = defaults["ATTEND_KERNEL"] or args.table_attend
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
@@ -99,9 +105,10 @@ def main() -> None:
 
     restore()
     x = torch.tensor([encode(p)[-1] for p in prompts], device=dev)
-    names = [*gen._step_names(), "patch"]  # speculating: speculative, decode, advance
+    # speculating: speculative, decode, advance (+ patch); overlapping: back (+ front_patch)
+    names = [*gen._step_names(), *gen._slot_names()]
     for name in names:
-        L = gen._global_slots() if name == "patch" else None
+        L = gen._global_slots() if name in gen._slot_names() else None
         restore()
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -118,7 +125,7 @@ def main() -> None:
             gen._run(name, L)
         torch.cuda.synchronize()
         print(f"graph {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
-    graphs = {name: gen.graphs[name] if name != "patch" else gen.graphs[name][gen._global_slots()]
+    graphs = {name: gen.graphs[name][gen._global_slots()] if name in gen._slot_names() else gen.graphs[name]
               for name in names}
     for name, graph in graphs.items():  # one kernel table per step function
         restore()

@@ -357,19 +357,28 @@ class Generator:
             way (tests/test_generate.py). Default (None): on for a CUDA model that patches by
             entropy, without `compile` (blt-1b on an H200: 2.17 -> 2.07 ms a byte;
             docs/benchmarks.md).
+        overlap: for batches of PATCH_EVERY_BYTE_ROWS rows or more (whose patch step runs every
+            byte), run the global step for every row as if each row's patch closed, beside the
+            entropy model (a second CUDA stream), and keep its results for the rows whose patch
+            does close once the entropy model has decided. The same bytes either way
+            (tests/test_generate.py). On by default; without an entropy model (other patching
+            modes) it only runs the two steps as one.
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
-                 fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None):
+                 fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None,
+                 overlap: bool = True):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         fns = {"front": self._run_front, "patch": self._run_patch, "back": self._run_back,
-               "speculative": self._run_speculative, "decode": self._run_decode, "advance": self._run_advance}
+               "speculative": self._run_speculative, "decode": self._run_decode, "advance": self._run_advance,
+               "front_patch": self._run_front_patch}
         # compile fuses the many small elementwise kernels of a one-byte step (norms, RoPE, SwiGLU)
         self._fns = {k: torch.compile(f, dynamic=False) for k, f in fns.items()} if compile else fns
         self.compiled = compile
         self.speculate = speculate
+        self.overlap = overlap
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
         self.graphs = None
@@ -457,8 +466,11 @@ class Generator:
         if spec is None:
             spec = dev.type == "cuda" and not self.compiled and self.ent is not None
         self.speculating = spec and B < PATCH_EVERY_BYTE_ROWS
-        # the entropy model's stream beside the decoder's (not under compile, which traces one)
-        side = self.speculating and self.ent is not None and dev.type == "cuda" and not self.compiled
+        self.overlapping = self.overlap and B >= PATCH_EVERY_BYTE_ROWS
+        # the entropy model's stream beside the decoder's or the global step's (not under compile,
+        # which traces one)
+        side = (self.speculating or self.overlapping) and self.ent is not None and dev.type == "cuda" \
+            and not self.compiled
         self._side = torch.cuda.Stream(dev) if side else None
 
     # -- one byte ----------------------------------------------------------------------------------
@@ -588,10 +600,21 @@ class Generator:
     def _patch_step(self, close: torch.Tensor, L: int | None = None) -> None:
         """Close the open patch of every row with `close`: encoder cross-attention, one global
         step at the row's next patch position, and the decoder's cross K/V (spec §13.4 step 4)."""
+        self._commit(close, self._global_step(L))
+
+    def _global_step(self, L: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The patch step of every row as if its open patch closed after byte n: encoder
+        cross-attention over the open patch, one global step at the row's patch position p (its K/V
+        written at slot p), and the decoder's cross K/V of its output, returned for `_commit`.
+        It reads nothing the entropy model or the boundary decision writes, so it can run before
+        the boundary is known (Generator(overlap=...)). A row whose patch stays open wrote
+        nothing that is read before its patch closes: slot p is rewritten then, and the
+        decoder's cross K/V keep the last closed patch's (`_commit`)."""
         m, c = self.model, self.cfg
-        B, K, enc = close.shape[0], c.cross_attn_k, m.local_encoder
+        B, K, enc = self.p.shape[0], c.cross_attn_k, m.local_encoder
+        dev = self.p.device
         units = enc.split_units(self.runmax[:, None])  # B K De
-        t = torch.arange(self.capacity, device=close.device)
+        t = torch.arange(self.capacity, device=dev)
         in_patch = (t[None] >= self.open_start[:, None]) & (t[None] <= self.n)
         for i in range(len(enc.layers)):
             j = enc.cross_index(i)
@@ -600,13 +623,13 @@ class Generator:
                                     _DenseMask(in_patch[:, None, None, :]))
         gt = m.global_transformer
         x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
-        idx = torch.where(close, self.p, torch.full_like(self.p, self.p_cap))  # dummy slot for others
+        idx = self.p  # every row's slot (p_cap, hidden by the mask, once a row has every patch)
         fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
         cos, sin, kernel_rope = self._rope_at(self.p.view(B, 1), c.global_transformer, form=fg is not None)
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
-        j_pos = torch.arange(L, device=close.device)
+        j_pos = torch.arange(L, device=dev)
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
@@ -632,9 +655,13 @@ class Generator:
             gated = _swiglu(layer.feed_forward, layer.ffn_norm(x), w13, kernel=kernel_rope is not None)
             x = _linear_add(x, gated, layer.feed_forward.w2.weight, inplace=True)
         dunits = m.local_decoder.split_units(x)  # B K Dd
-        sel = close.view(B, 1, 1, 1)
-        for j, layer in enumerate(m.local_decoder.cross_attn_layers):
-            k, v = layer.kv(dunits)
+        return [layer.kv(dunits) for layer in m.local_decoder.cross_attn_layers]
+
+    def _commit(self, close: torch.Tensor, dec_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The patch step's effects on the rows with `close` (`_global_step` ran for every row):
+        the decoder's cross K/V, the patch counts, the open patch's start, length and pooling."""
+        sel = close.view(-1, 1, 1, 1)
+        for j, (k, v) in enumerate(dec_kv):
             self.dec_xk[j].copy_(torch.where(sel, k, self.dec_xk[j]))
             self.dec_xv[j].copy_(torch.where(sel, v, self.dec_xv[j]))
         # the closed patch's successor starts at n+1
@@ -793,9 +820,35 @@ class Generator:
             torch.cuda.current_stream().wait_stream(side)
         self._decide(x, self.H if self.ent is not None else None)
 
+    def _run_front_patch(self, L: int | None = None) -> None:
+        """Byte n's front and patch step for batches whose patch step runs every byte: the global
+        step for every row (`_global_step`) beside the entropy model (on CUDA a second stream, in
+        the CUDA graph a fork and a join), then the boundary decision, and the global step's
+        results kept for the rows whose patch closes (`_commit`). The global step, the long chain
+        of a byte, no longer waits for the entropy model's."""
+        x, side = self.x, self._side
+        if self.ent is not None:
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self.H.copy_(self._entropy_step(x))
+            else:
+                self.H.copy_(self._entropy_step(x))
+        self._encode(x)
+        dec_kv = self._global_step(L)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        self._commit(self._decide(x, self.H if self.ent is not None else None), dec_kv)
+
     def _step_names(self) -> tuple[str, ...]:
-        """The step functions a byte runs besides the patch step."""
-        return ("speculative", "decode", "advance") if self.speculating else ("front", "back")
+        """The step functions a byte runs besides the patch step (or with it: front_patch)."""
+        if self.speculating:
+            return ("speculative", "decode", "advance")
+        return ("back",) if self.overlapping else ("front", "back")
+
+    def _slot_names(self) -> tuple[str, ...]:
+        """The step functions that take the global-cache slots L (one CUDA graph per bucket)."""
+        return ("front_patch",) if self.overlapping else ("patch",)
 
     def _run(self, name: str, L: int | None = None) -> None:
         """One step function: its CUDA graph (the patch step's for L slots) or the call."""
@@ -814,12 +867,13 @@ class Generator:
         stream.wait_stream(torch.cuda.current_stream())
         full, G = self.p_cap + 1, self.global_bucket
         slots = sorted({min(full, L) for L in range(self._global_slots(), full + G, G)})  # every bucket ahead
-        names = self._step_names()
+        names, slot_names = self._step_names(), self._slot_names()
         with torch.cuda.stream(stream):  # warm-up (compilation, allocator, library handles)
             for name in names:
                 self._fns[name]()
-            for L in slots:
-                self._fns["patch"](L)
+            for name in slot_names:
+                for L in slots:
+                    self._fns[name](L)
         torch.cuda.current_stream().wait_stream(stream)
 
         def capture(fn) -> torch.cuda.CUDAGraph:
@@ -840,7 +894,8 @@ class Generator:
         gc.disable()
         try:
             graphs = {name: capture(self._fns[name]) for name in names}
-            graphs["patch"] = {L: capture(lambda L=L: self._fns["patch"](L)) for L in slots}
+            for name in slot_names:
+                graphs[name] = {L: capture(lambda L=L, name=name: self._fns[name](L)) for L in slots}
         finally:
             if enabled:
                 gc.enable()
@@ -862,11 +917,14 @@ class Generator:
 
         The patch step runs only when some row closes a patch (or always for batches of
         PATCH_EVERY_BYTE_ROWS or more, where that is nearly every byte and skipping the check
-        saves a host sync). Speculating, the decoder has run already, as if no patch closed, and
-        runs again after a patch step.
+        saves a host sync; overlapping, for every row beside the entropy model). Speculating, the
+        decoder has run already, as if no patch closed, and runs again after a patch step.
         """
         self.x.copy_(x_B)
-        if self.speculating:
+        if self.overlapping:
+            self._run("front_patch", self._global_slots())
+            self._run("back")
+        elif self.speculating:
             self._run("speculative")
             if bool(self.close.any()):
                 self._run("patch", self._global_slots())

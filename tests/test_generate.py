@@ -89,6 +89,25 @@ def test_greedy_equals_reference_across_generated_documents(mode, speculate):
     assert Generator(model, speculate=speculate).generate_ids(prompts, 16, stop_at_eos=False) == want
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("mode", ["entropy", "monotonic", "entropy+max3", "space+max4"])
+def test_wide_batches_equal_reference(mode, overlap):
+    """From PATCH_EVERY_BYTE_ROWS rows on the patch step runs every byte; overlapping, it runs for
+    every row before the boundary is decided (beside the entropy model on a GPU) and is kept only
+    for the rows whose patch closes. Ragged prompts, an EOS inside one, window 8 (ring caches),
+    EOS written by the model: the bytes are the reference's either way."""
+    from bltkit.generate import PATCH_EVERY_BYTE_ROWS
+
+    model = eos_heavy(make_model(seed=4, window=8, **MODES[mode]))
+    prompts = [*random_prompts(seed=9, n=PATCH_EVERY_BYTE_ROWS), [*encode("one doc"), EOS_ID, *encode("and another")]]
+    gen = Generator(model, overlap=overlap)
+    out = gen.generate_ids(prompts, 20, stop_at_eos=False)
+    assert gen.overlapping == overlap
+    want = reference_generate(model, prompts, 20, stop_at_eos=False)
+    assert sum(row.count(EOS_ID) for row in want) >= 6
+    assert out == want
+
+
 @pytest.mark.parametrize(("fuse", "speculate"), [(True, False), (False, False), (True, True)])
 def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate):
     """Every step's logits equal the full forward's within 1e-5 (fp32; measured ~1e-6: the
@@ -407,6 +426,29 @@ def test_speculation_on_cuda_equals_plain_steps(kernels):
             assert spec._side is not None
             assert spec.graphs is not None
             torch.testing.assert_close(spec.logits, plain.logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the second stream, the graphs)")
+@pytest.mark.parametrize("kernels", [False, None])
+def test_overlap_on_cuda_equals_plain_steps(kernels):
+    """On a GPU, batches of PATCH_EVERY_BYTE_ROWS rows or more run the global step beside the
+    entropy model (a second stream, forked and joined inside one CUDA graph): logits and bytes
+    equal the sequential steps' exactly, greedy and sampled, with the Triton kernels (None: where
+    they run) and without."""
+    from bltkit.generate import PATCH_EVERY_BYTE_ROWS
+
+    model = make_model(seed=13).cuda()
+    prompts = random_prompts(seed=8, n=PATCH_EVERY_BYTE_ROWS + 1)
+    for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        plain = Generator(model, kernels=kernels, overlap=False)
+        ovl = Generator(model, kernels=kernels)
+        want = plain.generate_ids(prompts, 40, stop_at_eos=False, **kw)
+        assert ovl.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
+        assert ovl.overlapping
+        assert not plain.overlapping
+        assert ovl._side is not None
+        assert set(ovl.graphs) == {"front_patch", "back"}
+        torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graphs)")
