@@ -37,8 +37,7 @@ def main() -> None:
                          "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel); "
                          "kernels-nooverlap: kernels with Generator(overlap=False) (batches of "
                          "generate.PATCH_EVERY_BYTE_ROWS or more: the global step after the entropy model, "
-                         "not beside it); kernels-noprio: kernels with generate.OVERLAP_PRIORITY = False (the "
-                         "global step's graph kernels at the entropy model's stream priority)")
+                         "not beside it)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -64,14 +63,13 @@ def main() -> None:
                 "speculate": (True, False, True, True)}
     variants.update(dict.fromkeys(switched, variants["kernels"]))
     variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"],
-                     "kernels-nooverlap": variants["kernels"], "kernels-noprio": variants["kernels"]})
+                     "kernels-nooverlap": variants["kernels"]})
     programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
         for k, v in {**defaults, **switched.get(name, {})}.items():  # read when a Generator is made
             setattr(generate, k, v)
         kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
-        generate.OVERLAP_PRIORITY = not name.endswith("-noprio")  # read as graphs are captured
         t = time.perf_counter()
         overlap = not name.endswith("-nooverlap")
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap)

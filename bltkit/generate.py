@@ -280,12 +280,6 @@ READ_EVERY = 16
 # nearly always be repeated (Generator(speculate=...))
 PATCH_EVERY_BYTE_ROWS = 8
 
-# overlapping (Generator(overlap=...)), the graphs are captured on a stream of higher priority than
-# the entropy model's where this is True, so that the global step, the longer chain, gets the SMs
-# first (PyTorch instantiates graphs with each kernel node's capture-time priority); read as the
-# graphs are captured
-OVERLAP_PRIORITY = True
-
 # Generator(kernels=...) runs bltkit.kernels.attend for the steps' self-attention, at every row
 # count, over caches of at most ATTEND_MAX_KEYS slots where this is True (longer ones keep SDPA).
 # On an H200 (eleventh session, blt-1b, benchmarks/generate.py --attend-kernel on / off) the
@@ -882,13 +876,9 @@ class Generator:
                     self._fns[name](L)
         torch.cuda.current_stream().wait_stream(stream)
 
-        # overlapping, the global step's kernels before the entropy model's (OVERLAP_PRIORITY)
-        high = torch.cuda.Stream(priority=-1) if self.overlapping and self._side is not None and OVERLAP_PRIORITY \
-            else None
-
         def capture(fn) -> torch.cuda.CUDAGraph:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=high):
+            with torch.cuda.graph(graph):
                 fn()
             return graph
 
