@@ -264,7 +264,7 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < end
             # the mask, keys and values load at once (no load waits for another); what hidden slots
-            # hold (a discarded row's NaN at the global cache's dummy slot) is replaced by zeros
+            # hold (NaN, say, in a slot no one has written yet) is replaced by zeros
             # before any sum, so it stays out of them
             mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
             kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
@@ -449,8 +449,8 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
     or any view whose last dim indexes the slots: 0 visible, -inf not). Hidden slots are not
-    read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros (the
-    global step's rows that close no patch, whose results are discarded). `splits`: programs a
+    read, so what they hold (even NaN) does not matter; a row that sees no key gets zeros, not
+    NaN. `splits`: programs a
     row and head (default: `attend_splits`). `last`: an integer device tensor, one value for all
     rows (a single element) or one a row ([B]), the last slot a row may see: slots after it are
     not read either (a cache's unfilled tail: the global cache past a row's patches, a ring
