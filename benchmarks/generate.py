@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--kernel-max-rows", type=int, default=None, metavar="N",
                     help="with the kernels, the most rows the Triton block steps take (generate.KERNEL_MAX_ROWS; "
                          "default: the constant's value), larger batches run cuBLAS's products")
+    ap.add_argument("--attend-max-keys", type=int, default=None, metavar="N",
+                    help="with the kernels, the longest cache kernels.attend reads (generate.ATTEND_MAX_KEYS; longer "
+                         "ones run SDPA; default: the constant)")
     ap.add_argument("--attend-programs", type=int, default=None, metavar="N",
                     help="with the kernels, the programs kernels.attend aims for before it splits a row's keys "
                          "(kernels.ATTEND_PROGRAMS; 1: no split, no combining kernel; default: the constant)")
@@ -156,6 +159,8 @@ def main() -> None:
             setattr(generate, f"{name.upper()}_KERNEL", value == "on")
     if args.kernel_max_rows is not None:
         generate.KERNEL_MAX_ROWS = args.kernel_max_rows
+    if args.attend_max_keys is not None:
+        generate.ATTEND_MAX_KEYS = args.attend_max_keys
     if args.attend_programs is not None:
         kernels.ATTEND_PROGRAMS = args.attend_programs
     dtype, dev = DTYPES[args.dtype], args.device
