@@ -286,9 +286,13 @@ PATCH_EVERY_BYTE_ROWS = 8
 # kernel, which reads no slot past a row's last, won with 64-byte prompts (caches of 192 slots:
 # batch 1 709 against 655 bytes/s, batch 64 14,350 against 12,662) and lost with 2,048-byte ones
 # (rings of 512 slots, the global cache's 512: batch 1 934 against 993, batch 8 1,272 against
-# 1,326, batch 64 6,703 against 6,802), where its splits need a second kernel to combine them
+# 1,326, batch 64 6,703 against 6,802), where its splits need a second kernel to combine them.
+# Since the attention kernel loads the mask, keys and values at once (twelfth session) it no
+# longer loses there: with 2,048-byte prompts (fourteenth session, benchmarks/generate.py
+# --attend-max-keys 256 / 512 / 1024) batch 1 made 907 / 911 / 908 bytes/s, batch 8 2,438 /
+# 2,427 / 2,410 and batch 64 7,517 / 7,497 / 8,548, where the global cache reached 768 slots
 ATTEND_KERNEL = True
-ATTEND_MAX_KEYS = 256  # read as the steps are traced (and captured into CUDA graphs)
+ATTEND_MAX_KEYS = 1024  # read as the steps are traced (and captured into CUDA graphs)
 
 # the Triton block steps (up to KERNEL_MAX_ROWS rows) run their output and down projections with
 # bltkit.kernels.linear_add where this is True (one kernel instead of cuBLAS's split-K product
