@@ -16,8 +16,9 @@
 # at batches 1 and 64; the eleventh gpu_tests, profile_generate and profile_generate_b64 with their
 # kernel tables, generate_kernels and the SDPA grid; the twelfth gpu_tests, the Triton/cuBLAS
 # crossover and profile_generate_b64; the thirteenth gpu_tests, profile_generate at batches 1 and 64
-# (tiled block kernels, the attention without splits) and the grid with a threshold per cell
-# (docs/benchmarks.md); next:
+# (tiled block kernels, the attention without splits) and the grid with a threshold per cell; the
+# fourteenth gpu_tests, profile_generate_b64 with GEN64_VARIANTS=kernels-nooverlap,kernels and
+# generate_kernels (docs/benchmarks.md); next:
 #   ONLY="gpu_tests profile_generate_b64 generate_kernels"  (the batch-64 kernel table, the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
