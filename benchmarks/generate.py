@@ -250,7 +250,7 @@ def main() -> None:
             row = {"batch": b, "prompts": len(prompts), "prompt": plen, "new_bytes": s["new_bytes"],
                    "prefill_s": s["prefill_s"],
                    "decode_s": s["decode_s"], "decode_bytes_per_s": s["new_bytes"] / s["decode_s"],
-                   "prefill_bytes_per_s": b * (plen - 1) / max(s["prefill_s"], 1e-9),
+                   "prefill_bytes_per_s": len(prompts) * (plen - 1) / max(s["prefill_s"], 1e-9),
                    "mean_patch_len": s["bytes_read"] / max(1, s["patches"]),  # prompt and output
                    "mean_patch_generated": generated_mean_patch(model, prompts, out),
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
