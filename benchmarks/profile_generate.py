@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--preset", default="blt-1b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt length in ids (BOS included)")
     ap.add_argument("--variants", default="graphs,eager,compile",
                     help="which decoders to time: graphs (CUDA graphs), eager, compile (graphs + torch.compile), "
                          "kernels (graphs + bltkit.kernels' Triton block steps, with the defaults of "
@@ -51,7 +52,8 @@ def main() -> None:
     model = random_model(args.preset, args.overrides, dev, torch.bfloat16)
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
-    prompts = [SAMPLE_TEXT.encode()[:63]] * args.batch
+    text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
+    prompts = [text[:args.prompt_len - 1]] * args.batch
     names = ("ATTEND_KERNEL", "LINEAR_KERNEL")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
