@@ -810,7 +810,15 @@ class Generator:
         wait for the entropy model, whose output only decides the boundary: on CUDA the entropy
         model runs on a second stream beside the encoder and the decoder (in the CUDA graph too:
         a fork and a join), each a chain of small kernels that leaves most of the GPU idle."""
-        x, side = self.x, self._side
+        x = self.x
+        H, _ = self._beside_entropy(x, lambda: (self._encode(x), self._run_decode()))
+        self._decide(x, H)
+
+    def _beside_entropy(self, x: torch.Tensor, main):
+        """The entropy model for byte n (into self.H) and `main()` at once: on CUDA the entropy
+        model on the second stream, forked before `main` and joined after it (inside a CUDA graph
+        too). Returns (self.H, or None without an entropy model; what `main` returned)."""
+        side = self._side
         if self.ent is not None:
             if side is not None:
                 side.wait_stream(torch.cuda.current_stream())
@@ -818,11 +826,10 @@ class Generator:
                     self.H.copy_(self._entropy_step(x))
             else:
                 self.H.copy_(self._entropy_step(x))
-        self._encode(x)
-        self._run_decode()
+        out = main()
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
-        self._decide(x, self.H if self.ent is not None else None)
+        return (self.H if self.ent is not None else None), out
 
     def _run_front_patch(self, L: int | None = None) -> None:
         """Byte n's front and patch step for batches whose patch step runs every byte: the global
@@ -830,19 +837,9 @@ class Generator:
         the CUDA graph a fork and a join), then the boundary decision, and the global step's
         results kept for the rows whose patch closes (`_commit`). The global step, the long chain
         of a byte, no longer waits for the entropy model's."""
-        x, side = self.x, self._side
-        if self.ent is not None:
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self.H.copy_(self._entropy_step(x))
-            else:
-                self.H.copy_(self._entropy_step(x))
-        self._encode(x)
-        dec_kv = self._global_step(L)
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
-        self._commit(self._decide(x, self.H if self.ent is not None else None), dec_kv)
+        x = self.x
+        H, dec_kv = self._beside_entropy(x, lambda: (self._encode(x), self._global_step(L))[1])
+        self._commit(self._decide(x, H), dec_kv)
 
     def _step_names(self) -> tuple[str, ...]:
         """The step functions a byte runs besides the patch step (or with it: front_patch)."""
