@@ -134,6 +134,11 @@ def main() -> None:
     ap.add_argument("--overlap", choices=["on", "off"], default="on",
                     help="Generator(model, overlap=...): from generate.PATCH_EVERY_BYTE_ROWS rows on, the global "
                          "step beside the entropy model (on, the default) or after it")
+    ap.add_argument("--byte-graph", choices=["auto", "on", "off"], default="auto",
+                    help="Generator(model, byte_graph=...): a byte's steps as one CUDA graph with the patch step "
+                         "in a conditional node (on; auto, the default: where CUDA graphs hold conditional "
+                         "nodes) or one graph per step function and a host sync a byte below "
+                         "generate.PATCH_EVERY_BYTE_ROWS rows (off)")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
                 "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
@@ -173,6 +178,7 @@ def main() -> None:
 
     def make_gen(compile: bool = args.compile):
         return Generator(model, compile=compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate],
+                         byte_graph=KERNELS[args.byte_graph],
                          overlap=args.overlap == "on")
 
     thresholds: dict[str, tuple[float, float]] = {}  # cell -> (threshold, generated mean patch)

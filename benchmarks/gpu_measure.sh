@@ -5,7 +5,8 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_sdpa train_step
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_steps
+# generate_sdpa train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
 # trainer_pack_false). The seventh session ran profile_generate (kernel tables), train_step
@@ -37,6 +38,7 @@ run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --
 run gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps" \
+  "tests/test_generate.py::test_byte_graph_on_cuda_equals_step_graphs" \
   "tests/test_generate.py::test_graph_capture_survives_garbage_holding_cuda_graphs"
 # GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)
 # shellcheck disable=SC2086
@@ -53,6 +55,11 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
 run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
   --json "$OUT/generate_kernels.json"
+# the same with one CUDA graph per step function (Generator(byte_graph=False): a host sync a byte
+# under 8 rows), against the default graph a byte with the patch step in a conditional node
+run generate_steps 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --byte-graph off \
+  --json "$OUT/generate_steps.json"
 # the same with SDPA for every cache (generate.ATTEND_KERNEL off; on by default since the eleventh
 # session, for caches of up to generate.ATTEND_MAX_KEYS slots)
 run generate_sdpa 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \

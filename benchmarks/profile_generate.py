@@ -38,7 +38,9 @@ def main() -> None:
                          "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel); "
                          "kernels-nooverlap: kernels with Generator(overlap=False) (batches of "
                          "generate.PATCH_EVERY_BYTE_ROWS or more: the global step after the entropy model, "
-                         "not beside it)")
+                         "not beside it); kernels-steps, speculate-steps: those with one CUDA graph per step "
+                         "function (Generator(byte_graph=False): a host sync a byte below "
+                         "generate.PATCH_EVERY_BYTE_ROWS rows) in place of one graph a byte")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -65,7 +67,8 @@ def main() -> None:
                 "speculate": (True, False, True, True)}
     variants.update(dict.fromkeys(switched, variants["kernels"]))
     variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"],
-                     "kernels-nooverlap": variants["kernels"]})
+                     "kernels-nooverlap": variants["kernels"], "kernels-steps": variants["kernels"],
+                     "speculate-steps": variants["speculate"]})
     programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
@@ -74,13 +77,15 @@ def main() -> None:
         kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
         t = time.perf_counter()
         overlap = not name.endswith("-nooverlap")
-        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap)
+        byte_graph = False if name.endswith("-steps") else None
+        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap,
+                        byte_graph=byte_graph)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
         print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec} overlap "
-              f"{gen.overlapping}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
+              f"{gen.overlapping} byte graph {gen.byte_graph}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
     generate.ATTEND_KERNEL = defaults["ATTEND_KERNEL"] or args.table_attend
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
@@ -89,7 +94,9 @@ def main() -> None:
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a
     # state taken at the end has none: the next step indexes past the caches, the device-side
     # assert of the fifth and sixth sessions' runs)
-    gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels, speculate=args.table_speculate)
+    # one graph per step function (byte_graph=False), each timed and tabled on its own
+    gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels, speculate=args.table_speculate,
+                    byte_graph=False)
     saved = {}
 
     def keep(row, tok, close):

@@ -311,6 +311,15 @@ LINEAR_KERNEL = True
 KERNEL_MAX_ROWS = 4
 
 
+def _conditional_nodes() -> bool:
+    """Can CUDA graphs captured here hold conditional nodes (a CUDA 12.4+ build of PyTorch that
+    captures into them: torch.cuda.CUDAGraph.begin_capture_to_if_node)?"""
+    version = torch.version.cuda
+    if not version or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return False
+    return tuple(int(v) for v in version.split(".")[:2]) >= (12, 4)
+
+
 def _kernels_refusal(device: torch.device, fuse: bool, stacks) -> str | None:
     """Why bltkit.kernels cannot run the steps of `stacks` on `device` (None: they can)."""
     from . import kernels as K
@@ -367,11 +376,17 @@ class Generator:
             does close once the entropy model has decided. The same bytes either way
             (tests/test_generate.py). On by default; without an entropy model (other patching
             modes) it only runs the two steps as one.
+        byte_graph: with CUDA graphs, capture all of a byte's steps as one graph (one per bucket of
+            global-cache slots, captured when first reached) in place of one graph per step
+            function. Where the patch step runs only when some row closes a patch (fewer than
+            PATCH_EVERY_BYTE_ROWS rows) it sits in the graph's conditional node, which the GPU
+            enters or skips by itself: the host never waits for the GPU between bytes. Default
+            (None): on where CUDA graphs can hold conditional nodes (CUDA 12.4 or later).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
                  fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, byte_graph: bool | None = None):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -383,6 +398,10 @@ class Generator:
         self.compiled = compile
         self.speculate = speculate
         self.overlap = overlap
+        if byte_graph and not _conditional_nodes():
+            raise ValueError("byte_graph=True needs CUDA graphs with conditional nodes (a CUDA 12.4+ build of "
+                             "PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node); leave it None")
+        self.byte_graph = _conditional_nodes() if byte_graph is None else byte_graph
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
         self.graphs = None
@@ -461,6 +480,7 @@ class Generator:
         self.graphs = None
         self.h = torch.zeros(B, 1, enc.dim, dtype=dt, device=dev)  # encoder output of byte n
         self.close = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.any_close = torch.zeros((), dtype=torch.bool, device=dev)  # a byte graph's branch (_graph_branch)
         self.x = torch.zeros(B, dtype=torch.long, device=dev)  # byte n (input of the step)
         self.next = torch.zeros(B, dtype=torch.long, device=dev)  # sampled byte n+1
         self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)
@@ -856,7 +876,83 @@ class Generator:
         if self.graphs is not None:
             (self.graphs[name] if L is None else self.graphs[name][L]).replay()
         else:
-            self._fns[name]() if L is None else self._fns[name](L)
+            self._call(name, L)
+
+    def _call(self, name: str, L: int | None = None) -> None:
+        self._fns[name]() if L is None else self._fns[name](L)
+
+    def _byte(self, L: int, run, branch) -> None:
+        """A byte's step functions in order, each through `run(name[, L])`; `branch(body)` runs
+        `body` only if some row closes a patch after byte n. Speculating, the decoder has run as
+        if no patch closed and runs again after a patch step; overlapping, the global step runs
+        for every row beside the entropy model; otherwise the patch step runs between the front
+        and the decoder, for batches of PATCH_EVERY_BYTE_ROWS or more at every byte (where that is
+        nearly every byte anyway)."""
+        if self.overlapping:
+            run("front_patch", L)
+            run("back")
+        elif self.speculating:
+            run("speculative")
+            branch(lambda: (run("patch", L), run("decode")))
+            run("advance")
+        else:
+            run("front")
+            if self.x.shape[0] >= PATCH_EVERY_BYTE_ROWS:
+                run("patch", L)
+            else:
+                branch(lambda: run("patch", L))
+            run("back")
+
+    def _host_branch(self, body) -> None:
+        """`_byte`'s branch decided by the host (a host sync)."""
+        if bool(self.close.any()):
+            body()
+
+    def _graph_branch(self, body) -> None:
+        """`_byte`'s branch inside the CUDA graph being captured: `body` goes into a conditional
+        node that the GPU enters only when some row closes a patch (no host sync)."""
+        torch.any(self.close, dim=0, out=self.any_close)
+        graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        graph.begin_capture_to_if_node(self.any_close)
+        try:
+            body()
+        finally:
+            graph.end_capture_to_conditional_node()
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        """`fn` captured as a CUDA graph, with the garbage collector off.
+
+        No garbage collection inside a capture: a collection there may free an unreachable
+        object that holds CUDA resources (an earlier Generator's graphs and their memory pool,
+        compiled kernels), and freeing them is not allowed while a stream captures, which
+        invalidates the capture (cudaErrorStreamCaptureInvalidated: once in the first GPU test
+        run on two fresh H200s, after test_kernels.py had made many Generators; PyTorch's
+        torch.cuda.graph no longer collects before capturing by default). So collect first,
+        then capture with the collector off."""
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            return graph
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _byte_graph(self, L: int) -> torch.cuda.CUDAGraph:
+        """The byte graph for L global-cache slots, captured when first asked for (capturing runs
+        nothing, so the state stays as it is; the steps were warmed up in _prepare_graphs)."""
+        graphs = self.graphs["byte"]
+        if L not in graphs:
+            try:
+                graphs[L] = self._capture(lambda: self._byte(L, self._call, self._graph_branch))
+            except RuntimeError as e:
+                raise RuntimeError(f"capturing a byte's steps as one CUDA graph with a conditional node failed "
+                                   f"({e}); Generator(model, byte_graph=False) captures one graph per step "
+                                   "function instead") from e
+        return graphs[L]
 
     def _prepare_graphs(self) -> None:
         """Capture the step functions as CUDA graphs (static buffers, no host sync inside)."""
@@ -877,29 +973,15 @@ class Generator:
                     self._fns[name](L)
         torch.cuda.current_stream().wait_stream(stream)
 
-        def capture(fn) -> torch.cuda.CUDAGraph:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            return graph
-
-        # No garbage collection inside a capture: a collection there may free an unreachable
-        # object that holds CUDA resources (an earlier Generator's graphs and their memory pool,
-        # compiled kernels), and freeing them is not allowed while a stream captures, which
-        # invalidates the capture (cudaErrorStreamCaptureInvalidated: once in the first GPU test
-        # run on two fresh H200s, after test_kernels.py had made many Generators; PyTorch's
-        # torch.cuda.graph no longer collects before capturing by default). So collect first,
-        # then capture with the collector off.
-        gc.collect()
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            graphs = {name: capture(self._fns[name]) for name in names}
+        if self.byte_graph:  # captured as the steps reach each bucket (_byte_graph)
+            with torch.cuda.stream(stream):
+                torch.any(self.close, dim=0, out=self.any_close)
+            torch.cuda.current_stream().wait_stream(stream)
+            graphs = {"byte": {}}
+        else:
+            graphs = {name: self._capture(self._fns[name]) for name in names}
             for name in slot_names:
-                graphs[name] = {L: capture(lambda L=L, name=name: self._fns[name](L)) for L in slots}
-        finally:
-            if enabled:
-                gc.enable()
+                graphs[name] = {L: self._capture(lambda L=L, name=name: self._fns[name](L)) for L in slots}
         for k, v in self._state_tensors().items():  # undo the warm-up's writes
             v.copy_(snapshot[k])
         self.graphs = graphs
@@ -922,20 +1004,11 @@ class Generator:
         decoder has run already, as if no patch closed, and runs again after a patch step.
         """
         self.x.copy_(x_B)
-        if self.overlapping:
-            self._run("front_patch", self._global_slots())
-            self._run("back")
-        elif self.speculating:
-            self._run("speculative")
-            if bool(self.close.any()):
-                self._run("patch", self._global_slots())
-                self._run("decode")
-            self._run("advance")
+        L = self._global_slots()
+        if self.graphs is not None and "byte" in self.graphs:
+            self._byte_graph(L).replay()
         else:
-            self._run("front")
-            if self.x.shape[0] >= PATCH_EVERY_BYTE_ROWS or bool(self.close.any()):
-                self._run("patch", self._global_slots())
-            self._run("back")
+            self._byte(L, self._run, self._host_branch)
         self.g_used += 1  # a row's p grows by at most one a step
         return self.logits, self.close
 

@@ -12,7 +12,7 @@ import torch
 from bltkit import generate, presets
 from bltkit.bytes import EOS_ID, decode, encode
 from bltkit.checkpoint import init_model, save_model
-from bltkit.generate import Generator, reference_generate
+from bltkit.generate import PATCH_EVERY_BYTE_ROWS, Generator, _conditional_nodes, reference_generate
 
 MODES = {
     "entropy": {},
@@ -435,8 +435,6 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
     entropy model (a second stream, forked and joined inside one CUDA graph): logits and bytes
     equal the sequential steps' exactly, greedy and sampled, with the Triton kernels (None: where
     they run) and without."""
-    from bltkit.generate import PATCH_EVERY_BYTE_ROWS
-
     model = make_model(seed=13).cuda()
     prompts = random_prompts(seed=8, n=PATCH_EVERY_BYTE_ROWS + 1)
     for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
@@ -447,8 +445,50 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
         assert ovl.overlapping
         assert not plain.overlapping
         assert ovl._side is not None
-        assert set(ovl.graphs) == {"front_patch", "back"}
+        assert set(ovl.graphs) == ({"byte"} if ovl.byte_graph else {"front_patch", "back"})
         torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _conditional_nodes(),
+                    reason="needs a CUDA device whose graphs hold conditional nodes")
+@pytest.mark.parametrize("kernels", [False, None])
+def test_byte_graph_on_cuda_equals_step_graphs(kernels):
+    """A byte's steps captured as one CUDA graph, the patch step in a conditional node, give the
+    logits and bytes of one graph per step function exactly (the same kernels on the same
+    inputs): greedy and sampled; batch 1 and 3 (the branch; speculating and not), 9 (no branch,
+    overlapping); entropy and space patching. And the steps then run without a host sync: under
+    torch.cuda's sync debug mode "error" a host sync raises (the per-step graphs' check for a
+    closed patch, `bool(close.any())`, is one)."""
+    for patcher in ({}, {"mode": "space", "max_patch_length": 4}):
+        model = make_model(seed=13, **patcher).cuda()
+        for n, spec in ((1, True), (3, False), (PATCH_EVERY_BYTE_ROWS + 1, None)):
+            prompts = random_prompts(seed=8 + n, n=n)
+            for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+                steps = Generator(model, kernels=kernels, speculate=spec, byte_graph=False)
+                one = Generator(model, kernels=kernels, speculate=spec, byte_graph=True)
+                want = steps.generate_ids(prompts, 40, stop_at_eos=False, **kw)
+                assert one.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
+                assert set(one.graphs) == {"byte"}
+                assert "byte" not in steps.graphs
+                torch.testing.assert_close(one.logits, steps.logits, rtol=0, atol=0)
+        # no host sync between bytes (the buckets' graphs captured first: capturing syncs)
+        gen = Generator(model, kernels=kernels)
+        prompts = [b"abc def, ghi jk"]
+        gen.generate_ids(prompts, 4, stop_at_eos=False)
+        gen._init_state(1, 64, [0])
+        gen._prefill(torch.tensor([encode(prompts[0])], device="cuda"))
+        gen._prepare_graphs()
+        gen._byte_graph(gen._global_slots())
+        torch.cuda.synchronize()
+        closes = torch.zeros(30, dtype=torch.long, device="cuda")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(30):
+                gen.step(gen.next)
+                closes[i] = gen.close.long().sum()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert 0 < int(closes.sum()) < 30  # the branch was taken, and skipped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the graphs)")
