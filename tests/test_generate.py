@@ -532,4 +532,8 @@ def test_fused_bytes_is_what_the_fused_copies_take():
     layers = make_model().global_transformer.layers
     fused = _Fused(layers)
     assert _fused_bytes(layers) == sum(t.numel() * t.element_size() for t in [*fused.qkv.values(), *fused.w13.values()])
+    # on a CPU column-major (contiguous along the outputs: faster one-row products from memory)
+    assert all(w.stride() == (1, w.shape[0]) for w in [*fused.qkv.values(), *fused.w13.values()])
+    assert all(torch.equal(fused.qkv[id(b)], torch.cat([b.attention.wq.weight, b.attention.wk.weight,
+                                                        b.attention.wv.weight])) for b in layers)
     assert _fits(10**15, torch.device("cpu"))  # host memory is not checked
