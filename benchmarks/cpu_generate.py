@@ -1,0 +1,86 @@
+"""Generation with the bundled model on a CPU (the README's main job), and what a one-row product
+costs there with each weight layout.
+
+    python benchmarks/cpu_generate.py [--model DIR] [--layouts col row] [--new-bytes 160]
+
+For each layout of the generator's fused q|k|v and w1|w3 copies (`col`: column-major, the CPU
+default; `row`: row-major, as nn.Linear keeps its weights and CUDA keeps the copies) it prints
+bytes/s at batch 1 and 8 (eight short prompts, temperature 0.8, prefill included, best of
+`--repeat`), then the time of one [1, in] x [in, out] product per layout for the model's shapes,
+with enough distinct weights that they come from memory, not from cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bltkit import generate
+from bltkit.bundled import bundled_model_dir
+from bltkit.checkpoint import load_model
+from bltkit.generate import Generator
+
+PROMPTS = ["Once upon a time", "The history of the English language", "def main():\n",
+           "It was a bright cold day in April", "Le petit prince", "In the beginning",
+           "import numpy as np\n", "Dear Sir,\n"]
+LAYOUTS = {"col": generate._Fused.__dict__["_layout"], "row": staticmethod(lambda w: w)}
+
+
+def rate(model, batch: int, new_bytes: int, repeat: int) -> float:
+    gen = Generator(model)
+    gen.generate(PROMPTS[:1], 8, temperature=0.8, seed=0)
+    best = 0.0
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = gen.generate(PROMPTS[:batch], new_bytes, temperature=0.8, seed=0)
+        best = max(best, sum(map(len, out)) / (time.perf_counter() - t))
+    return best
+
+
+def product_us(out_dim: int, in_dim: int, col: bool, cache_bytes: int = 64 << 20, calls: int = 10) -> float:
+    """One-row F.linear from memory: cycles through more weights than `cache_bytes` hold."""
+    n = max(4, cache_bytes // (out_dim * in_dim * 4))
+    ws = [torch.randn(out_dim, in_dim) for _ in range(n)]
+    if col:
+        ws = [w.t().contiguous().t() for w in ws]
+    x = torch.randn(1, in_dim)
+    for w in ws:
+        F.linear(x, w)
+    t = time.perf_counter()
+    for _ in range(calls):
+        for w in ws:
+            F.linear(x, w)
+    return (time.perf_counter() - t) / (calls * n) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    ap.add_argument("--layouts", nargs="*", choices=sorted(LAYOUTS), default=["col", "row"])
+    ap.add_argument("--new-bytes", type=int, default=160)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    model = load_model(args.model or bundled_model_dir(), device="cpu", dtype=torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.layouts:
+        generate._Fused._layout = LAYOUTS[name]
+        try:
+            rates = {b: rate(model, b, args.new_bytes, args.repeat) for b in (1, 8)}
+        finally:
+            generate._Fused._layout = LAYOUTS["col"]
+        print(f"fused copies {name}-major: batch 1 {rates[1]:.1f} bytes/s, batch 8 {rates[8]:.1f} bytes/s in total")
+    c = model.config
+    shapes = {"entropy q|k|v": (3 * c.entropy_model.dim, c.entropy_model.dim),
+              "entropy w1|w3": (2 * c.entropy_model.ffn_dim, c.entropy_model.dim),
+              "decoder w2": (c.decoder.dim, c.decoder.ffn_dim), "decoder wo": (c.decoder.dim, c.decoder.dim)}
+    for what, (o, i) in shapes.items():
+        col, row = product_us(o, i, True), product_us(o, i, False)
+        print(f"[1, {i}] x [{i}, {o}] ({what}): column-major {col:.1f} us, row-major {row:.1f} us "
+              f"(row / col {row / col:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
