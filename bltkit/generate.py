@@ -13,6 +13,7 @@ global transformer runs once per closed patch. All rows advance in lockstep over
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Iterator
@@ -930,8 +931,10 @@ class Generator:
         finally:
             graph.end_capture_to_conditional_node()
 
-    def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """`fn` captured as a CUDA graph, with the garbage collector off.
+    @staticmethod
+    @contextlib.contextmanager
+    def _collected():
+        """The garbage collector run, then off, for CUDA graph captures.
 
         No garbage collection inside a capture: a collection there may free an unreachable
         object that holds CUDA resources (an earlier Generator's graphs and their memory pool,
@@ -944,13 +947,17 @@ class Generator:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            return graph
+            yield
         finally:
             if enabled:
                 gc.enable()
+
+    @staticmethod
+    def _capture(fn) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
 
     def _byte_graph(self, L: int) -> torch.cuda.CUDAGraph:
         """The byte graph for L global-cache slots, captured in _prepare_graphs, or when first
@@ -958,13 +965,17 @@ class Generator:
         stays as it is; the steps were warmed up in _prepare_graphs)."""
         graphs = self.graphs["byte"]
         if L not in graphs:
-            try:
-                graphs[L] = self._capture(lambda: self._byte(L, self._call, self._graph_branch))
-            except RuntimeError as e:
-                raise RuntimeError(f"capturing a byte's steps as one CUDA graph with a conditional node failed "
-                                   f"({e}); Generator(model, byte_graph=False) captures one graph per step "
-                                   "function instead") from e
+            with self._collected():
+                self._capture_byte(L)
         return graphs[L]
+
+    def _capture_byte(self, L: int) -> None:
+        try:
+            self.graphs["byte"][L] = self._capture(lambda: self._byte(L, self._call, self._graph_branch))
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing a byte's steps as one CUDA graph with a conditional node failed ({e}); "
+                               "Generator(model, byte_graph=False) captures one graph per step function "
+                               "instead") from e
 
     def _prepare_graphs(self, steps: int | None = None) -> None:
         """Capture the step functions as CUDA graphs (static buffers, no host sync inside), for
@@ -992,13 +1003,15 @@ class Generator:
                 torch.any(self.close, dim=0, out=self.any_close)
             torch.cuda.current_stream().wait_stream(stream)
             self.graphs = {"byte": {}}
-            for L in slots:
-                self._byte_graph(L)
+            with self._collected():
+                for L in slots:
+                    self._capture_byte(L)
             graphs = self.graphs
         else:
-            graphs = {name: self._capture(self._fns[name]) for name in names}
-            for name in slot_names:
-                graphs[name] = {L: self._capture(lambda L=L, name=name: self._fns[name](L)) for L in slots}
+            with self._collected():
+                graphs = {name: self._capture(self._fns[name]) for name in names}
+                for name in slot_names:
+                    graphs[name] = {L: self._capture(lambda L=L, name=name: self._fns[name](L)) for L in slots}
         for k, v in self._state_tensors().items():  # undo the warm-up's writes
             v.copy_(snapshot[k])
         self.graphs = graphs
