@@ -136,9 +136,9 @@ def main() -> None:
                          "step beside the entropy model (on, the default) or after it")
     ap.add_argument("--byte-graph", choices=["auto", "on", "off"], default="auto",
                     help="Generator(model, byte_graph=...): a byte's steps as one CUDA graph with the patch step "
-                         "in a conditional node (on; auto, the default: where CUDA graphs hold conditional "
-                         "nodes) or one graph per step function and a host sync a byte below "
-                         "generate.PATCH_EVERY_BYTE_ROWS rows (off)")
+                         "in a conditional node (on) or one graph per step function and a host sync a byte "
+                         "below generate.PATCH_EVERY_BYTE_ROWS rows (off; auto, the default, is the "
+                         "Generator's default: off for now)")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
                 "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():

@@ -5,7 +5,7 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_steps
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_byte
 # generate_sdpa train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
@@ -19,8 +19,8 @@
 # crossover and profile_generate_b64; the thirteenth gpu_tests, profile_generate at batches 1 and 64
 # (tiled block kernels, the attention without splits) and the grid with a threshold per cell; the
 # fourteenth gpu_tests, profile_generate_b64 with GEN64_VARIANTS=kernels-nooverlap,kernels and
-# generate_kernels (docs/benchmarks.md); next:
-#   ONLY="gpu_tests profile_generate_b64 generate_kernels"  (the batch-64 kernel table, the grid)
+# generate_kernels (docs/benchmarks.md); the fifteenth got no GPU; next:
+#   ONLY="gpu_tests generate_kernels generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
@@ -55,11 +55,12 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
 run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
   --json "$OUT/generate_kernels.json"
-# the same with one CUDA graph per step function (Generator(byte_graph=False): a host sync a byte
-# under 8 rows), against the default graph a byte with the patch step in a conditional node
-run generate_steps 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \
-  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --byte-graph off \
-  --json "$OUT/generate_steps.json"
+# the same with a byte's steps as one CUDA graph, the patch step in a conditional node
+# (Generator(byte_graph=True): no host sync a byte under 8 rows; written in the fifteenth session
+# without a GPU, off by default until this and gpu_tests have run)
+run generate_byte 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \
+  --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --byte-graph on \
+  --json "$OUT/generate_byte.json"
 # the same with SDPA for every cache (generate.ATTEND_KERNEL off; on by default since the eleventh
 # session, for caches of up to generate.ATTEND_MAX_KEYS slots)
 run generate_sdpa 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf \

@@ -38,9 +38,9 @@ def main() -> None:
                          "kernels.ATTEND_PROGRAMS = 1 (no attention split over programs, no combining kernel); "
                          "kernels-nooverlap: kernels with Generator(overlap=False) (batches of "
                          "generate.PATCH_EVERY_BYTE_ROWS or more: the global step after the entropy model, "
-                         "not beside it); kernels-steps, speculate-steps: those with one CUDA graph per step "
-                         "function (Generator(byte_graph=False): a host sync a byte below "
-                         "generate.PATCH_EVERY_BYTE_ROWS rows) in place of one graph a byte")
+                         "not beside it); kernels-byte, speculate-byte: those with a byte's steps as one CUDA "
+                         "graph, the patch step in a conditional node (Generator(byte_graph=True): no host "
+                         "sync a byte below generate.PATCH_EVERY_BYTE_ROWS rows)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -67,8 +67,8 @@ def main() -> None:
                 "speculate": (True, False, True, True)}
     variants.update(dict.fromkeys(switched, variants["kernels"]))
     variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"],
-                     "kernels-nooverlap": variants["kernels"], "kernels-steps": variants["kernels"],
-                     "speculate-steps": variants["speculate"]})
+                     "kernels-nooverlap": variants["kernels"], "kernels-byte": variants["kernels"],
+                     "speculate-byte": variants["speculate"]})
     programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
@@ -77,7 +77,7 @@ def main() -> None:
         kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
         t = time.perf_counter()
         overlap = not name.endswith("-nooverlap")
-        byte_graph = False if name.endswith("-steps") else None
+        byte_graph = name.endswith("-byte")
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap,
                         byte_graph=byte_graph)
         gen.generate_ids(prompts, 16, stop_at_eos=False)

@@ -472,7 +472,7 @@ def test_byte_graph_on_cuda_equals_step_graphs(kernels):
                 assert "byte" not in steps.graphs
                 torch.testing.assert_close(one.logits, steps.logits, rtol=0, atol=0)
         # no host sync between bytes (the buckets' graphs captured first: capturing syncs)
-        gen = Generator(model, kernels=kernels)
+        gen = Generator(model, kernels=kernels, byte_graph=True)
         prompts = [b"abc def, ghi jk"]
         gen.generate_ids(prompts, 4, stop_at_eos=False)
         gen._init_state(1, 64, [0])
