@@ -979,6 +979,15 @@ class Generator:
                                "Generator(model, byte_graph=False) captures one graph per step function "
                                "instead") from e
 
+    def _buckets(self, steps: int | None = None) -> list[int]:
+        """The global-cache slot counts L (`_global_slots`) of the next `steps` steps (None: every
+        bucket up to capacity): g_used grows by one a step."""
+        full, G = self.p_cap + 1, self.global_bucket
+        if self.compiled:
+            return [full]
+        last = full if steps is None else min(full, -(-(self.g_used + steps) // G) * G)
+        return sorted({min(full, L) for L in range(self._global_slots(), last + 1, G)} | {min(full, last)})
+
     def _prepare_graphs(self, steps: int | None = None) -> None:
         """Capture the step functions as CUDA graphs (static buffers, no host sync inside), for
         every bucket of global-cache slots the next `steps` steps can reach (all ahead: None)."""
@@ -988,9 +997,7 @@ class Generator:
         snapshot = {k: v.clone() for k, v in self._state_tensors().items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        full, G = self.p_cap + 1, self.global_bucket
-        last = full if steps is None else min(full, -(-(self.g_used + steps) // G) * G)  # g_used grows 1 a step
-        slots = sorted({min(full, L) for L in range(self._global_slots(), last + 1, G)} | {min(full, last)})
+        slots = self._buckets(steps)
         names, slot_names = self._step_names(), self._slot_names()
         with torch.cuda.stream(stream):  # warm-up (compilation, allocator, library handles)
             for name in names:

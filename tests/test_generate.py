@@ -537,3 +537,22 @@ def test_fused_bytes_is_what_the_fused_copies_take():
     assert all(torch.equal(fused.qkv[id(b)], torch.cat([b.attention.wq.weight, b.attention.wk.weight,
                                                         b.attention.wv.weight])) for b in layers)
     assert _fits(10**15, torch.device("cpu"))  # host memory is not checked
+
+
+def test_graph_buckets_cover_every_step_they_are_made_for():
+    """CUDA graphs are captured for the global-cache buckets the next steps can reach
+    (`_buckets`): every step's slot count is among them, and buckets no step reaches are left out."""
+    gen = Generator(make_model(seed=3))
+    gen._init_state(1, 3000, [0])
+    gen.global_bucket = 256
+    for g_used, steps in ((1, 10), (1, 300), (255, 1), (256, 1), (460, 128), (2900, 200), (10, 3000)):
+        gen.g_used = g_used
+        buckets = gen._buckets(steps)
+        reached = set()
+        for i in range(steps):
+            gen.g_used = g_used + i
+            reached.add(gen._global_slots())
+        assert reached <= set(buckets)
+        assert len(buckets) <= len(reached) + 1  # at most the bucket of the step after the last
+    gen.g_used = 1
+    assert gen._buckets()[-1] == gen.p_cap + 1  # None: every bucket up to capacity
