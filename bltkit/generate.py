@@ -389,8 +389,7 @@ class Generator:
             (tests/test_generate.py). On by default; without an entropy model (other patching
             modes) it only runs the two steps as one.
         byte_graph: with CUDA graphs, capture all of a byte's steps as one graph (one per bucket of
-            global-cache slots, captured when first reached) in place of one graph per step
-            function. Where the patch step runs only when some row closes a patch (fewer than
+            global-cache slots the call can reach) in place of one graph per step function. Where the patch step runs only when some row closes a patch (fewer than
             PATCH_EVERY_BYTE_ROWS rows) it sits in the graph's conditional node, which the GPU
             enters or skips by itself: the host never waits for the GPU between bytes. Needs
             CUDA graphs that hold conditional nodes (CUDA 12.4 or later). Default (None): off for
@@ -968,12 +967,12 @@ class Generator:
         graphs = self.graphs["byte"]
         if L not in graphs:
             with self._collected():
-                self._capture_byte(L)
+                graphs[L] = self._capture_byte(L)
         return graphs[L]
 
-    def _capture_byte(self, L: int) -> None:
+    def _capture_byte(self, L: int) -> torch.cuda.CUDAGraph:
         try:
-            self.graphs["byte"][L] = self._capture(lambda: self._byte(L, self._call, self._graph_branch))
+            return self._capture(lambda: self._byte(L, self._call, self._graph_branch))
         except RuntimeError as e:
             raise RuntimeError(f"capturing a byte's steps as one CUDA graph with a conditional node failed ({e}); "
                                "Generator(model, byte_graph=False) captures one graph per step function "
@@ -1011,11 +1010,8 @@ class Generator:
             with torch.cuda.stream(stream):
                 torch.any(self.close, dim=0, out=self.any_close)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graphs = {"byte": {}}
             with self._collected():
-                for L in slots:
-                    self._capture_byte(L)
-            graphs = self.graphs
+                graphs = {"byte": {L: self._capture_byte(L) for L in slots}}
         else:
             with self._collected():
                 graphs = {name: self._capture(self._fns[name]) for name in names}
