@@ -19,8 +19,10 @@
 # crossover and profile_generate_b64; the thirteenth gpu_tests, profile_generate at batches 1 and 64
 # (tiled block kernels, the attention without splits) and the grid with a threshold per cell; the
 # fourteenth gpu_tests, profile_generate_b64 with GEN64_VARIANTS=kernels-nooverlap,kernels and
-# generate_kernels (docs/benchmarks.md); the fifteenth got no GPU; next:
-#   ONLY="gpu_tests generate_kernels generate_byte"  (the byte graph tested, then timed against the grid)
+# generate_kernels (docs/benchmarks.md); the fifteenth got no GPU; the sixteenth gpu_tests (the byte
+# graph skipped: PyTorch 2.11 has no conditional-node capture) and generate_kernels; next, on a
+# PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
+#   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail

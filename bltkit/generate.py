@@ -392,9 +392,10 @@ class Generator:
             global-cache slots the call can reach) in place of one graph per step function. Where the patch step runs only when some row closes a patch (fewer than
             PATCH_EVERY_BYTE_ROWS rows) it sits in the graph's conditional node, which the GPU
             enters or skips by itself: the host never waits for the GPU between bytes. Needs
-            CUDA graphs that hold conditional nodes (CUDA 12.4 or later). Default (None): off for
-            now; written in the fifteenth session without a GPU to test it on, it becomes the
-            default once `test_byte_graph_on_cuda_equals_step_graphs` has passed on one.
+            CUDA graphs that hold conditional nodes: CUDA 12.4 or later and a PyTorch with
+            `torch.cuda.CUDAGraph.begin_capture_to_if_node` (2.13 has it, 2.11 does not).
+            Default (None): off; it has not yet run on a GPU (`test_byte_graph_on_cuda_equals_step_graphs`
+            skips where the binding is missing, as on the PyTorch 2.11 of the sixteenth session's H200).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
@@ -412,8 +413,9 @@ class Generator:
         self.speculate = speculate
         self.overlap = overlap
         if byte_graph and not _conditional_nodes():
-            raise ValueError("byte_graph=True needs CUDA graphs with conditional nodes (a CUDA 12.4+ build of "
-                             "PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node); leave it None")
+            raise ValueError("byte_graph=True needs CUDA graphs with conditional nodes: a CUDA 12.4+ build of a "
+                             "PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node (2.13 has it, 2.11 does "
+                             f"not; this is {torch.__version__}); leave byte_graph None")
         self.byte_graph = bool(byte_graph)
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
