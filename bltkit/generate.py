@@ -389,7 +389,8 @@ class Generator:
             (tests/test_generate.py). On by default; without an entropy model (other patching
             modes) it only runs the two steps as one.
         byte_graph: with CUDA graphs, capture all of a byte's steps as one graph (one per bucket of
-            global-cache slots the call can reach) in place of one graph per step function. Where the patch step runs only when some row closes a patch (fewer than
+            global-cache slots the call can reach) in place of one graph per step function. Where
+            the patch step runs only when some row closes a patch (fewer than
             PATCH_EVERY_BYTE_ROWS rows) it sits in the graph's conditional node, which the GPU
             enters or skips by itself: the host never waits for the GPU between bytes. Needs
             CUDA graphs that hold conditional nodes: CUDA 12.4 or later and a PyTorch with
