@@ -20,6 +20,42 @@ from bltkit.bytes import encode
 from bltkit.generate import Generator
 
 
+def host_gap(gen: Generator, prompts, steps: int) -> None:
+    """What the host's per-byte decision costs below PATCH_EVERY_BYTE_ROWS rows: the patch step
+    runs only when some row closes a patch, and the host learns that by reading `close` back after
+    each byte's front (a sync), then launches the next graphs while the GPU waits. A second call
+    records those decisions; a third takes them from the record instead (greedy decoding is
+    deterministic, so the same bytes and steps), which leaves the host free to run ahead. The
+    difference is what the byte graph's conditional node (Generator(byte_graph=True)) could win
+    at most."""
+    real = []
+    for _ in range(2):
+        gen.generate_ids(prompts, steps, stop_at_eos=False)
+        real.append(gen.stats["decode_s"])
+    schedule: list[bool] = []
+    host = gen._host_branch
+
+    def record(body):
+        schedule.append(bool(gen.close.any()))
+        if schedule[-1]:
+            body()
+
+    gen._host_branch = record
+    want = gen.generate_ids(prompts, steps, stop_at_eos=False)
+    replayed = []
+    for _ in range(2):
+        it = iter(schedule)
+        gen._host_branch = lambda body, it=it: body() if next(it) else None
+        got = gen.generate_ids(prompts, steps, stop_at_eos=False)
+        replayed.append(gen.stats["decode_s"])
+        assert got == want, "the scheduled steps gave other bytes"
+    gen._host_branch = host
+    a, b = min(real) / steps * 1e3, min(replayed) / steps * 1e3
+    print(f"  host decisions: {a:.3f} ms/step with a sync a byte, {b:.3f} replayed from the schedule "
+          f"({sum(schedule)} patch steps in {len(schedule)} decisions): {(a - b) * 1e3:.1f} µs a byte "
+          f"({(a - b) / a:.1%})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="blt-1b")
@@ -40,7 +76,10 @@ def main() -> None:
                          "generate.PATCH_EVERY_BYTE_ROWS or more: the global step after the entropy model, "
                          "not beside it); kernels-byte, speculate-byte: those with a byte's steps as one CUDA "
                          "graph, the patch step in a conditional node (Generator(byte_graph=True): no host "
-                         "sync a byte below generate.PATCH_EVERY_BYTE_ROWS rows)")
+                         "sync a byte below generate.PATCH_EVERY_BYTE_ROWS rows); kernels-sched, "
+                         "speculate-sched: those timed once more with the host's patch-step decisions "
+                         "replayed from a recorded schedule, without reading `close` back each byte (what "
+                         "the host's sync and launches between a byte's graphs cost; see host_gap)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -48,6 +87,7 @@ def main() -> None:
     ap.add_argument("--table-attend", action="store_true", help="the tables with kernels.attend (ATTEND_KERNEL)")
     ap.add_argument("--table-plain", action="store_true",
                     help="the tables without kernels.linear_add (LINEAR_KERNEL, on by default)")
+    ap.add_argument("--no-tables", action="store_true", help="time the variants only (no per-graph times and tables)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     dev = "cuda"
@@ -68,7 +108,8 @@ def main() -> None:
     variants.update(dict.fromkeys(switched, variants["kernels"]))
     variants.update({"kernels-nosplit": variants["kernels"], "speculate-nosplit": variants["speculate"],
                      "kernels-nooverlap": variants["kernels"], "kernels-byte": variants["kernels"],
-                     "speculate-byte": variants["speculate"]})
+                     "speculate-byte": variants["speculate"], "kernels-sched": variants["kernels"],
+                     "speculate-sched": variants["speculate"]})
     programs = kernels.ATTEND_PROGRAMS
     for name in args.variants.split(","):
         graphs, comp, kern, spec = variants[name]
@@ -87,6 +128,10 @@ def main() -> None:
         print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec} overlap "
               f"{gen.overlapping} byte graph {gen.byte_graph}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
+        if name.endswith("-sched"):
+            host_gap(gen, prompts, args.steps)
+    if args.no_tables:
+        return
     generate.ATTEND_KERNEL = defaults["ATTEND_KERNEL"] or args.table_attend
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
