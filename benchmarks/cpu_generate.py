@@ -1,13 +1,14 @@
 """Generation with the bundled model on a CPU (the README's main job), and what a one-row product
 costs there with each weight layout.
 
-    python benchmarks/cpu_generate.py [--model DIR] [--layouts col row] [--new-bytes 160]
+    python benchmarks/cpu_generate.py [--model DIR] [--layouts col row] [--new-bytes 160] [--compile]
 
 For each layout of the generator's fused q|k|v and w1|w3 copies (`col`: column-major, the CPU
 default; `row`: row-major, as nn.Linear keeps its weights and CUDA keeps the copies) it prints
 bytes/s at batch 1 and 8 (eight short prompts, temperature 0.8, prefill included, best of
 `--repeat`), then the time of one [1, in] x [in, out] product per layout for the model's shapes,
-with enough distinct weights that they come from memory, not from cache.
+with enough distinct weights that they come from memory, not from cache. With `--compile`, first
+the compiled generator (Generator(compile=True), `blt generate --compile`) against the eager one.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ PROMPTS = ["Once upon a time", "The history of the English language", "def main(
 LAYOUTS = {"col": generate._Fused.__dict__["_layout"], "row": staticmethod(lambda w: w)}
 
 
-def rate(model, batch: int, new_bytes: int, repeat: int) -> float:
-    gen = Generator(model)
-    gen.generate(PROMPTS[:1], 8, temperature=0.8, seed=0)
+def rate(model, batch: int, new_bytes: int, repeat: int, compile: bool = False) -> float:
+    gen = Generator(model, compile=compile)
+    t = time.perf_counter()
+    gen.generate(PROMPTS[:batch], new_bytes, temperature=0.8, seed=0)  # compiles for this batch and length
+    if compile:
+        print(f"compiled generator: first call at batch {batch} {time.perf_counter() - t:.1f} s", flush=True)
     best = 0.0
     for _ in range(repeat):
         t = time.perf_counter()
@@ -62,9 +66,14 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="*", choices=sorted(LAYOUTS), default=["col", "row"])
     ap.add_argument("--new-bytes", type=int, default=160)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time Generator(compile=True) at batch 1 and 8")
     args = ap.parse_args()
     model = load_model(args.model or bundled_model_dir(), device="cpu", dtype=torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.compile:
+        for b in (1, 8):
+            eager, comp = rate(model, b, args.new_bytes, args.repeat), rate(model, b, args.new_bytes, args.repeat, True)
+            print(f"batch {b}: eager {eager:.1f} bytes/s, compiled {comp:.1f} ({comp / eager:.2f}x)", flush=True)
     for name in args.layouts:
         generate._Fused._layout = LAYOUTS[name]
         try:

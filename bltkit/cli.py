@@ -178,7 +178,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: fp32 on the CPU, as stored on a GPU)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the step functions (faster decoding on GPU after a slow first call)")
+                   help="torch.compile the step functions (a slow first call for each batch shape). On a GPU "
+                        "it replaces the Triton kernels and speculation, which are faster; on a CPU it speeds up "
+                        "small models at batch 1 (docs/generation.md)")
 
 
 def _marked(model, ids: list[int]) -> str:

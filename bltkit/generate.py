@@ -364,6 +364,10 @@ class Generator:
         model: a BLT in eval mode (any device, any dtype; fp32 is exact against the reference).
         cuda_graphs: replay the step functions as CUDA graphs (default: on CUDA).
         compile: `torch.compile` the step functions (fewer, fused kernels; minutes to compile).
+            It turns the default Triton kernels and speculation off, and on CUDA those are faster
+            (fifth session: compiled 2.73 ms a byte against 2.83 with plain CUDA graphs; the
+            kernels since: 1.40x over plain graphs; docs/benchmarks.md). On a CPU it helps
+            small models at batch 1 (docs/generation.md).
         prefill: read prompts with one full forward (default) rather than byte by byte.
         kernels: run the blocks' steps with the Triton kernels of `bltkit.kernels` for batches of
             up to KERNEL_MAX_ROWS rows, and for larger ones RoPE with the cache writes after
