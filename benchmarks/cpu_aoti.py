@@ -42,8 +42,8 @@ class _Step(torch.nn.Module):
     def _swap(self, values) -> list[torch.Tensor]:
         old = []
         for key, v in zip(self.names, values, strict=True):
-            owner, attr = (self.gen, key) if "." not in key else (getattr(self.gen, key.split(".")[0]),
-                                                                 key.split(".")[1])
+            ring, _, attr = key.rpartition(".")  # "x" or "enc.k" (_state_tensors' names)
+            owner = getattr(self.gen, ring) if ring else self.gen
             old.append(getattr(owner, attr))
             setattr(owner, attr, v)
         return old
