@@ -139,7 +139,7 @@ def main() -> None:
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a
     # state taken at the end has none: the next step indexes past the caches, the device-side
     # assert of the fifth and sixth sessions' runs)
-    # one graph per step function (byte_graph=False), each timed and tabled on its own
+    # one graph per launch (byte_graph=False), each timed and tabled on its own
     gen = Generator(model, cuda_graphs=True, kernels=args.table_kernels, speculate=args.table_speculate,
                     byte_graph=False)
     saved = {}
@@ -157,18 +157,22 @@ def main() -> None:
             v.copy_(snapshot[k])
         gen.g_used = g_used
 
-    restore()
-    x = torch.tensor([encode(p)[-1] for p in prompts], device=dev)
-    # speculating: speculative, decode, advance (+ patch); overlapping: back (+ front_patch)
-    names = [*gen._step_names(), *gen._slot_names()]
-    for name in names:
-        L = gen._global_slots() if name in gen._slot_names() else None
+    # the step-function sequences a byte launches (Generator._launches: speculating, the steps
+    # before the branch, with the last byte's after it first, the branch, the steps after it;
+    # overlapping, one: front_patch, back and the feed)
+    launches = gen._launches()
+
+    def slots(launch):
+        return gen._global_slots() if generate._SLOT_STEPS.intersection(launch) else None
+
+    for launch in launches:
+        name, L = "+".join(launch), slots(launch)
         restore()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(20):
-            gen.x.copy_(x)
-            gen._fns[name]() if L is None else gen._fns[name](L)
+            for step in launch:
+                gen._call(step, L)
         torch.cuda.synchronize()
         print(f"eager {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
         restore()
@@ -176,12 +180,12 @@ def main() -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(20):
-            gen._run(name, L)
+            gen._launch(launch, L)
         torch.cuda.synchronize()
         print(f"graph {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
-    graphs = {name: gen.graphs[name][gen._global_slots()] if name in gen._slot_names() else gen.graphs[name]
-              for name in names}
-    for name, graph in graphs.items():  # one kernel table per step function
+    graphs = {"+".join(launch): gen.graphs[launch][slots(launch)] if slots(launch) else gen.graphs[launch]
+              for launch in launches}
+    for name, graph in graphs.items():  # one kernel table per launch
         restore()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10):

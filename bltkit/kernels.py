@@ -237,19 +237,23 @@ if triton is not None:
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
-                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS", "HAS_LAST"])
+                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS", "HAS_LAST", "HAS_FIRST"])
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, S, scale, N, NK, sq_b, sq_n,
-                       sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS, H: tl.constexpr,
-                       BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr):
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
+                       sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
+                       H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
+                       HAS_MASK: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
         n_read = S
         if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
             n_read = tl.minimum(S, tl.load(last_ptr + b * s_last).to(tl.int32) + 1)
-        chunk = tl.cdiv(tl.cdiv(n_read, SPLITS), BLOCK_S) * BLOCK_S
-        start = split * chunk
+        lo = 0
+        if HAS_FIRST:  # the row's first visible slot (a row's own)
+            lo = tl.maximum(tl.load(first_ptr + b).to(tl.int32), 0)
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(n_read - lo, 0), SPLITS), BLOCK_S) * BLOCK_S
+        start = lo + split * chunk
         end = tl.minimum(n_read, start + chunk)
         dt = o_ptr.dtype.element_ty
         h = tl.arange(0, H)
@@ -266,7 +270,10 @@ if triton is not None:
             # the mask, keys and values load at once (no load waits for another); what hidden slots
             # hold (NaN, say, in a slot no one has written yet) is replaced by zeros
             # before any sum, so it stays out of them
-            mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
+            if HAS_MASK:
+                mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
+            else:  # every slot in [lo, n_read) visible
+                mask = tl.where(ok, 0.0, float("-inf"))
             kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
             seen = mask != float("-inf")
@@ -443,8 +450,9 @@ def attend_splits(programs: int, n_keys: int) -> int:
     return max(1, min(want, n_keys // ATTEND_MIN_CHUNK))
 
 
-def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
+           first: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
@@ -454,19 +462,22 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     row and head (default: `attend_splits`). `last`: an integer device tensor, one value for all
     rows (a single element) or one a row ([B]), the last slot a row may see: slots after it are
     not read either (a cache's unfilled tail: the global cache past a row's patches, a ring
-    before it wraps), the splits sharing what is left."""
+    before it wraps), the splits sharing what is left. `first`: an integer device tensor [B],
+    each row's first slot: slots before it are not read (the encoder's cached bytes before the
+    open patch). `mask` None: every slot read is visible (with `first` and `last`, a range)."""
     B, N, H = q_BNH.shape
     S = k.shape[2] if n_keys is None else n_keys
     out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
-    m = mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
+    m = out if mask is None else mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
     if splits is None:
         splits = attend_splits(B * N, S)
     part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
     _attend_kernel[(B, N, splits)](
-        q_BNH, k, v, m, out, part, out if last is None else last, S, H ** -0.5, N, k.shape[1],
-        q_BNH.stride(0), q_BNH.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), m.stride(0) if m.shape[0] > 1 else 0, m.stride(1),
-        1 if last is not None and last.numel() > 1 else 0, splits, H=H, HAS_LAST=last is not None)
+        q_BNH, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
+        N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
+        1 if last is not None and last.numel() > 1 else 0, splits, H=H, HAS_LAST=last is not None,
+        HAS_FIRST=first is not None, HAS_MASK=mask is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

@@ -261,6 +261,32 @@ def test_attend_reads_no_slot_after_last(per_row, splits):
         torch.testing.assert_close(out[row], want[0, :, 0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_attend_reads_only_first_to_last(splits):
+    """`first` and `last` bound each row's slots from both sides (the encoder's cached bytes of
+    the open patch), without a mask: every slot in between is seen, and the slots outside hold
+    NaN, so only the bounds keep them out; grouped queries (8 query heads on 2 key/value heads,
+    as the patch step's units ask); a row whose range is empty gets zeros."""
+    B, N, NK, H, S = 4, 8, 2, 16, 150
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, N, H, generator=g).to(DEV)
+    k = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    v = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    ranges = [(40, 97), (0, 149), (120, 120), (60, 59)]  # (first, last); the last row's is empty
+    for row, (a, b) in enumerate(ranges):
+        for t in (k, v):
+            t[row, :, :a] = float("nan")
+            t[row, :, b + 1:] = float("nan")
+    first = torch.tensor([a for a, _ in ranges], device=DEV)
+    last = torch.tensor([b for _, b in ranges], device=DEV)
+    out = kernels.attend(q, k, v, None, splits=splits, last=last, first=first)
+    for row, (a, b) in enumerate(ranges[:-1]):
+        want = F.scaled_dot_product_attention(q[row:row + 1, :, None], k[row:row + 1, :, a:b + 1],
+                                              v[row:row + 1, :, a:b + 1], enable_gqa=True)
+        torch.testing.assert_close(out[row], want[0, :, 0], rtol=0, atol=1e-5)
+    assert not out[-1].any()
+
+
 @pytest.mark.parametrize("switched", [False, True])
 def test_generator_with_kernels_across_documents(switched, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
@@ -359,9 +385,10 @@ def test_attend_kernel_only_for_short_caches(monkeypatch):
     want = reference_generate(model, prompts, 10, stop_at_eos=False)
     attend, sizes = kernels.attend, []
 
-    def counted(q, k, v, mask, n_keys=None, splits=None, last=None):
-        sizes.append(k.shape[2] if n_keys is None else n_keys)
-        return attend(q, k, v, mask, n_keys, splits, last)
+    def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None):
+        if first is None:  # the self-attention (the patch step's open-patch call reads a row's range)
+            sizes.append(k.shape[2] if n_keys is None else n_keys)
+        return attend(q, k, v, mask, n_keys, splits, last, first)
 
     monkeypatch.setattr(kernels, "attend", counted)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
