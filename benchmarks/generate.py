@@ -112,6 +112,9 @@ def main() -> None:
                          "(the default; a bisection for each grid cell, on the patches of the bytes it times) or the "
                          "sample text (the twelfth session and before: their generated text had 2.2-2.8 bytes "
                          "a patch at 64-byte prompts)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="this entropy threshold (nats) for every grid cell instead of calibrating one: the same "
+                         "texts across runs and code versions (the bf16 bisection lands elsewhere each run)")
     ap.add_argument("--hf-bytes", type=int, default=16, help="bytes transformers generates (it is slow)")
     ap.add_argument("--hf-prompt-lens", type=int, nargs="*", default=[64],
                     help="prompt lengths of the transformers comparison (its cost per byte grows with length)")
@@ -186,7 +189,9 @@ def main() -> None:
     def calibrated(prompts: list[bytes], n_bytes: int = args.new_bytes) -> Generator:
         """A Generator with the threshold for `prompts`' continuations (one a grid cell: a row's
         text, and so its patches, depend on the prompt and the threshold), generated as one batch."""
-        if args.calibrate == "generated":
+        if args.threshold is not None:
+            with_threshold(model, args.threshold)
+        elif args.calibrate == "generated":
             cell = f"{len(prompts)}x{len(encode(prompts[0]))}+{n_bytes}"  # batch x prompt + new bytes
             if cell not in thresholds:  # uncompiled: the same bytes, no compile a round
                 thresholds[cell] = calibrate_on_generated(model, lambda: make_gen(False), args.mean_patch,
