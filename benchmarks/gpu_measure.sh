@@ -20,11 +20,11 @@
 # (tiled block kernels, the attention without splits) and the grid with a threshold per cell; the
 # fourteenth gpu_tests, profile_generate_b64 with GEN64_VARIANTS=kernels-nooverlap,kernels and
 # generate_kernels (docs/benchmarks.md); the fifteenth got no GPU; the sixteenth gpu_tests (the byte
-# graph skipped: PyTorch 2.11 has no conditional-node capture) and generate_kernels; next, on a
-# PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
+# graph skipped: PyTorch 2.11 has no conditional-node capture) and generate_kernels; the seventeenth
+# gpu_tests, profile_generate.py --variants speculate-sched (the host gap: 36/61 µs a byte, then
+# 25/24 with one graph a launch) and generate_kernels; next, on a PyTorch with
+# torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
-#   python benchmarks/profile_generate.py --steps 128 --variants speculate-sched --no-tables [--prompt-len 2048]
-#     (what the host's sync a byte costs at batch 1, the most the byte graph could win; ~2 minutes)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail

@@ -398,7 +398,7 @@ class Generator:
             (tests/test_generate.py). On by default; without an entropy model (other patching
             modes) it only runs the two steps as one.
         byte_graph: with CUDA graphs, capture all of a byte's steps as one graph (one per bucket of
-            global-cache slots the call can reach) in place of one graph per step function. Where
+            global-cache slots the call can reach) in place of one graph per launch. Where
             the patch step runs only when some row closes a patch (fewer than
             PATCH_EVERY_BYTE_ROWS rows) it sits in the graph's conditional node, which the GPU
             enters or skips by itself: the host never waits for the GPU between bytes. Needs
@@ -1056,7 +1056,7 @@ class Generator:
             return self._capture(lambda: self._byte(L, self._graph_branch))
         except RuntimeError as e:
             raise RuntimeError(f"capturing a byte's steps as one CUDA graph with a conditional node failed ({e}); "
-                               "Generator(model, byte_graph=False) captures one graph per step function "
+                               "Generator(model, byte_graph=False) captures one graph per launch "
                                "instead") from e
 
     def _buckets(self, steps: int | None = None) -> list[int]:

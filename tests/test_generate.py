@@ -456,11 +456,11 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
 @pytest.mark.parametrize("kernels", [False, None])
 def test_byte_graph_on_cuda_equals_step_graphs(kernels):
     """A byte's steps captured as one CUDA graph, the patch step in a conditional node, give the
-    logits and bytes of one graph per step function exactly (the same kernels on the same
+    logits and bytes of one graph per launch exactly (the same kernels on the same
     inputs): greedy and sampled; batch 1 and 3 (the branch; speculating and not), 9 (no branch,
     overlapping); entropy and space patching. And the steps then run without a host sync: under
-    torch.cuda's sync debug mode "error" a host sync raises (the per-step graphs' check for a
-    closed patch, `bool(close.any())`, is one)."""
+    torch.cuda's sync debug mode "error" a host sync raises (the per-launch graphs' check for a
+    closed patch, `bool(any_close)`, is one)."""
     for patcher in ({}, {"mode": "space", "max_patch_length": 4}):
         model = make_model(seed=13, **patcher).cuda()
         for n, spec in ((1, True), (3, False), (PATCH_EVERY_BYTE_ROWS + 1, None)):
