@@ -352,6 +352,20 @@ def test_global_cache_buckets_read_only_the_patches_so_far(prefill, speculate):
     assert int(gen.p.max()) <= seen[-1]  # p grew by at most one after the last patch step
 
 
+@pytest.mark.slow  # ~30 s on 2 cores with a cold compile cache, nearly all of it compiling
+def test_compiled_generator_equals_reference():
+    """Generator(compile=True) (`blt generate --compile`): the step functions under torch.compile
+    give the reference's bytes, greedy and sampled, and a second call with prompts of other
+    lengths (caches sized by powers of two: the same shapes) too."""
+    model = make_model(seed=4, window=8)
+    gen = Generator(model, compile=True)
+    for prompts, kw in ((random_prompts(seed=5, n=2), {}),
+                        ([b"a different prompt", b""], {"temperature": 1.0, "top_k": 50, "seed": 3})):
+        assert gen.generate_ids(prompts, 12, stop_at_eos=False, **kw) == \
+            reference_generate(model, prompts, 12, stop_at_eos=False, **kw)
+        assert gen.capacity == 256
+
+
 def test_oversized_caches_change_nothing():
     """Caches larger than the text (what compiled generators use, sized by powers of two) give
     the same bytes: capacity is only buffer room."""
