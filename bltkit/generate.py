@@ -269,16 +269,23 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
-                kernel: bool = False, linear_kernel: bool = False) -> torch.Tensor:
+                kernel: bool = False, linear_kernel: bool = False, attend_kernel: bool = False) -> torch.Tensor:
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
-    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend)."""
-    if kernel:
+    kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend). `attend_kernel`:
+    the q product by cuBLAS, then the attention by bltkit.kernels.attend (one position a row, no
+    mask: more rows than norm_cross_attend takes, where SDPA ran a prefill kernel for the one
+    query and the patch's cross_attn_k keys, 7.6 µs a call at 64 rows on an H200)."""
+    if kernel or attend_kernel:
         from . import kernels
 
         B, _, D = x_BTD.shape
         nq = layer.cross_attn_norm_q
-        heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
+        if kernel:
+            heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
+        else:
+            q = layer.wq(nq(x_BTD)).view(B, layer.n_heads, layer.head_dim)
+            heads = kernels.attend(q, k, v, None).view(B, 1, -1)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
     return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=linear_kernel)
@@ -762,7 +769,8 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
-                                linear_kernel=kern and self._kernel_choice.linear)
+                                linear_kernel=kern and self._kernel_choice.linear,
+                                attend_kernel=self._cross_kernel and not kern)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n, own=z is not self.h)
         return dec.head(z)[:, 0]

@@ -339,8 +339,8 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
 
 def test_generator_kernels_only_for_few_rows(monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
-    global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays,
-    with the reference's bytes."""
+    global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays
+    (the decoder's cross-attention too, after cuBLAS's q product), with the reference's bytes."""
     from bltkit import generate
 
     model = make_model(seed=6).to(DEV)
@@ -353,6 +353,7 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
 
     monkeypatch.setattr(kernels, "norm_qkv_rope", refuse)
     monkeypatch.setattr(kernels, "norm_swiglu", refuse)
+    monkeypatch.setattr(kernels, "norm_cross_attend", refuse)
     attend, calls = kernels.attend, []  # the attention kernel reads no weights: it serves every batch
 
     def counted(*a, **k):
@@ -373,6 +374,7 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
     assert set(calls) == set(swiglu_rows) == {len(prompts)}
+    assert len(calls) >= 12 * len(model.local_decoder.cross_attn_layers)  # a step's decoder cross layers
 
 
 def test_attend_kernel_only_for_short_caches(monkeypatch):
