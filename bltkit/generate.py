@@ -457,8 +457,8 @@ class Generator:
         # chosen by default only where they take at most half of the free memory (else the byte
         # stacks run the kernels and the patch step stays on cuBLAS)
         glob = model.global_transformer.layers
-        self.fused_global = _Fused(glob, row_major=True) if kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device)) \
-            else None
+        wanted = kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device))
+        self.fused_global = _Fused(glob, row_major=True) if wanted else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
         self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
@@ -516,7 +516,7 @@ class Generator:
         self.graphs = None
         self.h = torch.zeros(B, 1, enc.dim, dtype=dt, device=dev)  # encoder output of byte n
         self.close = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.any_close = torch.zeros((), dtype=torch.bool, device=dev)  # a byte graph's branch (_graph_branch)
+        self.any_close = torch.zeros((), dtype=torch.bool, device=dev)  # the branch (`_run_flag`)
         self.x = torch.zeros(B, dtype=torch.long, device=dev)  # byte n (input of the step)
         # every row's bytes by position (prompt, then generated; generate_ids reads them back) and
         # prompt lengths: the feed step takes byte n from here or from `next` (`_run_feed`)
@@ -731,7 +731,7 @@ class Generator:
         """The encoder's cross-attention of the patch units over the open patch's cached bytes
         (slots open_start..n of each row) before `wo` -> [B, K, N*H], with kernels.attend bounded
         to those slots: SDPA reads every cached byte under a mask (265 µs a patch step at 64 rows
-        after 2,048-byte prompts on an H200, sixteenth session). Unit u of head h is the kernel's
+        after 2,048-byte prompts on an H200, seventeenth session). Unit u of head h is the kernel's
         query head h*K + u, so that its grouped-query mapping (query head // (queries per
         key/value head)) finds h's key/value head."""
         from . import kernels
