@@ -341,6 +341,14 @@ if triton is not None:
         tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # addmm's one rounding
 
 
+def _check_weight(w: torch.Tensor, name: str) -> None:
+    """The kernels read a weight [out, in] as contiguous rows (nn.Linear's layout): another layout
+    would be read wrong without an error, so it is refused."""
+    if not w.is_contiguous():
+        raise ValueError(f"bltkit.kernels: {name} must be contiguous rows [out, in] (nn.Linear's layout), got "
+                         f"shape {tuple(w.shape)} with strides {tuple(w.stride())}; pass weight.contiguous()")
+
+
 def _rope_stride(cos_H2: torch.Tensor, sin_H2: torch.Tensor) -> int:
     """The row stride the kernels read both RoPE halves with: 0 for one set ([H/2]), else theirs
     ([B, H/2] rows, each contiguous; both halves with the same stride)."""
@@ -360,6 +368,7 @@ def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_q
     halves at the position, shared ([H/2]) or a row's own ([B, H/2], rows contiguous, one row
     stride for both: a generator's table rows gathered as [B, 2, H/2]). `pairs`:
     rotation pairs a program (a power of two), instead of the tuned choice (for tests)."""
+    _check_weight(w_qkv, "w_qkv")
     B, D = x_BD.shape
     H = k_cache.shape[-1]
     q = torch.empty(B, n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
@@ -395,6 +404,7 @@ def rope_write(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n
 
 def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: torch.Tensor) -> torch.Tensor:
     """silu(w1 n(x)) * w3 n(x) [B, F] with n the RMSNorm and w13 = [w1; w3] ([2F, D])."""
+    _check_weight(w13, "w13")
     B, D = x_BD.shape
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
@@ -421,6 +431,7 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                       k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(H)) v [B, N * H] for one position a row, q = w_q n(x) (n the RMSNorm;
     w_q [N * H, D]) and k, v [B, Nkv, K, H] the row's cached keys and values (all visible)."""
+    _check_weight(w_q, "w_q")
     B, D = x_BD.shape
     _, n_kv, K, H = k.shape
     n_heads = w_q.shape[0] // H
@@ -487,6 +498,7 @@ def linear_add(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, bet
     """beta * x + a @ weight.T [B, D] for a few rows (weight [D, K]): `torch.addmm`'s result and
     its single rounding (the sum in fp32, then the dtype), one kernel where cuBLAS runs a split-K
     product and its reduction for one row. `a` may have any row stride."""
+    _check_weight(weight, "weight")
     B, D = x_BD.shape
     K = weight.shape[1]
     out = torch.empty_like(x_BD)

@@ -541,6 +541,21 @@ def test_graph_capture_survives_garbage_holding_cuda_graphs():
     assert out == reference_generate(model, prompts, 24, stop_at_eos=False)
 
 
+def test_kernels_refuse_weights_they_would_misread():
+    """The Triton kernels read a weight [out, in] as contiguous rows. A column-major copy (the
+    CPU's fused layout) is refused with an error that says so, before any kernel runs (triton
+    need not be installed): the fifteenth session's column-major copies were read wrong, silently,
+    under Triton's interpreter until the seventeenth."""
+    from bltkit import kernels
+
+    col = torch.randn(8, 4).t().contiguous().t()
+    x, g = torch.randn(1, 4), torch.ones(4)
+    for call in (lambda: kernels.norm_swiglu(x, g, 1e-5, col), lambda: kernels.linear_add(torch.randn(1, 8), x, col),
+                 lambda: kernels.norm_cross_attend(x, g, 1e-5, col, torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8))):
+        with pytest.raises(ValueError, match=r"contiguous rows \[out, in\]"):
+            call()
+
+
 def test_fused_bytes_is_what_the_fused_copies_take():
     """The default decides on the global stack's fused copies by this count (against free memory)."""
     from bltkit.generate import _fits, _Fused, _fused_bytes
