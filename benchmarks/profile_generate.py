@@ -22,8 +22,9 @@ from bltkit.generate import Generator
 
 def host_gap(gen: Generator, prompts, steps: int) -> None:
     """What the host's per-byte decision costs below PATCH_EVERY_BYTE_ROWS rows: the patch step
-    runs only when some row closes a patch, and the host learns that by reading `close` back after
-    each byte's front (a sync), then launches the next graphs while the GPU waits. A second call
+    runs only when some row closes a patch, and the host learns that by reading a flag back after
+    each byte's front (a sync, `Generator._host_branch`), then launches the next graph while the GPU
+    waits. A second call
     records those decisions; a third takes them from the record instead (greedy decoding is
     deterministic, so the same bytes and steps), which leaves the host free to run ahead. The
     difference is what the byte graph's conditional node (Generator(byte_graph=True)) could win
@@ -36,7 +37,7 @@ def host_gap(gen: Generator, prompts, steps: int) -> None:
     host = gen._host_branch
 
     def record(body):
-        schedule.append(bool(gen.close.any()))
+        schedule.append(bool(gen.any_close))
         if schedule[-1]:
             body()
 
@@ -78,7 +79,7 @@ def main() -> None:
                          "graph, the patch step in a conditional node (Generator(byte_graph=True): no host "
                          "sync a byte below generate.PATCH_EVERY_BYTE_ROWS rows); kernels-sched, "
                          "speculate-sched: those timed once more with the host's patch-step decisions "
-                         "replayed from a recorded schedule, without reading `close` back each byte (what "
+                         "replayed from a recorded schedule, without reading the flag back each byte (what "
                          "the host's sync and launches between a byte's graphs cost; see host_gap)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
@@ -171,8 +172,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(20):
-            for step in launch:
-                gen._call(step, L)
+            gen._calls(launch, L)
         torch.cuda.synchronize()
         print(f"eager {name}: {(time.perf_counter() - t) / 20 * 1e3:.2f} ms", flush=True)
         restore()

@@ -969,11 +969,15 @@ class Generator:
             graph = self.graphs[names]
             (graph[L] if isinstance(graph, dict) else graph).replay()
         else:
-            for name in names:
-                self._call(name, L)
+            self._calls(names, L)
 
     def _call(self, name: str, L: int | None = None) -> None:
         self._fns[name](L) if name in _SLOT_STEPS else self._fns[name]()
+
+    def _calls(self, names: tuple[str, ...], L: int | None = None) -> None:
+        """Call step functions in order (L to those that take it)."""
+        for name in names:
+            self._call(name, L)
 
     def _next_byte(self, L: int) -> None:
         """Byte n (in self.x, fed by the last byte) through every step. The steps after the
@@ -999,12 +1003,10 @@ class Generator:
         """A byte's step functions in order (`_segments`), called; `branch(body)` runs `body` only
         if some row closes a patch after byte n."""
         before, cond, after = self._segments()
-        for name in before:
-            self._call(name, L)
+        self._calls(before, L)
         if cond is not None:
-            branch(lambda: [self._call(name, L) for name in cond])
-        for name in after:
-            self._call(name, L)
+            branch(lambda: self._calls(cond, L))
+        self._calls(after, L)
 
     def _host_branch(self, body) -> None:
         """A byte's branch decided by the host (a host sync)."""
@@ -1094,7 +1096,7 @@ class Generator:
         torch.cuda.current_stream().wait_stream(stream)
 
         def capture(launch, L=None):
-            return self._capture(lambda: [self._call(name, L) for name in launch])
+            return self._capture(lambda: self._calls(launch, L))
 
         with self._collected():
             if self.byte_graph:
