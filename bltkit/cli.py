@@ -181,6 +181,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the step functions (a slow first call for each batch shape). On a GPU "
                         "it replaces the Triton kernels and speculation, which are faster; on a CPU it speeds up "
                         "small models at batch 1 (docs/generation.md)")
+    p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the step functions in C (compiled on first use by the system's C compiler): the "
+                        "default on a CPU in fp32 where a compiler is found; --no-native keeps PyTorch's steps")
 
 
 def _marked(model, ids: list[int]) -> str:
@@ -214,7 +217,7 @@ def cmd_generate(args) -> None:
 
         dtype = torch.float32  # bf16 matrix products are slow on most CPUs
     model = load_model(_resolve_model(args.model), device=device, dtype=dtype)
-    gen = Generator(model, compile=args.compile)
+    gen = Generator(model, compile=args.compile, native=args.native)
     kw = dict(max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.prompts_file:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import native as native_steps
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
@@ -413,11 +414,16 @@ class Generator:
             `torch.cuda.CUDAGraph.begin_capture_to_if_node` (2.13 has it, 2.11 does not).
             Default (None): off; it has not yet run on a GPU (`test_byte_graph_on_cuda_equals_step_graphs`
             skips where the binding is missing, as on the PyTorch 2.11 of the sixteenth session's H200).
+        native: run the step functions in C (`bltkit.native`: compiled on first use by the system's
+            C compiler) on a CPU model in fp32. Default (None): on where that can run (a CPU fp32
+            model, a C compiler, no `compile` or `kernels`). The tiny preset's byte takes ~0.1 ms
+            there against ~3.4 eagerly; the state and bytes are the PyTorch steps' to fp32
+            rounding (tests/test_native.py; docs/generation.md).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
                  fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None,
-                 overlap: bool = True, byte_graph: bool | None = None):
+                 overlap: bool = True, byte_graph: bool | None = None, native: bool | None = None):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -451,6 +457,19 @@ class Generator:
         elif kernels and (refusal := _kernels_refusal(model.device, fuse, stacks)):
             raise ValueError(refusal)
         self.kernels = kernels
+        if native is None:  # where it can run
+            native = not compile and not kernels and native_steps.refusal(model) is None \
+                and native_steps.unavailable() is None
+        elif native:
+            refusal = ("compile=True runs the PyTorch steps" if compile else "kernels=True runs the Triton steps"
+                       if kernels else native_steps.refusal(model) or native_steps.unavailable())
+            if refusal:
+                raise ValueError(f"Generator(native=True): {refusal}")
+        self.native = native
+        if native:  # the C steps, handed each new state by `_init_state`
+            self._native = native_steps.Steps(self)
+            self._fns = self._native.functions()
+        fuse = fuse and not native  # the native steps read the model's own weights
         self.fused = _Fused([*ent_layers, *model.local_encoder.layers, *model.local_decoder.layers],
                             row_major=bool(kernels)) if fuse else None
         # the global stack's fused copies too when the kernels run its patch step (blt-1b: +1.8 GB);
@@ -537,6 +556,8 @@ class Generator:
         side = (self.speculating or self.overlapping) and self.ent is not None and dev.type == "cuda" \
             and not self.compiled
         self._side = torch.cuda.Stream(dev) if side else None
+        if self.native:  # the C steps over this state's addresses
+            self._native.bind()
 
     # -- one byte ----------------------------------------------------------------------------------
 

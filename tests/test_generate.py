@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from bltkit import generate, presets
+from bltkit import generate, native, presets
 from bltkit.bytes import EOS_ID, decode, encode
 from bltkit.checkpoint import init_model, save_model
 from bltkit.generate import PATCH_EVERY_BYTE_ROWS, Generator, _conditional_nodes, reference_generate
@@ -24,6 +24,12 @@ MODES = {
     "entropy+max3": {"max_patch_length": 3},
     "space+max4": {"mode": "space", "max_patch_length": 4},
 }
+
+
+# the step functions' two implementations on a CPU: PyTorch's (also the GPU's) and the C steps of
+# bltkit.native (the CPU default where a C compiler is found)
+NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(native.unavailable() is not None,
+                                                             reason=str(native.unavailable())))]
 
 
 def make_model(seed: int = 0, window: int | None = None, **patcher):
@@ -56,10 +62,11 @@ def random_prompts(seed: int, n: int = 3) -> list[bytes]:
 
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_greedy_equals_reference_every_mode(mode, speculate):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_greedy_equals_reference_every_mode(mode, speculate, native_steps):
     model = make_model(seed=1, **MODES[mode])
     prompts = random_prompts(seed=len(mode))
-    gen = Generator(model, speculate=speculate)
+    gen = Generator(model, speculate=speculate, native=native_steps)
     out = gen.generate_ids(prompts, 24, stop_at_eos=False)
     ref = reference_generate(model, prompts, 24, stop_at_eos=False)
     assert out == ref
@@ -67,31 +74,34 @@ def test_greedy_equals_reference_every_mode(mode, speculate):
 
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("seed", [2, 3])
-def test_greedy_equals_reference_window_and_documents(seed, speculate):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_greedy_equals_reference_window_and_documents(seed, speculate, native_steps):
     """Window 8 < sequence length exercises the ring caches; an EOS inside a prompt exercises the
     document masks and the patch-document mask of the global cache."""
     model = make_model(seed=seed, window=8)
     prompts = [[*encode("first doc"), EOS_ID, *encode("second one, longer than eight")], "short"]
-    gen = Generator(model, speculate=speculate)
+    gen = Generator(model, speculate=speculate, native=native_steps)
     assert gen.generate_ids(prompts, 30, stop_at_eos=False) == reference_generate(model, prompts, 30,
                                                                                   stop_at_eos=False)
 
 
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", [{}, {"mode": "space", "max_patch_length": 4}])
-def test_greedy_equals_reference_across_generated_documents(mode, speculate):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_greedy_equals_reference_across_generated_documents(mode, speculate, native_steps):
     """EOS bytes the model writes itself start new documents mid-generation (every row's caches
     and its global patch documents move on step by step, not from a prompt)."""
     model = eos_heavy(make_model(seed=0, window=8, **mode))
     prompts = random_prompts(seed=1, n=3)
     want = reference_generate(model, prompts, 16, stop_at_eos=False)
     assert sum(row.count(EOS_ID) for row in want) >= 6
-    assert Generator(model, speculate=speculate).generate_ids(prompts, 16, stop_at_eos=False) == want
+    assert Generator(model, speculate=speculate, native=native_steps).generate_ids(prompts, 16, stop_at_eos=False) == want
 
 
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("mode", ["entropy", "monotonic", "entropy+max3", "space+max4"])
-def test_wide_batches_equal_reference(mode, overlap):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_wide_batches_equal_reference(mode, overlap, native_steps):
     """From PATCH_EVERY_BYTE_ROWS rows on the patch step runs every byte; overlapping, it runs for
     every row before the boundary is decided (beside the entropy model on a GPU) and is kept only
     for the rows whose patch closes. Ragged prompts, an EOS inside one, window 8 (ring caches),
@@ -100,7 +110,7 @@ def test_wide_batches_equal_reference(mode, overlap):
 
     model = eos_heavy(make_model(seed=4, window=8, **MODES[mode]))
     prompts = [*random_prompts(seed=9, n=PATCH_EVERY_BYTE_ROWS), [*encode("one doc"), EOS_ID, *encode("and another")]]
-    gen = Generator(model, overlap=overlap)
+    gen = Generator(model, overlap=overlap, native=native_steps)
     out = gen.generate_ids(prompts, 20, stop_at_eos=False)
     assert gen.overlapping == overlap
     want = reference_generate(model, prompts, 20, stop_at_eos=False)
@@ -108,8 +118,10 @@ def test_wide_batches_equal_reference(mode, overlap):
     assert out == want
 
 
-@pytest.mark.parametrize(("fuse", "speculate"), [(True, False), (False, False), (True, True)])
-def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate):
+@pytest.mark.parametrize(("fuse", "speculate", "native_steps"), [
+    (True, False, False), (False, False, False), (True, True, False), *[
+        pytest.param(True, spec, True, marks=NATIVE[1].marks) for spec in (False, True)]])
+def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate, native_steps):
     """Every step's logits equal the full forward's within 1e-5 (fp32; measured ~1e-6: the
     one-position attention sums keys in a different order), and the boundaries decided online
     equal those of the full patcher on the final text; with the fused q|k|v, w1|w3 projections
@@ -119,7 +131,7 @@ def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate):
     x = torch.tensor([seq])
     full = model(x)[0]
     starts = model.patch_starts(x)[0]
-    gen = Generator(model, fuse=fuse, speculate=speculate)
+    gen = Generator(model, fuse=fuse, speculate=speculate, native=native_steps)
     gen._init_state(1, len(seq), [0])
     for n in range(len(seq)):
         logits, close = gen.step(x[:, n])
@@ -164,10 +176,11 @@ def test_attend_splits_bound_each_programs_keys():
             assert programs * n >= target or n == max(1, keys // lo), (programs, keys, n)
 
 
-def test_batch_equals_single_and_order_independent():
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_batch_equals_single_and_order_independent(native_steps):
     model = make_model(seed=5)
     prompts = [b"alpha", b"", "é€ mixed".encode(), b"a much longer prompt than the others"]
-    gen = Generator(model)
+    gen = Generator(model, native=native_steps)
     batch = gen.generate_ids(prompts, 20, temperature=0.9, top_k=40, seed=11, stop_at_eos=False)
     single = [gen.generate_ids([p], 20, temperature=0.9, top_k=40, seed=11, stop_at_eos=False)[0] for p in prompts]
     assert batch == single
@@ -178,10 +191,11 @@ def test_batch_equals_single_and_order_independent():
 @pytest.mark.parametrize("kw", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
                                 {"temperature": 1.3, "top_p": 0.8}, {"temperature": 1.0, "top_k": 50, "top_p": 0.5}])
 @pytest.mark.parametrize("speculate", [False, True])
-def test_sampling_equals_reference(kw, speculate):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_sampling_equals_reference(kw, speculate, native_steps):
     model = make_model(seed=6)
     prompts = random_prompts(seed=9, n=2)
-    gen = Generator(model, speculate=speculate)
+    gen = Generator(model, speculate=speculate, native=native_steps)
     out = gen.generate_ids(prompts, 20, seed=3, stop_at_eos=False, **kw)
     assert out == reference_generate(model, prompts, 20, seed=3, stop_at_eos=False, **kw)
     assert out == gen.generate_ids(prompts, 20, seed=3, stop_at_eos=False, **kw)  # reproducible
@@ -240,7 +254,7 @@ def test_rope_from_tables(matrices, monkeypatch):
         monkeypatch.setattr(generate, "ROPE_MATRIX_BYTES", 0)
     model = make_model(seed=11, window=8)
     prompts = random_prompts(seed=12)
-    gen = Generator(model)
+    gen = Generator(model, native=False)  # the PyTorch steps' RoPE
     assert gen.generate_ids(prompts, 14, stop_at_eos=False) == reference_generate(model, prompts, 14,
                                                                                     stop_at_eos=False)
     assert all(("R" in t) == matrices for t in gen._rope_tables.values())
@@ -297,13 +311,15 @@ def test_cli_generate(tmp_path, capsys):
 
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", ["entropy", "threshold_add", "space+max4"])
-def test_prefill_forward_equals_stepping(mode, speculate):
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_prefill_forward_equals_stepping(mode, speculate, native_steps):
     """Reading prompts with one full forward leaves the caches as byte-by-byte stepping does:
     same greedy and sampled outputs, and the following steps' logits equal a full forward."""
     model = make_model(seed=12, window=8, **MODES[mode])
     prompts = [[*encode("a prompt, longer than the window"), EOS_ID, *encode("and a 2nd doc")],
                "and a second, shorter prompt"]
-    fast, slow = Generator(model, prefill=True, speculate=speculate), Generator(model, prefill=False)
+    fast = Generator(model, prefill=True, speculate=speculate, native=native_steps)
+    slow = Generator(model, prefill=False, native=native_steps)
     for kw in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
         assert fast.generate_ids(prompts, 16, stop_at_eos=False, **kw) == slow.generate_ids(
             prompts, 16, stop_at_eos=False, **kw)
@@ -339,7 +355,7 @@ def test_global_cache_buckets_read_only_the_patches_so_far(prefill, speculate):
     accumulate, and the output still equals the reference (and the whole-capacity reads)."""
     model = make_model(seed=9)
     prompts = [b"a prompt with several patches in it", b"short", b""]
-    gen = Generator(model, prefill=prefill, speculate=speculate)
+    gen = Generator(model, prefill=prefill, speculate=speculate, native=False)  # the PyTorch patch step's L
     gen.global_bucket = 2
     seen = []
     real_patch = gen._run_patch
