@@ -292,6 +292,17 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=linear_kernel)
 
 
+# with the native steps, prompts are read byte by byte (not by one full forward: `_prefill`) where
+# the shortest prompt's bytes times the model's parameters (less its embedding tables) are at
+# most this: there the steps are faster. On a 2-core EPYC (sixteenth session's machine, fp32), a
+# forward's fixed cost is ~8 ms for the tiny preset (~190k such parameters: 64 bytes forward 9.5
+# ms, stepped 3.0; even at ~230 bytes) and ~25 ms for the bundled model (18.4M: even at ~8)
+NATIVE_STEP_PROMPT_WORK = 40_000_000
+
+# the steps waiting after a byte on the greedy native path (`Generator._step`): none, or the
+# decoder and the feed, as after a byte whose patch step is a branch
+_NATIVE_PENDING = ((), ("back", "feed"))
+
 # the step functions that take L, the global-cache slots they attend (`Generator._global_slots`)
 _SLOT_STEPS = frozenset({"patch", "front_patch"})
 
@@ -466,6 +477,10 @@ class Generator:
             if refusal:
                 raise ValueError(f"Generator(native=True): {refusal}")
         self.native = native
+        # a byte's work for NATIVE_STEP_PROMPT_WORK: the parameters less the embedding tables
+        tables = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+        self._work = sum(p.numel() for mod in model.modules() if not isinstance(mod, tables)
+                         for p in mod.parameters(recurse=False))
         if native:  # the C steps, handed each new state by `_init_state`
             self._native = native_steps.Steps(self)
             self._fns = self._native.functions()
@@ -1155,8 +1170,13 @@ class Generator:
         return self.logits, self.close
 
     def _step(self) -> None:
-        """Byte n, already fed, through `_next_byte`."""
-        self._next_byte(self._global_slots())
+        """Byte n, already fed, through `_next_byte`; greedy native steps take a whole byte in one
+        call (`native.Steps.byte`: the same steps, without a Python call for each)."""
+        if self.native and self.sampling[0] <= 0.0 and not self.speculating and self._pending in _NATIVE_PENDING:
+            self._native.byte(bool(self._pending))
+            self._pending = _NATIVE_PENDING[1]
+        else:
+            self._next_byte(self._global_slots())
         self.g_used += 1  # a row's p grows by at most one a step
 
     # -- public API -----------------------------------------------------------------------------
@@ -1202,7 +1222,9 @@ class Generator:
         t0 = time.perf_counter()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0}
         first = 0
-        if self.prefill and shortest >= 2:  # every row has real bytes at 0..shortest-1
+        # every row has real bytes at 0..shortest-1; short prompts of small models are read faster
+        # by the native steps than by a forward (NATIVE_STEP_PROMPT_WORK)
+        if self.prefill and shortest >= 2 and not (self.native and shortest * self._work <= NATIVE_STEP_PROMPT_WORK):
             self._prefill(buf[:, :shortest])
             first = shortest - 1  # position shortest-1 is read; its logits are in self.logits
         self._call("feed")  # the first byte a step reads

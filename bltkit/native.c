@@ -38,7 +38,9 @@ typedef struct {
     float eps;
 } Cross;
 
-typedef struct {
+typedef struct Model Model;
+
+struct Model {
     int B, V, K, cap, p_cap, bufw, W;
     int64_t bos, eos, offset;
     /* entropy model */
@@ -84,7 +86,8 @@ typedef struct {
     float *sx, *sxn, *sq, *sk, *sv, *sa, *sf1, *sf3, *sscore, *su, *su2;
     uint8_t *svalid;
     int64_t *srow, *spos;
-} Model;
+    float *smv; /* matvec's sums [B, dmax] */
+};
 
 /* -- arithmetic ------------------------------------------------------------------------------ */
 
@@ -95,17 +98,28 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* y[r] (+)= W x[r] for R rows (x, y strided by xs, ys): each weight row read once for every row */
-static void matvec(const float *W, int out, int in, const float *x, int xs, float *y, int ys, int R, int add,
-                   float beta) {
-    for (int o = 0; o < out; o++) {
-        const float *w = W + (int64_t)o * in;
+/* y[r] = W x[r], or beta y[r] + W x[r] (`add`), for R rows (x, y strided by xs, ys), from the
+ * weight's transposed copy WT [in, out]: every input scales a contiguous row of WT into the
+ * outputs, which the compiler vectorises across outputs (no horizontal sums); each row of WT is
+ * read once for all R rows */
+static void matvec(Model *m, const float *WT, int out, int in, const float *x, int xs, float *y, int ys, int R,
+                   int add, float beta) {
+    float *acc = add ? m->smv : y;
+    int as = add ? out : ys;
+    for (int r = 0; r < R; r++) memset(acc + (int64_t)r * as, 0, out * sizeof(float));
+    for (int i = 0; i < in; i++) {
+        const float *w = WT + (int64_t)i * out;
         for (int r = 0; r < R; r++) {
-            float d = dot(w, x + (int64_t)r * xs, in);
-            float *t = y + (int64_t)r * ys + o;
-            *t = add ? beta * *t + d : d;
+            float xi = x[(int64_t)r * xs + i], *a = acc + (int64_t)r * as;
+#pragma omp simd
+            for (int o = 0; o < out; o++) a[o] += xi * w[o];
         }
     }
+    if (add)
+        for (int r = 0; r < R; r++) {
+            float *t = y + (int64_t)r * ys, *a = acc + (int64_t)r * as;
+            for (int o = 0; o < out; o++) t[o] = beta * t[o] + a[o];
+        }
 }
 
 static void rmsnorm(const float *x, const float *w, int D, float eps, float *out) {
@@ -161,9 +175,9 @@ static void stack_step(Model *m, Stack *st, float *x, int R, const int64_t *row,
     for (int l = 0; l < st->L; l++) {
         Block *b = &st->blk[l];
         for (int r = 0; r < R; r++) rmsnorm(x + r * dm, b->an, D, st->eps, m->sxn + r * dm);
-        matvec(b->wq, N * H, D, m->sxn, dm, m->sq, dm, R, 0, 0.0f);
-        matvec(b->wk, Nk * H, D, m->sxn, dm, m->sk, dm, R, 0, 0.0f);
-        matvec(b->wv, Nk * H, D, m->sxn, dm, m->sv, dm, R, 0, 0.0f);
+        matvec(m, b->wq, N * H, D, m->sxn, dm, m->sq, dm, R, 0, 0.0f);
+        matvec(m, b->wk, Nk * H, D, m->sxn, dm, m->sk, dm, R, 0, 0.0f);
+        matvec(m, b->wv, Nk * H, D, m->sxn, dm, m->sv, dm, R, 0, 0.0f);
         for (int r = 0; r < R; r++) {
             const float *c = st->cos + pos[r] * (H / 2), *s = st->sin + pos[r] * (H / 2);
             rope(m->sq + r * dm, N, H, c, s);
@@ -179,15 +193,15 @@ static void stack_step(Model *m, Stack *st, float *x, int R, const int64_t *row,
                        m->sa + r * dm + h * H);
             }
         }
-        matvec(b->wo, D, N * H, m->sa, dm, x, dm, R, 1, 1.0f);
+        matvec(m, b->wo, D, N * H, m->sa, dm, x, dm, R, 1, 1.0f);
         for (int r = 0; r < R; r++) rmsnorm(x + r * dm, b->fn, D, st->eps, m->sxn + r * dm);
-        matvec(b->w1, F, D, m->sxn, dm, m->sf1, dm, R, 0, 0.0f);
-        matvec(b->w3, F, D, m->sxn, dm, m->sf3, dm, R, 0, 0.0f);
+        matvec(m, b->w1, F, D, m->sxn, dm, m->sf1, dm, R, 0, 0.0f);
+        matvec(m, b->w3, F, D, m->sxn, dm, m->sf3, dm, R, 0, 0.0f);
         for (int r = 0; r < R; r++) {
             float *a = m->sf1 + r * dm, *c = m->sf3 + r * dm;
             for (int i = 0; i < F; i++) a[i] = a[i] / (1.0f + expf(-a[i])) * c[i];
         }
-        matvec(b->w2, D, F, m->sf1, dm, x, dm, R, 1, 1.0f);
+        matvec(m, b->w2, D, F, m->sf1, dm, x, dm, R, 1, 1.0f);
     }
 }
 
@@ -216,13 +230,13 @@ static void cross_step(Model *m, Cross *c, float *z, int D, const float *kb, con
                        int64_t lo, int64_t hi) {
     int per = c->N / c->Nkv, dm = m->dmax;
     rmsnorm(z, c->nq, D, c->eps, m->sxn);
-    matvec(c->wq, c->N * c->H, D, m->sxn, dm, m->sq, dm, 1, 0, 0.0f);
+    matvec(m, c->wq, c->N * c->H, D, m->sxn, dm, m->sq, dm, 1, 0, 0.0f);
     for (int h = 0; h < c->N; h++) {
         int g = h / per;
         attend(m->sq + h * c->H, kb + g * stride * c->H, vb + g * stride * c->H, c->H, lo, hi, NULL, m->sscore,
                m->sa + h * c->H);
     }
-    matvec(c->wo, D, c->N * c->H, m->sa, dm, z, dm, 1, 1, 2.0f);
+    matvec(m, c->wo, D, c->N * c->H, m->sa, dm, z, dm, 1, 1, 2.0f);
 }
 
 /* the keys and values of `rows` inputs x (stride xs) for cross layer c, into k, v [Nkv, stride, H]
@@ -232,8 +246,8 @@ static void cross_kv(Model *m, Cross *c, const float *x, int xs, int rows, int D
     int dm = m->dmax;
     for (int r = 0; r < rows; r++) {
         rmsnorm(x + (int64_t)r * xs, c->nkv, D, c->eps, m->sxn);
-        matvec(c->wk, c->Nkv * c->H, D, m->sxn, dm, m->sk, dm, 1, 0, 0.0f);
-        matvec(c->wv, c->Nkv * c->H, D, m->sxn, dm, m->sv, dm, 1, 0, 0.0f);
+        matvec(m, c->wk, c->Nkv * c->H, D, m->sxn, dm, m->sk, dm, 1, 0, 0.0f);
+        matvec(m, c->wv, c->Nkv * c->H, D, m->sxn, dm, m->sv, dm, 1, 0, 0.0f);
         for (int g = 0; g < c->Nkv; g++) {
             memcpy(k + (g * stride + at + r) * c->H, m->sk + g * c->H, c->H * sizeof(float));
             memcpy(v + (g * stride + at + r) * c->H, m->sv + g * c->H, c->H * sizeof(float));
@@ -266,7 +280,7 @@ int blt_front(Model *m) {
         for (int b = 0; b < B; b++) {
             rmsnorm(m->sx + b * dm, m->ent_norm, st->D, m->ent_eps, m->sxn + b * dm);
         }
-        matvec(m->ent_out, m->ent_V, st->D, m->sxn, dm, m->sf1, dm, B, 0, 0.0f);
+        matvec(m, m->ent_out, m->ent_V, st->D, m->sxn, dm, m->sf1, dm, B, 0, 0.0f);
         for (int b = 0; b < B; b++) {
             float *lg = m->sf1 + b * dm, mx = -INFINITY, s = 0.0f, H = 0.0f;
             for (int i = 0; i < m->ent_V; i++) mx = lg[i] > mx ? lg[i] : mx;
@@ -392,7 +406,7 @@ int blt_patch(Model *m) {
     for (int r = 0; r < R; r++) {
         int64_t b = m->srow[r];
         float *u = m->su; /* the row's K units [K, De] */
-        matvec(m->enc_proj, K * De, De, m->runmax + b * De, De, u, dm, 1, 0, 0.0f);
+        matvec(m, m->enc_proj, K * De, De, m->runmax + b * De, De, u, dm, 1, 0, 0.0f);
         for (int l = 0; l < m->enc.L; l++) {
             int j = m->enc_cross_at[l];
             if (j < 0) continue;
@@ -402,7 +416,7 @@ int blt_patch(Model *m) {
                 cross_step(m, c, u + k * De, De, m->enc_xk + at, m->enc_xv + at, m->cap, m->open_start[b], n + 1);
         }
         float *x = m->sx + r * dm;
-        if (m->g_proj) matvec(m->g_proj, Dg, K * De, u, dm, x, dm, 1, 0, 0.0f);
+        if (m->g_proj) matvec(m, m->g_proj, Dg, K * De, u, dm, x, dm, 1, 0, 0.0f);
         else memcpy(x, u, Dg * sizeof(float));
         int64_t p = m->p[b];
         m->g_doc[b * S + p] = m->pdoc[b];
@@ -416,7 +430,7 @@ int blt_patch(Model *m) {
     for (int r = 0; r < R; r++) {
         int64_t b = m->srow[r];
         float *du = m->su2; /* [K, Dd] */
-        matvec(m->dec_proj, K * Dd, Dg, m->sx + r * dm, dm, du, dm, 1, 0, 0.0f);
+        matvec(m, m->dec_proj, K * Dd, Dg, m->sx + r * dm, dm, du, dm, 1, 0, 0.0f);
         for (int j = 0; j < m->n_dec_cross; j++) {
             Cross *c = &m->dcross[j];
             int64_t at = ((int64_t)j * B + b) * c->Nkv * K * c->H;
@@ -469,7 +483,7 @@ int blt_decode(Model *m, int greedy) {
         stack_step(m, &one, m->su, B, m->srow, m->spos, m->srow + B, m->spos + B, m->svalid);
     }
     for (int b = 0; b < B; b++) rmsnorm(m->su + b * dm, m->dec_norm, Dd, m->dec_eps, m->sxn + b * dm);
-    matvec(m->dec_out, m->V, Dd, m->sxn, dm, m->logits, m->V, B, 0, 0.0f);
+    matvec(m, m->dec_out, m->V, Dd, m->sxn, dm, m->logits, m->V, B, 0, 0.0f);
     if (greedy)
         for (int b = 0; b < B; b++) {
             const float *lg = m->logits + b * m->V;
@@ -498,6 +512,16 @@ int blt_feed(Model *m) {
         m->x[b] = x;
     }
     return 0;
+}
+
+/* one byte whole, greedy: the last byte's decoder, advance and feed where they wait (`pending`),
+ * then the front, and the patch step where some row closes a patch (Generator._step's order for
+ * every row count: the patch step touches only the rows that close) */
+int blt_byte(Model *m, int pending) {
+    int code;
+    if (pending && ((code = blt_decode(m, 1)) || (code = blt_advance(m)) || (code = blt_feed(m)))) return code;
+    if ((code = blt_front(m))) return code;
+    return *m->any_close ? blt_patch(m) : 0;
 }
 
 int blt_flag(Model *m) {
@@ -562,7 +586,7 @@ void blt_free(Model *m) {
     free(m->ent.blk), free(m->enc.blk), free(m->glob.blk), free(m->dec.blk);
     free(m->ecross), free(m->dcross), free(m->enc_cross_at), free(m->dec_cross_at);
     free(m->sx), free(m->sxn), free(m->sq), free(m->sk), free(m->sv), free(m->sa), free(m->sf1), free(m->sf3);
-    free(m->sscore), free(m->su), free(m->su2), free(m->svalid), free(m->srow), free(m->spos);
+    free(m->sscore), free(m->su), free(m->su2), free(m->svalid), free(m->srow), free(m->spos), free(m->smv);
     free(m);
 }
 
@@ -618,7 +642,7 @@ Model *blt_new(const int64_t *ints, const double *reals, int64_t n_ints) {
     for (int j = 0; j < m->n_dec_cross; j++) dm = imax(dm, m->dcross[j].N * m->dcross[j].H);
     m->dmax = dm, m->smax = (int)smax;
     int64_t rows = (int64_t)m->B * dm;
-    float **bufs[] = {&m->sx, &m->sxn, &m->sq, &m->sk, &m->sv, &m->sa, &m->sf1, &m->sf3, &m->su, &m->su2};
+    float **bufs[] = {&m->sx, &m->sxn, &m->sq, &m->sk, &m->sv, &m->sa, &m->sf1, &m->sf3, &m->su, &m->su2, &m->smv};
     for (unsigned i = 0; i < sizeof bufs / sizeof *bufs; i++)
         if (!(*bufs[i] = calloc(rows + (int64_t)K * dm, sizeof(float)))) return blt_free(m), NULL;
     m->sscore = calloc(smax, sizeof(float));

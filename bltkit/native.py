@@ -109,8 +109,9 @@ def load():
     for name in ("blt_front", "blt_patch", "blt_advance", "blt_feed", "blt_flag"):
         getattr(lib, name).argtypes = [ptr]
         getattr(lib, name).restype = ctypes.c_int
-    lib.blt_decode.argtypes = [ptr, ctypes.c_int]
-    lib.blt_decode.restype = ctypes.c_int
+    for name in ("blt_decode", "blt_byte"):
+        getattr(lib, name).argtypes = [ptr, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
     _lib = lib
     return lib
 
@@ -140,12 +141,16 @@ def refusal(model) -> str | None:
 
 
 class _Description:
-    """The flat lists blt_new reads, in its order: integers (and addresses), reals."""
+    """The flat lists blt_new reads, in its order: integers (and addresses), reals. Matrices go as
+    transposed copies ([in, out], `t`), which native.c's products read, kept in `transposed`
+    across descriptions and remade only where a weight changed (its version counter)."""
 
-    def __init__(self):
+    def __init__(self, transposed: dict):
         self.ints: list[int] = [VERSION]
         self.reals: list[float] = []
         self.keep: list[torch.Tensor] = []  # tensors made here, alive as long as the steps
+        self.transposed = transposed
+        self.used: set[int] = set()
 
     def i(self, *values: int) -> None:
         self.ints.extend(int(v) for v in values)
@@ -162,6 +167,21 @@ class _Description:
                 raise ValueError(f"native steps: a tensor of shape {tuple(t.shape)} is not contiguous")
             self.ints.append(t.data_ptr())
 
+    def t(self, *weights) -> None:
+        """Matrices [out, in] as their transposed copies."""
+        for w in weights:
+            if w is None:
+                self.p(None)
+                continue
+            key = id(w)
+            held, version, copy = self.transposed.get(key, (None, None, None))
+            if held is not w or version != w._version:  # (held keeps w alive: its id is not reused)
+                with torch.no_grad():
+                    copy = w.detach().t().contiguous()
+                self.transposed[key] = (w, w._version, copy)
+            self.used.add(key)
+            self.p(copy)
+
     def own(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         self.keep.append(t)
@@ -174,8 +194,10 @@ class _Description:
         self.f(eps)
         for b in layers:
             a, ff = b.attention, b.feed_forward
-            self.p(b.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight,
-                   b.ffn_norm.weight, ff.w1.weight, ff.w3.weight, ff.w2.weight)
+            self.p(b.attention_norm.weight)
+            self.t(a.wq.weight, a.wk.weight, a.wv.weight, a.wo.weight)
+            self.p(b.ffn_norm.weight)
+            self.t(ff.w1.weight, ff.w3.weight, ff.w2.weight)
         self.p(k, v)
         self.i(slots)
         if ring is not None:
@@ -189,8 +211,8 @@ class _Description:
         for c in layers:
             self.i(c.n_heads, c.n_kv_heads, c.head_dim)
             self.f(c.cross_attn_norm_q.eps)
-            self.p(c.cross_attn_norm_q.weight, c.cross_attn_norm_kv.weight, c.wq.weight, c.wk.weight,
-                   c.wv.weight, c.wo.weight)
+            self.p(c.cross_attn_norm_q.weight, c.cross_attn_norm_kv.weight)
+            self.t(c.wq.weight, c.wk.weight, c.wv.weight, c.wo.weight)
 
 
 class Steps:
@@ -201,6 +223,7 @@ class Steps:
         self._lib = load()
         self._gen = gen
         self._h = None
+        self._transposed: dict[int, tuple] = {}  # id(weight) -> (weight, its version, copy)
 
     def bind(self) -> None:
         """Describe the generator's current state and weights to the C side."""
@@ -209,7 +232,7 @@ class Steps:
         self.free()
         gen, lib = self._gen, self._lib
         m, c, pc = gen.model, gen.cfg, gen.cfg.patcher
-        d = _Description()
+        d = _Description(self._transposed)
         B = gen.x.shape[0]
         d.i(B, c.vocab_size, c.cross_attn_k, gen.capacity, gen.p_cap, gen.buf.shape[1], gen.hist.shape[1])
         d.i(BOS_ID, EOS_ID, OFFSET)
@@ -221,7 +244,8 @@ class Steps:
         if gen.ent is not None:
             em = m.entropy_model
             d.stack(gen, em.layers, em.config, gen.ent.k, gen.ent.v, gen.ent.pos.shape[0], gen.ent)
-            d.p(em.tok_embeddings.weight, em.norm.weight, em.output.weight)
+            d.p(em.tok_embeddings.weight, em.norm.weight)
+            d.t(em.output.weight)
             d.i(em.output.out_features)
             d.f(em.norm.eps)
         enc, dec = m.local_encoder, m.local_decoder
@@ -238,19 +262,25 @@ class Steps:
         d.i(c.hash_vocab)
         d.cross(enc.cross_attn_layers)
         d.i(*[-1 if (j := enc.cross_index(i)) is None else j for i in range(len(enc.layers))])
-        d.p(enc.patch_embedding_projection.weight, gen.enc_xk, gen.enc_xv, gen.runmax)
+        d.t(enc.patch_embedding_projection.weight)
+        d.p(gen.enc_xk, gen.enc_xv, gen.runmax)
         gt = m.global_transformer
         d.stack(gen, gt.layers, c.global_transformer, gen.g_k, gen.g_v, gen.g_k.shape[3], eps=c.norm_eps)
         proj = gt.token_embedding_projection
-        d.p(proj.weight if proj is not None else None, gen.g_doc)
+        d.t(proj.weight if proj is not None else None)
+        d.p(gen.g_doc)
         d.cross(dec.cross_attn_layers)
         d.stack(gen, dec.layers, c.decoder, gen.dec.k, gen.dec.v, gen.dec.pos.shape[0], gen.dec, c.norm_eps)
         d.i(*[-1 if (j := dec.cross_index(i)) is None else j for i in range(len(dec.layers))])
-        d.p(dec.patch_embedding_projection.weight, gen.dec_xk, gen.dec_xv, dec.norm.weight, dec.output.weight)
+        d.t(dec.patch_embedding_projection.weight)
+        d.p(gen.dec_xk, gen.dec_xv, dec.norm.weight)
+        d.t(dec.output.weight)
         d.f(dec.norm.eps)
         d.p(gen.n, gen.hist, gen.doc, gen.open_len, gen.open_start, gen.p, gen.pdoc, gen.x, gen.buf, gen.lens,
             gen.next, gen.h_prev, gen.h, gen.logits, gen.H, gen.like_prev, gen.open_eos, gen.close, gen.any_close)
         d.i(VERSION)
+        for key in set(self._transposed) - d.used:  # weights no longer in the model
+            del self._transposed[key]
         self._ints = torch.tensor(d.ints, dtype=torch.int64)
         self._reals = torch.tensor(d.reals or [0.0], dtype=torch.float64)
         self._keep = d.keep
@@ -302,6 +332,11 @@ class Steps:
 
     def flag(self) -> None:
         self._lib.blt_flag(self._h)
+
+    def byte(self, pending: bool) -> None:
+        """A whole greedy byte in one call (`Generator._step`): the waiting back and feed steps of
+        the last byte (`pending`), the front, and the patch step if some row closes a patch."""
+        self._check(self._lib.blt_byte(self._h, int(pending)))
 
     def front_patch(self, L: int | None = None) -> None:
         self.front()

@@ -219,7 +219,7 @@ def test_stop_strings_and_eos():
         return torch.zeros(*z.shape[:-1], 260).index_fill_(-1, torch.tensor([EOS_ID]), 1.0)
 
     model.local_decoder.head = eos_head
-    eos_gen = Generator(model)
+    eos_gen = Generator(model, native=False)  # a Python head: the PyTorch steps
     assert eos_gen.generate_ids(["x"], 10) == [[]]
     assert EOS_ID in eos_gen.generate_ids(["x"], 10, stop_at_eos=False)[0]
 
