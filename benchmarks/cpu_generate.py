@@ -3,7 +3,9 @@ costs there with each weight layout.
 
     python benchmarks/cpu_generate.py [--model DIR] [--layouts col row] [--new-bytes 160] [--compile]
 
-For each layout of the generator's fused q|k|v and w1|w3 copies (`col`: column-major, the CPU
+First the generator's default steps on a CPU, the C steps of bltkit.native (where a C compiler is
+found), against its PyTorch steps, at batch 1 and 8, greedy and at temperature 0.8. Then, for the
+PyTorch steps and each layout of the generator's fused q|k|v and w1|w3 copies (`col`: column-major, the CPU
 default; `row`: row-major, as nn.Linear keeps its weights and CUDA keeps the copies) it prints
 bytes/s at batch 1 and 8 (eight short prompts, temperature 0.8, prefill included, best of
 `--repeat`), then the time of one [1, in] x [in, out] product per layout for the model's shapes,
@@ -19,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bltkit import generate
+from bltkit import generate, native
 from bltkit.bundled import bundled_model_dir
 from bltkit.checkpoint import load_model
 from bltkit.generate import Generator
@@ -30,16 +32,17 @@ PROMPTS = ["Once upon a time", "The history of the English language", "def main(
 LAYOUTS = {"col": generate._Fused.__dict__["_layout"], "row": staticmethod(lambda w: w)}
 
 
-def rate(model, batch: int, new_bytes: int, repeat: int, compile: bool = False) -> float:
-    gen = Generator(model, compile=compile)
+def rate(model, batch: int, new_bytes: int, repeat: int, compile: bool = False, native: bool = False,
+         temperature: float = 0.8) -> float:
+    gen = Generator(model, compile=compile, native=native)
     t = time.perf_counter()
-    gen.generate(PROMPTS[:batch], new_bytes, temperature=0.8, seed=0)  # compiles for this batch and length
+    gen.generate(PROMPTS[:batch], new_bytes, temperature=temperature, seed=0)  # compiles for this batch and length
     if compile:
         print(f"compiled generator: first call at batch {batch} {time.perf_counter() - t:.1f} s", flush=True)
     best = 0.0
     for _ in range(repeat):
         t = time.perf_counter()
-        out = gen.generate(PROMPTS[:batch], new_bytes, temperature=0.8, seed=0)
+        out = gen.generate(PROMPTS[:batch], new_bytes, temperature=temperature, seed=0)
         best = max(best, sum(map(len, out)) / (time.perf_counter() - t))
     return best
 
@@ -70,6 +73,14 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model(args.model or bundled_model_dir(), device="cpu", dtype=torch.float32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if native.unavailable() is None:
+        for temp in (0.0, 0.8):
+            for b in (1, 8):
+                c, p = (rate(model, b, args.new_bytes, args.repeat, native=n, temperature=temp) for n in (True, False))
+                print(f"temperature {temp}, batch {b}: native steps {c:.1f} bytes/s, PyTorch steps {p:.1f} "
+                      f"({c / p:.2f}x)", flush=True)
+    else:
+        print(native.unavailable())
     if args.compile:
         for b in (1, 8):
             eager, comp = rate(model, b, args.new_bytes, args.repeat), rate(model, b, args.new_bytes, args.repeat, True)
