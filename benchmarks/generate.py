@@ -142,6 +142,9 @@ def main() -> None:
                          "in a conditional node (on) or one graph per step function and a host sync a byte "
                          "below generate.PATCH_EVERY_BYTE_ROWS rows (off; auto, the default, is the "
                          "Generator's default: off for now)")
+    ap.add_argument("--native", choices=["auto", "on", "off"], default="auto",
+                    help="Generator(model, native=...): the C steps of bltkit.native; auto (the default) runs "
+                         "them on a CPU in fp32 where a C compiler is found")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
                 "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
@@ -181,7 +184,7 @@ def main() -> None:
 
     def make_gen(compile: bool = args.compile):
         return Generator(model, compile=compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate],
-                         byte_graph=KERNELS[args.byte_graph],
+                         byte_graph=KERNELS[args.byte_graph], native=KERNELS[args.native],
                          overlap=args.overlap == "on")
 
     thresholds: dict[str, tuple[float, float]] = {}  # cell -> (threshold, generated mean patch)
