@@ -299,7 +299,7 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # ms, stepped 3.0; even at ~230 bytes) and ~25 ms for the bundled model (18.4M: even at ~8)
 NATIVE_STEP_PROMPT_WORK = 40_000_000
 
-# the steps waiting after a byte on the greedy native path (`Generator._step`): none, or the
+# the steps waiting after a byte on the native path (`Generator._step`): none, or the
 # decoder and the feed, as after a byte whose patch step is a branch
 _NATIVE_PENDING = ((), ("back", "feed"))
 
@@ -1170,9 +1170,9 @@ class Generator:
         return self.logits, self.close
 
     def _step(self) -> None:
-        """Byte n, already fed, through `_next_byte`; greedy native steps take a whole byte in one
+        """Byte n, already fed, through `_next_byte`; the native steps take a whole byte in one
         call (`native.Steps.byte`: the same steps, without a Python call for each)."""
-        if self.native and self.sampling[0] <= 0.0 and not self.speculating and self._pending in _NATIVE_PENDING:
+        if self.native and not self.speculating and self._pending in _NATIVE_PENDING:
             self._native.byte(bool(self._pending))
             self._pending = _NATIVE_PENDING[1]
         else:

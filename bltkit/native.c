@@ -74,7 +74,7 @@ struct Model {
     const float *dec_norm, *dec_out;
     float dec_eps;
     /* state */
-    int64_t *n, *hist, *doc, *open_len, *open_start, *p, *pdoc, *x, *buf, *lens, *next;
+    int64_t *n, *hist, *doc, *open_len, *open_start, *p, *pdoc, *x, *buf, *lens, *next, *keys;
     float *h_prev, *h, *logits, *Hent;
     uint8_t *like_prev, *open_eos, *close, *any_close;
     /* patcher: mode 0 entropy, 1 space, 2 static, 3 byte */
@@ -87,6 +87,8 @@ struct Model {
     uint8_t *svalid;
     int64_t *srow, *spos;
     float *smv; /* matvec's sums [B, dmax] */
+    float *sl;  /* sampling: a row's filtered logits and probabilities [2, V] */
+    int *sidx;  /* sampling: their order and the sort's buffer [2, V] */
 };
 
 /* -- arithmetic ------------------------------------------------------------------------------ */
@@ -446,8 +448,75 @@ int blt_patch(Model *m) {
     return 0;
 }
 
-/* the decoder for byte n: logits [B, V] and, greedy, the next byte (the first of the largest) */
-int blt_decode(Model *m, int greedy) {
+/* -- sampling (bltkit/sampling.py's `sample`, step for step) -------------------------------------- */
+
+static uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* indices of l [n] by value, largest first (a merge sort: ties keep index order) */
+static void order_desc(const float *l, int *idx, int *tmp, int n) {
+    for (int i = 0; i < n; i++) idx[i] = i;
+    for (int w = 1; w < n; w *= 2)
+        for (int lo = 0; lo < n; lo += 2 * w) {
+            int mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n, a = lo, b = mid, k = lo;
+            while (a < mid && b < hi) tmp[k++] = l[idx[b]] > l[idx[a]] ? idx[b++] : idx[a++];
+            while (a < mid) tmp[k++] = idx[a++];
+            while (b < hi) tmp[k++] = idx[b++];
+            for (k = lo; k < hi; k++) idx[k] = tmp[k];
+        }
+}
+
+/* softmax of l [n] (fp32, as PyTorch's) into p, through the order `idx` where given */
+static void softmax(const float *l, const int *idx, int n, float *p) {
+    float mx = -INFINITY, s = 0.0f;
+    for (int i = 0; i < n; i++) mx = fmaxf(mx, l[idx ? idx[i] : i]);
+    for (int i = 0; i < n; i++) s += p[i] = expf(l[idx ? idx[i] : i] - mx);
+    for (int i = 0; i < n; i++) p[i] /= s;
+}
+
+/* one row's next byte at temperature T > 0 with top-k (0: off) and top-p (outside (0, 1): off):
+ * temperature, top-k, nucleus, then the exponential race argmax p_v / E_v, E_v from the
+ * counter-based noise of (key, step, v) */
+static int64_t sample_row(Model *m, const float *logits, int64_t key, int64_t step, float T, int64_t top_k,
+                          double top_p) {
+    int V = m->V, *idx = m->sidx, *tmp = m->sidx + V;
+    float *l = m->sl, *p = m->sl + V;
+    for (int v = 0; v < V; v++) l[v] = logits[v] / T;
+    int use_k = top_k > 0 && top_k < V, use_p = top_p > 0.0 && top_p < 1.0;
+    if (use_k || use_p) order_desc(l, idx, tmp, V);
+    if (use_k) {
+        float kth = l[idx[top_k - 1]];
+        for (int v = 0; v < V; v++)
+            if (l[v] < kth) l[v] = -INFINITY;
+    }
+    if (use_p) { /* drop the bytes whose preceding mass (largest first) exceeds top_p */
+        softmax(l, idx, V, p);
+        float cum = 0.0f, thr = (float)top_p;
+        for (int i = 0; i < V; i++) {
+            cum += p[i];
+            if (cum - p[i] > thr) l[idx[i]] = -INFINITY;
+        }
+    }
+    softmax(l, NULL, V, p);
+    uint64_t base = splitmix64((uint64_t)key ^ ((uint64_t)step * 0xBF58476D1CE4E5B9ull));
+    int64_t best = 0;
+    double top = -1.0;
+    for (int v = 0; v < V; v++) {
+        uint64_t z = splitmix64(base + (uint64_t)v);
+        double u = ((double)(z >> 11) + 1.0) / 9007199254740992.0; /* 2^53 */
+        double race = (double)p[v] / -log(u);
+        if (race > top) top = race, best = v;
+    }
+    return best;
+}
+
+/* the decoder for byte n: logits [B, V] and the next byte: at temperature <= 0 the first of the
+ * largest logits, else sampled (`sample_row`) */
+int blt_decode(Model *m, double temperature, int64_t top_k, double top_p) {
     GUARD(m);
     int B = m->B, dm = m->dmax, Dd = m->dec.D, K = m->K;
     for (int b = 0; b < B; b++) memcpy(m->su + b * dm, m->h + b * Dd, Dd * sizeof(float));
@@ -484,14 +553,17 @@ int blt_decode(Model *m, int greedy) {
     }
     for (int b = 0; b < B; b++) rmsnorm(m->su + b * dm, m->dec_norm, Dd, m->dec_eps, m->sxn + b * dm);
     matvec(m, m->dec_out, m->V, Dd, m->sxn, dm, m->logits, m->V, B, 0, 0.0f);
-    if (greedy)
-        for (int b = 0; b < B; b++) {
-            const float *lg = m->logits + b * m->V;
-            int best = 0;
+    for (int b = 0; b < B; b++) {
+        const float *lg = m->logits + b * m->V;
+        int best = 0;
+        if (temperature > 0.0) {
+            best = (int)sample_row(m, lg, m->keys[b], *m->n, (float)temperature, top_k, top_p);
+        } else {
             for (int i = 1; i < m->V; i++)
                 if (lg[i] > lg[best]) best = i;
-            m->next[b] = best;
         }
+        m->next[b] = best;
+    }
     return 0;
 }
 
@@ -514,12 +586,12 @@ int blt_feed(Model *m) {
     return 0;
 }
 
-/* one byte whole, greedy: the last byte's decoder, advance and feed where they wait (`pending`),
+/* one byte whole: the last byte's decoder, advance and feed where they wait (`pending`),
  * then the front, and the patch step where some row closes a patch (Generator._step's order for
  * every row count: the patch step touches only the rows that close) */
-int blt_byte(Model *m, int pending) {
+int blt_byte(Model *m, int pending, double temperature, int64_t top_k, double top_p) {
     int code;
-    if (pending && ((code = blt_decode(m, 1)) || (code = blt_advance(m)) || (code = blt_feed(m)))) return code;
+    if (pending && ((code = blt_decode(m, temperature, top_k, top_p)) || (code = blt_advance(m)) || (code = blt_feed(m)))) return code;
     if ((code = blt_front(m))) return code;
     return *m->any_close ? blt_patch(m) : 0;
 }
@@ -587,6 +659,7 @@ void blt_free(Model *m) {
     free(m->ecross), free(m->dcross), free(m->enc_cross_at), free(m->dec_cross_at);
     free(m->sx), free(m->sxn), free(m->sq), free(m->sk), free(m->sv), free(m->sa), free(m->sf1), free(m->sf3);
     free(m->sscore), free(m->su), free(m->su2), free(m->svalid), free(m->srow), free(m->spos), free(m->smv);
+    free(m->sl), free(m->sidx);
     free(m);
 }
 
@@ -625,7 +698,7 @@ Model *blt_new(const int64_t *ints, const double *reals, int64_t n_ints) {
     m->n = P(&d), m->hist = P(&d), m->doc = P(&d), m->open_len = P(&d), m->open_start = P(&d);
     m->p = P(&d), m->pdoc = P(&d), m->x = P(&d), m->buf = P(&d), m->lens = P(&d), m->next = P(&d);
     m->h_prev = P(&d), m->h = P(&d), m->logits = P(&d), m->Hent = P(&d);
-    m->like_prev = P(&d), m->open_eos = P(&d), m->close = P(&d), m->any_close = P(&d);
+    m->like_prev = P(&d), m->open_eos = P(&d), m->close = P(&d), m->any_close = P(&d), m->keys = P(&d);
     if (I(&d) != NATIVE_VERSION || d.i != n_ints || !m->ecross || !m->dcross || !m->enc_cross_at ||
         !m->dec_cross_at)
         return blt_free(m), NULL;
@@ -649,7 +722,9 @@ Model *blt_new(const int64_t *ints, const double *reals, int64_t n_ints) {
     m->svalid = calloc((int64_t)m->B * smax, 1);
     m->srow = calloc(3 * (int64_t)m->B, sizeof(int64_t));
     m->spos = calloc(3 * (int64_t)m->B, sizeof(int64_t));
-    if (!m->sscore || !m->svalid || !m->srow || !m->spos) return blt_free(m), NULL;
+    m->sl = calloc(2 * (int64_t)m->V, sizeof(float));
+    m->sidx = calloc(2 * (int64_t)m->V, sizeof(int));
+    if (!m->sscore || !m->svalid || !m->srow || !m->spos || !m->sl || !m->sidx) return blt_free(m), NULL;
     return m;
 }
 

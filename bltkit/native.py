@@ -109,8 +109,10 @@ def load():
     for name in ("blt_front", "blt_patch", "blt_advance", "blt_feed", "blt_flag"):
         getattr(lib, name).argtypes = [ptr]
         getattr(lib, name).restype = ctypes.c_int
+    sampling = [ctypes.c_double, ctypes.c_int64, ctypes.c_double]  # temperature, top_k, top_p
+    lib.blt_decode.argtypes = [ptr, *sampling]
+    lib.blt_byte.argtypes = [ptr, ctypes.c_int, *sampling]
     for name in ("blt_decode", "blt_byte"):
-        getattr(lib, name).argtypes = [ptr, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
     _lib = lib
     return lib
@@ -277,7 +279,8 @@ class Steps:
         d.t(dec.output.weight)
         d.f(dec.norm.eps)
         d.p(gen.n, gen.hist, gen.doc, gen.open_len, gen.open_start, gen.p, gen.pdoc, gen.x, gen.buf, gen.lens,
-            gen.next, gen.h_prev, gen.h, gen.logits, gen.H, gen.like_prev, gen.open_eos, gen.close, gen.any_close)
+            gen.next, gen.h_prev, gen.h, gen.logits, gen.H, gen.like_prev, gen.open_eos, gen.close, gen.any_close,
+            gen.keys)
         d.i(VERSION)
         for key in set(self._transposed) - d.used:  # weights no longer in the model
             del self._transposed[key]
@@ -311,14 +314,15 @@ class Steps:
     def patch(self, L: int | None = None) -> None:
         self._check(self._lib.blt_patch(self._h))
 
-    def decode(self) -> None:
-        from .sampling import sample
+    def _sampling(self) -> tuple[float, int, float]:
+        """The generator's (temperature, top_k, top_p) as native.c takes them (0: off)."""
+        temperature, top_k, top_p = self._gen.sampling
+        return float(temperature), int(top_k or 0), float(top_p or 0.0)
 
-        g = self._gen
-        temperature = g.sampling[0]
-        self._check(self._lib.blt_decode(self._h, int(temperature <= 0.0)))
-        if temperature > 0.0:
-            g.next.copy_(sample(g.logits, g.keys, g.n, *g.sampling))
+    def decode(self) -> None:
+        """The decoder, and the next byte: greedy, or sampled as bltkit.sampling.sample does (the
+        same noise; its fp32 softmax summed in another order, so only a near-tie can differ)."""
+        self._check(self._lib.blt_decode(self._h, *self._sampling()))
 
     def advance(self) -> None:
         self._check(self._lib.blt_advance(self._h))
@@ -334,9 +338,9 @@ class Steps:
         self._lib.blt_flag(self._h)
 
     def byte(self, pending: bool) -> None:
-        """A whole greedy byte in one call (`Generator._step`): the waiting back and feed steps of
-        the last byte (`pending`), the front, and the patch step if some row closes a patch."""
-        self._check(self._lib.blt_byte(self._h, int(pending)))
+        """A whole byte in one call (`Generator._step`): the waiting back and feed steps of the
+        last byte (`pending`), the front, and the patch step if some row closes a patch."""
+        self._check(self._lib.blt_byte(self._h, int(pending), *self._sampling()))
 
     def front_patch(self, L: int | None = None) -> None:
         self.front()
