@@ -233,6 +233,9 @@ class Steps:
 
         self.free()
         gen, lib = self._gen, self._lib
+        if why := refusal(gen.model):  # moved or cast since the Generator was made
+            raise ValueError(f"the native steps cannot run this model any more: {why}; make a new Generator "
+                             "(or Generator(model, native=False))")
         m, c, pc = gen.model, gen.cfg, gen.cfg.patcher
         d = _Description(self._transposed)
         B = gen.x.shape[0]

@@ -103,6 +103,10 @@ def test_native_refusals_say_why():
     with pytest.raises(ValueError, match="compile"):
         Generator(model, compile=True, native=True)
     assert not Generator(model, compile=True).native  # the default steps aside for compile
+    gen = Generator(model)
+    model.to(torch.bfloat16)  # cast after the Generator was made: refused, not misread
+    with pytest.raises(ValueError, match=r"any more.*fp32"):
+        gen.generate("x", 4)
 
 
 def test_no_compiler_falls_back_to_pytorch_steps(monkeypatch, tmp_path):
