@@ -207,24 +207,36 @@ static void stack_step(Model *m, Stack *st, float *x, int R, const int64_t *row,
     }
 }
 
-/* every row through a ring stack at position n (a byte-level step): claim the slot, mask by
- * position, window and document */
-static void ring_step(Model *m, Stack *st, float *x) {
+/* claim position n's slot in a ring stack and lay out every row's step for stack_step: rows,
+ * positions, slots and key counts (m->srow, m->spos: [0, B) and [B, 2B)), and the mask by
+ * position, window and document (m->svalid) */
+static void ring_claim(Model *m, Stack *st) {
+    int B = m->B;
     int64_t n = *m->n, S = st->S, slot = n % S;
     st->pos[slot] = n;
-    for (int b = 0; b < m->B; b++) {
+    for (int b = 0; b < B; b++) {
         st->rdoc[b * S + slot] = (int32_t)m->doc[b];
         m->srow[b] = b;
         m->spos[b] = n;
+        m->srow[B + b] = slot;
+        m->spos[B + b] = S;
         for (int64_t j = 0; j < S; j++) {
             int64_t pj = st->pos[j];
             m->svalid[b * S + j] = pj >= 0 && pj <= n && (st->window <= 0 || n - pj < st->window) &&
                                    st->rdoc[b * S + j] == (int32_t)m->doc[b];
         }
     }
-    int64_t *slots = m->srow + m->B, *nkeys = m->spos + m->B;
-    for (int b = 0; b < m->B; b++) slots[b] = slot, nkeys[b] = S;
-    stack_step(m, st, x, m->B, m->srow, m->spos, slots, nkeys, m->svalid);
+}
+
+/* layer l of a ring stack for every row (after ring_claim) */
+static void ring_layer(Model *m, Stack *st, int l, float *x) {
+    Stack one = *st;
+    int64_t per_layer = (int64_t)m->B * st->Nkv * st->S * st->H;
+    one.L = 1;
+    one.blk = st->blk + l;
+    one.k = st->k + l * per_layer;
+    one.v = st->v + l * per_layer;
+    stack_step(m, &one, x, m->B, m->srow, m->spos, m->srow + m->B, m->spos + m->B, m->svalid);
 }
 
 /* 2 z + wo(attention of z's query over the keys j in [lo, hi) of cache row base) for one row */
@@ -278,7 +290,8 @@ int blt_front(Model *m) {
     if (m->has_ent) {
         Stack *st = &m->ent;
         for (int b = 0; b < B; b++) memcpy(m->sx + b * dm, m->ent_emb + m->x[b] * st->D, st->D * sizeof(float));
-        ring_step(m, st, m->sx);
+        ring_claim(m, st);
+        for (int l = 0; l < st->L; l++) ring_layer(m, st, l, m->sx);
         for (int b = 0; b < B; b++) {
             rmsnorm(m->sx + b * dm, m->ent_norm, st->D, m->ent_eps, m->sxn + b * dm);
         }
@@ -318,28 +331,10 @@ int blt_front(Model *m) {
         }
     }
     /* the encoder's blocks one layer at a time, for its cross layers' keys and values */
-    Stack one = *st;
-    int64_t S = st->S, slot = n % S;
-    st->pos[slot] = n;
-    for (int b = 0; b < B; b++) {
-        st->rdoc[b * S + slot] = (int32_t)m->doc[b];
-        m->srow[b] = b;
-        m->spos[b] = n;
-        m->srow[B + b] = slot;
-        m->spos[B + b] = S;
-        for (int64_t j = 0; j < S; j++) {
-            int64_t pj = st->pos[j];
-            m->svalid[b * S + j] = pj >= 0 && pj <= n && (st->window <= 0 || n - pj < st->window) &&
-                                   st->rdoc[b * S + j] == (int32_t)m->doc[b];
-        }
-    }
+    ring_claim(m, st);
     int pooled = 0;
     for (int l = 0; l < st->L; l++) {
-        one.L = 1;
-        one.blk = st->blk + l;
-        one.k = st->k + (int64_t)l * B * st->Nkv * S * st->H;
-        one.v = st->v + (int64_t)l * B * st->Nkv * S * st->H;
-        stack_step(m, &one, m->sx, B, m->srow, m->spos, m->srow + B, m->spos + B, m->svalid);
+        ring_layer(m, st, l, m->sx);
         int j = m->enc_cross_at[l];
         if (j < 0) continue;
         Cross *c = &m->ecross[j];
@@ -521,21 +516,8 @@ int blt_decode(Model *m, double temperature, int64_t top_k, double top_p) {
     int B = m->B, dm = m->dmax, Dd = m->dec.D, K = m->K;
     for (int b = 0; b < B; b++) memcpy(m->su + b * dm, m->h + b * Dd, Dd * sizeof(float));
     /* the decoder's blocks one layer at a time, each after its cross layer */
-    Stack *st = &m->dec, one = *st;
-    int64_t n = *m->n, S = st->S, slot = n % S;
-    st->pos[slot] = n;
-    for (int b = 0; b < B; b++) {
-        st->rdoc[b * S + slot] = (int32_t)m->doc[b];
-        m->srow[b] = b;
-        m->spos[b] = n;
-        m->srow[B + b] = slot;
-        m->spos[B + b] = S;
-        for (int64_t j = 0; j < S; j++) {
-            int64_t pj = st->pos[j];
-            m->svalid[b * S + j] = pj >= 0 && pj <= n && (st->window <= 0 || n - pj < st->window) &&
-                                   st->rdoc[b * S + j] == (int32_t)m->doc[b];
-        }
-    }
+    Stack *st = &m->dec;
+    ring_claim(m, st);
     for (int l = 0; l < st->L; l++) {
         int j = m->dec_cross_at[l];
         if (j >= 0) {
@@ -545,11 +527,7 @@ int blt_decode(Model *m, double temperature, int64_t top_k, double top_p) {
                 cross_step(m, c, m->su + b * dm, Dd, m->dec_xk + at, m->dec_xv + at, K, 0, K);
             }
         }
-        one.L = 1;
-        one.blk = st->blk + l;
-        one.k = st->k + (int64_t)l * B * st->Nkv * S * st->H;
-        one.v = st->v + (int64_t)l * B * st->Nkv * S * st->H;
-        stack_step(m, &one, m->su, B, m->srow, m->spos, m->srow + B, m->spos + B, m->svalid);
+        ring_layer(m, st, l, m->su);
     }
     for (int b = 0; b < B; b++) rmsnorm(m->su + b * dm, m->dec_norm, Dd, m->dec_eps, m->sxn + b * dm);
     matvec(m, m->dec_out, m->V, Dd, m->sxn, dm, m->logits, m->V, B, 0, 0.0f);
