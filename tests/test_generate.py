@@ -312,9 +312,12 @@ def test_cli_generate(tmp_path, capsys):
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", ["entropy", "threshold_add", "space+max4"])
 @pytest.mark.parametrize("native_steps", NATIVE)
-def test_prefill_forward_equals_stepping(mode, speculate, native_steps):
+def test_prefill_forward_equals_stepping(mode, speculate, native_steps, monkeypatch):
     """Reading prompts with one full forward leaves the caches as byte-by-byte stepping does:
-    same greedy and sampled outputs, and the following steps' logits equal a full forward."""
+    same greedy and sampled outputs, and the following steps' logits equal a full forward. (The
+    native steps would step through these short prompts: NATIVE_STEP_PROMPT_WORK 0 keeps the
+    forward.)"""
+    monkeypatch.setattr(generate, "NATIVE_STEP_PROMPT_WORK", 0)
     model = make_model(seed=12, window=8, **MODES[mode])
     prompts = [[*encode("a prompt, longer than the window"), EOS_ID, *encode("and a 2nd doc")],
                "and a second, shorter prompt"]

@@ -136,3 +136,25 @@ def test_native_steps_refuse_positions_past_the_state():
         gen.step(torch.tensor([65 + n]))
     with pytest.raises(IndexError, match="outside the state"):
         gen.step(torch.tensor([70]))
+
+
+def test_native_steps_read_short_prompts_byte_by_byte(monkeypatch):
+    """A forward's fixed cost outweighs a small model's steps on short prompts: those are stepped
+    (prompt bytes x parameters less the embedding tables <= NATIVE_STEP_PROMPT_WORK); longer ones,
+    and every prompt of the PyTorch steps, are read by the forward. The same bytes either way."""
+    from bltkit import generate
+
+    model = shape("tiny")
+    prompts = [encode("a short prompt"), encode("and another one")]
+    forwards = []
+    for native_steps, work, want in ((True, None, 0), (True, 0, 1), (False, None, 1)):
+        if work is not None:
+            monkeypatch.setattr(generate, "NATIVE_STEP_PROMPT_WORK", work)
+        gen = Generator(model, native=native_steps)
+        real = gen._prefill
+        calls = []
+        gen._prefill = lambda x, real=real, calls=calls: (calls.append(x.shape), real(x))
+        forwards.append(gen.generate_ids(prompts, 12, stop_at_eos=False))
+        assert len(calls) == want, (native_steps, work)
+        monkeypatch.undo()
+    assert forwards[0] == forwards[1] == forwards[2]
