@@ -294,9 +294,9 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 # with the native steps, prompts are read byte by byte (not by one full forward: `_prefill`) where
 # the shortest prompt's bytes times the model's parameters (less its embedding tables) are at
-# most this: there the steps are faster. On a 2-core EPYC (sixteenth session's machine, fp32), a
-# forward's fixed cost is ~8 ms for the tiny preset (~190k such parameters: 64 bytes forward 9.5
-# ms, stepped 3.0; even at ~230 bytes) and ~25 ms for the bundled model (18.4M: even at ~8)
+# most this: there the steps are faster. On a 2-core EPYC (eighteenth session, fp32), a forward's
+# fixed cost is ~8 ms for the tiny preset (~190k such parameters: 64 bytes forward 9.5 ms, stepped
+# 3.0; even at ~230 bytes) and ~25 ms for the bundled model (18.4M: even at ~8; docs/benchmarks.md)
 NATIVE_STEP_PROMPT_WORK = 40_000_000
 
 # the steps waiting after a byte on the native path (`Generator._step`): none, or the
@@ -1224,7 +1224,8 @@ class Generator:
         first = 0
         # every row has real bytes at 0..shortest-1; short prompts of small models are read faster
         # by the native steps than by a forward (NATIVE_STEP_PROMPT_WORK)
-        if self.prefill and shortest >= 2 and not (self.native and shortest * self._work <= NATIVE_STEP_PROMPT_WORK):
+        stepped = self.native and shortest * self._work <= NATIVE_STEP_PROMPT_WORK
+        if self.prefill and shortest >= 2 and not stepped:
             self._prefill(buf[:, :shortest])
             first = shortest - 1  # position shortest-1 is read; its logits are in self.logits
         self._call("feed")  # the first byte a step reads

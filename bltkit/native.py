@@ -3,10 +3,10 @@
 On a CPU a small model's one-byte step is nearly all PyTorch's per-operator overhead: the tiny
 preset's ~500 operators a byte cost ~3.4 ms eagerly, and compiled ones still ~0.8 ms
 (docs/benchmarks.md, fourteenth to sixteenth sessions). `native.c` runs the same steps (front,
-patch, decode, advance, feed, flag) on the generator's own state tensors, one row and one
-operation after another, with no allocation. The host loop, the prefill (one full forward) and
-sampling other than greedy stay in PyTorch, so the state is the generator's, step for step
-(tests/test_native.py compares the two paths' state and bytes).
+patch, decode with sampling, advance, feed, flag, and a whole byte in one call) on the
+generator's own state tensors, one row and one operation after another, with no allocation. The
+host loop and the prefill (one full forward) stay in PyTorch, so the state is the generator's,
+step for step (tests/test_native.py compares the two paths' state and bytes).
 
 The C file is compiled on first use by the system's C compiler (`$CC`, else `cc`, `gcc` or
 `clang`), as torch.compile's CPU backend does, into `$BLTKIT_CACHE` (default
