@@ -6,9 +6,11 @@
  *   ring caches k, v [L, B, Nkv, S, H], ring pos [S] (shared by the rows), ring doc [B, S] int32;
  *   the global cache [L, B, Nkv, p_cap + 1, H] with g_doc [B, p_cap + 1];
  *   the encoder's cross keys/values [n_cross, B, Nkv, capacity, H] and the decoder's
- *   [n_cross, B, Nkv, K, H]; weights as nn.Linear holds them ([out, in], rows contiguous).
+ *   [n_cross, B, Nkv, K, H]; matrices as transposed copies [in, out] (native.py makes them),
+ *   norms and embedding tables as the model holds them.
  * Products accumulate in fp32, as the BLAS does; sums run in another order than the BLAS, so
- * results agree with PyTorch's to rounding (tests/test_native.py states the tolerance). */
+ * results agree with PyTorch's to rounding (tests/test_native.py states the tolerance). Sampling
+ * is bltkit/sampling.py's, with the same noise. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
