@@ -299,10 +299,6 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # 3.0; even at ~230 bytes) and ~25 ms for the bundled model (18.4M: even at ~8; docs/benchmarks.md)
 NATIVE_STEP_PROMPT_WORK = 40_000_000
 
-# the steps waiting after a byte on the native path (`Generator._step`): none, or the
-# decoder and the feed, as after a byte whose patch step is a branch
-_NATIVE_PENDING = ((), ("back", "feed"))
-
 # the step functions that take L, the global-cache slots they attend (`Generator._global_slots`)
 _SLOT_STEPS = frozenset({"patch", "front_patch"})
 
@@ -477,11 +473,11 @@ class Generator:
             if refusal:
                 raise ValueError(f"Generator(native=True): {refusal}")
         self.native = native
-        # a byte's work for NATIVE_STEP_PROMPT_WORK: the parameters less the embedding tables
-        tables = (torch.nn.Embedding, torch.nn.EmbeddingBag)
-        self._work = sum(p.numel() for mod in model.modules() if not isinstance(mod, tables)
-                         for p in mod.parameters(recurse=False))
         if native:  # the C steps, handed each new state by `_init_state`
+            # a byte's work for NATIVE_STEP_PROMPT_WORK: the parameters less the embedding tables
+            tables = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+            self._work = sum(p.numel() for mod in model.modules() if not isinstance(mod, tables)
+                             for p in mod.parameters(recurse=False))
             self._native = native_steps.Steps(self)
             self._fns = self._native.functions()
         fuse = fuse and not native  # the native steps read the model's own weights
@@ -1172,9 +1168,9 @@ class Generator:
     def _step(self) -> None:
         """Byte n, already fed, through `_next_byte`; the native steps take a whole byte in one
         call (`native.Steps.byte`: the same steps, without a Python call for each)."""
-        if self.native and not self.speculating and self._pending in _NATIVE_PENDING:
+        if self.native and not self.speculating:  # what waits is none, or the back and feed steps
             self._native.byte(bool(self._pending))
-            self._pending = _NATIVE_PENDING[1]
+            self._pending = ("back", "feed")
         else:
             self._next_byte(self._global_slots())
         self.g_used += 1  # a row's p grows by at most one a step

@@ -189,9 +189,9 @@ class _Description:
         self.keep.append(t)
         return t
 
-    def stack(self, gen, layers, cfg, k, v, slots, ring=None, eps=None) -> None:
+    def stack(self, gen, layers, cfg, eps: float, k, v, slots, ring=None) -> None:
+        """A stack: its shape, norm eps, blocks, caches, ring and RoPE tables."""
         N, Nk, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        eps = layers[0].attention_norm.eps if len(layers) else (eps or 1e-5)
         self.i(cfg.dim, N, Nk, H, cfg.ffn_dim, len(layers))
         self.f(eps)
         for b in layers:
@@ -248,13 +248,13 @@ class Steps:
         d.i(gen.ent is not None)
         if gen.ent is not None:
             em = m.entropy_model
-            d.stack(gen, em.layers, em.config, gen.ent.k, gen.ent.v, gen.ent.pos.shape[0], gen.ent)
+            d.stack(gen, em.layers, em.config, em.config.norm_eps, gen.ent.k, gen.ent.v, gen.ent.pos.shape[0], gen.ent)
             d.p(em.tok_embeddings.weight, em.norm.weight)
             d.t(em.output.weight)
             d.i(em.output.out_features)
             d.f(em.norm.eps)
         enc, dec = m.local_encoder, m.local_decoder
-        d.stack(gen, enc.layers, c.encoder, gen.enc.k, gen.enc.v, gen.enc.pos.shape[0], gen.enc, c.norm_eps)
+        d.stack(gen, enc.layers, c.encoder, c.norm_eps, gen.enc.k, gen.enc.v, gen.enc.pos.shape[0], gen.enc)
         bag = m.encoder_hash_tok_embedding
         d.p(enc.tok_embeddings.weight, bag.weight if bag is not None else None)
         if bag is not None:
@@ -270,12 +270,12 @@ class Steps:
         d.t(enc.patch_embedding_projection.weight)
         d.p(gen.enc_xk, gen.enc_xv, gen.runmax)
         gt = m.global_transformer
-        d.stack(gen, gt.layers, c.global_transformer, gen.g_k, gen.g_v, gen.g_k.shape[3], eps=c.norm_eps)
+        d.stack(gen, gt.layers, c.global_transformer, c.norm_eps, gen.g_k, gen.g_v, gen.g_k.shape[3])
         proj = gt.token_embedding_projection
         d.t(proj.weight if proj is not None else None)
         d.p(gen.g_doc)
         d.cross(dec.cross_attn_layers)
-        d.stack(gen, dec.layers, c.decoder, gen.dec.k, gen.dec.v, gen.dec.pos.shape[0], gen.dec, c.norm_eps)
+        d.stack(gen, dec.layers, c.decoder, c.norm_eps, gen.dec.k, gen.dec.v, gen.dec.pos.shape[0], gen.dec)
         d.i(*[-1 if (j := dec.cross_index(i)) is None else j for i in range(len(dec.layers))])
         d.t(dec.patch_embedding_projection.weight)
         d.p(gen.dec_xk, gen.dec_xv, dec.norm.weight)
