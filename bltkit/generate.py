@@ -482,6 +482,7 @@ class Generator:
         self.byte_graph = bool(byte_graph)
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
+        self._dec_prep = None  # the decoder's RoPE, slot and mask for byte n, made ahead (`_back_prep`)
         self.graphs = None
         self.cfg = model.config
         pc = self.cfg.patcher
@@ -590,6 +591,7 @@ class Generator:
         self.buf = torch.zeros(B, capacity + 1, dtype=torch.long, device=dev)
         self.lens = torch.zeros(B, dtype=torch.long, device=dev)
         self._pending: tuple[str, ...] = ()  # step functions of the last byte not yet run (`_next_byte`)
+        self._dec_prep = None
         self.next = torch.zeros(B, dtype=torch.long, device=dev)  # sampled byte n+1
         self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)
         self.H = torch.zeros(B, dtype=torch.float32, device=dev)  # entropy of byte n+1
@@ -831,12 +833,16 @@ class Generator:
         self.open_len.masked_fill_(close, 0)
         self.runmax.masked_fill_(close[:, None], float("-inf"))
 
+    def _back_prep(self) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """The decoder's RoPE for byte n and its ring slot and mask (they read n and the document
+        alone, so `_run_front_patch` makes them beside the global step)."""
+        return self._rope_at(self.n.view(1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc)
+
     def _back(self) -> torch.Tensor:
         """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
-        m = self.model
-        dec, c = m.local_decoder, self.cfg
-        cos, sin, R = self._rope_at(self.n.view(1, 1), c.decoder)
-        slot, mask = self.dec.advance(self.n, self.doc)
+        dec = self.model.local_decoder
+        prep, self._dec_prep = self._dec_prep, None
+        (cos, sin, R), (slot, mask) = prep if prep is not None else self._back_prep()
         z = self.h
         kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run
         for i, layer in enumerate(dec.layers):
@@ -1006,9 +1012,26 @@ class Generator:
         the CUDA graph a fork and a join), then the boundary decision, and the global step's
         results kept for the rows whose patch closes (`_commit`). The global step, the long chain
         of a byte, no longer waits for the entropy model's."""
-        x = self.x
-        H, dec_kv = self._beside_entropy(x, lambda: (self._encode(x), self._global_step(L))[1])
-        self._commit(self._decide(x, H), dec_kv)
+        x, side = self.x, self._side
+        if side is None:
+            H, dec_kv = self._beside_entropy(x, lambda: (self._encode(x), self._global_step(L))[1])
+            self._commit(self._decide(x, H), dec_kv)
+            return
+        # the boundary decision goes beside the global step too, on the entropy model's stream
+        # once the encoder has read the hash history that it updates (~20 small kernels off the
+        # step's chain); the global step reads nothing the decision writes
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.H.copy_(self._entropy_step(x))
+        self._encode(x)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._decide(x, self.H)
+            self._dec_prep = self._back_prep()  # and the decoder's slot and RoPE, for `_back`
+        dec_kv = self._global_step(L)
+        main.wait_stream(side)
+        self._commit(self.close, dec_kv)
 
     def _segments(self) -> tuple[tuple[str, ...], tuple[str, ...] | None, tuple[str, ...]]:
         """A byte's step functions as (before, branch, after): `branch` runs only when some row
