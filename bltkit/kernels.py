@@ -236,8 +236,13 @@ if triton is not None:
         o = tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
-    @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64}],
-                                      [4, 2, 4, 8]), key=["S", "N", "NK", "SPLITS", "HAS_LAST", "HAS_FIRST"])
+    # one warp a program: the best at 64 rows for the rings and the decoder's cross-attention (H200,
+    # nineteenth session, benchmarks/attend_configs.py: 10.3 against 11.3 µs over the decoder's
+    # ring, 3.0 against 3.6 over a patch's 2 units); tuned per head dim too (stacks of different
+    # head dims can share every other key)
+    @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
+                                       {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
