@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--table-attend", action="store_true", help="the tables with kernels.attend (ATTEND_KERNEL)")
     ap.add_argument("--table-plain", action="store_true",
                     help="the tables without kernels.linear_add (LINEAR_KERNEL, on by default)")
+    ap.add_argument("--trace", metavar="DIR", default=None,
+                    help="also write each graph's kernels in launch order, 3 replays, as a Chrome trace "
+                         "(DIR/trace_<graph>.json: names, streams, start times, durations, grids)")
     ap.add_argument("--no-tables", action="store_true", help="time the variants only (no per-graph times and tables)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -195,6 +198,14 @@ def main() -> None:
         n_kernels = sum(e.count for e in events) / 10
         print(f"== kernels of the {name} graph (10 replays; {n_kernels:.0f} kernels a replay)")
         print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+        if args.trace:
+            restore()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    graph.replay()
+                torch.cuda.synchronize()
+            os.makedirs(args.trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(args.trace, f"trace_{name.replace('+', '_')}.json"))
 
 
 if __name__ == "__main__":
