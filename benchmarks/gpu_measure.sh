@@ -22,7 +22,9 @@
 # generate_kernels (docs/benchmarks.md); the fifteenth got no GPU; the sixteenth gpu_tests (the byte
 # graph skipped: PyTorch 2.11 has no conditional-node capture) and generate_kernels; the seventeenth
 # gpu_tests, profile_generate.py --variants speculate-sched (the host gap: 36/61 µs a byte, then
-# 25/24 with one graph a launch) and generate_kernels; next, on a PyTorch with
+# 25/24 with one graph a launch) and generate_kernels; the nineteenth gpu_tests, profile_generate
+# at 64 rows with --trace (the batch-64 step's kernels in launch order), attend_configs.py and the
+# grid without transformers; next, on a PyTorch with
 # torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
