@@ -139,20 +139,24 @@ def test_step_logits_equal_full_forward_and_online_boundaries(fuse, speculate, n
         assert bool(close[0]) == bool(starts[n + 1])  # close after n  <=>  n+1 starts a patch
 
 
-def test_fused_projections_follow_weight_changes():
-    """The generator's fused copies are refreshed when the model's weights change in place
+@pytest.mark.parametrize("native_steps", NATIVE)
+def test_fused_projections_follow_weight_changes(native_steps):
+    """The generator's fused copies (the PyTorch steps' q|k|v, w1|w3 and stacked cross K/V; the
+    native steps' transposed weights) are refreshed when the model's weights change in place
     (training between calls): the output equals a fresh generator's and the reference."""
     model = make_model(seed=8)
-    gen = Generator(model)
+    gen = Generator(model, native=native_steps)
     prompts = [b"weights change", b"x"]
     before = gen.generate_ids(prompts, 16, stop_at_eos=False)
     with torch.no_grad():
         for layer in model.local_decoder.layers:
             layer.attention.wq.weight.mul_(1.7)
             layer.feed_forward.w3.weight.mul_(-1.0)
+        for cross in model.local_decoder.cross_attn_layers:
+            cross.wv.weight.mul_(-1.3)
     after = gen.generate_ids(prompts, 16, stop_at_eos=False)
     assert after != before
-    assert after == Generator(model).generate_ids(prompts, 16, stop_at_eos=False)
+    assert after == Generator(model, native=native_steps).generate_ids(prompts, 16, stop_at_eos=False)
     assert after == reference_generate(model, prompts, 16, stop_at_eos=False)
 
 
