@@ -5,7 +5,8 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 generate generate_kernels generate_byte
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 attend_configs fused_norm generate
+# generate_kernels generate_byte
 # generate_sdpa train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
@@ -28,6 +29,7 @@
 # torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
+#   ONLY=fused_norm                     (the next batch-64 step: norms on the chain, ~1 minute)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -54,6 +56,10 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 # shellcheck disable=SC2086
 run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --steps 32 \
   --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
+# kernels.attend per launch configuration at 64 rows (nineteenth session), and whether a residual
+# add fused with the next RMSNorm after an fp32-output product beats addmm + RMSNorm (not yet run)
+run attend_configs 90 python benchmarks/attend_configs.py
+run fused_norm 60 python benchmarks/fused_norm.py
 # the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation
 # (under 8 rows); both on by default since the ninth session's run tested them
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
