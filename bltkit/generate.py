@@ -140,8 +140,11 @@ class _CrossKV:
     def __init__(self, layers):
         self.layers = list(layers)
         with torch.no_grad():
-            self.w = torch.stack([torch.cat((lay.wk.weight, lay.wv.weight)) for lay in self.layers])
+            self.w = torch.stack(self._parts())
         self.version = self._version()
+
+    def _parts(self) -> list[torch.Tensor]:
+        return [torch.cat((lay.wk.weight, lay.wv.weight)) for lay in self.layers]
 
     def _version(self) -> int:
         return sum(lay.wk.weight._version + lay.wv.weight._version for lay in self.layers)
@@ -149,7 +152,7 @@ class _CrossKV:
     @torch.no_grad()
     def refresh(self) -> None:
         if self._version() != self.version:
-            self.w.copy_(torch.stack([torch.cat((lay.wk.weight, lay.wv.weight)) for lay in self.layers]))
+            torch.stack(self._parts(), out=self.w)  # in place: CUDA graphs keep the address
             self.version = self._version()
 
     def __call__(self, units_BKD: torch.Tensor) -> torch.Tensor:
@@ -484,7 +487,6 @@ class Generator:
         self.byte_graph = bool(byte_graph)
         self.global_bucket = 256  # global-cache slots per patch-step shape (see _global_slots)
         self.sampling: tuple = (0.0, None, None)
-        self._dec_prep = None  # the decoder's RoPE, slot and mask for byte n, made ahead (`_back_prep`)
         self.graphs = None
         self.cfg = model.config
         pc = self.cfg.patcher
@@ -593,7 +595,7 @@ class Generator:
         self.buf = torch.zeros(B, capacity + 1, dtype=torch.long, device=dev)
         self.lens = torch.zeros(B, dtype=torch.long, device=dev)
         self._pending: tuple[str, ...] = ()  # step functions of the last byte not yet run (`_next_byte`)
-        self._dec_prep = None
+        self._dec_prep = None  # the decoder's RoPE, slot and mask for byte n, made ahead (`_back_prep`)
         self.next = torch.zeros(B, dtype=torch.long, device=dev)  # sampled byte n+1
         self.logits = torch.zeros(B, c.vocab_size, dtype=torch.float32, device=dev)
         self.H = torch.zeros(B, dtype=torch.float32, device=dev)  # entropy of byte n+1
