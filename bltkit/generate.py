@@ -1356,7 +1356,8 @@ class Generator:
             self._pending = ("back", "feed")
         else:
             self._next_byte(self._global_slots())
-        self.g_used += 1  # a row's p grows by at most one a step
+        if not self.deferring or self._tick % self.deferring == 0:  # a patch step
+            self.g_used += 1  # a row's p grows by at most one a patch step
 
     # -- public API -----------------------------------------------------------------------------
 
