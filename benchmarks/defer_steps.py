@@ -6,8 +6,10 @@ call takes against its positions, and the kernels of each graph.
 Deferring, the patch step (the global stack) runs every K-th step and the steps between run the
 front and the decoder only (`generate._DEFERRED_STEP`); a row whose patch closes waits. Whether
 that pays depends on what a step without the global stack costs against one with it: this
-prints both, as replayed on their own (from each row's position reset to the prompt's end, so
-that the replays stay inside the caches; the bytes they write are not read).
+prints both: from the calls (the steps between patch steps, taking a patch step at what a
+step costs with defer 1, which must come first) and as replayed on their own after a deferred
+call, whose rows all wait at their last position (replays move no row, as in the call's last
+steps; every kernel still runs on every row).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-bytes", type=int, default=128)
-    ap.add_argument("--defers", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--defers", type=int, nargs="*", default=[1, 2, 3], help="1 first")
     ap.add_argument("--rows", type=int, default=12, help="kernel table rows a graph (0: no tables)")
     args = ap.parse_args()
     dev = "cuda"
@@ -71,6 +73,7 @@ def main() -> None:
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
     step = len(text) // args.batch or 1
     prompts = [(text[i * step % len(text):] + text)[:args.prompt_len - 1] for i in range(args.batch)]
+    every = None
     for k in args.defers:
         gen = Generator(model, defer=k)
         gen.generate_ids(prompts, 16, stop_at_eos=False)  # warm-up
@@ -81,9 +84,15 @@ def main() -> None:
         print(f"defer {k} (deferring {gen.deferring}): {s['steps']} steps for {args.new_bytes} new bytes a row, "
               f"decode {s['new_bytes'] / s['decode_s']:.1f} bytes/s ({s['decode_s'] * 1e3 / s['steps']:.3f} ms a step; "
               f"call {wall:.2f} s), mean patch {s['bytes_read'] / max(1, s['patches']):.2f}", flush=True)
-        for names, graph in gen.graphs.items():
+        if not gen.deferring:
+            every = s["decode_s"] / s["steps"]
+            continue
+        patch_steps = s["steps"] // gen.deferring
+        between = (s["decode_s"] - patch_steps * every) / (s["steps"] - patch_steps)
+        print(f"  a step between patch steps: {between * 1e3:.3f} ms, taking a patch step at {every * 1e3:.3f} "
+              "(defer 1's)", flush=True)
+        for names, graph in gen.graphs.items():  # every row at its last position: replays move nothing
             for L, g in (graph.items() if isinstance(graph, dict) else [(None, graph)]):
-                gen.n.fill_(args.prompt_len)  # ~25 replays from here stay inside the caches
                 print(f"  {'+'.join(names)}{'' if L is None else f' (L={L})'}: {replay_ms(g):.3f} ms a replay",
                       flush=True)
                 if args.rows:
