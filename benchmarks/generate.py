@@ -160,10 +160,6 @@ def main() -> None:
     ap.add_argument("--attend-programs", type=int, default=None, metavar="N",
                     help="with the kernels, the programs kernels.attend aims for before it splits a row's keys "
                          "(kernels.ATTEND_PROGRAMS; 1: no split, no combining kernel; default: the constant)")
-    ap.add_argument("--defer", type=int, nargs="*", default=[None], metavar="K",
-                    help="Generator(model, defer=K) for batches of generate.PATCH_EVERY_BYTE_ROWS rows or more: the "
-                         "patch step every K-th step, each row at its own position (1: every step); each K is "
-                         "timed in turn (default: the Generator's default)")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
@@ -186,14 +182,14 @@ def main() -> None:
     theta = calibrate_threshold(model, calib, args.mean_patch)
     with_threshold(model, theta)
 
-    def make_gen(compile: bool = args.compile, defer: int | None = None):
+    def make_gen(compile: bool = args.compile):
         return Generator(model, compile=compile, kernels=KERNELS[args.kernels], speculate=KERNELS[args.speculate],
                          byte_graph=KERNELS[args.byte_graph], native=KERNELS[args.native],
-                         overlap=args.overlap == "on", defer=defer)
+                         overlap=args.overlap == "on")
 
     thresholds: dict[str, tuple[float, float]] = {}  # cell -> (threshold, generated mean patch)
 
-    def calibrated(prompts: list[bytes], n_bytes: int = args.new_bytes, defer: int | None = None) -> Generator:
+    def calibrated(prompts: list[bytes], n_bytes: int = args.new_bytes) -> Generator:
         """A Generator with the threshold for `prompts`' continuations (one a grid cell: a row's
         text, and so its patches, depend on the prompt and the threshold), generated as one batch."""
         if args.threshold is not None:
@@ -206,7 +202,7 @@ def main() -> None:
                 print(f"batch x prompt + new bytes {cell}: threshold {thresholds[cell][0]:.4f} nats gives mean patch "
                       f"{thresholds[cell][1]:.2f} bytes on its generated text", flush=True)
             with_threshold(model, thresholds[cell][0])
-        return make_gen(defer=defer)
+        return make_gen()
 
     lengths = model.patch(calib)
     mean_len = (calib.shape[1]) / (int((lengths > 0).sum()) - 1)
@@ -254,41 +250,33 @@ def main() -> None:
             single = b == 1 and args.single_prompts > 1
             prompts = prompts_of(plen, args.single_prompts if single else b)
             calls = [[p] for p in prompts] if single else [prompts]
-            for defer in args.defer if b >= generate.PATCH_EVERY_BYTE_ROWS else args.defer[:1]:
-                time_cell(model, args, results, b, plen, prompts, calls, single, calibrated(prompts, defer=defer))
+            try:
+                gen = calibrated(prompts)
+                gen.generate_ids([p[:16] for p in calls[0]], 8, stop_at_eos=False)  # warm-up
+                out, s = [], dict.fromkeys(("new_bytes", "prefill_s", "decode_s", "bytes_read", "patches"), 0)
+                for call in calls:
+                    out += gen.generate_ids(call, args.new_bytes, stop_at_eos=False)
+                    s = {k: v + gen.stats[k] for k, v in s.items()}
+            except torch.OutOfMemoryError:
+                print(f"batch {b:3d} prompt {plen:5d}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = {"batch": b, "prompts": len(prompts), "prompt": plen, "new_bytes": s["new_bytes"],
+                   "prefill_s": s["prefill_s"],
+                   "decode_s": s["decode_s"], "decode_bytes_per_s": s["new_bytes"] / s["decode_s"],
+                   "prefill_bytes_per_s": len(prompts) * (plen - 1) / max(s["prefill_s"], 1e-9),
+                   "mean_patch_len": s["bytes_read"] / max(1, s["patches"]),  # prompt and output
+                   "mean_patch_generated": generated_mean_patch(model, prompts, out),
+                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
+            results["grid"].append(row)
+            over = f" ({len(calls)} prompts, one at a time)" if single else ""
+            print(f"batch {b:3d} prompt {plen:5d}{over}: decode {row['decode_bytes_per_s']:10.1f} bytes/s total "
+                  f"({row['decode_bytes_per_s'] / b:8.1f} per row), prefill {row['prefill_bytes_per_s']:9.1f} "
+                  f"bytes/s ({s['prefill_s']:.2f}s), mean patch {row['mean_patch_generated']:.2f} generated, "
+                  f"{row['mean_patch_len']:.2f} with the prompt", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-
-
-def time_cell(model, args, results: dict, b: int, plen: int, prompts: list[bytes], calls: list, single: bool,
-              gen: Generator) -> None:
-    """One grid cell: `calls` (one generate call each) timed on `gen`; a row of results["grid"]."""
-    dev = str(model.device)
-    try:
-        gen.generate_ids([p[:16] for p in calls[0]], 8, stop_at_eos=False)  # warm-up
-        out, s = [], dict.fromkeys(("new_bytes", "prefill_s", "decode_s", "bytes_read", "patches"), 0)
-        for call in calls:
-            out += gen.generate_ids(call, args.new_bytes, stop_at_eos=False)
-            s = {k: v + gen.stats[k] for k, v in s.items()}
-    except torch.OutOfMemoryError:
-        print(f"batch {b:3d} prompt {plen:5d}: out of memory", flush=True)
-        torch.cuda.empty_cache()
-        return
-    row = {"batch": b, "prompts": len(prompts), "prompt": plen, "defer": gen.deferring or 1,
-           "new_bytes": s["new_bytes"], "prefill_s": s["prefill_s"],
-           "decode_s": s["decode_s"], "decode_bytes_per_s": s["new_bytes"] / s["decode_s"],
-           "prefill_bytes_per_s": len(prompts) * (plen - 1) / max(s["prefill_s"], 1e-9),
-           "mean_patch_len": s["bytes_read"] / max(1, s["patches"]),  # prompt and output
-           "mean_patch_generated": generated_mean_patch(model, prompts, out),
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None}
-    results["grid"].append(row)
-    over = f" ({len(calls)} prompts, one at a time)" if single else ""
-    deferred = f" (patch step every {row['defer']} steps)" if row["defer"] > 1 else ""
-    print(f"batch {b:3d} prompt {plen:5d}{over}{deferred}: decode {row['decode_bytes_per_s']:10.1f} bytes/s total "
-          f"({row['decode_bytes_per_s'] / b:8.1f} per row), prefill {row['prefill_bytes_per_s']:9.1f} "
-          f"bytes/s ({s['prefill_s']:.2f}s), mean patch {row['mean_patch_generated']:.2f} generated, "
-          f"{row['mean_patch_len']:.2f} with the prompt", flush=True)
 
 
 if __name__ == "__main__":

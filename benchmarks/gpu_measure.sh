@@ -6,7 +6,7 @@
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
 # (flex_check block_masks gpu_tests profile_generate profile_generate_b64 attend_configs fused_norm generate
-# generate_kernels generate_defer generate_byte
+# generate_kernels generate_byte
 # generate_sdpa train_step
 # train_step_eager profile_train_1b
 # profile_flex profile_flex_bf16 profile_flex_bf16_compiled profile_sdpa trainer_pack_true
@@ -67,12 +67,6 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
 run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
   --json "$OUT/generate_kernels.json"
-# batches of 8 and 64 with the patch step every K steps, each row at its own position
-# (Generator(defer=K), twentieth session; 1: every step, as before)
-# shellcheck disable=SC2086
-run generate_defer 330 python benchmarks/generate.py --preset blt-1b --dtype bf16 --no-hf --batches 8 64 \
-  --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on --defer ${DEFERS:-1 2 3 4} \
-  --json "$OUT/generate_defer.json"
 # the same with a byte's steps as one CUDA graph, the patch step in a conditional node
 # (Generator(byte_graph=True): no host sync a byte under 8 rows; written in the fifteenth session
 # without a GPU, off by default until this and gpu_tests have run)

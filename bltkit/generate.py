@@ -49,44 +49,27 @@ class _Ring:
 
     k: torch.Tensor  # L B Nkv R H
     v: torch.Tensor
-    pos: torch.Tensor  # R, position stored in each slot (-1 = empty), shared by all rows; B R a row's own
+    pos: torch.Tensor  # R, position stored in each slot (-1 = empty); shared by all rows
     doc: torch.Tensor  # B R, document id of each slot
     window: int | None
 
     @classmethod
-    def new(cls, n_layers, B, n_kv, head_dim, size, window, dtype, device, per_row: bool = False) -> _Ring:
+    def new(cls, n_layers, B, n_kv, head_dim, size, window, dtype, device) -> _Ring:
         z = torch.zeros(n_layers, B, n_kv, size, head_dim, dtype=dtype, device=device)
-        return cls(z, z.clone(), torch.full((B, size) if per_row else (size,), -1, dtype=torch.long, device=device),
+        return cls(z, z.clone(), torch.full((size,), -1, dtype=torch.long, device=device),
                    torch.zeros(B, size, dtype=torch.int32, device=device), window)
 
     def advance(self, n: torch.Tensor, doc_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Claim the slot of position n (one for every row, or [B] each row's own, with `pos` a
-        row's own); return it ([1] or [B]) and the additive attention mask [B, 1, 1, R] (0
-        visible, -inf not) in the ring's dtype."""
-        slot = n % self.pos.shape[-1]
-        doc = doc_B.view(-1, 1).to(torch.int32)
-        if self.pos.dim() == 1:
-            slot = slot.view(1)
-            self.pos.index_copy_(0, slot, n.view(1))
-            self.doc.index_copy_(1, slot, doc)
-        else:
-            self.pos.scatter_(1, slot.view(-1, 1), n.view(-1, 1))
-            self.doc.scatter_(1, slot.view(-1, 1), doc)
-        n1 = n.view(-1, 1)
-        valid = (self.pos >= 0) & (self.pos <= n1)  # [1, R] or [B, R]
+        """Claim the slot of position n; return it and the additive attention mask [B, 1, 1, R]
+        (0 visible, -inf not) in the ring's dtype."""
+        slot = (n % self.pos.shape[0]).view(1)
+        self.pos.index_copy_(0, slot, n.view(1))
+        self.doc.index_copy_(1, slot, doc_B.view(-1, 1).to(torch.int32))
+        valid = (self.pos >= 0) & (self.pos <= n)
         if self.window is not None:
-            valid = valid & (n1 - self.pos < self.window)
-        mask = valid & (self.doc == doc)
+            valid = valid & (n - self.pos < self.window)
+        mask = valid[None, :] & (self.doc == doc_B.view(-1, 1))
         return slot, _additive(mask[:, None, None, :], self.k.dtype)
-
-
-def _put(cache: torch.Tensor, slot: torch.Tensor, kv: torch.Tensor) -> None:
-    """kv [B, Nkv, 1, H] into cache [B, Nkv, S, H] at `slot`: one for every row ([1]) or each
-    row's own ([B])."""
-    if slot.numel() == 1:
-        cache.index_copy_(2, slot.view(1), kv)
-    else:
-        cache.scatter_(2, slot.view(-1, 1, 1, 1).expand_as(kv), kv)
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,11 +175,8 @@ def _rope_matrices(cos_TH2: torch.Tensor, sin_TH2: torch.Tensor) -> torch.Tensor
 
 
 def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`_rope_matrices` from `rope_cos_sin`'s tables at one position ([1, 1, H/2, ..] -> [H, H])
-    or at each row's own ([B, 1, H/2, ..] -> [B, 1, H, H])."""
-    h2 = cos.shape[-2]
-    R = _rope_matrices(cos.reshape(-1, h2), sin.reshape(-1, h2, 2)[:, :, 1])
-    return R[0] if R.shape[0] == 1 else R[:, None]
+    """`_rope_matrices` at one position [H, H], from `rope_cos_sin`'s tables for it."""
+    return _rope_matrices(cos.reshape(1, -1), sin.reshape(1, -1, 2)[:, :, 1])[0]
 
 
 # Generator._make_rope_tables keeps each stack's RoPE rotation matrices for every position (for
@@ -244,8 +224,8 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
             y = F.linear(xn, fused.qkv[id(layer)]).view(*xn.shape[:2], N + 2 * Nk, H)
             q, k = (y[:, :, :N + Nk].float() @ rope).to(y.dtype).split([N, Nk], dim=2)
             v = y[:, :, N + Nk:]
-        _put(kc, slot, k.transpose(1, 2))
-        _put(vc, slot, v.transpose(1, 2))
+        kc.index_copy_(2, slot, k.transpose(1, 2))
+        vc.index_copy_(2, slot, v.transpose(1, 2))
         q = q[:, 0]
     out = _attend(q, kc, vc, mask, kernel=choice.attend, last=last)  # B N H
     if fused is None:
@@ -357,14 +337,6 @@ NATIVE_STEP_PROMPT_WORK = 40_000_000
 
 # the step functions that take L, the global-cache slots they attend (`Generator._global_slots`)
 _SLOT_STEPS = frozenset({"patch", "front_patch"})
-
-# Generator(defer=None) on CUDA: the patch step every this many steps for batches of
-# PATCH_EVERY_BYTE_ROWS rows or more (to be measured on a GPU)
-DEFER_EVERY = 3
-
-# Generator(defer=k): the steps between patch steps: the front and the decoder (beside the entropy
-# model, as `speculative`), then the rows whose patch closed wait and the others move on
-_DEFERRED_STEP = ("speculative", "hold", "feed")
 
 # Generator.generate_ids reads the generated bytes back (a host sync) once every this many steps
 # (every step while streaming): the host launches the next steps while the GPU runs the last ones,
@@ -487,15 +459,6 @@ class Generator:
             `torch.cuda.CUDAGraph.begin_capture_to_if_node` (2.13 has it, 2.11 does not).
             Default (None): off; it has not yet run on a GPU (`test_byte_graph_on_cuda_equals_step_graphs`
             skips where the binding is missing, as on the PyTorch 2.11 of the sixteenth session's H200).
-        defer: overlapping (batches of PATCH_EVERY_BYTE_ROWS rows or more), run the patch step
-            every `defer`-th step only, each row at its own position: a row whose patch closes
-            waits for the next patch step, the others read on. The global stack's weights are read
-            once a patch step whatever the rows that use it, so fewer patch steps make more bytes
-            a second in total at the cost of each row's latency. The same bytes (each row's are a
-            function of the row alone; tests/test_generate.py). 0 or 1: every step. Default
-            (None): DEFER_EVERY on a CUDA model (with CUDA graphs, without `compile` or
-            `byte_graph`), else 1.
-            Streaming (`on_step`) and `step()` keep every row in step.
         native: run the step functions in C (`bltkit.native`: compiled on first use by the system's
             C compiler) on a CPU model in fp32. Default (None): on where that can run (a CPU fp32
             model, a C compiler, no `compile` or `kernels`). The tiny preset's byte takes ~0.1 ms
@@ -505,15 +468,13 @@ class Generator:
 
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
                  fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None,
-                 overlap: bool = True, byte_graph: bool | None = None, native: bool | None = None,
-                 defer: int | None = None):
+                 overlap: bool = True, byte_graph: bool | None = None, native: bool | None = None):
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         fns = {"front": self._run_front, "patch": self._run_patch, "back": self._run_back,
                "speculative": self._run_speculative, "decode": self._run_decode, "advance": self._run_advance,
-               "front_patch": self._run_front_patch, "feed": self._run_feed, "flag": self._run_flag,
-               "hold": self._run_hold}
+               "front_patch": self._run_front_patch, "feed": self._run_feed, "flag": self._run_flag}
         # compile fuses the many small elementwise kernels of a one-byte step (norms, RoPE, SwiGLU)
         self._fns = {k: torch.compile(f, dynamic=False) for k, f in fns.items()} if compile else fns
         self.compiled = compile
@@ -550,13 +511,6 @@ class Generator:
             if refusal:
                 raise ValueError(f"Generator(native=True): {refusal}")
         self.native = native
-        if defer is None:
-            defer = DEFER_EVERY if self.use_cuda_graphs and model.device.type == "cuda" and not compile \
-                and not self.byte_graph else 1
-        elif defer > 1 and (native or compile or self.byte_graph):
-            raise ValueError(f"Generator(defer={defer}) runs the PyTorch steps uncompiled, one CUDA graph a launch: "
-                             "pass native=False, compile=False and byte_graph=False, or leave defer None")
-        self.defer = defer
         if native:  # the C steps, handed each new state by `_init_state`
             # a byte's work for NATIVE_STEP_PROMPT_WORK: the parameters less the embedding tables
             tables = (torch.nn.Embedding, torch.nn.EmbeddingBag)
@@ -587,10 +541,7 @@ class Generator:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def _init_state(self, B: int, capacity: int, keys: list[int], defer: bool = False) -> None:
-        """A fresh state for B rows of up to `capacity` positions; `defer`: with overlap (B >=
-        PATCH_EVERY_BYTE_ROWS) and `Generator(defer=k)` with k > 1, run the patch step every k-th
-        step only, each row at its own position (`deferring`; `step()` keeps every row in step)."""
+    def _init_state(self, B: int, capacity: int, keys: list[int]) -> None:
         m, c = self.model, self.cfg
         for fused in (self.fused, self.fused_global, self.cross_kv):
             if fused is not None:
@@ -598,14 +549,9 @@ class Generator:
         dev, dt = m.device, m.local_encoder.tok_embeddings.weight.dtype
         enc, dec, g, K = c.encoder, c.decoder, c.global_transformer, c.cross_attn_k
 
-        self.overlapping = self.overlap and B >= PATCH_EVERY_BYTE_ROWS
-        # each row at its own position, the patch step every `deferring` steps (0: every row in step)
-        self.deferring = self.defer if defer and self.overlapping and self.defer > 1 else 0
-
         def ring(stack_cfg, n_layers, window, dtype=dt):
             size = min(window, capacity) if window else capacity
-            return _Ring.new(n_layers, B, stack_cfg.n_kv_heads, stack_cfg.head_dim, size, window, dtype, dev,
-                             per_row=bool(self.deferring))
+            return _Ring.new(n_layers, B, stack_cfg.n_kv_heads, stack_cfg.head_dim, size, window, dtype, dev)
 
         em = m.entropy_model if c.patcher.mode == "entropy" else None
         self.ent = ring(em.config, em.config.n_layers, em.config.window,
@@ -629,13 +575,7 @@ class Generator:
         self.dec_xkv = torch.zeros(2, n_dec_cross, B, dec.cross_attn_n_kv_heads, K, dh, dtype=dt, device=dev)
         self.dec_xk, self.dec_xv = self.dec_xkv[0], self.dec_xkv[1]
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        # the position every row reads, or deferring each row's own
-        self.n = torch.zeros(B if self.deferring else (), dtype=torch.long, device=dev)
-        # deferring: the rows whose patch closed after byte n and wait for the next patch step, and
-        # the rows that moved on to the next byte in the last step
-        self.pend = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.moved = torch.ones(B, dtype=torch.bool, device=dev)
-        self._tick = 0  # steps since the state was made (deferring: every `deferring`-th is a patch step)
+        self.n = torch.zeros((), dtype=torch.long, device=dev)
         self.hist = torch.zeros(B, max(c.hash_sizes, default=1) - 1, dtype=torch.long, device=dev)
         self.doc = zeros.clone()  # document of the current byte
         self.h_prev = torch.zeros(B, dtype=torch.float32, device=dev)
@@ -664,6 +604,7 @@ class Generator:
         if spec is None:
             spec = dev.type == "cuda" and not self.compiled and self.ent is not None
         self.speculating = spec and B < PATCH_EVERY_BYTE_ROWS
+        self.overlapping = self.overlap and B >= PATCH_EVERY_BYTE_ROWS
         # the entropy model's stream beside the decoder's or the global step's (not under compile,
         # which traces one)
         side = (self.speculating or self.overlapping) and self.ent is not None and dev.type == "cuda" \
@@ -686,9 +627,8 @@ class Generator:
         if self.kernels and form:
             cs = t["halves"][pos.reshape(-1)]  # B|1, 2, H/2
             return None, None, (cs[0, 0], cs[0, 1]) if cs.shape[0] == 1 else (cs[:, 0], cs[:, 1])
-        if form and self.fused is not None and "R" in t:  # the fused steps read R only
-            R = t["R"][pos.reshape(-1)]
-            return None, None, R[0] if pos.numel() == 1 else R[:, None]
+        if form and self.fused is not None and "R" in t and pos.numel() == 1:  # the fused steps read R only
+            return None, None, t["R"][pos.reshape(-1)][0]
         cos, sin = t["cos"][pos], t["sin"][pos]  # B|1, 1, H/2, 1 and .., 2: rope_cos_sin(pos)'s shapes
         if not form or self.fused is None:
             return cos, sin, None
@@ -721,7 +661,7 @@ class Generator:
         em = self.model.entropy_model
         ec = em.config
         slot, mask = self.ent.advance(self.n, self.doc)
-        cos, sin, R = self._rope_at(self.n.view(-1, 1), ec)
+        cos, sin, R = self._rope_at(self.n.view(1, 1), ec)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
             h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
@@ -730,10 +670,8 @@ class Generator:
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
 
-    def _close_decision(self, x_B: torch.Tensor, H_B: torch.Tensor | None,
-                        fresh: torch.Tensor | None = None) -> torch.Tensor:
-        """Does the patch holding byte n close after it (= does n+1 start a patch)? spec §13.4.
-        `fresh`: the rows that count byte n (deferring; the others' state is kept)."""
+    def _close_decision(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
+        """Does the patch holding byte n close after it (= does n+1 start a patch)? spec §13.4."""
         pc, n = self.cfg.patcher, self.n
         if pc.mode == "entropy":
             if pc.monotonicity:
@@ -745,7 +683,7 @@ class Generator:
         elif pc.mode == "space":
             like = _space_like(x_B)
             close = (n >= 1) & ((x_B < OFFSET) | (like & ~self.like_prev))
-            self.like_prev.copy_(like if fresh is None else torch.where(fresh, like, self.like_prev))
+            self.like_prev.copy_(like)
         elif pc.mode == "static":
             close = (n % int(pc.patch_size) == 0).expand_as(x_B)
         else:
@@ -769,7 +707,7 @@ class Generator:
         m, c = self.model, self.cfg
         e = m.embed(x_B[:, None], history_BH=self.hist)
         slot, mask = self.enc.advance(self.n, self.doc)
-        cos, sin, R = self._rope_at(self.n.view(-1, 1), c.encoder)
+        cos, sin, R = self._rope_at(self.n.view(1, 1), c.encoder)
         enc = m.local_encoder
         h = e
         pooled_yet = False
@@ -779,8 +717,8 @@ class Generator:
             j = enc.cross_index(i)
             if j is not None:
                 k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
-                _put(self.enc_xk[j], self.n, k)
-                _put(self.enc_xv[j], self.n, v)
+                self.enc_xk[j].index_copy_(2, self.n.view(1), k)
+                self.enc_xv[j].index_copy_(2, self.n.view(1), v)
                 if not pooled_yet:  # units are pooled once, from the first cross layer's input
                     torch.maximum(self.runmax, h[:, 0], out=self.runmax)
                     pooled_yet = True
@@ -789,32 +727,13 @@ class Generator:
     def _decide(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
         """Does a patch close after byte n (H_B: the entropy of byte n+1)? Then byte n joins the
         open patch's counts and the hash history. Returns `close` (also in self.close)."""
-        if self.deferring:
-            return self._decide_fresh(x_B, H_B)
         close = self._close_decision(x_B, H_B)  # reads open_len before byte n is counted
         if H_B is not None:
             self.h_prev.copy_(H_B)
         self.open_len.add_(1)
         self.open_eos.logical_or_(x_B == EOS_ID)
         if self.hist.shape[1]:
-            self.hist.copy_(self._shifted_hist(x_B))
-        self.close.copy_(close)
-        return close
-
-    def _shifted_hist(self, x_B: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.hist[:, 1:], x_B[:, None]], dim=1)
-
-    def _decide_fresh(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
-        """`_decide` deferring: only the rows that read byte n for the first time count it (not
-        those waiting for a patch step, whose patch stays closed, nor those at the last
-        position, whose patch stays open); the hash history moves on when a row does
-        (`_advance_rows`: a waiting row's encoder reads byte n again, with the same history)."""
-        fresh = ~(self.pend | (self.n >= self.capacity - 1))
-        close = torch.where(fresh, self._close_decision(x_B, H_B, fresh), self.pend)
-        if H_B is not None:
-            self.h_prev.copy_(torch.where(fresh, H_B, self.h_prev))
-        self.open_len.add_(fresh.long())
-        self.open_eos.logical_or_((x_B == EOS_ID) & fresh)
+            self.hist.copy_(torch.cat([self.hist[:, 1:], x_B[:, None]], dim=1))
         self.close.copy_(close)
         return close
 
@@ -837,7 +756,7 @@ class Generator:
         units = enc.split_units(self.runmax[:, None])  # B K De
         if not self._open_kernel:
             t = torch.arange(self.capacity, device=dev)
-            in_patch = _DenseMask(((t[None] >= self.open_start[:, None]) & (t[None] <= self.n.view(-1, 1)))[:, None, None, :])
+            in_patch = _DenseMask(((t[None] >= self.open_start[:, None]) & (t[None] <= self.n))[:, None, None, :])
         for i in range(len(enc.layers)):
             j = enc.cross_index(i)
             if j is None:
@@ -858,6 +777,7 @@ class Generator:
         j_pos = torch.arange(L, device=dev)
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
+        widx = idx.view(B, 1, 1, 1)
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
@@ -871,8 +791,8 @@ class Generator:
                 q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
             else:
                 q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
-                _put(kc, idx, k.transpose(1, 2))
-                _put(vc, idx, v.transpose(1, 2))
+                kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
+                vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
                 q = q[:, 0]
             out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
             x = _linear_add(x, out, att.wo.weight, inplace=True)  # x: this step's temporary
@@ -920,7 +840,7 @@ class Generator:
     def _back_prep(self) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """The decoder's RoPE for byte n and its ring slot and mask (they read n and the document
         alone, so `_run_front_patch` makes them beside the global step)."""
-        return self._rope_at(self.n.view(-1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc)
+        return self._rope_at(self.n.view(1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc)
 
     def _back(self) -> torch.Tensor:
         """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
@@ -962,7 +882,7 @@ class Generator:
             R = ring.pos.shape[0]
             keep = pos[max(0, N - R):]
             slots = keep % R
-            ring.pos[..., slots] = keep
+            ring.pos.index_copy_(0, slots, keep)
             ring.doc.index_copy_(1, slots, doc[:, keep].to(torch.int32))
             for i, (k, v) in enumerate(kvs):  # k, v: B N Nkv H
                 ring.k[i].index_copy_(2, slots, k[:, keep].transpose(1, 2).to(ring.k.dtype))
@@ -1044,43 +964,19 @@ class Generator:
         n alone, so running it again at the same n gives the same byte)."""
         logits = self._back()
         self.logits.copy_(logits)
-        self.next.copy_(sample(logits, self.keys, self.n.view(-1, 1), *self.sampling))
+        self.next.copy_(sample(logits, self.keys, self.n, *self.sampling))
 
     def _run_advance(self) -> None:
-        if self.deferring:  # after a patch step every row moves on, but those at the last position
-            self._advance_rows(self.n < self.capacity - 1)
-            self.pend.zero_()
-            return
         self.doc.add_((self.x == EOS_ID).long())
         self.n.add_(1)
-
-    def _run_hold(self) -> None:
-        """Deferring, after a step without the patch step: the rows whose patch closed after
-        byte n wait at n for the next patch step (`pend`); the others move on."""
-        self._advance_rows(~self.close & (self.n < self.capacity - 1))
-        self.pend.copy_(self.close)
-
-    def _advance_rows(self, moved: torch.Tensor) -> None:
-        """Deferring: the rows in `moved` go on to byte n+1 (position, document, hash history)."""
-        self.moved.copy_(moved)
-        self.doc.add_((self.x == EOS_ID) & moved)
-        self.n.add_(moved)
-        if self.hist.shape[1]:
-            self.hist.copy_(torch.where(moved[:, None], self._shifted_hist(self.x), self.hist))
 
     def _run_feed(self) -> None:
         """Byte n into the step's input: the prompt's byte while a row still reads its prompt,
         else the byte sampled for position n, written into the row's bytes (`buf`) too. On the
-        device, so that no host work stands between a byte's graphs (`_next_byte`). Deferring,
-        each row's own n; a row that did not move keeps its byte (in `buf` already)."""
-        if self.deferring:
-            at = self.n.view(-1, 1)
-            x = torch.where((self.n < self.lens) | ~self.moved, self.buf.gather(1, at)[:, 0], self.next)
-            self.buf.scatter_(1, at, x[:, None])
-        else:
-            at = self.n.view(1)
-            x = torch.where(self.n < self.lens, self.buf.index_select(1, at)[:, 0], self.next)
-            self.buf.index_copy_(1, at, x[:, None])
+        device, so that no host work stands between a byte's graphs (`_next_byte`)."""
+        at = self.n.view(1)
+        x = torch.where(self.n < self.lens, self.buf.index_select(1, at)[:, 0], self.next)
+        self.buf.index_copy_(1, at, x[:, None])
         self.x.copy_(x)
 
     def _run_flag(self) -> None:
@@ -1162,11 +1058,8 @@ class Generator:
     def _launches(self) -> list[tuple[str, ...]]:
         """The step-function sequences `_next_byte` and `_flush` run as one CUDA graph each: a
         byte's steps before its branch (alone, or after the last byte's steps after the branch),
-        the branch, and the steps after the branch alone. Deferring: the step with the patch
-        step, and the step without it (`_DEFERRED_STEP`)."""
+        the branch, and the steps after the branch alone."""
         before, branch, after = self._segments()
-        if self.deferring:
-            return [before, _DEFERRED_STEP]
         out = [before]
         if branch is not None:
             out += [after + before, branch, after]
@@ -1196,11 +1089,6 @@ class Generator:
         graph and the GPU waits for nothing else (`_flush` runs them alone)."""
         if self.graphs is not None and "byte" in self.graphs:
             self._byte_graph(L).replay()
-            return
-        if self.deferring:  # the patch step every `deferring`-th step
-            patch, plain = self._launches()
-            self._tick += 1
-            self._launch(patch if self._tick % self.deferring == 0 else plain, L)
             return
         before, branch, after = self._segments()
         self._launch(self._pending + before, L)
@@ -1314,7 +1202,7 @@ class Generator:
             return self._capture(lambda: self._calls(launch, L))
 
         with self._collected():
-            if self.byte_graph and not self.deferring:
+            if self.byte_graph:
                 graphs = {"byte": {L: self._capture_byte(L) for L in slots}}
             else:
                 graphs = {launch: {L: capture(launch, L) for L in slots} if _SLOT_STEPS.intersection(launch)
@@ -1356,8 +1244,7 @@ class Generator:
             self._pending = ("back", "feed")
         else:
             self._next_byte(self._global_slots())
-        if not self.deferring or self._tick % self.deferring == 0:  # a patch step
-            self.g_used += 1  # a row's p grows by at most one a patch step
+        self.g_used += 1  # a row's p grows by at most one a step
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -1388,8 +1275,7 @@ class Generator:
         keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
         # compiled steps specialise on the cache shapes: size them by powers of two (>= 256) so
         # calls with other prompt lengths reuse the compiled code instead of recompiling
-        self._init_state(B, max(256, 1 << (capacity - 1).bit_length()) if self.compiled else capacity, keys,
-                         defer=on_step is None)
+        self._init_state(B, max(256, 1 << (capacity - 1).bit_length()) if self.compiled else capacity, keys)
         self.sampling = (temperature, top_k, top_p)
         buf = self.buf  # the rows' bytes by position: the prompts now, then the steps' bytes (`_run_feed`)
         for r, p in enumerate(ids):
@@ -1419,20 +1305,20 @@ class Generator:
         # generated bytes are read back (a host sync) every READ_EVERY steps, not every step, so
         # the host launches the next steps while the GPU runs these; streaming reads every step
         every = 1 if on_step is not None else READ_EVERY
-        unread = [shortest] * B  # a row's first position not yet read back (earlier: every row's prompt)
+        unread = shortest  # first position not yet read back (earlier ones are every row's prompt)
 
-        def read(upto: list[int]) -> None:
-            """Hand each row its positions unread..upto-1: EOS, max_new_bytes and stop strings
+        def read(upto: int) -> None:
+            """Hand positions unread..upto-1 to their rows: EOS, max_new_bytes and stop strings
             as if each were read at its own step (the steps after a row is done are discarded)."""
+            nonlocal unread
             self._flush()  # the last step's feed writes its byte
-            lo = min(unread)
-            rows = buf[:, lo:max(upto)].tolist()
+            rows = buf[:, unread:upto].tolist()
             closes = self.close.tolist() if on_step is not None else None  # every == 1: one position
-            for pos in range(lo, max(upto)):
+            for i, pos in enumerate(range(unread, upto)):
                 for r in range(B):
-                    if done[r] or pos < max(lens_host[r], unread[r]) or pos >= upto[r]:
+                    if done[r] or pos < lens_host[r]:
                         continue
-                    tok = rows[r][pos - lo]
+                    tok = rows[r][i]
                     if stop_at_eos and tok == EOS_ID:
                         done[r] = True
                         continue
@@ -1447,48 +1333,24 @@ class Generator:
                         if hit:
                             del out[r][len(out[r]) - len(hit[0]):]
                             done[r] = True
-            unread[:] = upto
+            unread = upto
 
-        if self.deferring:  # each row at its own position: read them back every `every` steps
-            self._decode_deferred(first, longest, every, read, done, t0)
-        for n in range(first, capacity - 1) if not self.deferring else ():
+        for n in range(first, capacity - 1):
             if n == longest - 1:  # every prompt is read: the rest is decoding
                 self.stats["prefill_s"] = time.perf_counter() - t0
             if not (first and n == first):
                 self._step()  # byte n (fed: the prompt's or the last step's), then byte n + 1 fed
                 self.stats["steps"] += 1
-            if n + 2 - unread[0] >= every or n + 2 == capacity:
-                read([n + 2] * B)
+            if n + 2 - unread >= every or n + 2 == capacity:
+                read(n + 2)
                 if all(done):
                     break
         self._flush()
         self.stats["decode_s"] = time.perf_counter() - t0 - self.stats["prefill_s"]
         self.stats["new_bytes"] = sum(len(o) for o in out)
         self.stats["patches"] = int(self.p.sum())
-        self.stats["bytes_read"] = int(self.n.sum()) if self.deferring else int(self.n) * B
+        self.stats["bytes_read"] = int(self.n) * B
         return out
-
-    def _decode_deferred(self, first: int, longest: int, every: int, read, done: list[bool], t0: float) -> None:
-        """generate_ids' steps while deferring: every row moves on by at most one position a step,
-        so steps go on until each row is done or at its last position (capacity - 1), and each
-        read hands a row its positions up to its own n."""
-        if first == longest - 1:  # the prefill read every prompt
-            self.stats["prefill_s"] = time.perf_counter() - t0
-        timed = first == longest - 1
-        last = self.capacity - 1
-        while True:
-            self._step()
-            self.stats["steps"] += 1
-            if self.stats["steps"] % every:
-                continue
-            self._flush()
-            at = self.n.tolist()
-            if not timed and min(at) >= longest - 1:
-                self.stats["prefill_s"] = time.perf_counter() - t0
-                timed = True
-            read([a + 1 for a in at])
-            if all(done) or min(at) >= last:
-                return
 
     def generate(self, prompts, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None) -> list[bytes]:

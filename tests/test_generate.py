@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bltkit import generate, native, presets
-from bltkit.bytes import EOS_ID, decode, encode, to_bytes
+from bltkit.bytes import EOS_ID, decode, encode
 from bltkit.checkpoint import init_model, save_model
 from bltkit.generate import PATCH_EVERY_BYTE_ROWS, Generator, _conditional_nodes, reference_generate
 
@@ -178,51 +178,6 @@ def test_attend_splits_bound_each_programs_keys():
             assert n == 1 or keys // n >= lo, (programs, keys, n)  # no chunk under lo
             assert chunk <= hi, (programs, keys, n)
             assert programs * n >= target or n == max(1, keys // lo), (programs, keys, n)
-
-
-@pytest.mark.parametrize("defer", [2, 3])
-@pytest.mark.parametrize("mode", ["entropy", "monotonic", "entropy+max3", "space+max4", "static", "byte"])
-def test_deferred_patch_steps_equal_reference(mode, defer):
-    """Generator(defer=k): the patch step every k-th step, each row at its own position (a row
-    whose patch closes waits for the next patch step, its front and decoder run again there):
-    ragged prompts, an EOS inside one, window 8 (ring caches), EOS written by the model, greedy
-    and sampled; the bytes are the reference's, and rows did wait (more steps than positions)."""
-    model = eos_heavy(make_model(seed=4, window=8, **MODES[mode]))
-    prompts = [*random_prompts(seed=9, n=PATCH_EVERY_BYTE_ROWS), [*encode("one doc"), EOS_ID, *encode("and another")]]
-    gen = Generator(model, native=False, defer=defer)
-    for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
-        out = gen.generate_ids(prompts, 20, stop_at_eos=False, **kw)
-        assert gen.deferring == defer
-        assert out == reference_generate(model, prompts, 20, stop_at_eos=False, **kw)
-    positions = max(len(p) for p in generate._encode_prompts(prompts)) + 20 - 1
-    assert gen.stats["steps"] > positions
-    assert gen.stats["bytes_read"] == len(prompts) * positions  # every row read up to its last position
-
-
-def test_deferred_patch_steps_read_back_and_stop(monkeypatch):
-    """Deferring, generate_ids reads each row back up to its own position: EOS, stop strings and
-    max_new_bytes end rows as in step (read every step or every few), with or without the
-    prefill forward; streaming (`on_step`) and `step()` keep every row in step."""
-    model = eos_heavy(make_model(seed=9))
-    prompts = random_prompts(seed=10, n=PATCH_EVERY_BYTE_ROWS)
-    plain = Generator(model, native=False, defer=1)
-    ended = plain.generate_ids(prompts, 16)  # by EOS, at different lengths
-    stop = chr(next(b for row in ended for b in to_bytes(row[1:]) if b < 0x80))  # an ASCII byte some row writes
-    want = [ended, plain.generate_ids(prompts, 16, stop=[stop])]
-    assert len({len(row) for row in ended}) > 1
-    assert want[0] != want[1]
-    assert any(row for row in want[0])
-    for every, prefill in ((1, True), (5, True), (16, False)):
-        monkeypatch.setattr(generate, "READ_EVERY", every)
-        gen = Generator(model, native=False, defer=3, prefill=prefill)
-        assert [gen.generate_ids(prompts, 16), gen.generate_ids(prompts, 16, stop=[stop])] == want
-        assert gen.deferring == 3
-    seen = []
-    gen.generate_ids(prompts, 4, on_step=lambda r, tok, close: seen.append(r))
-    assert not gen.deferring
-    assert seen
-    with pytest.raises(ValueError, match="native=False"):
-        Generator(model, native=True, defer=3)
 
 
 @pytest.mark.parametrize("native_steps", NATIVE)
@@ -523,7 +478,7 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
     prompts = random_prompts(seed=8, n=PATCH_EVERY_BYTE_ROWS + 1)
     for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
         plain = Generator(model, kernels=kernels, overlap=False)
-        ovl = Generator(model, kernels=kernels, defer=1)
+        ovl = Generator(model, kernels=kernels)
         want = plain.generate_ids(prompts, 40, stop_at_eos=False, **kw)
         assert ovl.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
         assert ovl.overlapping
@@ -531,11 +486,6 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
         assert ovl._side is not None
         assert set(ovl.graphs) == ({"byte"} if ovl.byte_graph else {("front_patch", "back", "feed")})
         torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
-        # and by default the patch step every DEFER_EVERY steps, each row at its own position
-        dfr = Generator(model, kernels=kernels)
-        assert dfr.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
-        assert dfr.deferring == generate.DEFER_EVERY > 1
-        assert set(dfr.graphs) == {("front_patch", "back", "feed"), generate._DEFERRED_STEP}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _conditional_nodes(),
@@ -553,7 +503,7 @@ def test_byte_graph_on_cuda_equals_step_graphs(kernels):
         for n, spec in ((1, True), (3, False), (PATCH_EVERY_BYTE_ROWS + 1, None)):
             prompts = random_prompts(seed=8 + n, n=n)
             for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
-                steps = Generator(model, kernels=kernels, speculate=spec, byte_graph=False, defer=1)
+                steps = Generator(model, kernels=kernels, speculate=spec, byte_graph=False)
                 one = Generator(model, kernels=kernels, speculate=spec, byte_graph=True)
                 want = steps.generate_ids(prompts, 40, stop_at_eos=False, **kw)
                 assert one.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
