@@ -231,10 +231,25 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
-    # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
-    h = _linear_add(x_B1D, out, att.wo.weight, inplace=own)
-    m = _swiglu(layer.feed_forward, layer.ffn_norm(h), fused.w13[id(layer)], kernel=isinstance(rope, tuple))
+    if isinstance(rope, tuple):  # the residual add and the FFN's norm in one kernel after wo
+        h = x_B1D if own and x_B1D.is_contiguous() else x_B1D.clone(memory_format=torch.contiguous_format)
+        hn = _residual_norm(h, out, att.wo.weight, layer.ffn_norm)
+    else:  # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
+        h = _linear_add(x_B1D, out, att.wo.weight, inplace=own)
+        hn = layer.ffn_norm(h)
+    m = _swiglu(layer.feed_forward, hn, fused.w13[id(layer)], kernel=isinstance(rope, tuple))
     return _linear_add(h, m, layer.feed_forward.w2.weight, inplace=True)
+
+
+def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm) -> torch.Tensor:
+    """x += a @ weight.T in place (x the step's own, contiguous) -> norm(x), by
+    bltkit.kernels.residual_norm: the product in fp32 (cuBLAS), then the add, its rounding and
+    the RMSNorm in one kernel, where addmm and the norm took two or three."""
+    from . import kernels
+
+    B, T, D = x_BTD.shape
+    return kernels.residual_norm(x_BTD.view(B * T, D), a.reshape(B * T, -1), weight, norm.weight,
+                                 norm.eps).view(B, T, D)
 
 
 def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool = False) -> torch.Tensor:
@@ -778,26 +793,32 @@ class Generator:
         gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
+        xn = None  # the next layer's attention norm of x, where the last layer's w2 kernel made it
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
             if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
                 x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, self.p)
                 continue
-            if kernel_rope is not None:  # cuBLAS's q|k|v product, then RoPE and the cache writes in one kernel
-                from . import kernels
+            if kernel_rope is not None:  # cuBLAS's products; RoPE and the cache writes in one kernel,
+                from . import kernels  # and each residual add with the norm after it in another
 
-                y = F.linear(layer.attention_norm(x), fg.qkv[id(layer)])
+                y = F.linear(layer.attention_norm(x) if xn is None else xn, fg.qkv[id(layer)])
                 q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
-            else:
-                q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
-                kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
-                vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
-                q = q[:, 0]
-            out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
+                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
+                hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm)  # x: this step's temporary
+                gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
+                if i + 1 < len(gt.layers):
+                    xn = _residual_norm(x, gated, layer.feed_forward.w2.weight, gt.layers[i + 1].attention_norm)
+                else:
+                    x = _linear_add(x, gated, layer.feed_forward.w2.weight, inplace=True)
+                continue
+            q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+            kc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), k.transpose(1, 2))
+            vc.scatter_(2, widx.expand(B, att.n_kv_heads, 1, att.head_dim), v.transpose(1, 2))
+            out = _attend(q[:, 0], kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
             x = _linear_add(x, out, att.wo.weight, inplace=True)  # x: this step's temporary
-            w13 = fg.w13[id(layer)] if fg is not None else None
-            gated = _swiglu(layer.feed_forward, layer.ffn_norm(x), w13, kernel=kernel_rope is not None)
+            gated = _swiglu(layer.feed_forward, layer.ffn_norm(x))
             x = _linear_add(x, gated, layer.feed_forward.w2.weight, inplace=True)
         dunits = m.local_decoder.split_units(x)  # B K Dd
         if self.cross_kv is not None:  # every layer's at once: [2, layers, B, Nkv, K, H]

@@ -323,6 +323,24 @@ if triton is not None:
     # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections. The
     # 2,048-wide input blocks (here and in the norm kernels: a whole global row in one load, more
     # bytes in flight a program) are candidates since the thirteenth session, untimed before it
+    @triton.jit
+    def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, BLOCK_D: tl.constexpr):
+        """Row b: x + the sum of S fp32 partial products acc[s], rounded once to x's dtype and
+        written back into x (what addmm computes); then RMSNorm of it as F.rms_norm rounds it (x *
+        rstd * w in fp32, rounded once)."""
+        b = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s in range(S):
+            total += tl.load(acc_ptr + (s * B + b) * D + d, mask=ok, other=0.0)
+        h = (tl.load(x_ptr + b * D + d, mask=ok, other=0.0).to(tl.float32) + total).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + b * D + d, h, mask=ok)
+        hf = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+        g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
+        tl.store(n_ptr + b * D + d, (hf * rstd * g).to(n_ptr.dtype.element_ty), mask=ok)
+
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
                                        {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512},
                                        {"BLOCK_O": 4, "BLOCK_K": 512}, {"BLOCK_O": 2, "BLOCK_K": 1024},
@@ -509,4 +527,41 @@ def linear_add(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, bet
     out = torch.empty_like(x_BD)
     _linear_add_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_O"]))](
         x_BD, a_BK, weight, out, D, K, beta, a_BK.stride(0))
+    return out
+
+
+# residual_norm's split of a product's K (one batched product over the slices, summed by the
+# kernel): on an H200 at 64 rows (twentieth session, benchmarks/fused_norm.py) 2 was the best or
+# within 0.4 µs of it for each of blt-1b's residual products
+RESIDUAL_SPLITS = 2
+
+
+def _mm32(a_BK: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """a @ weight.T summed and kept in fp32, as [S, B, D] partial sums over S slices of K (cuBLAS's
+    fp32-output products; on a CPU, for the interpreter's tests, from fp32 copies)."""
+    B, K = a_BK.shape
+    D = weight.shape[0]
+    S = splits if K % splits == 0 else 1
+    a_s = a_BK.reshape(B, S, K // S).transpose(0, 1)  # S B K/S
+    w_s = weight.view(D, S, K // S).permute(1, 2, 0)  # S K/S D
+    if a_BK.is_cuda:
+        return torch.bmm(a_s, w_s, out_dtype=torch.float32)
+    return torch.bmm(a_s.float(), w_s.float())
+
+
+def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
+                  eps: float, splits: int | None = None) -> torch.Tensor:
+    """x += a @ weight.T in place (x [B, D] contiguous; one rounding, as addmm), and RMSNorm(x) *
+    norm_weight returned: the residual product of a block with the norm that follows it. The
+    product stays in fp32 (cuBLAS, over `splits` slices of K, default RESIDUAL_SPLITS, as one
+    batched product in place of its split-K product and reduction), and one kernel adds, rounds
+    and normalises, where addmm and RMSNorm took two or three (on an H200 at 64 rows: the global
+    stack's w2 16.7 -> 11.7 µs, its wo 11.3 -> 8.1; the decoder's 11.7 -> 7.7 and 8.5 -> 6.2)."""
+    _check_weight(weight, "weight")
+    assert x_BD.is_contiguous(), "residual_norm writes x in place: it needs a contiguous x"
+    B, D = x_BD.shape
+    acc = _mm32(a_BK, weight, RESIDUAL_SPLITS if splits is None else splits)
+    out = torch.empty_like(x_BD)
+    _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps,
+                           BLOCK_D=triton.next_power_of_2(D))
     return out

@@ -216,6 +216,30 @@ def test_linear_add_equals_addmm(dtype, tol, beta):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("splits", [1, 2, 7])  # 7: K not a multiple, one product
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits):
+    """x += a W^T in place, in fp32 and one rounding (addmm's), over `splits` slices of K summed by
+    the kernel; and the norm after it, F.rms_norm's (fp32, one rounding); a with a row stride;
+    rows that are not a power of two long. In bf16 one step at the largest magnitude (the
+    slices' sums differ from one product's in order)."""
+    B, D, K = 5, 40, 600
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
+    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
+    norm = RMSNorm(D).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    h_want = x.float() + a.float() @ w.float().T
+    n_want = F.rms_norm(_rnd(h_want, dtype), (D,), norm.weight.float(), norm.eps)
+    h = x.clone()
+    n = kernels.residual_norm(h, a, w, norm.weight, norm.eps, splits=splits)
+    assert n.dtype == h.dtype == dtype
+    torch.testing.assert_close(h.float(), _rnd(h_want, dtype), rtol=0, atol=tol * h_want.abs().max().item())
+    torch.testing.assert_close(n.float(), _rnd(n_want, dtype), rtol=0, atol=tol * n_want.abs().max().item())
+
+
 @pytest.mark.parametrize("splits", [1, 4])
 def test_attend_reads_no_hidden_slot(splits):
     """Hidden slots may hold anything (a discarded row's NaN at the global cache's dummy slot):
@@ -368,12 +392,19 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
         return swiglu(y)
 
     monkeypatch.setattr(kernels, "swiglu", counted_swiglu)
+    residual, residual_rows = kernels.residual_norm, []  # after cuBLAS's wo and (global) w2 products
+
+    def counted_residual(x, *a, **k):
+        residual_rows.append(x.shape[0])
+        return residual(x, *a, **k)
+
+    monkeypatch.setattr(kernels, "residual_norm", counted_residual)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
     gen = Generator(model, kernels=True)
     assert gen.fused_global is not None
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
-    assert set(calls) == set(swiglu_rows) == {len(prompts)}
+    assert set(calls) == set(swiglu_rows) == set(residual_rows) == {len(prompts)}
     assert len(calls) >= 12 * len(model.local_decoder.cross_attn_layers)  # a step's decoder cross layers
 
 
