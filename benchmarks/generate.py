@@ -12,6 +12,7 @@ prompt lengths. Examples:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -250,6 +251,10 @@ def main() -> None:
             single = b == 1 and args.single_prompts > 1
             prompts = prompts_of(plen, args.single_prompts if single else b)
             calls = [[p] for p in prompts] if single else [prompts]
+            if dev.startswith("cuda"):  # the last cells' generators and their CUDA graph pools, freed
+                gen = None  # (a Generator is a reference cycle: its step functions are its bound methods)
+                gc.collect()
+                torch.cuda.empty_cache()
             try:
                 gen = calibrated(prompts)
                 gen.generate_ids([p[:16] for p in calls[0]], 8, stop_at_eos=False)  # warm-up

@@ -25,11 +25,11 @@
 # gpu_tests, profile_generate.py --variants speculate-sched (the host gap: 36/61 µs a byte, then
 # 25/24 with one graph a launch) and generate_kernels; the nineteenth gpu_tests, profile_generate
 # at 64 rows with --trace (the batch-64 step's kernels in launch order), attend_configs.py and the
-# grid without transformers; next, on a PyTorch with
+# grid without transformers; the twentieth gpu_tests, fused_norm, and the grid's batch-8 and -64
+# cells (docs/benchmarks.md); next, on a PyTorch with
 # torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
-#   ONLY=fused_norm                     (the next batch-64 step: norms on the chain, ~1 minute)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -56,8 +56,9 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 # shellcheck disable=SC2086
 run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --steps 32 \
   --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
-# kernels.attend per launch configuration at 64 rows (nineteenth session), and whether a residual
-# add fused with the next RMSNorm after an fp32-output product beats addmm + RMSNorm (not yet run)
+# kernels.attend per launch configuration at 64 rows (nineteenth session), and kernels.residual_norm
+# (an fp32-output product, then the residual add and the next RMSNorm in one kernel) against
+# addmm + RMSNorm (twentieth session: it won, and the generator runs it past KERNEL_MAX_ROWS rows)
 run attend_configs 90 python benchmarks/attend_configs.py
 run fused_norm 60 python benchmarks/fused_norm.py
 # the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation

@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Seven kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Eight kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -19,6 +19,9 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `linear_add`: beta * x + a @ W.T, the output and down projections with their residual, for a
   few rows (what `torch.addmm` computes, one rounding), where cuBLAS runs two kernels (split-K
   and its reduction, 8.7 + 1.7 µs for the global stack's output projection at one row).
+- `residual_norm`: a block's residual add after cuBLAS's product (kept in fp32, split over K as
+  one batched product) and the RMSNorm that follows it, for batches over a few rows: one kernel
+  where addmm (for long K a split-K product and its reduction) and the norm took two or three.
 - `attend`: one position's attention over a stack's cache with the step's additive mask, in
   place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
   20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
