@@ -442,7 +442,8 @@ class Generator:
         prefill: read prompts with one full forward (default) rather than byte by byte.
         kernels: run the blocks' steps with the Triton kernels of `bltkit.kernels` for batches of
             up to KERNEL_MAX_ROWS rows, and for larger ones RoPE with the cache writes after
-            cuBLAS's products (`kernels.rope_write`); at any batch size the attention over short
+            cuBLAS's products (`kernels.rope_write`) and each residual add with the norm after it
+            (`kernels.residual_norm`); at any batch size the attention over short
             caches (`ATTEND_KERNEL`) (needs `triton` and a CUDA model). Default (None): on
             where they can run (a CUDA model, `triton` installed, power-of-two head dims, `fuse`,
             no `compile`); 1.40x faster a byte for blt-1b on an H200 (docs/benchmarks.md). The
