@@ -321,11 +321,6 @@ if triton is not None:
         o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
 
-    # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
-    # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
-    # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections. The
-    # 2,048-wide input blocks (here and in the norm kernels: a whole global row in one load, more
-    # bytes in flight a program) are candidates since the thirteenth session, untimed before it
     @triton.jit
     def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, BLOCK_D: tl.constexpr):
         """Row b: x + the sum of S fp32 partial products acc[s], rounded once to x's dtype and
@@ -344,6 +339,11 @@ if triton is not None:
         g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
         tl.store(n_ptr + b * D + d, (hf * rstd * g).to(n_ptr.dtype.element_ty), mask=ok)
 
+    # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
+    # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
+    # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections. The
+    # 2,048-wide input blocks (here and in the norm kernels: a whole global row in one load, more
+    # bytes in flight a program) are candidates since the thirteenth session, untimed before it
     @triton.autotune(configs=_configs([{"BLOCK_O": 16, "BLOCK_K": 256}, {"BLOCK_O": 8, "BLOCK_K": 512},
                                        {"BLOCK_O": 32, "BLOCK_K": 128}, {"BLOCK_O": 16, "BLOCK_K": 512},
                                        {"BLOCK_O": 4, "BLOCK_K": 512}, {"BLOCK_O": 2, "BLOCK_K": 1024},
