@@ -147,8 +147,7 @@ def main() -> None:
                     help="Generator(model, native=...): the C steps of bltkit.native; auto (the default) runs "
                          "them on a CPU in fp32 where a C compiler is found")
     switches = {"attend": "bltkit.kernels.attend for the steps' attention",
-                "linear": "kernels.linear_add in the block steps of a few rows",
-                "product": "the global stack's Triton products past the block steps' rows"}
+                "linear": "kernels.linear_add in the block steps of a few rows"}
     for name, what in switches.items():
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
@@ -162,9 +161,6 @@ def main() -> None:
     ap.add_argument("--attend-programs", type=int, default=None, metavar="N",
                     help="with the kernels, the programs kernels.attend aims for before it splits a row's keys "
                          "(kernels.ATTEND_PROGRAMS; 1: no split, no combining kernel; default: the constant)")
-    ap.add_argument("--pdl", choices=["auto", "on", "off"], default="auto",
-                    help="with the kernels, launch them with programmatic dependent launch on Hopper GPUs "
-                         "(bltkit.kernels.PDL) or without; auto (the default) keeps the constant's value")
     ap.add_argument("--check-fp32", type=int, default=0, metavar="N",
                     help="first compare N greedy bytes with transformers in fp32 (exactness, not speed)")
     ap.add_argument("--json", default=None, help="also write results to this file")
@@ -179,8 +175,6 @@ def main() -> None:
         generate.ATTEND_MAX_KEYS = args.attend_max_keys
     if args.attend_programs is not None:
         kernels.ATTEND_PROGRAMS = args.attend_programs
-    if args.pdl != "auto":
-        kernels.PDL = args.pdl == "on"
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
     t = time.perf_counter()

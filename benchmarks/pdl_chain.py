@@ -19,7 +19,15 @@ weights come from HBM, as in a step), in one CUDA graph, four ways:
 - with `--prefetch F` the products first prefetch the first F of their weight slice into L2.
 
 It first tunes each product's blocks and slices on its own (weights from HBM), then runs the chains
-and prints µs a layer. It checks every product against torch.matmul in fp32.
+and prints µs a layer. It checks every product against torch.matmul in fp32, and every Triton
+variant's output against `triton`'s (0 unless a PDL wait is missing).
+
+Twenty-first session, H200, torch 2.11, triton 3.6 (docs/benchmarks.md): cublas 65.1 µs a layer,
+triton 70.5, pdl 67.0, pdl-early 67.2, pdl-fused 58.3; the products alone 39.0, the small kernels
+alone 31.6; prefetching hurt (68.0 at 0.25, 71.5 at 1.0). The generator ran these products (commit
+8d56717, removed in the next): in the batch-64 step, with the entropy model's kernels beside the
+global stack, they took 13.2 µs a call against cuBLAS's ~10.4, and the step 2.64-2.73 ms against
+2.55-2.56; PDL alone 2.59 against 2.56.
 
     python benchmarks/pdl_chain.py
 """

@@ -81,13 +81,7 @@ def main() -> None:
                          "sync a byte below generate.PATCH_EVERY_BYTE_ROWS rows); kernels-sched, "
                          "speculate-sched: those timed once more with the host's patch-step decisions "
                          "replayed from a recorded schedule, without reading the flag back each byte (what "
-                         "the host's sync and launches between a byte's graphs cost; see host_gap); "
-                         "kernels-cublas: kernels with cuBLAS's products for the global stack past "
-                         "generate.KERNEL_MAX_ROWS rows (PRODUCT_KERNEL = False), kernels-products: with "
-                         "bltkit.kernels' Triton products there (PRODUCT_KERNEL = True). Any variant ending in "
-                         "-pdl: its kernels launched with programmatic dependent launch (bltkit.kernels.PDL = "
-                         "True), -nopdl: without, -pdlchain: only the products and the residual norm after "
-                         "them with it (kernels.PDL_ALL = False)")
+                         "the host's sync and launches between a byte's graphs cost; see host_gap)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -107,13 +101,12 @@ def main() -> None:
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
     prompts = [text[:args.prompt_len - 1]] * args.batch
-    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "PRODUCT_KERNEL")
+    names = ("ATTEND_KERNEL", "LINEAR_KERNEL")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
                 "kernels-both": {"ATTEND_KERNEL": True, "LINEAR_KERNEL": True},
-                "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False},
-                "kernels-cublas": {"PRODUCT_KERNEL": False}, "kernels-products": {"PRODUCT_KERNEL": True}}
+                "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False}}
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}
@@ -122,22 +115,19 @@ def main() -> None:
                      "kernels-nooverlap": variants["kernels"], "kernels-byte": variants["kernels"],
                      "speculate-byte": variants["speculate"], "kernels-sched": variants["kernels"],
                      "speculate-sched": variants["speculate"]})
-    programs, pdl = kernels.ATTEND_PROGRAMS, kernels.PDL
+    programs = kernels.ATTEND_PROGRAMS
     gen = None
     for name in args.variants.split(","):
         gen = None  # the last variant's graphs and caches freed first
         gc.collect()
         torch.cuda.empty_cache()
-        base = name.removesuffix("-nopdl").removesuffix("-pdlchain").removesuffix("-pdl")
-        graphs, comp, kern, spec = variants[base]
-        for k, v in {**defaults, **switched.get(base, {})}.items():  # read when a Generator is made
+        graphs, comp, kern, spec = variants[name]
+        for k, v in {**defaults, **switched.get(name, {})}.items():  # read when a Generator is made
             setattr(generate, k, v)
-        kernels.ATTEND_PROGRAMS = 1 if base.endswith("-nosplit") else programs  # read as graphs are captured
-        kernels.PDL = name.endswith(("-pdl", "-pdlchain")) or (pdl and not name.endswith("-nopdl"))  # likewise
-        kernels.PDL_ALL = not name.endswith("-pdlchain")
+        kernels.ATTEND_PROGRAMS = 1 if name.endswith("-nosplit") else programs  # read as graphs are captured
         t = time.perf_counter()
-        overlap = not base.endswith("-nooverlap")
-        byte_graph = base.endswith("-byte")
+        overlap = not name.endswith("-nooverlap")
+        byte_graph = name.endswith("-byte")
         gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap,
                         byte_graph=byte_graph)
         gen.generate_ids(prompts, 16, stop_at_eos=False)
@@ -147,7 +137,7 @@ def main() -> None:
         print(f"{name}: cuda graphs {graphs} compile {comp} kernels {kern} speculate {spec} overlap "
               f"{gen.overlapping} byte graph {gen.byte_graph}: {s['decode_s'] / max(1, args.steps) * 1e3:.2f} ms/step decode "
               f"(first call {t_warm:.1f}s), patches {s['patches']} over {s['bytes_read']} bytes", flush=True)
-        if base.endswith("-sched"):
+        if name.endswith("-sched"):
             host_gap(gen, prompts, args.steps)
     if args.no_tables:
         return

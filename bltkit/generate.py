@@ -185,12 +185,11 @@ ROPE_MATRIX_BYTES = 64 << 20
 
 
 class _KernelChoice(NamedTuple):
-    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL, PRODUCT_KERNEL), as
-    read when a Generator is made; all False without Generator(kernels=...)."""
+    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL), as read when a
+    Generator is made; all False without Generator(kernels=...)."""
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
-    products: bool = False  # the global stack's products by Triton past the block steps' rows
 
 
 _DEFAULT_KERNELS = _KernelChoice()
@@ -242,17 +241,15 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     return _linear_add(h, m, layer.feed_forward.w2.weight, inplace=True)
 
 
-def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm,
-                   product: bool = False) -> torch.Tensor:
+def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm) -> torch.Tensor:
     """x += a @ weight.T in place (x the step's own, contiguous) -> norm(x), by
-    bltkit.kernels.residual_norm: the product in fp32 (cuBLAS, or with `product` Triton's), then
-    the add, its rounding and the RMSNorm in one kernel, where addmm and the norm took two or
-    three."""
+    bltkit.kernels.residual_norm: the product in fp32 (cuBLAS), then the add, its rounding and
+    the RMSNorm in one kernel, where addmm and the norm took two or three."""
     from . import kernels
 
     B, T, D = x_BTD.shape
     return kernels.residual_norm(x_BTD.view(B * T, D), a.reshape(B * T, -1), weight, norm.weight,
-                                 norm.eps, product=product).view(B, T, D)
+                                 norm.eps).view(B, T, D)
 
 
 def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool = False) -> torch.Tensor:
@@ -386,17 +383,6 @@ ATTEND_MAX_KEYS = 1024  # read as the steps are traced (and captured into CUDA g
 # (benchmarks/profile_generate.py --variants kernels-plain,kernels); both are read when a
 # Generator is made
 LINEAR_KERNEL = True
-
-# Generator(kernels=True) runs the global stack's products past KERNEL_MAX_ROWS rows (up to
-# kernels.PRODUCT_MAX_ROWS) with bltkit.kernels' Triton products where this is True: the q|k|v
-# product with RoPE and the cache writes in it, w1|w3 with SwiGLU (two kernels a layer fewer), wo
-# and w2 as fp32 partial sums for residual_norm; read when a Generator is made. Off: on an H200
-# (twenty-first session, blt-1b, bf16) one global layer's chain alone took 58.3 µs a layer with
-# them (and PDL) against 65.1 with cuBLAS's (benchmarks/pdl_chain.py), but the batch-64 step, where
-# the entropy model runs beside the global stack, took 2.67-2.73 ms against 2.55-2.59
-# (benchmarks/profile_generate.py --batch 64 --variants kernels-cublas,kernels-products, with and
-# without PDL)
-PRODUCT_KERNEL = False
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
@@ -562,8 +548,7 @@ class Generator:
             if fuse and model.local_decoder.cross_attn_layers else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
-        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL,
-                                            products=bool(kernels) and PRODUCT_KERNEL)
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
@@ -810,34 +795,22 @@ class Generator:
                            & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
         widx = idx.view(B, 1, 1, 1)
         xn = None  # the next layer's attention norm of x, where the last layer's w2 kernel made it
-        if kernel_rope is not None and B > KERNEL_MAX_ROWS:
-            from . import kernels
-
-            products = self._kernel_choice.products and B <= kernels.PRODUCT_MAX_ROWS  # PRODUCT_KERNEL
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
             if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
                 x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, self.p)
                 continue
-            if kernel_rope is not None:  # cuBLAS's products, or Triton's with RoPE and the cache writes and
-                # SwiGLU in them (`products`); each residual add with the norm after it in one kernel
-                xin = layer.attention_norm(x) if xn is None else xn
-                if products:  # RoPE and the cache writes after the q|k|v product, SwiGLU after w1|w3
-                    q = kernels.qkv_rope(xin.view(B, -1), fg.qkv[id(layer)], *kernel_rope, att.n_heads,
-                                         att.n_kv_heads, kc, vc, idx)
-                else:
-                    y = F.linear(xin, fg.qkv[id(layer)])
-                    q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
+            if kernel_rope is not None:  # cuBLAS's products; RoPE and the cache writes in one kernel,
+                from . import kernels  # and each residual add with the norm after it in another
+
+                y = F.linear(layer.attention_norm(x) if xn is None else xn, fg.qkv[id(layer)])
+                q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
                 out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
-                hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm, products)  # x: this step's temporary
-                if products:
-                    gated = kernels.swiglu_product(hn.view(B, -1), fg.w13[id(layer)]).view(B, 1, -1)
-                else:
-                    gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
+                hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm)  # x: this step's temporary
+                gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
                 if i + 1 < len(gt.layers):
-                    xn = _residual_norm(x, gated, layer.feed_forward.w2.weight, gt.layers[i + 1].attention_norm,
-                                        products)
+                    xn = _residual_norm(x, gated, layer.feed_forward.w2.weight, gt.layers[i + 1].attention_norm)
                 else:
                     x = _linear_add(x, gated, layer.feed_forward.w2.weight, inplace=True)
                 continue

@@ -69,48 +69,7 @@ def _configs(options: list[dict], warps: list[int]) -> list:
     return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
 
 
-# the kernels here launch with programmatic dependent launch (PDL, Hopper and later: `launch_pdl`)
-# where this is True: a kernel is launched while the one before it still runs, and waits
-# (griddepcontrol.wait) before it reads or writes anything, so that its launch and start overlap
-# the other's end. Off: on an H200 (twenty-first session, blt-1b, bf16) one global layer's chain of
-# Triton kernels alone took 67.0 µs a layer with it against 70.5 (benchmarks/pdl_chain.py), but the
-# batch-64 step took 2.59 ms with it against 2.55-2.56 without (2.55 with PDL_ALL off;
-# benchmarks/profile_generate.py --batch 64 --variants kernels-cublas-pdl,kernels-cublas-nopdl)
-PDL = False
-# with PDL, every kernel here launches so where this is True, else only the products and the residual
-# norm after them (the global stack's chain past a few rows)
-PDL_ALL = True
-_pdl_devices: dict[int, bool] = {}
-
-
-def pdl(device: torch.device) -> bool:
-    """Do the kernels launch with PDL on `device` (PDL on, CUDA compute capability 9+, a Triton
-    with griddepcontrol, not the interpreter)?"""
-    if triton is None or not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _pdl_devices:
-        _pdl_devices[index] = (torch.cuda.get_device_capability(index)[0] >= 9
-                               and hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents"))
-    return _pdl_devices[index]
-
-
-def _launch(t: torch.Tensor, chain: bool = False) -> dict:
-    """A kernel launch's PDL arguments for tensors on t's device (`pdl`; `chain`: a product or the
-    residual norm after one, see PDL_ALL)."""
-    return {"GDC": True, "launch_pdl": True} if (PDL_ALL or chain) and pdl(t.device) else {"GDC": False}
-
-
 if triton is not None:
-
-    @triton.jit
-    def _gdc(GDC: tl.constexpr):
-        """With PDL: wait until the kernel before has ended (its writes visible), then let the next
-        kernel launch. Every kernel here calls this before its first load or store, so the waits
-        chain: the kernel before has itself waited for its own predecessor."""
-        if GDC:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _rstd(x_row, D, eps, BLOCK_D: tl.constexpr):
@@ -173,8 +132,7 @@ if triton is not None:
     @triton.jit
     def _norm_qkv_rope_kernel(x_ptr, g_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                               D, eps, N, NK, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope,
-                              H: tl.constexpr, PAIRS: tl.constexpr, BLOCK_D: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                              H: tl.constexpr, PAIRS: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         shares = (H // 2 + PAIRS - 1) // PAIRS
         head = tl.program_id(1) // shares  # q heads, then k heads, then v heads
@@ -201,8 +159,7 @@ if triton is not None:
 
     @triton.jit
     def _rope_write_kernel(y_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr, N, NK, sy_b,
-                           skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope, H: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                           skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, s_slot, s_rope, H: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         i = tl.arange(0, H // 2)
@@ -220,8 +177,7 @@ if triton is not None:
                                       [4, 8, 8, 8, 4, 4, 8, 4, 8]), key=["D", "F"])
     @triton.jit
     def _norm_swiglu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, D, F, eps, BLOCK_O: tl.constexpr,
-                            BLOCK_D: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                            BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         dt = x_ptr.dtype.element_ty
@@ -243,8 +199,7 @@ if triton is not None:
         tl.store(out_ptr + b * F + rows, _silu_mul(a, g, dt), mask=rows < F)
 
     @triton.jit
-    def _swiglu_kernel(y_ptr, out_ptr, F, sy_b, BLOCK: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+    def _swiglu_kernel(y_ptr, out_ptr, F, sy_b, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = f < F
@@ -258,8 +213,7 @@ if triton is not None:
     @triton.jit
     def _norm_cross_attend_kernel(x_ptr, g_ptr, w_ptr, k_ptr, v_ptr, out_ptr, D, eps, scale, N, NK, K,
                                   sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                                  BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
@@ -296,8 +250,7 @@ if triton is not None:
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                       HAS_MASK: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -351,8 +304,7 @@ if triton is not None:
             tl.store(row + H + 1, l_i)
 
     @triton.jit
-    def _attend_combine_kernel(part_ptr, o_ptr, N, SPLITS, H: tl.constexpr, BLOCK_J: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+    def _attend_combine_kernel(part_ptr, o_ptr, N, SPLITS, H: tl.constexpr, BLOCK_J: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         dt = o_ptr.dtype.element_ty
@@ -370,11 +322,10 @@ if triton is not None:
         tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, BLOCK_D: tl.constexpr, GDC: tl.constexpr):
+    def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, BLOCK_D: tl.constexpr):
         """Row b: x + the sum of S fp32 partial products acc[s], rounded once to x's dtype and
         written back into x (what addmm computes); then RMSNorm of it as F.rms_norm rounds it (x *
         rstd * w in fp32, rounded once)."""
-        _gdc(GDC)
         b = tl.program_id(0)
         d = tl.arange(0, BLOCK_D)
         ok = d < D
@@ -401,8 +352,7 @@ if triton is not None:
                                       [4, 4, 4, 8, 4, 4, 4, 8, 4, 8]), key=["D", "K"])
     @triton.jit
     def _linear_add_kernel(x_ptr, a_ptr, w_ptr, out_ptr, D, K, beta, sa_b, BLOCK_O: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GDC: tl.constexpr):
-        _gdc(GDC)
+                           BLOCK_K: tl.constexpr):
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         dt = out_ptr.dtype.element_ty
@@ -415,81 +365,6 @@ if triton is not None:
             acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         x = tl.load(x_ptr + b * D + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # addmm's one rounding
-
-    # a product's blocks: BLOCK_N output features by BLOCK_K inputs a step, all rows (up to 64) at
-    # once. On an H200 at 64 rows (twenty-first session, benchmarks/pdl_chain.py, 4 warps, 4
-    # stages) the best of 16-40 shapes per product ran within 0.5 µs of cuBLAS: blt-1b's global
-    # q|k|v 9.5 µs (cuBLAS 9.4), w1|w3 16.1 (15.7), wo over 4 slices 5.2 (cuBLAS's fp32-output
-    # bmm over 2: 5.7), w2 over 4 slices 8.8 (9.2); these four were among each product's best three
-    @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=4)
-                              for n, k in ((64, 128), (32, 64), (64, 64), (32, 128))][
-                                  :1 if os.environ.get("TRITON_INTERPRET") == "1" else None],
-                     key=["N", "K", "S", "EPI", "H"])
-    @triton.jit
-    def _product_kernel(x_ptr, w_ptr, o_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, M, N, K, KS, sx,
-                        NQ, NK, s_rope, s_slot, skc_b, skc_n, skc_r, svc_b, svc_n, svc_r, S: tl.constexpr,
-                        EPI: tl.constexpr, H: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """x @ w.T for up to 64 rows of x [M, K] (any row stride) and w [N, K], then per EPI:
-        0: the fp32 sums over slice program_id(1) of K (KS inputs) into o [S, M, N];
-        1: (q|k|v) the outputs rounded to x's dtype, RoPE on the q and k heads (in fp32, rounded
-           once), q into o [M, NQ, H] and k, v into the caches at each row's slot (rope_write's);
-        2: (w1|w3, stacked [w1; w3]) silu(a) * b into o [M, N / 2], as _silu_mul rounds it: a
-           program's block is BLOCK_N / 2 rows of w1 and the same rows of w3."""
-        BLOCK_M: tl.constexpr = 64
-        HALF: tl.constexpr = BLOCK_N // 2
-        j = tl.arange(0, BLOCK_N)
-        if EPI == 2:
-            f = tl.program_id(0) * HALF + j % HALF
-            wrow = f + (j // HALF) * (N // 2)
-            nok = f < N // 2
-        else:
-            wrow = tl.program_id(0) * BLOCK_N + j
-            nok = wrow < N
-        m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mok = m < M
-        k_lo = tl.program_id(1) * KS
-        k_hi = tl.minimum(K, k_lo + KS)
-        _gdc(GDC)
-        dt = x_ptr.dtype.element_ty
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kok = k < k_hi
-            xt = tl.load(x_ptr + m[:, None] * sx + k[None, :], mask=mok[:, None] & kok[None, :], other=0.0)
-            wt = tl.load(w_ptr + wrow[None, :].to(tl.int64) * K + k[:, None], mask=nok[None, :] & kok[:, None],
-                         other=0.0)
-            if IEEE:  # fp32 (no TF32), and the interpreter (whose bf16 products are wrong)
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, wt, acc)
-        if EPI == 0:
-            at = o_ptr + (tl.program_id(1) * M + m[:, None]) * N + wrow[None, :]
-            tl.store(at, acc, mask=mok[:, None] & nok[None, :])
-        elif EPI == 2:
-            a, g = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
-            fo = tl.program_id(0) * HALF + tl.arange(0, HALF)
-            y = _silu_mul(a.to(dt).to(tl.float32), g.to(dt).to(tl.float32), dt)
-            tl.store(o_ptr + m[:, None] * (N // 2) + fo[None, :], y, mask=mok[:, None] & (fo < N // 2)[None, :])
-        else:  # adjacent columns are RoPE's pairs (even, odd)
-            e, o = tl.split(tl.reshape(acc, [BLOCK_M, HALF, 2]))
-            e = e.to(dt).to(tl.float32)  # the product's outputs, rounded as F.linear's
-            o = o.to(dt).to(tl.float32)
-            col = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, HALF)  # a pair's even column
-            head = col // H  # q heads, then k heads, then v heads
-            i = (col % H) // 2
-            ok = mok[:, None] & (col < N)[None, :]
-            turn = ok & (head < NQ + NK)[None, :]
-            c = tl.load(cos_ptr + m[:, None] * s_rope + i[None, :], mask=turn, other=1.0)
-            s = tl.load(sin_ptr + m[:, None] * s_rope + i[None, :], mask=turn, other=0.0)
-            e, o = e * c - o * s, o * c + e * s
-            slot = tl.load(slot_ptr + m * s_slot, mask=mok, other=0)
-            q_at = o_ptr + (m[:, None] * NQ + head[None, :]) * H
-            k_at = kc_ptr + m[:, None] * skc_b + (head - NQ)[None, :] * skc_n + slot[:, None] * skc_r
-            v_at = vc_ptr + m[:, None] * svc_b + (head - NQ - NK)[None, :] * svc_n + slot[:, None] * svc_r
-            at = tl.where((head < NQ)[None, :], q_at, tl.where((head < NQ + NK)[None, :], k_at, v_at)) + 2 * i[None, :]
-            tl.store(at, e.to(dt), mask=ok)
-            tl.store(at + 1, o.to(dt), mask=ok)
 
 
 def _check_weight(w: torch.Tensor, name: str) -> None:
@@ -530,10 +405,9 @@ def norm_qkv_rope(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_q
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             1 if per_row else 0, _rope_stride(cos_H2, sin_H2))
     if pairs is None:
-        _norm_qkv_rope_kernel[lambda meta: (B, heads * triton.cdiv(H // 2, meta["PAIRS"]))](*args, H=H, **_launch(q))
+        _norm_qkv_rope_kernel[lambda meta: (B, heads * triton.cdiv(H // 2, meta["PAIRS"]))](*args, H=H)
     else:  # the tuner's kernel itself, with one fixed choice
-        _norm_qkv_rope_kernel.fn[(B, heads * triton.cdiv(H // 2, pairs))](*args, H=H, PAIRS=pairs, BLOCK_D=128,
-                                                                          **_launch(q))
+        _norm_qkv_rope_kernel.fn[(B, heads * triton.cdiv(H // 2, pairs))](*args, H=H, PAIRS=pairs, BLOCK_D=128)
     return q
 
 
@@ -550,7 +424,7 @@ def rope_write(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n
     _rope_write_kernel[(B, n_heads + 2 * n_kv_heads)](
         y_BF, cos_H2, sin_H2, q, k_cache, v_cache, slot, n_heads, n_kv_heads, y_BF.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, _rope_stride(cos_H2, sin_H2), H=H, **_launch(q))
+        v_cache.stride(2), 1 if slot.numel() == B > 1 else 0, _rope_stride(cos_H2, sin_H2), H=H)
     return q
 
 
@@ -560,8 +434,7 @@ def norm_swiglu(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float, w13: 
     B, D = x_BD.shape
     F = w13.shape[0] // 2
     out = torch.empty(B, F, dtype=x_BD.dtype, device=x_BD.device)
-    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps,
-                                                                           **_launch(out))
+    _norm_swiglu_kernel[lambda meta: (B, triton.cdiv(F, meta["BLOCK_O"]))](x_BD, norm_weight, w13, out, D, F, eps)
     return out
 
 
@@ -576,8 +449,7 @@ def swiglu(y_B2F: torch.Tensor) -> torch.Tensor:
     F = F2 // 2
     assert y_B2F.stride(1) == 1, "swiglu needs contiguous rows"
     out = torch.empty(B, F, dtype=y_B2F.dtype, device=y_B2F.device)
-    _swiglu_kernel[(B, triton.cdiv(F, SWIGLU_BLOCK))](y_B2F, out, F, y_B2F.stride(0), BLOCK=SWIGLU_BLOCK,
-                                                      **_launch(out))
+    _swiglu_kernel[(B, triton.cdiv(F, SWIGLU_BLOCK))](y_B2F, out, F, y_B2F.stride(0), BLOCK=SWIGLU_BLOCK)
     return out
 
 
@@ -593,7 +465,7 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     _norm_cross_attend_kernel[(B, n_heads)](
         x_BD, norm_weight, w_q, k, v, out, D, eps, H ** -0.5, n_heads, n_kv, K,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H=H, BLOCK_K=triton.next_power_of_2(K), **_launch(out))
+        H=H, BLOCK_K=triton.next_power_of_2(K))
     return out
 
 
@@ -642,10 +514,9 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, H=H, HAS_LAST=last is not None,
-        HAS_FIRST=first is not None, HAS_MASK=mask is not None, **_launch(out))
+        HAS_FIRST=first is not None, HAS_MASK=mask is not None)
     if splits > 1:
-        _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits),
-                                       **_launch(out))
+        _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out
 
 
@@ -658,7 +529,7 @@ def linear_add(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, bet
     K = weight.shape[1]
     out = torch.empty_like(x_BD)
     _linear_add_kernel[lambda meta: (B, triton.cdiv(D, meta["BLOCK_O"]))](
-        x_BD, a_BK, weight, out, D, K, beta, a_BK.stride(0), **_launch(out))
+        x_BD, a_BK, weight, out, D, K, beta, a_BK.stride(0))
     return out
 
 
@@ -681,95 +552,19 @@ def _mm32(a_BK: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor
     return torch.bmm(a_s.float(), w_s.float())
 
 
-# the Triton products (`partials`, `qkv_rope`, `swiglu_product`) take rows in blocks of this many
-# (the tensor cores' 64-row tiles); past it they read the weights once a block, and the generator
-# keeps cuBLAS's products
-PRODUCT_MAX_ROWS = 64
-
-# `partials`' slices of K by default (a program a block of outputs and a slice, so that blt-1b's
-# 2,048-wide products make 128 programs at 64 outputs a block: an H200 has 132 SMs). On an H200 at
-# 64 rows (twenty-first session, benchmarks/pdl_chain.py) 4 was the best for the global stack's wo
-# (5.2 µs) and w2 (8.8)
-PRODUCT_SPLITS = 4
-
-
-def _product(x_BK: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epi: int, splits: int = 1,
-             rope: tuple | None = None) -> None:
-    """One `_product_kernel` launch (epilogue `epi`; `rope`: (cos, sin, n_heads, n_kv_heads,
-    k_cache, v_cache, slot) for epilogue 1)."""
-    _check_weight(weight, "weight")
-    assert x_BK.stride(-1) == 1, "the products need contiguous rows (any row stride)"
-    M, K = x_BK.shape
-    N = weight.shape[0]
-    assert weight.shape[1] == K, f"the product's input has {K} features, its weight {tuple(weight.shape)}"
-    KS = triton.cdiv(triton.cdiv(K, splits), 64) * 64  # a slice's inputs (the last slices may hold none)
-    if rope is None:
-        cos = sin = kc = vc = slot = out
-        NQ = NK = s_rope = s_slot = 0
-        kst = vst = (0, 0, 0)
-        H = 1
-    else:
-        cos, sin, NQ, NK, kc, vc, slot = rope
-        s_rope, s_slot = _rope_stride(cos, sin), 1 if slot.numel() == M > 1 else 0
-        kst, vst, H = kc.stride()[:3], vc.stride()[:3], kc.shape[-1]
-    ieee = x_BK.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-
-    def grid(meta):
-        per = meta["BLOCK_N"] // 2 if epi == 2 else meta["BLOCK_N"]
-        return triton.cdiv(N // 2 if epi == 2 else N, per), splits, triton.cdiv(M, PRODUCT_MAX_ROWS)
-
-    _product_kernel[grid](x_BK, weight, out, cos, sin, kc, vc, slot, M, N, K, KS, x_BK.stride(0), NQ, NK, s_rope,
-                          s_slot, *kst, *vst, S=splits, EPI=epi, H=H, IEEE=ieee, **_launch(out, chain=True))
-
-
-def partials(a_BK: torch.Tensor, weight: torch.Tensor, splits: int | None = None) -> torch.Tensor:
-    """a @ weight.T [S, B, D] in fp32, as partial sums over S slices of K (default
-    PRODUCT_SPLITS), for a kernel that sums them (residual_norm's): a Triton product, where
-    `_mm32` is cuBLAS's."""
-    S = PRODUCT_SPLITS if splits is None else splits
-    out = torch.empty(S, a_BK.shape[0], weight.shape[0], dtype=torch.float32, device=a_BK.device)
-    _product(a_BK, weight, out, 0, S)
-    return out
-
-
-def qkv_rope(x_BD: torch.Tensor, w_qkv: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
-             n_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """`rope_write(F.linear(x, w_qkv), ...)` in one kernel: the q|k|v product of x [B, D] (already
-    normed), RoPE on q and k, and k, v into the caches at `slot`; the arguments as
-    `norm_qkv_rope`'s. For batches past the matrix-vector kernels (up to PRODUCT_MAX_ROWS rows a
-    block)."""
-    H = k_cache.shape[-1]
-    q = torch.empty(x_BD.shape[0], n_heads, H, dtype=x_BD.dtype, device=x_BD.device)
-    _product(x_BD, w_qkv, q, 1, rope=(cos_H2, sin_H2, n_heads, n_kv_heads, k_cache, v_cache, slot))
-    return q
-
-
-def swiglu_product(x_BD: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
-    """`swiglu(F.linear(x, w13))` in one kernel: silu(w1 x) * w3 x [B, F] with w13 = [w1; w3]
-    ([2F, D]) and x [B, D] (already normed)."""
-    out = torch.empty(x_BD.shape[0], w13.shape[0] // 2, dtype=x_BD.dtype, device=x_BD.device)
-    _product(x_BD, w13, out, 2)
-    return out
-
-
 def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
-                  eps: float, splits: int | None = None, product: bool = False) -> torch.Tensor:
+                  eps: float, splits: int | None = None) -> torch.Tensor:
     """x += a @ weight.T in place (x [B, D] contiguous; one rounding, as addmm), and RMSNorm(x) *
     norm_weight returned: the residual product of a block with the norm that follows it. The
     product stays in fp32 (cuBLAS, over `splits` slices of K, default RESIDUAL_SPLITS, as one
     batched product in place of its split-K product and reduction), and one kernel adds, rounds
     and normalises, where addmm and RMSNorm took two or three (on an H200 at 64 rows: the global
-    stack's w2 16.7 -> 11.7 µs, its wo 11.3 -> 8.1; the decoder's 11.7 -> 7.7 and 8.5 -> 6.2).
-    `product`: the Triton product (`partials`, over PRODUCT_SPLITS slices by default) in place of
-    cuBLAS's, both kernels launched with PDL where `pdl` says so."""
+    stack's w2 16.7 -> 11.7 µs, its wo 11.3 -> 8.1; the decoder's 11.7 -> 7.7 and 8.5 -> 6.2)."""
     _check_weight(weight, "weight")
     assert x_BD.is_contiguous(), "residual_norm writes x in place: it needs a contiguous x"
     B, D = x_BD.shape
-    if product:  # the Triton product (`partials`)
-        acc = partials(a_BK, weight, splits)
-    else:
-        acc = _mm32(a_BK, weight, RESIDUAL_SPLITS if splits is None else splits)
+    acc = _mm32(a_BK, weight, RESIDUAL_SPLITS if splits is None else splits)
     out = torch.empty_like(x_BD)
     _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps,
-                           BLOCK_D=triton.next_power_of_2(D), **_launch(out, chain=True))
+                           BLOCK_D=triton.next_power_of_2(D))
     return out

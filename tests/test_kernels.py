@@ -216,10 +216,9 @@ def test_linear_add_equals_addmm(dtype, tol, beta):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
-@pytest.mark.parametrize("product", [False, True])  # cuBLAS's fp32 product, or kernels.partials
 @pytest.mark.parametrize("splits", [1, 2, 7])  # 7: K not a multiple, one product
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
-def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, product):
+def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits):
     """x += a W^T in place, in fp32 and one rounding (addmm's), over `splits` slices of K summed by
     the kernel; and the norm after it, F.rms_norm's (fp32, one rounding); a with a row stride;
     rows that are not a power of two long. In bf16 one step at the largest magnitude (the
@@ -235,58 +234,10 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, product):
     h_want = x.float() + a.float() @ w.float().T
     n_want = F.rms_norm(_rnd(h_want, dtype), (D,), norm.weight.float(), norm.eps)
     h = x.clone()
-    n = kernels.residual_norm(h, a, w, norm.weight, norm.eps, splits=splits, product=product)
+    n = kernels.residual_norm(h, a, w, norm.weight, norm.eps, splits=splits)
     assert n.dtype == h.dtype == dtype
     torch.testing.assert_close(h.float(), _rnd(h_want, dtype), rtol=0, atol=tol * h_want.abs().max().item())
     torch.testing.assert_close(n.float(), _rnd(n_want, dtype), rtol=0, atol=tol * n_want.abs().max().item())
-
-
-@pytest.mark.parametrize("splits", [1, 3, 7])  # 7 slices of 128 inputs over 600: the last ones hold none
-def test_partials_sum_to_the_product(splits):
-    """kernels.partials: S fp32 slices of a W^T that sum to the product (fp32 inputs: exact
-    products, sums in another order), a with a row stride, 70 rows (two blocks of rows)."""
-    B, D, K = 70, 40, 600
-    g = torch.Generator().manual_seed(8)
-    a = torch.randn(B, K + 8, generator=g).to(DEV)[:, :K]
-    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV)
-    p = kernels.partials(a, w, splits)
-    assert p.shape == (splits, B, D)
-    assert p.dtype == torch.float32
-    torch.testing.assert_close(p.sum(0), a @ w.T, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_qkv_rope_equals_rope_write_after_the_product(dtype, tol):
-    """kernels.qkv_rope: the q|k|v product with RoPE and the cache writes in it, as rope_write
-    after F.linear (each row its own slot and position; heads of 16 features, so a block of the
-    product's outputs spans several heads, of q, k and v at once)."""
-    N, NK, H, R, B = 4, 2, 16, 8, 5
-    _, x, w_qkv, _ = _case(dtype, B=B, N=N, NK=NK, H=H)
-    pos = torch.tensor([[37], [3], [100], [5], [9]], device=DEV)
-    slots = torch.tensor([5, 2, 7, 0, 1], device=DEV)
-    cos, sin = rope_cos_sin(pos, H, 10000.0)
-    c, s_ = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1, 2)[..., 1].contiguous()
-    caches = [torch.zeros(B, NK, R, H, dtype=dtype, device=DEV) for _ in range(4)]
-    q = kernels.qkv_rope(x, w_qkv, c, s_, N, NK, caches[0], caches[1], slots)
-    y = _rnd(x.float() @ w_qkv.float().T, dtype).to(dtype)
-    q_want = kernels.rope_write(y, c, s_, N, NK, caches[2], caches[3], slots)
-    scale = y.float().abs().max().item()
-    for got, want in ((q, q_want), (caches[0], caches[2]), (caches[1], caches[3])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-
-
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_swiglu_product_equals_swiglu_after_the_product(dtype, tol):
-    """kernels.swiglu_product: silu(w1 x) * w3 x from the stacked [w1; w3] in one kernel, with
-    PyTorch's roundings (the product's outputs, silu's, the product's); F not a multiple of the
-    kernel's block."""
-    _, x, _, w13 = _case(dtype, B=5, F_=40)
-    out = kernels.swiglu_product(x, w13)
-    a, b = _rnd(x.float() @ w13.float().T, dtype).chunk(2, dim=-1)
-    want = _rnd(_rnd(F.silu(a), dtype) * b, dtype)
-    assert out.shape == (5, 40)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), want, rtol=0, atol=tol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("splits", [1, 4])
@@ -448,32 +399,12 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
         return residual(x, *a, **k)
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
-    products = {"qkv_rope": [], "swiglu_product": [], "partials": []}  # the global stack's Triton products
-
-    def counting(name):
-        real = getattr(kernels, name)
-
-        def counted_product(x, *a, **k):
-            products[name].append(x.shape[0])
-            return real(x, *a, **k)
-
-        return counted_product
-
-    for name in products:
-        monkeypatch.setattr(kernels, name, counting(name))
-    monkeypatch.setattr(generate, "PRODUCT_KERNEL", True)  # off by default (it lost on an H200)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
     gen = Generator(model, kernels=True)
     assert gen.fused_global is not None
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
     assert set(calls) == set(swiglu_rows) == set(residual_rows) == {len(prompts)}
-    n_global = len(model.global_transformer.layers)  # a patch step: each a layer, partials but the last w2
-    steps, rest = divmod(len(products["qkv_rope"]), n_global)
-    assert steps >= 1
-    assert rest == 0
-    assert set(products["qkv_rope"]) == {len(prompts)}
-    assert [len(v) for v in products.values()] == [steps * n_global] * 2 + [steps * (2 * n_global - 1)]
     assert len(calls) >= 12 * len(model.local_decoder.cross_attn_layers)  # a step's decoder cross layers
 
 
