@@ -137,28 +137,41 @@ class _CrossKV:
     is committed to the state's keys and values in one `torch.where`. Refreshed in place like
     `_Fused` (the state's CUDA graphs keep its address)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, kernel: bool = False):
         self.layers = list(layers)
+        norms = [lay.cross_attn_norm_kv for lay in self.layers]
+        # with `kernel`, the layers' key/value norms in one kernel (bltkit.kernels.norms) over a
+        # stacked copy of their weights, where they were a norm a layer and a stack
+        self.kernel = kernel and len({n.eps for n in norms}) == 1
         with torch.no_grad():
             self.w = torch.stack(self._parts())
+            self.norm_w = torch.stack([n.weight for n in norms]) if self.kernel else None
         self.version = self._version()
 
     def _parts(self) -> list[torch.Tensor]:
         return [torch.cat((lay.wk.weight, lay.wv.weight)) for lay in self.layers]
 
     def _version(self) -> int:
-        return sum(lay.wk.weight._version + lay.wv.weight._version for lay in self.layers)
+        return sum(lay.wk.weight._version + lay.wv.weight._version + lay.cross_attn_norm_kv.weight._version
+                   for lay in self.layers)
 
     @torch.no_grad()
     def refresh(self) -> None:
         if self._version() != self.version:
             torch.stack(self._parts(), out=self.w)  # in place: CUDA graphs keep the address
+            if self.norm_w is not None:
+                torch.stack([lay.cross_attn_norm_kv.weight for lay in self.layers], out=self.norm_w)
             self.version = self._version()
 
     def __call__(self, units_BKD: torch.Tensor) -> torch.Tensor:
         """[2 (keys, values), layers, B, Nkv, K, H]: what each layer's `kv(units)` returns."""
         (B, K, D), n, lay = units_BKD.shape, len(self.layers), self.layers[0]
-        normed = torch.stack([la.cross_attn_norm_kv(units_BKD) for la in self.layers]).view(n, B * K, D)
+        if self.kernel:
+            from . import kernels
+
+            normed = kernels.norms(units_BKD.reshape(B * K, D), self.norm_w, lay.cross_attn_norm_kv.eps)
+        else:
+            normed = torch.stack([la.cross_attn_norm_kv(units_BKD) for la in self.layers]).view(n, B * K, D)
         y = torch.bmm(normed, self.w.transpose(1, 2))  # n, B*K, 2*Nkv*H
         return y.view(n, B, K, 2, lay.n_kv_heads, lay.head_dim).permute(3, 0, 1, 4, 2, 5)
 
@@ -197,7 +210,8 @@ _DEFAULT_KERNELS = _KernelChoice()
 
 def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None = None,
                 rope: torch.Tensor | tuple | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
-                last: torch.Tensor | None = None, own: bool = False):
+                last: torch.Tensor | None = None, own: bool = False, normed: torch.Tensor | None = None,
+                norm_out=None):
     """One pre-norm block for one new position, writing its K/V into the ring first. With
     `fused`, q|k|v come from one matrix product, and `rope` is either the step's rotation
     matrix (`_rope_matrix`: RoPE is one more product) or its (cos, sin) halves for the Triton
@@ -207,11 +221,14 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     kernel also on the PyTorch path, for more rows than the block kernels take). `last`: the
     attention kernel's bound on the slots it reads (`_attend`). `own`: x_B1D is the caller's
     temporary, which the fused path's residual adds may overwrite (cuBLAS's products, no copy of x
-    first)."""
+    first). Past the block kernels' rows (`rope` a tuple, more than KERNEL_MAX_ROWS rows) `normed`
+    may hold attention_norm(x), made by the step before, and with `norm_out` (the norm the next
+    step applies first) the w2 residual add and that norm run in one kernel: it returns (x,
+    norm_out(x))."""
     att = layer.attention
     if isinstance(rope, tuple) and x_B1D.shape[0] <= KERNEL_MAX_ROWS:
         return _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused, rope, choice=choice, last=last)
-    xn = layer.attention_norm(x_B1D)
+    xn = layer.attention_norm(x_B1D) if normed is None else normed
     N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
     if isinstance(rope, tuple):  # more rows than the block kernels take: RoPE and the ring writes in one
         from . import kernels
@@ -238,18 +255,21 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         h = _linear_add(x_B1D, out, att.wo.weight, inplace=own)
         hn = layer.ffn_norm(h)
     m = _swiglu(layer.feed_forward, hn, fused.w13[id(layer)], kernel=isinstance(rope, tuple))
+    if norm_out is not None:  # h: this step's own (x itself if own, else the clone above)
+        assert isinstance(rope, tuple), "norm_out needs the kernels' step (rope as cos, sin halves)"
+        return h, _residual_norm(h, m, layer.feed_forward.w2.weight, norm_out)
     return _linear_add(h, m, layer.feed_forward.w2.weight, inplace=True)
 
 
-def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm) -> torch.Tensor:
-    """x += a @ weight.T in place (x the step's own, contiguous) -> norm(x), by
+def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm, beta: float = 1.0) -> torch.Tensor:
+    """x = beta * x + a @ weight.T in place (x the step's own, contiguous) -> norm(x), by
     bltkit.kernels.residual_norm: the product in fp32 (cuBLAS), then the add, its rounding and
     the RMSNorm in one kernel, where addmm and the norm took two or three."""
     from . import kernels
 
     B, T, D = x_BTD.shape
     return kernels.residual_norm(x_BTD.view(B * T, D), a.reshape(B * T, -1), weight, norm.weight,
-                                 norm.eps).view(B, T, D)
+                                 norm.eps, beta=beta).view(B, T, D)
 
 
 def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool = False) -> torch.Tensor:
@@ -320,14 +340,17 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
                 kernel: bool = False, linear_kernel: bool = False, attend_kernel: bool = False,
-                own: bool = False) -> torch.Tensor:
+                own: bool = False, normed: torch.Tensor | None = None, norm_out=None):
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
     kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend). `attend_kernel`:
     the q product by cuBLAS, then the attention by bltkit.kernels.attend (one position a row, no
     mask: more rows than norm_cross_attend takes, where SDPA ran a prefill kernel for the one
     query and the patch's cross_attn_k keys, 7.6 µs a call at 64 rows on an H200). `own`: x_BTD
-    is the caller's temporary, which the residual product may overwrite (no copy of x first)."""
+    is the caller's temporary, which the residual product may overwrite (no copy of x first).
+    With `attend_kernel`, `normed` may hold cross_attn_norm_q(x), made by the step before, and
+    with `norm_out` (the norm the next step applies first) the residual product, its add and that
+    norm run as bltkit.kernels.residual_norm: it returns (x, norm_out(x))."""
     if kernel or attend_kernel:
         from . import kernels
 
@@ -336,10 +359,14 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         if kernel:
             heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
         else:
-            q = layer.wq(nq(x_BTD)).view(B, layer.n_heads, layer.head_dim)
+            q = layer.wq(nq(x_BTD) if normed is None else normed).view(B, layer.n_heads, layer.head_dim)
             heads = kernels.attend(q, k, v, None).view(B, 1, -1)
+            if norm_out is not None:
+                x = x_BTD if own and x_BTD.is_contiguous() else x_BTD.clone(memory_format=torch.contiguous_format)
+                return x, _residual_norm(x, heads, layer.wo.weight, norm_out, beta=2.0)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
+    assert norm_out is None, "norm_out needs attend_kernel"
     return _linear_add(x_BTD, heads, layer.wo.weight, beta=2.0, kernel=linear_kernel, inplace=own)
 
 
@@ -543,14 +570,15 @@ class Generator:
         glob = model.global_transformer.layers
         wanted = kernels and fuse and (not auto or _fits(_fused_bytes(glob), model.device))
         self.fused_global = _Fused(glob, row_major=True) if wanted else None
-        # the decoder's cross keys and values of a closed patch, every layer in one product
-        self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers) \
-            if fuse and model.local_decoder.cross_attn_layers else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
         self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
+        # the decoder's cross keys and values of a closed patch, every layer in one product (and
+        # with the kernels their norms in one kernel)
+        self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._cross_kernel) \
+            if fuse and model.local_decoder.cross_attn_layers else None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
         self._open_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_encoder.cross_attn_layers) is None
@@ -871,6 +899,8 @@ class Generator:
         (cos, sin, R), (slot, mask) = prep if prep is not None else self._back_prep()
         z = self.h
         kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run
+        if isinstance(R, tuple) and self._cross_kernel and not kern:
+            return self._back_fused(z, cos, sin, R, slot, mask)
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
@@ -880,6 +910,37 @@ class Generator:
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n, own=z is not self.h)
         return dec.head(z)[:, 0]
+
+    def _norms_in_order(self) -> list:
+        """The decoder's norms in the order its steps apply them first: each cross layer's q norm
+        before its block's attention norm, then the final norm (`_back_fused`)."""
+        dec = self.model.local_decoder
+        order = []
+        for i, layer in enumerate(dec.layers):
+            j = dec.cross_index(i)
+            if j is not None:
+                order.append(dec.cross_attn_layers[j].cross_attn_norm_q)
+            order.append(layer.attention_norm)
+        return [*order, dec.norm]
+
+    def _back_fused(self, z, cos, sin, R, slot, mask) -> torch.Tensor:
+        """`_back` past the block kernels' rows with the kernels: each residual product (the cross
+        steps' wo, the blocks' w2) runs with its add and the next step's first norm as
+        bltkit.kernels.residual_norm (an fp32 product and one kernel, where addmm and the norm
+        took two or three), the final norm's too; the first norm as the model runs it."""
+        dec = self.model.local_decoder
+        order = self._norms_in_order()
+        xn, at = order[0](z), 1
+        for i, layer in enumerate(dec.layers):
+            j = dec.cross_index(i)
+            if j is not None:
+                z, xn = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None,
+                                    attend_kernel=True, own=z is not self.h, normed=xn, norm_out=order[at])
+                at += 1
+            z, xn = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
+                                self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=order[at])
+            at += 1
+        return dec.output(xn).float()[:, 0]
 
     @torch.no_grad()
     def _prefill(self, tokens_BT: torch.Tensor) -> None:

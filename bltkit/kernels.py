@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Eight kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Nine kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -22,6 +22,8 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `residual_norm`: a block's residual add after cuBLAS's product (kept in fp32, split over K as
   one batched product) and the RMSNorm that follows it, for batches over a few rows: one kernel
   where addmm (for long K a split-K product and its reduction) and the norm took two or three.
+- `norms`: one RMSNorm under several weights (the decoder's cross layers' key and value norms of a
+  closed patch's units): one kernel for nine norms and the stack of their outputs.
 - `attend`: one position's attention over a stack's cache with the step's additive mask, in
   place of SDPA, which for a single query runs a prefill kernel (cuDNN's, tiled for many queries:
   20-39 µs a call at 64 rows on an H200, a quarter of the batch-64 step; docs/benchmarks.md). A
@@ -322,22 +324,35 @@ if triton is not None:
         tl.store(o_ptr + (b * N + head) * H + h, o.to(dt))
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, BLOCK_D: tl.constexpr):
-        """Row b: x + the sum of S fp32 partial products acc[s], rounded once to x's dtype and
-        written back into x (what addmm computes); then RMSNorm of it as F.rms_norm rounds it (x *
-        rstd * w in fp32, rounded once)."""
+    def _add_norm_kernel(x_ptr, acc_ptr, g_ptr, n_ptr, B, D, S, eps, beta, BLOCK_D: tl.constexpr):
+        """Row b: beta * x + the sum of S fp32 partial products acc[s], rounded once to x's dtype
+        and written back into x (what addmm computes); then RMSNorm of it as F.rms_norm rounds it
+        (x * rstd * w in fp32, rounded once)."""
         b = tl.program_id(0)
         d = tl.arange(0, BLOCK_D)
         ok = d < D
         total = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s in range(S):
             total += tl.load(acc_ptr + (s * B + b) * D + d, mask=ok, other=0.0)
-        h = (tl.load(x_ptr + b * D + d, mask=ok, other=0.0).to(tl.float32) + total).to(x_ptr.dtype.element_ty)
+        h = (beta * tl.load(x_ptr + b * D + d, mask=ok, other=0.0).to(tl.float32) + total).to(x_ptr.dtype.element_ty)
         tl.store(x_ptr + b * D + d, h, mask=ok)
         hf = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
         g = tl.load(g_ptr + d, mask=ok, other=0.0).to(tl.float32)
         tl.store(n_ptr + b * D + d, (hf * rstd * g).to(n_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _norms_kernel(x_ptr, w_ptr, o_ptr, R, D, L, eps, BLOCK_D: tl.constexpr):
+        """Row r of x normed once, then times each of the L weights: o[l, r] = x * rstd * w[l] in
+        fp32, rounded once (F.rms_norm's arithmetic, as _add_norm_kernel's)."""
+        r = tl.program_id(0)
+        d = tl.arange(0, BLOCK_D)
+        ok = d < D
+        x = tl.load(x_ptr + r * D + d, mask=ok, other=0.0).to(tl.float32)
+        xr = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps))
+        for i in range(L):
+            g = tl.load(w_ptr + i * D + d, mask=ok, other=0.0).to(tl.float32)
+            tl.store(o_ptr + (i * R + r) * D + d, (xr * g).to(o_ptr.dtype.element_ty), mask=ok)
 
     # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
     # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
@@ -553,8 +568,9 @@ def _mm32(a_BK: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor
 
 
 def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
-                  eps: float, splits: int | None = None) -> torch.Tensor:
-    """x += a @ weight.T in place (x [B, D] contiguous; one rounding, as addmm), and RMSNorm(x) *
+                  eps: float, splits: int | None = None, beta: float = 1.0) -> torch.Tensor:
+    """x = beta * x + a @ weight.T in place (x [B, D] contiguous; one rounding, as addmm; beta 2:
+    the decoder's cross-attention, whose residual is doubled, spec §16.1), and RMSNorm(x) *
     norm_weight returned: the residual product of a block with the norm that follows it. The
     product stays in fp32 (cuBLAS, over `splits` slices of K, default RESIDUAL_SPLITS, as one
     batched product in place of its split-K product and reduction), and one kernel adds, rounds
@@ -565,6 +581,21 @@ def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, 
     B, D = x_BD.shape
     acc = _mm32(a_BK, weight, RESIDUAL_SPLITS if splits is None else splits)
     out = torch.empty_like(x_BD)
-    _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps,
+    _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps, beta,
                            BLOCK_D=triton.next_power_of_2(D))
+    return out
+
+
+def norms(x_RD: torch.Tensor, weights_LD: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x under each of L weights, [L, R, D]: what L `F.rms_norm(x, (D,), w_l,
+    eps)` calls and a stack of their outputs return, in one kernel (the decoder's cross layers' key
+    and value norms of a closed patch's units: nine norms and a copy on the patch step's chain for
+    blt-1b, ~23 µs at 64 rows on an H200, nineteenth session's trace)."""
+    x_RD = x_RD.contiguous()
+    _check_weight(weights_LD, "weights_LD")
+    R, D = x_RD.shape
+    L = weights_LD.shape[0]
+    assert weights_LD.shape[1] == D, f"norms: rows of {D} features, weights {tuple(weights_LD.shape)}"
+    out = torch.empty(L, R, D, dtype=x_RD.dtype, device=x_RD.device)
+    _norms_kernel[(R,)](x_RD, weights_LD, out, R, D, L, eps, BLOCK_D=triton.next_power_of_2(D))
     return out

@@ -216,9 +216,10 @@ def test_linear_add_equals_addmm(dtype, tol, beta):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the decoder cross-attention's double one
 @pytest.mark.parametrize("splits", [1, 2, 7])  # 7: K not a multiple, one product
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
-def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits):
+def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, beta):
     """x += a W^T in place, in fp32 and one rounding (addmm's), over `splits` slices of K summed by
     the kernel; and the norm after it, F.rms_norm's (fp32, one rounding); a with a row stride;
     rows that are not a power of two long. In bf16 one step at the largest magnitude (the
@@ -231,13 +232,30 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits):
     norm = RMSNorm(D).to(DEV, dtype)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
-    h_want = x.float() + a.float() @ w.float().T
+    h_want = beta * x.float() + a.float() @ w.float().T
     n_want = F.rms_norm(_rnd(h_want, dtype), (D,), norm.weight.float(), norm.eps)
     h = x.clone()
-    n = kernels.residual_norm(h, a, w, norm.weight, norm.eps, splits=splits)
+    n = kernels.residual_norm(h, a, w, norm.weight, norm.eps, splits=splits, beta=beta)
     assert n.dtype == h.dtype == dtype
     torch.testing.assert_close(h.float(), _rnd(h_want, dtype), rtol=0, atol=tol * h_want.abs().max().item())
     torch.testing.assert_close(n.float(), _rnd(n_want, dtype), rtol=0, atol=tol * n_want.abs().max().item())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+def test_norms_equal_rms_norm_under_each_weight(dtype, tol):
+    """kernels.norms: each row normed once and scaled by each of L weights, as L F.rms_norm calls
+    (fp32 x * rstd * w, rounded once: at most one bf16 rounding step apart, the sums' order
+    differing), from a strided input; rows not a power of two long."""
+    R, D, L = 7, 40, 3
+    g = torch.Generator().manual_seed(9)
+    x = (3 * torch.randn(R, D + 4, generator=g)).to(DEV, dtype)[:, 2:D + 2]
+    w = (1 + 0.1 * torch.randn(L, D, generator=g)).to(DEV, dtype)
+    out = kernels.norms(x, w, 1e-5)
+    assert out.shape == (L, R, D)
+    assert out.dtype == dtype
+    for i in range(L):
+        want = F.rms_norm(x.float(), (D,), w[i].float(), 1e-5)
+        torch.testing.assert_close(out[i].float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("splits", [1, 4])
