@@ -5,7 +5,7 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 attend_configs fused_norm generate
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 attend_configs fused_norm pdl_chain generate
 # generate_kernels generate_byte
 # generate_sdpa train_step
 # train_step_eager profile_train_1b
@@ -26,8 +26,10 @@
 # 25/24 with one graph a launch) and generate_kernels; the nineteenth gpu_tests, profile_generate
 # at 64 rows with --trace (the batch-64 step's kernels in launch order), attend_configs.py and the
 # grid without transformers; the twentieth gpu_tests, fused_norm, and the grid's batch-8 and -64
-# cells (docs/benchmarks.md); next, on a PyTorch with
-# torch.cuda.CUDAGraph.begin_capture_to_if_node:
+# cells; the twenty-first pdl_chain (Triton products with PDL, removed from the generator again)
+# and the 2,048-byte cells (docs/benchmarks.md); next, the decoder's fused residual norms, not yet
+# timed: ONLY="gpu_tests profile_generate_b64" GEN64_VARIANTS=kernels GEN64_TABLE=--no-tables;
+# and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
 # (GEN_VARIANTS=graphs shortens profile_generate to the CUDA-graph path and its kernel table.)
@@ -61,6 +63,9 @@ run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --
 # addmm + RMSNorm (twentieth session: it won, and the generator runs it past KERNEL_MAX_ROWS rows)
 run attend_configs 90 python benchmarks/attend_configs.py
 run fused_norm 60 python benchmarks/fused_norm.py
+# one global layer's chain at 64 rows: cuBLAS's products against Triton's, with and without
+# programmatic dependent launch (twenty-first session: they won alone and lost in the step)
+run pdl_chain 120 python benchmarks/pdl_chain.py
 # the PyTorch block steps, then the Triton ones (cross-attention kernel included) with speculation
 # (under 8 rows); both on by default since the ninth session's run tested them
 run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
