@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from skinny_gemm import timed
 
 D, FF, HEADS, HD, M = 2048, 5632, 16, 128, 64  # blt-1b's global stack, 64 rows
 SHAPES = {"qkv": (3 * D, D), "wo": (D, D), "w13": (2 * FF, D), "w2": (D, FF)}  # (N out, K in)
@@ -198,29 +199,6 @@ def candidates(N, K):
         for warps in ((4,) if bn <= 64 else (4, 8) if bn == 128 else (8,)):
             out.append(Cfg(bn, bk, splits, warps, stages))
     return out
-
-
-def timed(fn, reps=20):
-    """µs a call, `reps` calls in one CUDA graph, best of 5 replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    best = float("inf")
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / reps)
-    return best
 
 
 def tune(name, N, K, top):
