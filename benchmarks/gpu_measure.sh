@@ -28,7 +28,8 @@
 # grid without transformers; the twentieth gpu_tests, fused_norm, and the grid's batch-8 and -64
 # cells; the twenty-first pdl_chain (Triton products with PDL, removed from the generator again)
 # and the 2,048-byte cells (docs/benchmarks.md); next, the decoder's fused residual norms, not yet
-# timed: ONLY="gpu_tests profile_generate_b64" GEN64_VARIANTS=kernels GEN64_TABLE=--no-tables;
+# timed: ONLY="gpu_tests profile_generate_b64" GEN64_VARIANTS=kernels-nodecnorms,kernels \
+#   GEN64_TABLE=--no-tables;
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)

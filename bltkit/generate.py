@@ -411,6 +411,14 @@ ATTEND_MAX_KEYS = 1024  # read as the steps are traced (and captured into CUDA g
 # Generator is made
 LINEAR_KERNEL = True
 
+# Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows with each residual add (the
+# cross-attention's wo, the blocks' w2) and the norm after it as kernels.residual_norm, and its
+# cross-attention key/value norms of a closed patch as kernels.norms, where this is True (twenty-
+# first session: 18 + 9 kernels fewer a byte for blt-1b; not yet timed on a GPU, where
+# `profile_generate.py --batch 64 --variants kernels-nodecnorms,kernels` compares); read when a
+# Generator is made
+DECODER_NORMS = True
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -577,7 +585,8 @@ class Generator:
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
         # the decoder's cross keys and values of a closed patch, every layer in one product (and
         # with the kernels their norms in one kernel)
-        self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._cross_kernel) \
+        self._decoder_norms = self._cross_kernel and DECODER_NORMS
+        self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._decoder_norms) \
             if fuse and model.local_decoder.cross_attn_layers else None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
         self._open_kernel = bool(kernels) and _kernels_refusal(
@@ -899,7 +908,7 @@ class Generator:
         (cos, sin, R), (slot, mask) = prep if prep is not None else self._back_prep()
         z = self.h
         kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run
-        if isinstance(R, tuple) and self._cross_kernel and not kern:
+        if isinstance(R, tuple) and self._decoder_norms and not kern:  # DECODER_NORMS
             return self._back_fused(z, cos, sin, R, slot, mask)
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)

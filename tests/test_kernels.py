@@ -379,11 +379,16 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
         Generator(model, kernels=True)
 
 
-def test_generator_kernels_only_for_few_rows(monkeypatch):
+@pytest.mark.parametrize("decoder_norms", [True, False])
+def test_generator_kernels_only_for_few_rows(decoder_norms, monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
     global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays
-    (the decoder's cross-attention too, after cuBLAS's q product), with the reference's bytes."""
+    (the decoder's cross-attention too, after cuBLAS's q product), with the reference's bytes;
+    the decoder's residual adds with the norms after them in one kernel, or not
+    (generate.DECODER_NORMS)."""
     from bltkit import generate
+
+    monkeypatch.setattr(generate, "DECODER_NORMS", decoder_norms)
 
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
@@ -410,11 +415,20 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
         return swiglu(y)
 
     monkeypatch.setattr(kernels, "swiglu", counted_swiglu)
-    residual, residual_rows = kernels.residual_norm, []  # after cuBLAS's wo and (global) w2 products
+    residual, residual_rows, betas = kernels.residual_norm, [], []  # after cuBLAS's wo and w2 products
 
     def counted_residual(x, *a, **k):
         residual_rows.append(x.shape[0])
+        betas.append(k.get("beta", 1.0))
         return residual(x, *a, **k)
+
+    norms, norms_calls = kernels.norms, []  # the decoder's cross K/V norms of a closed patch
+
+    def counted_norms(*a, **k):
+        norms_calls.append(1)
+        return norms(*a, **k)
+
+    monkeypatch.setattr(kernels, "norms", counted_norms)
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
@@ -423,6 +437,8 @@ def test_generator_kernels_only_for_few_rows(monkeypatch):
     assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert calls
     assert set(calls) == set(swiglu_rows) == set(residual_rows) == {len(prompts)}
+    assert (2.0 in betas) == decoder_norms  # the cross-attention's doubled residual, fused or not
+    assert bool(norms_calls) == decoder_norms
     assert len(calls) >= 12 * len(model.local_decoder.cross_attn_layers)  # a step's decoder cross layers
 
 
