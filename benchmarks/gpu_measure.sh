@@ -27,9 +27,9 @@
 # at 64 rows with --trace (the batch-64 step's kernels in launch order), attend_configs.py and the
 # grid without transformers; the twentieth gpu_tests, fused_norm, and the grid's batch-8 and -64
 # cells; the twenty-first pdl_chain (Triton products with PDL, removed from the generator again)
-# and the 2,048-byte cells (docs/benchmarks.md); next, the decoder's fused residual norms, not yet
-# timed: ONLY="gpu_tests profile_generate_b64" GEN64_VARIANTS=kernels-nodecnorms,kernels \
-#   GEN64_TABLE=--no-tables;
+# and the 2,048-byte cells (docs/benchmarks.md); next, the decoder's fused residual norms and the
+# global step's attention bounds, not yet timed: ONLY="gpu_tests profile_generate_b64" \
+#   GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels GEN64_TABLE=--no-tables;
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
@@ -46,7 +46,7 @@ run() {
 run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192 --rows 2
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
-run gpu_tests 200 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+run gpu_tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_byte_graph_on_cuda_equals_step_graphs" \

@@ -289,36 +289,44 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool 
 
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
                         n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
-                        last: torch.Tensor | None = None) -> torch.Tensor:
+                        last: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
     """`_block_step` with bltkit.kernels: k, v written at `slot` (shared, or a row's own), then
-    attention over the first `n_keys` cache slots (all by default)."""
+    attention over the first `n_keys` cache slots (all by default; `first`, `last` as `_attend`'s)."""
     from . import kernels
 
     att, B = layer.attention, x_B1D.shape[0]
     an, fn = layer.attention_norm, layer.ffn_norm
     q = kernels.norm_qkv_rope(x_B1D.reshape(B, -1), an.weight, an.eps, fused.qkv[id(layer)], *rope,
                               att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last), att.wo.weight,
-                    kernel=choice.linear)
+    h = _linear_add(x_B1D, _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first),
+                    att.wo.weight, kernel=choice.linear)
     m = kernels.norm_swiglu(h.reshape(B, -1), fn.weight, fn.eps, fused.w13[id(layer)])
     return _linear_add(h, m, layer.feed_forward.w2.weight, kernel=choice.linear)
 
 
-def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor,
-            n_keys: int | None = None, kernel: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
+def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor | None,
+            n_keys: int | None = None, kernel: bool = False, last: torch.Tensor | None = None,
+            first: torch.Tensor | None = None) -> torch.Tensor:
     """One position's attention over the first `n_keys` cache slots (all by default) with the
     step's additive mask -> [B, N, H]: SDPA, or with `kernel`, over at most ATTEND_MAX_KEYS
     slots, bltkit.kernels.attend (SDPA runs a many-query kernel for the one query: 20-39 µs a
     call at 64 rows on an H200), which reads no slot after `last` (a device tensor: the last slot
     any row sees, or each row's; the mask hides those slots anyway, so SDPA, which reads them
-    all, ignores it)."""
-    if kernel and (kc.shape[2] if n_keys is None else n_keys) <= ATTEND_MAX_KEYS:
+    all, ignores it). `mask` None (the kernel only, `_uses_kernel`): each row sees the slots from
+    `first` (a device tensor [B]) to `last`."""
+    if _uses_kernel(kernel, kc.shape[2] if n_keys is None else n_keys):
         from . import kernels
 
-        return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last)
+        return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last, first=first)
+    assert mask is not None, "SDPA needs the mask (bounds alone are the attention kernel's)"
     out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=q_BNH.shape[1] != kc.shape[1])
     return out[:, :, 0]
+
+
+def _uses_kernel(kernel: bool, n_keys: int) -> bool:
+    """Does `_attend` run bltkit.kernels.attend (switched on, at most ATTEND_MAX_KEYS slots)?"""
+    return kernel and n_keys <= ATTEND_MAX_KEYS
 
 
 def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta: float = 1.0,
@@ -410,6 +418,14 @@ ATTEND_MAX_KEYS = 1024  # read as the steps are traced (and captured into CUDA g
 # (benchmarks/profile_generate.py --variants kernels-plain,kernels); both are read when a
 # Generator is made
 LINEAR_KERNEL = True
+
+# Generator(kernels=True) bounds the global step's attention by each row's first slot of its document
+# and its own slot (kernels.attend's `first` and `last`) where this is True, instead of building
+# the additive mask (~8 small kernels a patch step; twenty-first session, not yet timed on a GPU,
+# where `profile_generate.py --variants kernels-nobounds,kernels` compares); read when a Generator
+# is made. Where the attention kernel does not run (ATTEND_KERNEL off, or more than
+# ATTEND_MAX_KEYS slots) the mask is built as before
+GLOBAL_BOUNDS = True
 
 # Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows with each residual add (the
 # cross-attention's wo, the blocks' w2) and the norm after it as kernels.residual_norm, and its
@@ -586,6 +602,7 @@ class Generator:
         # the decoder's cross keys and values of a closed patch, every layer in one product (and
         # with the kernels their norms in one kernel)
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
+        self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
         self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._decoder_norms) \
             if fuse and model.local_decoder.cross_attn_layers else None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
@@ -634,6 +651,7 @@ class Generator:
         self.h_prev = torch.zeros(B, dtype=torch.float32, device=dev)
         self.like_prev = torch.zeros(B, dtype=torch.bool, device=dev)
         self.open_len, self.open_start, self.p, self.pdoc = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.doc_first = zeros.clone()  # the global slot of the first patch of the open patch's document
         self.open_eos = torch.zeros(B, dtype=torch.bool, device=dev)
         self.keys = torch.tensor(keys, dtype=torch.long, device=dev)
         self.capacity = capacity
@@ -795,6 +813,13 @@ class Generator:
         step at the row's next patch position, and the decoder's cross K/V (spec §13.4 step 4)."""
         self._commit(close, self._global_step(L))
 
+    def _global_mask(self, L: int) -> torch.Tensor:
+        """The global step's additive mask over the first L slots: a row sees its document's
+        patches up to its own slot p (not the dummy slot p_cap)."""
+        j_pos = torch.arange(L, device=self.p.device)
+        return _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
+                          & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
+
     def _global_step(self, L: int | None = None) -> torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]:
         """The patch step of every row as if its open patch closed after byte n: encoder
         cross-attention over the open patch, one global step at the row's patch position p (its K/V
@@ -827,23 +852,28 @@ class Generator:
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
-        j_pos = torch.arange(L, device=dev)
-        gmask = _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
-                           & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
+        g_first = g_last = gmask = None
+        if self._global_bounds and kernel_rope is not None and _uses_kernel(self._kernel_choice.attend, L):
+            # the slots a row sees are its document's up to its own: [doc_first, p] (p_cap, where
+            # a row has every patch, is the dummy slot), bounds for the attention kernel, no mask
+            g_first, g_last = self.doc_first, torch.clamp(self.p, max=self.p_cap - 1)
+        else:
+            gmask, g_last = self._global_mask(L), self.p
         widx = idx.view(B, 1, 1, 1)
         xn = None  # the next layer's attention norm of x, where the last layer's w2 kernel made it
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
             if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
-                x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, self.p)
+                x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, g_last,
+                                        g_first)
                 continue
             if kernel_rope is not None:  # cuBLAS's products; RoPE and the cache writes in one kernel,
                 from . import kernels  # and each residual add with the norm after it in another
 
                 y = F.linear(layer.attention_norm(x) if xn is None else xn, fg.qkv[id(layer)])
                 q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
-                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=self.p)
+                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=g_last, first=g_first)
                 hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm)  # x: this step's temporary
                 gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
                 if i + 1 < len(gt.layers):
@@ -890,6 +920,8 @@ class Generator:
                 self.dec_xv[j].copy_(torch.where(sel, v, self.dec_xv[j]))
         # the closed patch's successor starts at n+1
         self.p.add_(close.long())
+        # a patch that held EOS closes: the next one starts a document, at the new p
+        torch.where(close & self.open_eos, self.p, self.doc_first, out=self.doc_first)
         self.pdoc.add_((close & self.open_eos).long())
         self.open_eos.logical_and_(~close)
         self.open_start.copy_(torch.where(close, self.n + 1, self.open_start))
@@ -1005,6 +1037,7 @@ class Generator:
         self.g_doc[:, :P] = pdoc_all
         closed = torch.arange(P, device=dev)[None] < p[:, None]
         self.pdoc.copy_((has_eos * closed).sum(1))
+        self.doc_first.copy_(((pdoc_all < self.pdoc[:, None]) & closed).sum(1))  # documents run in slot order
         last = cap["g"].gather(1, (p - 1).view(B, 1, 1).expand(B, 1, cap["g"].shape[-1]))  # B 1 Dg
         dunits = m.local_decoder.split_units(last)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):

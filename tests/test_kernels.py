@@ -329,21 +329,34 @@ def test_attend_reads_only_first_to_last(splits):
     assert not out[-1].any()
 
 
+@pytest.mark.parametrize("rows", [2, 5])  # the block kernels' global step; cuBLAS's (past KERNEL_MAX_ROWS)
 @pytest.mark.parametrize("switched", [False, True])
-def test_generator_with_kernels_across_documents(switched, monkeypatch):
+def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
     no global key in its discarded step, and its NaN-free result keeps later steps exact (the
-    ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot)."""
+    ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot).
+    With the attention kernel the global step bounds each row to its document's slots
+    (generate.GLOBAL_BOUNDS: no mask built), without it the mask hides the others."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
+    masks = []
+    global_mask = Generator._global_mask
+
+    def counted_mask(self, L):
+        masks.append(L)
+        return global_mask(self, L)
+
+    monkeypatch.setattr(Generator, "_global_mask", counted_mask)
     model = eos_heavy(make_model(seed=0, window=8, mode="space", max_patch_length=4)).to(DEV)
-    prompts = random_prompts(seed=1, n=2)
+    prompts = random_prompts(seed=1, n=rows)
     want = reference_generate(model, prompts, 12, stop_at_eos=False)
     assert sum(row.count(EOS_ID) for row in want) >= 4
+    masks.clear()  # (the reference builds none; a Generator's own prefill neither)
     assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
+    assert bool(masks) != switched
 
 
 @pytest.mark.parametrize(("mode", "switched"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
