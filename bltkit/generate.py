@@ -852,7 +852,7 @@ class Generator:
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
-        g_first = g_last = gmask = None
+        g_first = gmask = None
         if self._global_bounds and kernel_rope is not None and _uses_kernel(self._kernel_choice.attend, L):
             # the slots a row sees are its document's up to its own: [doc_first, p] (p_cap, where
             # a row has every patch, is the dummy slot), bounds for the attention kernel, no mask

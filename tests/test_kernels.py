@@ -466,7 +466,7 @@ def test_attend_kernel_only_for_short_caches(monkeypatch):
     attend, sizes = kernels.attend, []
 
     def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None):
-        if first is None:  # the self-attention (the patch step's open-patch call reads a row's range)
+        if splits is None:  # the self-attention (the patch step's open-patch call sets one split)
             sizes.append(k.shape[2] if n_keys is None else n_keys)
         return attend(q, k, v, mask, n_keys, splits, last, first)
 
