@@ -651,7 +651,8 @@ class Generator:
         self.h_prev = torch.zeros(B, dtype=torch.float32, device=dev)
         self.like_prev = torch.zeros(B, dtype=torch.bool, device=dev)
         self.open_len, self.open_start, self.p, self.pdoc = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        self.doc_first = zeros.clone()  # the global slot of the first patch of the open patch's document
+        # the global slot of the first patch of the open patch's document (GLOBAL_BOUNDS' alone)
+        self.doc_first = zeros.clone() if self._global_bounds else None
         self.open_eos = torch.zeros(B, dtype=torch.bool, device=dev)
         self.keys = torch.tensor(keys, dtype=torch.long, device=dev)
         self.capacity = capacity
@@ -920,8 +921,8 @@ class Generator:
                 self.dec_xv[j].copy_(torch.where(sel, v, self.dec_xv[j]))
         # the closed patch's successor starts at n+1
         self.p.add_(close.long())
-        # a patch that held EOS closes: the next one starts a document, at the new p
-        torch.where(close & self.open_eos, self.p, self.doc_first, out=self.doc_first)
+        if self.doc_first is not None:  # a patch that held EOS closes: a document starts at the new p
+            torch.where(close & self.open_eos, self.p, self.doc_first, out=self.doc_first)
         self.pdoc.add_((close & self.open_eos).long())
         self.open_eos.logical_and_(~close)
         self.open_start.copy_(torch.where(close, self.n + 1, self.open_start))
@@ -1037,7 +1038,8 @@ class Generator:
         self.g_doc[:, :P] = pdoc_all
         closed = torch.arange(P, device=dev)[None] < p[:, None]
         self.pdoc.copy_((has_eos * closed).sum(1))
-        self.doc_first.copy_(((pdoc_all < self.pdoc[:, None]) & closed).sum(1))  # documents run in slot order
+        if self.doc_first is not None:  # documents run in slot order
+            self.doc_first.copy_(((pdoc_all < self.pdoc[:, None]) & closed).sum(1))
         last = cap["g"].gather(1, (p - 1).view(B, 1, 1).expand(B, 1, cap["g"].shape[-1]))  # B 1 Dg
         dunits = m.local_decoder.split_units(last)
         for j, layer in enumerate(m.local_decoder.cross_attn_layers):
