@@ -249,16 +249,22 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
     if isinstance(rope, tuple):  # the residual add and the FFN's norm in one kernel after wo
-        h = x_B1D if own and x_B1D.is_contiguous() else x_B1D.clone(memory_format=torch.contiguous_format)
+        h = _owned(x_B1D, own)
         hn = _residual_norm(h, out, att.wo.weight, layer.ffn_norm)
     else:  # the residual adds ride in the matrix products (addmm: x + a @ W.T), one kernel each
         h = _linear_add(x_B1D, out, att.wo.weight, inplace=own)
         hn = layer.ffn_norm(h)
     m = _swiglu(layer.feed_forward, hn, fused.w13[id(layer)], kernel=isinstance(rope, tuple))
-    if norm_out is not None:  # h: this step's own (x itself if own, else the clone above)
+    if norm_out is not None:  # h: this step's own (`_owned` above)
         assert isinstance(rope, tuple), "norm_out needs the kernels' step (rope as cos, sin halves)"
         return h, _residual_norm(h, m, layer.feed_forward.w2.weight, norm_out)
     return _linear_add(h, m, layer.feed_forward.w2.weight, inplace=True)
+
+
+def _owned(x: torch.Tensor, own: bool) -> torch.Tensor:
+    """x itself where it is the caller's temporary (`own`) and contiguous, else a contiguous copy:
+    what `_residual_norm` may write into."""
+    return x if own and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
 
 
 def _residual_norm(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, norm, beta: float = 1.0) -> torch.Tensor:
@@ -370,7 +376,7 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
             q = layer.wq(nq(x_BTD) if normed is None else normed).view(B, layer.n_heads, layer.head_dim)
             heads = kernels.attend(q, k, v, None).view(B, 1, -1)
             if norm_out is not None:
-                x = x_BTD if own and x_BTD.is_contiguous() else x_BTD.clone(memory_format=torch.contiguous_format)
+                x = _owned(x_BTD, own)
                 return x, _residual_norm(x, heads, layer.wo.weight, norm_out, beta=2.0)
     else:
         heads = layer.heads(x_BTD, k, v, mask)
@@ -599,10 +605,10 @@ class Generator:
         self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
-        # the decoder's cross keys and values of a closed patch, every layer in one product (and
-        # with the kernels their norms in one kernel)
-        self._decoder_norms = self._cross_kernel and DECODER_NORMS
         self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
+        self._decoder_norms = self._cross_kernel and DECODER_NORMS
+        # the decoder's cross keys and values of a closed patch, every layer in one product (and
+        # with DECODER_NORMS their norms in one kernel)
         self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._decoder_norms) \
             if fuse and model.local_decoder.cross_attn_layers else None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
@@ -850,6 +856,7 @@ class Generator:
         idx = self.p  # every row's slot (p_cap, hidden by the mask, once a row has every patch)
         fg = self.fused_global  # made for the kernels; more rows run cuBLAS on the same copies
         cos, sin, kernel_rope = self._rope_at(self.p.view(B, 1), c.global_transformer, form=fg is not None)
+        # (kept with GLOBAL_BOUNDS too: a later step past ATTEND_MAX_KEYS slots builds the mask)
         self.g_doc.scatter_(1, idx[:, None], self.pdoc[:, None])
         # attend the first L slots only: L bounds every row's p + 1 (see _global_slots)
         L = self.p_cap + 1 if L is None else L
@@ -953,35 +960,27 @@ class Generator:
                             self._kernel_choice, self.n, own=z is not self.h)
         return dec.head(z)[:, 0]
 
-    def _norms_in_order(self) -> list:
-        """The decoder's norms in the order its steps apply them first: each cross layer's q norm
-        before its block's attention norm, then the final norm (`_back_fused`)."""
-        dec = self.model.local_decoder
-        order = []
-        for i, layer in enumerate(dec.layers):
-            j = dec.cross_index(i)
-            if j is not None:
-                order.append(dec.cross_attn_layers[j].cross_attn_norm_q)
-            order.append(layer.attention_norm)
-        return [*order, dec.norm]
-
     def _back_fused(self, z, cos, sin, R, slot, mask) -> torch.Tensor:
         """`_back` past the block kernels' rows with the kernels: each residual product (the cross
         steps' wo, the blocks' w2) runs with its add and the next step's first norm as
         bltkit.kernels.residual_norm (an fp32 product and one kernel, where addmm and the norm
         took two or three), the final norm's too; the first norm as the model runs it."""
         dec = self.model.local_decoder
-        order = self._norms_in_order()
-        xn, at = order[0](z), 1
+
+        def first_norm(i: int):  # the norm layer i's steps apply first (past the last layer: the final norm)
+            if i == len(dec.layers):
+                return dec.norm
+            j = dec.cross_index(i)
+            return dec.layers[i].attention_norm if j is None else dec.cross_attn_layers[j].cross_attn_norm_q
+
+        xn = first_norm(0)(z)
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
                 z, xn = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None,
-                                    attend_kernel=True, own=z is not self.h, normed=xn, norm_out=order[at])
-                at += 1
+                                    attend_kernel=True, own=z is not self.h, normed=xn, norm_out=layer.attention_norm)
             z, xn = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
-                                self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=order[at])
-            at += 1
+                                self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=first_norm(i + 1))
         return dec.output(xn).float()[:, 0]
 
     @torch.no_grad()
