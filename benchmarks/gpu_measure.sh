@@ -27,9 +27,11 @@
 # at 64 rows with --trace (the batch-64 step's kernels in launch order), attend_configs.py and the
 # grid without transformers; the twentieth gpu_tests, fused_norm, and the grid's batch-8 and -64
 # cells; the twenty-first pdl_chain (Triton products with PDL, removed from the generator again)
-# and the 2,048-byte cells (docs/benchmarks.md); next, the decoder's fused residual norms and the
-# global step's attention bounds, not yet timed: ONLY="gpu_tests profile_generate_b64" \
-#   GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels GEN64_TABLE=--no-tables;
+# and the 2,048-byte cells (docs/benchmarks.md); the twenty-second gpu_tests, profile_generate_b64
+# with GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels, kernels.rope_attend and stream
+# priorities (profile_generate.py --batch 64, kernels-noropeattend / kernels-nopriority) and
+# generate_kernels; next, the grid's 2,048-byte cells with rope_attend limited to short caches
+# (ONLY="gpu_tests generate_kernels"),
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)

@@ -84,7 +84,10 @@ def main() -> None:
                          "the host's sync and launches between a byte's graphs cost; see host_gap); "
                          "kernels-nodecnorms: kernels without the decoder's fused residual norms past "
                          "generate.KERNEL_MAX_ROWS rows (DECODER_NORMS = False); kernels-nobounds: kernels with "
-                         "the global step's additive mask, not its attention's bounds (GLOBAL_BOUNDS = False)")
+                         "the global step's additive mask, not its attention's bounds (GLOBAL_BOUNDS = False); "
+                         "kernels-nopriority: kernels with every stream at the default priority "
+                         "(STREAM_PRIORITY = False); kernels-noropeattend: kernels with RoPE and the cache "
+                         "writes apart from the attention past generate.KERNEL_MAX_ROWS rows (ROPE_ATTEND = False)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -104,13 +107,14 @@ def main() -> None:
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
     prompts = [text[:args.prompt_len - 1]] * args.batch
-    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS")
+    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
                 "kernels-both": {"ATTEND_KERNEL": True, "LINEAR_KERNEL": True},
                 "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False},
-                "kernels-nodecnorms": {"DECODER_NORMS": False}, "kernels-nobounds": {"GLOBAL_BOUNDS": False}}
+                "kernels-nodecnorms": {"DECODER_NORMS": False}, "kernels-nobounds": {"GLOBAL_BOUNDS": False},
+                "kernels-nopriority": {"STREAM_PRIORITY": False}, "kernels-noropeattend": {"ROPE_ATTEND": False}}
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}
@@ -149,6 +153,8 @@ def main() -> None:
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
     generate.DECODER_NORMS = defaults["DECODER_NORMS"]
     generate.GLOBAL_BOUNDS = defaults["GLOBAL_BOUNDS"]
+    generate.STREAM_PRIORITY = defaults["STREAM_PRIORITY"]
+    generate.ROPE_ATTEND = defaults["ROPE_ATTEND"]
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a

@@ -198,11 +198,27 @@ ROPE_MATRIX_BYTES = 64 << 20
 
 
 class _KernelChoice(NamedTuple):
-    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL), as read when a
-    Generator is made; all False without Generator(kernels=...)."""
+    """The kernels that module constants switch (ATTEND_KERNEL, LINEAR_KERNEL, ROPE_ATTEND), as
+    read when a Generator is made; all False without Generator(kernels=...)."""
 
     attend: bool = False  # kernels.attend for the self-attention, at every row count
     linear: bool = False  # kernels.linear_add in the Triton block steps (a few rows)
+    rope_attend: bool = False  # past them, kernels.rope_attend where kernels.attend runs
+
+
+def _rope_attend(y_BF: torch.Tensor, rope: tuple, att, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
+                 mask: torch.Tensor | None, choice: _KernelChoice, n_keys: int | None = None,
+                 last: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE, the cache writes at `slot` and the attention [B, N, H] after cuBLAS's q|k|v product
+    y: one kernel (kernels.rope_attend) where the attention kernel runs over at most
+    ROPE_ATTEND_MAX_KEYS slots and ROPE_ATTEND is on, else kernels.rope_write, then `_attend`."""
+    from . import kernels
+
+    S = kc.shape[2] if n_keys is None else n_keys
+    if choice.rope_attend and _uses_kernel(choice.attend, S) and S <= ROPE_ATTEND_MAX_KEYS:
+        return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, mask, n_keys, last=last, first=first)
+    q = kernels.rope_write(y_BF, *rope, att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
+    return _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first)
 
 
 _DEFAULT_KERNELS = _KernelChoice()
@@ -231,9 +247,8 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
     xn = layer.attention_norm(x_B1D) if normed is None else normed
     N, Nk, H = att.n_heads, att.n_kv_heads, att.head_dim
     if isinstance(rope, tuple):  # more rows than the block kernels take: RoPE and the ring writes in one
-        from . import kernels
-
-        q = kernels.rope_write(F.linear(xn, fused.qkv[id(layer)])[:, 0], *rope, N, Nk, kc, vc, slot)  # B N H
+        # kernel, with the attention where its kernel runs
+        out = _rope_attend(F.linear(xn, fused.qkv[id(layer)])[:, 0], rope, att, kc, vc, slot, mask, choice, last=last)
     else:
         if fused is None:
             q, k, v = att.qkv(xn, cos, sin)  # B 1 N H
@@ -243,8 +258,7 @@ def _block_step(layer, kc, vc, x_B1D, cos, sin, slot, mask, fused: _Fused | None
             v = y[:, :, N + Nk:]
         kc.index_copy_(2, slot, k.transpose(1, 2))
         vc.index_copy_(2, slot, v.transpose(1, 2))
-        q = q[:, 0]
-    out = _attend(q, kc, vc, mask, kernel=choice.attend, last=last)  # B N H
+        out = _attend(q[:, 0], kc, vc, mask, kernel=choice.attend, last=last)  # B N H
     if fused is None:
         h = x_B1D + att.wo(out.flatten(1)[:, None])
         return h + layer.feed_forward(layer.ffn_norm(h))
@@ -441,6 +455,26 @@ GLOBAL_BOUNDS = True
 # Generator is made
 DECODER_NORMS = True
 
+# Generator(kernels=True) runs RoPE, the cache writes and the attention of every block step past
+# KERNEL_MAX_ROWS rows as one kernel (kernels.rope_attend) where the attention kernel runs over at
+# most ROPE_ATTEND_MAX_KEYS slots and this is True: one kernel fewer a layer (kernels.rope_write's,
+# 3-5.6 µs with its gap in a batch-64 step). On an H200 (twenty-second session, blt-1b, bf16,
+# `profile_generate.py --batch 64 --variants kernels-noropeattend,kernels`) a step took 2.38
+# against 2.47 ms after 64-byte prompts (caches of up to ~100 slots), and 4.92 against 4.85 after
+# 2,048-byte ones (caches of ~450-512 slots, where the attention's extra loads before its key loop
+# outweigh the kernel saved); read when a Generator is made
+ROPE_ATTEND = True
+ROPE_ATTEND_MAX_KEYS = 256  # read as the steps are traced
+
+# Generator captures its CUDA graphs on a stream of the highest priority where the entropy model
+# runs on a second stream (of the default priority, the lowest) and this is True: the GPU then
+# schedules the waiting blocks of the step's chain (the global step, the decoder) before the
+# entropy model's. A small gain on an H200 (twenty-second session, blt-1b, bf16,
+# `profile_generate.py --batch 64 --variants kernels-nopriority,kernels`): 2.47 and 2.46 against
+# 2.49 and 2.48 ms a step after 64-byte prompts, the same 2.14 at batch 8 and 5.12 after 2,048-byte
+# prompts; read when a Generator is made
+STREAM_PRIORITY = True
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -602,7 +636,8 @@ class Generator:
         self.fused_global = _Fused(glob, row_major=True) if wanted else None
         # the kernels that module constants switch; the decoder's cross-attention steps take the
         # Triton kernel where its heads fit
-        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL)
+        self._kernel_choice = _KernelChoice(attend=bool(kernels) and ATTEND_KERNEL, linear=bool(kernels) and LINEAR_KERNEL,
+                                            rope_attend=bool(kernels) and ROPE_ATTEND)
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
         self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
@@ -688,6 +723,9 @@ class Generator:
         side = (self.speculating or self.overlapping) and self.ent is not None and dev.type == "cuda" \
             and not self.compiled
         self._side = torch.cuda.Stream(dev) if side else None
+        # the captured chain on a stream of the highest priority, the entropy model's at the
+        # default (the lowest): where both have blocks waiting, the chain's go first
+        self._main = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None
         if self.native:  # the C steps over this state's addresses
             self._native.bind()
 
@@ -876,12 +914,11 @@ class Generator:
                 x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, g_last,
                                         g_first)
                 continue
-            if kernel_rope is not None:  # cuBLAS's products; RoPE and the cache writes in one kernel,
-                from . import kernels  # and each residual add with the norm after it in another
-
+            if kernel_rope is not None:  # cuBLAS's products; RoPE, the cache writes and the attention in
+                # one kernel, and each residual add with the norm after it in another
                 y = F.linear(layer.attention_norm(x) if xn is None else xn, fg.qkv[id(layer)])
-                q = kernels.rope_write(y.view(B, -1), *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc, idx)
-                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=g_last, first=g_first)
+                out = _rope_attend(y.view(B, -1), kernel_rope, att, kc, vc, idx, gmask, self._kernel_choice, L,
+                                   last=g_last, first=g_first)
                 hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm)  # x: this step's temporary
                 gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
                 if i + 1 < len(gt.layers):
@@ -1273,10 +1310,9 @@ class Generator:
             if enabled:
                 gc.enable()
 
-    @staticmethod
-    def _capture(fn) -> torch.cuda.CUDAGraph:
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._main):  # None: PyTorch's capture stream
             fn()
         return graph
 

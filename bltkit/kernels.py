@@ -119,6 +119,17 @@ if triton is not None:
         tl.store(at + 2 * i, e.to(dt), mask=ok)
         tl.store(at + 2 * i + 1, o.to(dt), mask=ok)
 
+    @triton.jit
+    def _rope_head(at, h, cos_ptr, sin_ptr, rope_off, dt):
+        """One head's H features at `at` (the product's output) with RoPE on its pairs (2i, 2i+1)
+        as _rope_store rotates them, rounded to dt, back in fp32: feature h is x_h cos_i + x_h' sin_i
+        with x_h' its pair's other feature, negated for the even one."""
+        x = tl.load(at + h).to(tl.float32)
+        other = tl.load(at + (h ^ 1)).to(tl.float32)
+        c = tl.load(cos_ptr + rope_off + h // 2)
+        s = tl.load(sin_ptr + rope_off + h // 2)
+        return (x * c + tl.where(h % 2 == 1, other, -other) * s).to(dt).to(tl.float32)
+
     # tuned once per shape on the first call (the generator's warm-up, before CUDA graph capture);
     # the writes are idempotent (the same q, k, v for the same inputs), so timing runs are harmless
     # PAIRS: a program's share of a head (rotation pairs, 2 output features each). A whole head of
@@ -247,12 +258,13 @@ if triton is not None:
     # head dims can share every other key)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
+                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -267,10 +279,20 @@ if triton is not None:
         end = tl.minimum(n_read, start + chunk)
         dt = o_ptr.dtype.element_ty
         h = tl.arange(0, H)
-        q = tl.load(q_ptr + b * sq_b + head * sq_n + h).to(tl.float32)
         kvh = head // (N // NK)  # grouped-query heads share a key/value head
         k_row = k_ptr + b * sk_b + kvh * sk_n
         v_row = v_ptr + b * sv_b + kvh * sv_n
+        if ROPE:  # q_ptr: the q|k|v product's output; RoPE on q and the new k here, as rope_write
+            y_row = q_ptr + b * sq_b
+            q = _rope_head(y_row + head * H, h, cos_ptr, sin_ptr, b * s_rope, dt)
+            k_new = _rope_head(y_row + (N + kvh) * H, h, cos_ptr, sin_ptr, b * s_rope, dt)
+            v_new = tl.load(y_row + (N + NK + kvh) * H + h).to(tl.float32)
+            own = tl.load(slot_ptr + b * s_slot).to(tl.int32)
+            if (head % (N // NK) == 0) & (split == 0):  # one program a key/value head writes them
+                tl.store(k_row + own * sk_s + h, k_new.to(dt))
+                tl.store(v_row + own * sv_s + h, v_new.to(dt))
+        else:
+            q = tl.load(q_ptr + b * sq_b + head * sq_n + h).to(tl.float32)
         m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)  # running max (a scalar)
         l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)  # running sum of exp
         acc = tl.zeros([H], dtype=tl.float32)
@@ -287,6 +309,9 @@ if triton is not None:
             kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
             seen = mask != float("-inf")
+            if ROPE:  # the row's own slot is left out here (the writing program may not have
+                # reached it yet) and taken from this program's registers after the loop
+                seen = seen & (s != own)
             kk = tl.where(seen[:, None], kk.to(tl.float32), 0.0)
             vv = tl.where(seen[:, None], vv.to(tl.float32), 0.0)
             sc = tl.where(seen, tl.sum(kk * q[None, :], axis=1) * scale + mask, float("-inf"))
@@ -296,6 +321,20 @@ if triton is not None:
             p = tl.exp(sc - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            m_i = m_new
+        if ROPE:  # the own slot, where it lies in this program's share and is visible: one more step
+            here = (own >= start) & (own < end)
+            if HAS_MASK:
+                m_own = tl.load(m_ptr + b * sm_b + own * sm_s, mask=here, other=float("-inf")).to(tl.float32)
+            else:
+                m_own = tl.where(here, 0.0, float("-inf"))
+            sc_own = tl.where(m_own != float("-inf"), tl.sum(k_new * q, axis=0) * scale + m_own, float("-inf"))
+            m_new = tl.maximum(m_i, sc_own)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            p_own = tl.exp(sc_own - m_use)
+            l_i = l_i * alpha + p_own
+            acc = acc * alpha + p_own * v_new
             m_i = m_new
         if SPLITS == 1:
             tl.store(o_ptr + (b * N + head) * H + h, (acc / tl.where(l_i > 0, l_i, 1.0)).to(dt))  # none seen: 0
@@ -517,19 +556,46 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     before it wraps), the splits sharing what is left. `first`: an integer device tensor [B],
     each row's first slot: slots before it are not read (the encoder's cached bytes before the
     open patch). `mask` None: every slot read is visible (with `first` and `last`, a range)."""
-    B, N, H = q_BNH.shape
+    B, N = q_BNH.shape[:2]
+    return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first)
+
+
+def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None,
+                n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
+                first: torch.Tensor | None = None) -> torch.Tensor:
+    """`rope_write` and `attend` in one kernel: from y = the q|k|v product's output [B, (N + 2
+    Nkv) H] (rows may be strided), RoPE on q and k, k and v written into the caches at `slot`
+    (as rope_write), and attend's output [B, N, H] over the caches (as attend, the other arguments
+    as there). Each program takes the row's own slot from the k and v it computed, not from the
+    cache, so no program waits for another's write: the own slot joins the online softmax after
+    the cached ones, so the result is rope_write then attend's summed in another order."""
+    B = y_BF.shape[0]
+    assert y_BF.stride(1) == 1, "rope_attend needs contiguous rows of the q|k|v product"
+    assert slot.numel() in (1, B), "one slot for all rows or one a row"
+    rope = (cos_H2, sin_H2, slot, _rope_stride(cos_H2, sin_H2), 1 if slot.numel() == B > 1 else 0)
+    return _attend_launch(y_BF, (y_BF.stride(0), 0), B, n_heads, k_cache, v_cache, mask, n_keys, splits, last,
+                          first, rope)
+
+
+def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tensor, mask, n_keys, splits, last,
+                   first, rope=None) -> torch.Tensor:
+    """attend's kernel launch (and its combining kernel) for q [B, N, H] at `q_strides` (row,
+    head), or with `rope` (cos, sin, slot, their row strides) q|k|v rows for rope_attend."""
+    H = k.shape[-1]
     S = k.shape[2] if n_keys is None else n_keys
-    out = torch.empty(B, N, H, dtype=q_BNH.dtype, device=q_BNH.device)
+    out = torch.empty(B, N, H, dtype=q.dtype, device=q.device)
     m = out if mask is None else mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
     if splits is None:
         splits = attend_splits(B * N, S)
     part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
+    cos, sin, slot, s_rope, s_slot = (out, out, out, 0, 0) if rope is None else rope
     _attend_kernel[(B, N, splits)](
-        q_BNH, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
-        N, k.shape[1], q_BNH.stride(0), q_BNH.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        q, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
+        N, k.shape[1], *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
-        1 if last is not None and last.numel() > 1 else 0, splits, H=H, HAS_LAST=last is not None,
-        HAS_FIRST=first is not None, HAS_MASK=mask is not None)
+        1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot, H=H,
+        HAS_LAST=last is not None, HAS_FIRST=first is not None, HAS_MASK=mask is not None, ROPE=rope is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

@@ -200,6 +200,51 @@ def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys, splits):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
+# the global step's: each row's own slot, bounds and no mask (GLOBAL_BOUNDS); a ring's: one slot
+# for all rows, the ring's additive mask, and its own slot hidden for one row (as no step asks, so
+# the own slot's substitution is seen to stay under the mask)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits):
+    """RoPE, the cache writes and the attention in one kernel give what rope_write and attend give
+    in two: the output, and k and v written at each row's slot of every key/value head and nowhere
+    else, over a q|k|v product's strided rows with grouped queries (4 on 2). The RoPE is computed
+    in another order of the same fp32 operations (a compiler may fuse them differently), and the
+    own slot joins the online softmax after the others: fp32 sums in another order, one rounding
+    step of the output at most."""
+    N, NK, H, S, B = 4, 2, 16, 150, 3
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(B, (N + 2 * NK) * H + 5, generator=g).to(DEV, dtype)[:, 5:]  # strided rows
+    pos = torch.tensor([[37], [3], [100]] if per_row else [[37]], device=DEV)
+    cos, sin = rope_cos_sin(pos, H, 10000.0)
+    c = cos.reshape(len(pos), -1).squeeze(0).contiguous()
+    s_ = sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0).contiguous()
+    kc = torch.randn(B, NK, S, H, generator=g).to(DEV, dtype)
+    vc = torch.randn(B, NK, S, H, generator=g).to(DEV, dtype)
+    if per_row:  # the global cache: slots [first, slot] seen, the own one last
+        slot = torch.tensor([60, 2, 149], device=DEV)
+        first, last, mask, n_keys = torch.tensor([10, 0, 0], device=DEV), slot, None, None
+    else:  # a ring: the shared slot 40 of 130 read slots; row 1 does not see it
+        slot, first, last, n_keys = torch.tensor([40], device=DEV), None, None, 130
+        visible = torch.rand(B, n_keys, generator=g) < 0.7
+        visible[:, 40] = True
+        visible[1, 40] = False
+        mask = torch.full((B, 1, 1, n_keys), float("-inf"), dtype=dtype).masked_fill_(visible[:, None, None], 0.0)
+        mask = mask.to(DEV)
+    k2, v2 = kc.clone(), vc.clone()
+    for row in range(B):  # what a row's slot held before: the kernel must not read it
+        kc[row, :, slot[row if per_row else 0]] = float("nan")
+    q = kernels.rope_write(y, c, s_, N, NK, k2, v2, slot)
+    want = kernels.attend(q, k2, v2, mask, n_keys, splits, last=last, first=first)
+    out = kernels.rope_attend(y, c, s_, N, kc, vc, slot, mask, n_keys, splits, last=last, first=first)
+    assert out.shape == (B, N, H)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol * want.abs().max().item())
+    torch.testing.assert_close(kc.float(), k2.float(), rtol=0, atol=tol * k2.abs().max().item())
+    assert torch.equal(vc, v2)
+
+
 @pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the cross-attention's double one
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
 def test_linear_add_equals_addmm(dtype, tol, beta):
@@ -392,16 +437,18 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
         Generator(model, kernels=True)
 
 
-@pytest.mark.parametrize("decoder_norms", [True, False])
-def test_generator_kernels_only_for_few_rows(decoder_norms, monkeypatch):
+@pytest.mark.parametrize(("decoder_norms", "rope_attend"), [(True, True), (False, False)])
+def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
     global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays
     (the decoder's cross-attention too, after cuBLAS's q product), with the reference's bytes;
     the decoder's residual adds with the norms after them in one kernel, or not
-    (generate.DECODER_NORMS)."""
+    (generate.DECODER_NORMS), and the self-attention with RoPE and the cache writes in one kernel,
+    or after them (here: caches longer than generate.ROPE_ATTEND_MAX_KEYS)."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "DECODER_NORMS", decoder_norms)
+    monkeypatch.setattr(generate, "ROPE_ATTEND_MAX_KEYS", 10**9 if rope_attend else 0)
 
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
@@ -442,6 +489,13 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, monkeypatch):
         return norms(*a, **k)
 
     monkeypatch.setattr(kernels, "norms", counted_norms)
+    rope_attend_fn, fused_rows = kernels.rope_attend, []  # RoPE, cache writes and attention in one
+
+    def counted_rope_attend(y, *a, **k):
+        fused_rows.append(y.shape[0])
+        return rope_attend_fn(y, *a, **k)
+
+    monkeypatch.setattr(kernels, "rope_attend", counted_rope_attend)
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
@@ -452,7 +506,9 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, monkeypatch):
     assert set(calls) == set(swiglu_rows) == set(residual_rows) == {len(prompts)}
     assert (2.0 in betas) == decoder_norms  # the cross-attention's doubled residual, fused or not
     assert bool(norms_calls) == decoder_norms
-    assert len(calls) >= 12 * len(model.local_decoder.cross_attn_layers)  # a step's decoder cross layers
+    assert set(fused_rows) == ({len(prompts)} if rope_attend else set())
+    # at least a step's decoder cross layers (the self-attention's calls are rope_attend's with it)
+    assert len(calls) + len(fused_rows) >= 12 * len(model.local_decoder.cross_attn_layers)
 
 
 def test_attend_kernel_only_for_short_caches(monkeypatch):
