@@ -5,7 +5,8 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 attend_configs fused_norm pdl_chain generate
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 entropy_contention attend_configs fused_norm
+# pdl_chain generate
 # generate_kernels generate_byte
 # generate_sdpa train_step
 # train_step_eager profile_train_1b
@@ -61,6 +62,8 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 # shellcheck disable=SC2086
 run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --steps 32 \
   --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
+# what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
+run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
 # kernels.attend per launch configuration at 64 rows (nineteenth session), and kernels.residual_norm
 # (an fp32-output product, then the residual add and the next RMSNorm in one kernel) against
 # addmm + RMSNorm (twentieth session: it won, and the generator runs it past KERNEL_MAX_ROWS rows)
