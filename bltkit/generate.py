@@ -725,7 +725,7 @@ class Generator:
         self._side = torch.cuda.Stream(dev) if side else None
         # the captured chain on a stream of the highest priority, the entropy model's at the
         # default (the lowest): where both have blocks waiting, the chain's go first
-        self._main = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None
+        self._capture_stream = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None
         if self.native:  # the C steps over this state's addresses
             self._native.bind()
 
@@ -1312,7 +1312,7 @@ class Generator:
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._main):  # None: PyTorch's capture stream
+        with torch.cuda.graph(graph, stream=self._capture_stream):  # None: PyTorch's capture stream
             fn()
         return graph
 
