@@ -97,7 +97,8 @@ def main() -> None:
                     help="the tables without kernels.linear_add (LINEAR_KERNEL, on by default)")
     ap.add_argument("--trace", metavar="DIR", default=None,
                     help="also write each graph's kernels in launch order, 3 replays, as a Chrome trace "
-                         "(DIR/trace_<graph>.json: names, streams, start times, durations, grids)")
+                         "(DIR/trace_<graph>.json: names, streams, start times, durations, grids; "
+                         "benchmarks/trace_summary.py summarises one)")
     ap.add_argument("--no-tables", action="store_true", help="time the variants only (no per-graph times and tables)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
