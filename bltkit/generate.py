@@ -460,7 +460,7 @@ DECODER_NORMS = True
 # most ROPE_ATTEND_MAX_KEYS slots and this is True: one kernel fewer a layer (kernels.rope_write's,
 # 3-5.6 µs with its gap in a batch-64 step). On an H200 (twenty-second session, blt-1b, bf16,
 # `profile_generate.py --batch 64 --variants kernels-noropeattend,kernels`) a step took 2.38
-# against 2.47 ms after 64-byte prompts (caches of up to ~100 slots), and 4.92 against 4.85 after
+# against 2.47 ms after 64-byte prompts (caches of ~100-200 slots), and 4.92 against 4.85 after
 # 2,048-byte ones (caches of ~450-512 slots, where the attention's extra loads before its key loop
 # outweigh the kernel saved); read when a Generator is made
 ROPE_ATTEND = True
