@@ -3,6 +3,13 @@
 They run on a CPU under Triton's interpreter (TRITON_INTERPRET=1, set here before Triton is
 imported); without the `triton` package (CI's install) this module is skipped, and on a GPU
 machine `benchmarks/profile_generate.py --variants kernels` runs them compiled.
+
+Under the interpreter a whole generation is slow: Triton 3.9's interpreter patches
+triton.language again at every call of a nested @triton.jit function (~2 ms each; a 12-byte
+generation with the tiny model makes ~20,000 of them), so the module took 30 minutes on a 2-core
+machine. There the generator tests marked INTERPRETER_SLOW are skipped unless
+BLTKIT_INTERPRETER_FULL=1; one of each kind still runs (~6 minutes with the kernel tests), and
+all of them run compiled on a GPU (`benchmarks/gpu_measure.sh`'s gpu_tests).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# 100-400 s each under the interpreter (the module's docstring); compiled on a GPU, ~1 s
+INTERPRETER_SLOW = pytest.mark.skipif(
+    INTERPRETED and os.environ.get("BLTKIT_INTERPRETER_FULL") != "1",
+    reason="minutes under Triton's interpreter: set BLTKIT_INTERPRETER_FULL=1 (a GPU runs it compiled)")
 
 
 def _rnd(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -374,8 +385,12 @@ def test_attend_reads_only_first_to_last(splits):
     assert not out[-1].any()
 
 
-@pytest.mark.parametrize("rows", [2, 5])  # the block kernels' global step; cuBLAS's (past KERNEL_MAX_ROWS)
-@pytest.mark.parametrize("switched", [False, True])
+@pytest.mark.parametrize(("switched", "rows"), [
+    (False, 2),  # the block kernels' global step
+    pytest.param(False, 5, marks=INTERPRETER_SLOW),  # cuBLAS's (past KERNEL_MAX_ROWS)
+    pytest.param(True, 2, marks=INTERPRETER_SLOW),
+    pytest.param(True, 5, marks=INTERPRETER_SLOW),
+])
 def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
     """Generated EOS bytes start new documents: a row that opens one and closes no patch sees
     no global key in its discarded step, and its NaN-free result keeps later steps exact (the
@@ -404,7 +419,11 @@ def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
     assert bool(masks) != switched
 
 
-@pytest.mark.parametrize(("mode", "switched"), [({}, False), ({}, True), ({"mode": "space", "max_patch_length": 4}, True)])
+@pytest.mark.parametrize(("mode", "switched"), [
+    ({}, False),
+    pytest.param({}, True, marks=INTERPRETER_SLOW),
+    pytest.param({"mode": "space", "max_patch_length": 4}, True, marks=INTERPRETER_SLOW),
+])
 def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
     """Greedy bytes equal the full-forward oracle, and every step's logits the PyTorch step's
     within 1e-5 (fp32), with a window shorter than the text (the ring slots wrap); with the
@@ -437,7 +456,10 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
         Generator(model, kernels=True)
 
 
-@pytest.mark.parametrize(("decoder_norms", "rope_attend"), [(True, True), (False, False)])
+@pytest.mark.parametrize(("decoder_norms", "rope_attend"), [
+    (True, True),
+    pytest.param(False, False, marks=INTERPRETER_SLOW),
+])
 def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
     global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays
@@ -515,6 +537,7 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeyp
     assert len(calls) + len(fused_rows) >= 12 * len(model.local_decoder.cross_attn_layers)
 
 
+@INTERPRETER_SLOW
 def test_attend_kernel_only_for_short_caches(monkeypatch):
     """kernels.attend runs over caches of at most ATTEND_MAX_KEYS slots, SDPA over longer ones,
     with the reference's bytes either way."""
