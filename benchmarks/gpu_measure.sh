@@ -31,8 +31,10 @@
 # and the 2,048-byte cells (docs/benchmarks.md); the twenty-second gpu_tests, profile_generate_b64
 # with GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels, kernels.rope_attend and stream
 # priorities (profile_generate.py --batch 64, kernels-noropeattend / kernels-nopriority) and
-# generate_kernels; next, the grid's 2,048-byte cells with rope_attend limited to short caches
-# (ONLY="gpu_tests generate_kernels"),
+# generate_kernels; the twenty-third got no GPU. Next, the rings' bounds (RING_BOUNDS) tested and
+# timed at 64 rows, then the grid (its 2,048-byte cells with rope_attend limited to short caches):
+#   ONLY="gpu_tests profile_generate_b64 generate_kernels" GEN64_TABLE=--no-tables \
+#     GEN64_VARIANTS=kernels-noringbounds,kernels,kernels-noringbounds,kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)

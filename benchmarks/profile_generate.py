@@ -87,7 +87,9 @@ def main() -> None:
                          "the global step's additive mask, not its attention's bounds (GLOBAL_BOUNDS = False); "
                          "kernels-nopriority: kernels with every stream at the default priority "
                          "(STREAM_PRIORITY = False); kernels-noropeattend: kernels with RoPE and the cache "
-                         "writes apart from the attention past generate.KERNEL_MAX_ROWS rows (ROPE_ATTEND = False)")
+                         "writes apart from the attention past generate.KERNEL_MAX_ROWS rows (ROPE_ATTEND = False); "
+                         "kernels-noringbounds: kernels with the rings' additive masks, not their attention's "
+                         "bounds (RING_BOUNDS = False)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -108,14 +110,16 @@ def main() -> None:
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
     prompts = [text[:args.prompt_len - 1]] * args.batch
-    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND")
+    names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND",
+             "RING_BOUNDS")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
                 "kernels-both": {"ATTEND_KERNEL": True, "LINEAR_KERNEL": True},
                 "kernels-plain": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": False},
                 "kernels-nodecnorms": {"DECODER_NORMS": False}, "kernels-nobounds": {"GLOBAL_BOUNDS": False},
-                "kernels-nopriority": {"STREAM_PRIORITY": False}, "kernels-noropeattend": {"ROPE_ATTEND": False}}
+                "kernels-nopriority": {"STREAM_PRIORITY": False}, "kernels-noropeattend": {"ROPE_ATTEND": False},
+                "kernels-noringbounds": {"RING_BOUNDS": False}}
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}

@@ -52,6 +52,7 @@ class _Ring:
     pos: torch.Tensor  # R, position stored in each slot (-1 = empty); shared by all rows
     doc: torch.Tensor  # B R, document id of each slot
     window: int | None
+    bounded: bool = False  # the attention kernel's bounds in place of the mask (RING_BOUNDS)
 
     @classmethod
     def new(cls, n_layers, B, n_kv, head_dim, size, window, dtype, device) -> _Ring:
@@ -59,10 +60,14 @@ class _Ring:
         return cls(z, z.clone(), torch.full((size,), -1, dtype=torch.long, device=device),
                    torch.zeros(B, size, dtype=torch.int32, device=device), window)
 
-    def advance(self, n: torch.Tensor, doc_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, n: torch.Tensor, doc_B: torch.Tensor,
+                start_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | _RingBounds]:
         """Claim the slot of position n; return it and the additive attention mask [B, 1, 1, R]
-        (0 visible, -inf not) in the ring's dtype."""
+        (0 visible, -inf not) in the ring's dtype, or where the ring is `bounded` its bounds
+        (`start_B`: each row's document start), in one kernel where the mask took about ten."""
         slot = (n % self.pos.shape[0]).view(1)
+        if self.bounded:  # pos and doc, which only the mask reads, are left as they are
+            return slot, _RingBounds(start_B, self.window or 0)
         self.pos.index_copy_(0, slot, n.view(1))
         self.doc.index_copy_(1, slot, doc_B.view(-1, 1).to(torch.int32))
         valid = (self.pos >= 0) & (self.pos <= n)
@@ -70,6 +75,15 @@ class _Ring:
             valid = valid & (n - self.pos < self.window)
         mask = valid[None, :] & (self.doc == doc_B.view(-1, 1))
         return slot, _additive(mask[:, None, None, :], self.k.dtype)
+
+
+class _RingBounds(NamedTuple):
+    """A ring's visibility for the attention kernel in place of its mask (RING_BOUNDS): a row
+    sees the slots of positions max(start, n - window + 1) to the step's n (kernels.attend's
+    `ring`; `_attend` passes n, the steps' `last`)."""
+
+    start: torch.Tensor  # [B] each row's document start (a position)
+    window: int  # 0: none
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -216,6 +230,9 @@ def _rope_attend(y_BF: torch.Tensor, rope: tuple, att, kc: torch.Tensor, vc: tor
 
     S = kc.shape[2] if n_keys is None else n_keys
     if choice.rope_attend and _uses_kernel(choice.attend, S) and S <= ROPE_ATTEND_MAX_KEYS:
+        if isinstance(mask, _RingBounds):
+            return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, None, last=last, first=mask.start,
+                                       ring=mask.window)
         return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, mask, n_keys, last=last, first=first)
     q = kernels.rope_write(y_BF, *rope, att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
     return _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first)
@@ -333,12 +350,15 @@ def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch
     call at 64 rows on an H200), which reads no slot after `last` (a device tensor: the last slot
     any row sees, or each row's; the mask hides those slots anyway, so SDPA, which reads them
     all, ignores it). `mask` None (the kernel only, `_uses_kernel`): each row sees the slots from
-    `first` (a device tensor [B]) to `last`."""
+    `first` (a device tensor [B]) to `last`. `mask` a ring's bounds (`_RingBounds`; the kernel
+    only): `last` is the step's position."""
     if _uses_kernel(kernel, kc.shape[2] if n_keys is None else n_keys):
         from . import kernels
 
+        if isinstance(mask, _RingBounds):
+            return kernels.attend(q_BNH, kc, vc, None, last=last, first=mask.start, ring=mask.window)
         return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last, first=first)
-    assert mask is not None, "SDPA needs the mask (bounds alone are the attention kernel's)"
+    assert isinstance(mask, torch.Tensor), "SDPA needs the mask (bounds alone are the attention kernel's)"
     out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=q_BNH.shape[1] != kc.shape[1])
     return out[:, :, 0]
@@ -446,6 +466,15 @@ LINEAR_KERNEL = True
 # is made. Where the attention kernel does not run (ATTEND_KERNEL off, or more than
 # ATTEND_MAX_KEYS slots) the mask is built as before
 GLOBAL_BOUNDS = True
+
+# Generator(kernels=True) bounds the self-attention over each ring (the entropy model's, the
+# encoder's, the decoder's) by the step's position, each row's document start and the window
+# (kernels.attend's `ring`) where this is True and the attention kernel runs over the ring,
+# instead of writing the ring's positions and documents and building its additive mask: one
+# kernel a ring and step where that took about ten (twenty-third session, not yet timed on a GPU,
+# where `profile_generate.py --variants kernels-noringbounds,kernels` compares); read when a
+# Generator is made
+RING_BOUNDS = True
 
 # Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows with each residual add (the
 # cross-attention's wo, the blocks' w2) and the norm after it as kernels.residual_norm, and its
@@ -641,6 +670,7 @@ class Generator:
         self._cross_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_decoder.cross_attn_layers) is None
         self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
+        self._ring_bounds = self._kernel_choice.attend and RING_BOUNDS
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
         # the decoder's cross keys and values of a closed patch, every layer in one product (and
         # with DECODER_NORMS their norms in one kernel)
@@ -662,7 +692,9 @@ class Generator:
 
         def ring(stack_cfg, n_layers, window, dtype=dt):
             size = min(window, capacity) if window else capacity
-            return _Ring.new(n_layers, B, stack_cfg.n_kv_heads, stack_cfg.head_dim, size, window, dtype, dev)
+            r = _Ring.new(n_layers, B, stack_cfg.n_kv_heads, stack_cfg.head_dim, size, window, dtype, dev)
+            r.bounded = self._ring_bounds and _uses_kernel(self._kernel_choice.attend, size)
+            return r
 
         em = m.entropy_model if c.patcher.mode == "entropy" else None
         self.ent = ring(em.config, em.config.n_layers, em.config.window,
@@ -689,6 +721,9 @@ class Generator:
         self.n = torch.zeros((), dtype=torch.long, device=dev)
         self.hist = torch.zeros(B, max(c.hash_sizes, default=1) - 1, dtype=torch.long, device=dev)
         self.doc = zeros.clone()  # document of the current byte
+        # the position where it starts, for the rings' bounds (RING_BOUNDS), where a ring has them
+        bounded = any(r is not None and r.bounded for r in (self.ent, self.enc, self.dec))
+        self.doc_start = zeros.clone() if bounded else None
         self.h_prev = torch.zeros(B, dtype=torch.float32, device=dev)
         self.like_prev = torch.zeros(B, dtype=torch.bool, device=dev)
         self.open_len, self.open_start, self.p, self.pdoc = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
@@ -776,7 +811,7 @@ class Generator:
     def _entropy_step(self, x_B: torch.Tensor) -> torch.Tensor:
         em = self.model.entropy_model
         ec = em.config
-        slot, mask = self.ent.advance(self.n, self.doc)
+        slot, mask = self.ent.advance(self.n, self.doc, self.doc_start)
         cos, sin, R = self._rope_at(self.n.view(1, 1), ec)
         h = em.tok_embeddings(x_B[:, None])
         for i, layer in enumerate(em.layers):
@@ -822,7 +857,7 @@ class Generator:
         pooling (it reads nothing the entropy model or the boundary decision writes)."""
         m, c = self.model, self.cfg
         e = m.embed(x_B[:, None], history_BH=self.hist)
-        slot, mask = self.enc.advance(self.n, self.doc)
+        slot, mask = self.enc.advance(self.n, self.doc, self.doc_start)
         cos, sin, R = self._rope_at(self.n.view(1, 1), c.encoder)
         enc = m.local_encoder
         h = e
@@ -976,7 +1011,7 @@ class Generator:
     def _back_prep(self) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """The decoder's RoPE for byte n and its ring slot and mask (they read n and the document
         alone, so `_run_front_patch` makes them beside the global step)."""
-        return self._rope_at(self.n.view(1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc)
+        return self._rope_at(self.n.view(1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc, self.doc_start)
 
     def _back(self) -> torch.Tensor:
         """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
@@ -1088,6 +1123,8 @@ class Generator:
         self.open_len.copy_(N - open_start)
         self.open_eos.copy_(((tokens_BT == EOS_ID) & in_open).any(1))
         self.doc.copy_((tokens_BT == EOS_ID).long().sum(1))
+        if self.doc_start is not None:  # one past the prompt's last EOS, or 0
+            self.doc_start.copy_(torch.where(tokens_BT == EOS_ID, pos + 1, 0).amax(1))
         if self.hist.shape[1]:
             W = self.hist.shape[1]
             padded = torch.cat([torch.zeros(B, W, dtype=torch.long, device=dev), tokens_BT.long()], 1)
@@ -1130,8 +1167,11 @@ class Generator:
         self.next.copy_(sample(logits, self.keys, self.n, *self.sampling))
 
     def _run_advance(self) -> None:
-        self.doc.add_((self.x == EOS_ID).long())
+        eos = self.x == EOS_ID
+        self.doc.add_(eos.long())
         self.n.add_(1)
+        if self.doc_start is not None:  # the byte after an EOS starts a document
+            torch.where(eos, self.n, self.doc_start, out=self.doc_start)
 
     def _run_feed(self) -> None:
         """Byte n into the step's input: the prompt's byte while a row still reads its prompt,

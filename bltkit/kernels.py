@@ -258,13 +258,13 @@ if triton is not None:
     # head dims can share every other key)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
-                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot,
+                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -272,7 +272,12 @@ if triton is not None:
         if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
             n_read = tl.minimum(S, tl.load(last_ptr + b * s_last).to(tl.int32) + 1)
         lo = 0
-        if HAS_FIRST:  # the row's first visible slot (a row's own)
+        at = 0  # RING: the step's position (its slot: at % S)
+        lo_at = 0  # RING: the row's first visible position
+        if RING:  # `last` the position, `first` the row's document start (positions, not slots)
+            at = tl.load(last_ptr + b * s_last).to(tl.int32)
+            lo_at = tl.maximum(tl.load(first_ptr + b).to(tl.int32), at - window + 1)
+        elif HAS_FIRST:  # the row's first visible slot (a row's own)
             lo = tl.maximum(tl.load(first_ptr + b).to(tl.int32), 0)
         chunk = tl.cdiv(tl.cdiv(tl.maximum(n_read - lo, 0), SPLITS), BLOCK_S) * BLOCK_S
         start = lo + split * chunk
@@ -304,6 +309,11 @@ if triton is not None:
             # before any sum, so it stays out of them
             if HAS_MASK:
                 mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
+            elif RING:  # slot s holds the last position <= at that is s modulo S (before the ring
+                # has filled, a slot past at holds none: a negative position, never visible)
+                behind = (at - s) % S  # C's remainder: negative where s > at
+                held = at - tl.where(behind < 0, behind + S, behind)
+                mask = tl.where(ok & (held >= lo_at), 0.0, float("-inf"))
             else:  # every slot in [lo, n_read) visible
                 mask = tl.where(ok, 0.0, float("-inf"))
             kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
@@ -543,7 +553,7 @@ def attend_splits(programs: int, n_keys: int) -> int:
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-           first: torch.Tensor | None = None) -> torch.Tensor:
+           first: torch.Tensor | None = None, ring: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
@@ -555,15 +565,21 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     not read either (a cache's unfilled tail: the global cache past a row's patches, a ring
     before it wraps), the splits sharing what is left. `first`: an integer device tensor [B],
     each row's first slot: slots before it are not read (the encoder's cached bytes before the
-    open patch). `mask` None: every slot read is visible (with `first` and `last`, a range)."""
+    open patch). `mask` None: every slot read is visible (with `first` and `last`, a range).
+
+    `ring` (mask None; a window, 0 for none): the cache is a ring of S slots holding every
+    position so far at slot position % S; `last` (one value) is the step's position n and `first`
+    ([B]) each row's document start, positions both: a row sees the slots of positions
+    max(first, n - ring + 1) to n, and the step builds no mask (generate.RING_BOUNDS)."""
     B, N = q_BNH.shape[:2]
-    return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first)
+    return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first,
+                          ring=ring)
 
 
 def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None,
                 n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-                first: torch.Tensor | None = None) -> torch.Tensor:
+                first: torch.Tensor | None = None, ring: int | None = None) -> torch.Tensor:
     """`rope_write` and `attend` in one kernel: from y = the q|k|v product's output [B, (N + 2
     Nkv) H] (rows may be strided), RoPE on q and k, k and v written into the caches at `slot`
     (as rope_write), and attend's output [B, N, H] over the caches (as attend, the other arguments
@@ -575,15 +591,22 @@ def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, 
     assert slot.numel() in (1, B), "one slot for all rows or one a row"
     rope = (cos_H2, sin_H2, slot, _rope_stride(cos_H2, sin_H2), 1 if slot.numel() == B > 1 else 0)
     return _attend_launch(y_BF, (y_BF.stride(0), 0), B, n_heads, k_cache, v_cache, mask, n_keys, splits, last,
-                          first, rope)
+                          first, rope, ring)
 
 
 def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tensor, mask, n_keys, splits, last,
-                   first, rope=None) -> torch.Tensor:
+                   first, rope=None, ring: int | None = None) -> torch.Tensor:
     """attend's kernel launch (and its combining kernel) for q [B, N, H] at `q_strides` (row,
     head), or with `rope` (cos, sin, slot, their row strides) q|k|v rows for rope_attend."""
     H = k.shape[-1]
     S = k.shape[2] if n_keys is None else n_keys
+    if ring is not None:
+        assert mask is None, "a ring's bounds take no mask"
+        assert n_keys is None, "a ring's bounds cover the whole ring"
+        assert last is not None, "a ring's bounds: its position as `last`"
+        assert last.numel() == 1, "a ring's bounds: one position for all rows"
+        assert first is not None, "a ring's bounds: the rows' document starts as `first`"
+        ring = ring if ring > 0 else 2**30  # no window: every position since the document's start
     out = torch.empty(B, N, H, dtype=q.dtype, device=q.device)
     m = out if mask is None else mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
     if splits is None:
@@ -594,8 +617,9 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         q, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
         N, k.shape[1], *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
-        1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot, H=H,
-        HAS_LAST=last is not None, HAS_FIRST=first is not None, HAS_MASK=mask is not None, ROPE=rope is not None)
+        1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
+        0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
+        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

@@ -256,6 +256,57 @@ def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits):
     assert torch.equal(vc, v2)
 
 
+def _ring_visible(n: int, S: int, start: list[int], window: int) -> torch.Tensor:
+    """What `_Ring.advance`'s mask shows at position n, written out: slot s holds the last
+    position <= n that is s modulo S (none before the ring reaches it); a row sees the positions
+    of its document (from `start`) within the window (0: none)."""
+    held = torch.tensor([max((p for p in range(n + 1) if p % S == s), default=-1) for s in range(S)])
+    lo = torch.tensor(start)[:, None]
+    if window:
+        lo = lo.clamp_min(n - window + 1)
+    return (held[None] >= 0) & (held[None] >= lo)
+
+
+# before the ring fills (n 5 of 8 slots) and after it wrapped (n 21); a window of the ring's size,
+# a shorter one, none; a row whose document starts at n (it sees its own slot only)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(("n", "window"), [(5, 8), (21, 8), (21, 5), (21, 0)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_attend_over_a_ring_equals_its_mask(rope, n, window, splits):
+    """A ring's bounds (`ring`: the position, each row's document start, the window) show the
+    attention kernel what the ring's mask shows, and nothing else: the same kernel, the same
+    loads and sums, so the same output bit for bit (fp32), with NaN in every slot the rows must
+    not see; with RoPE and the cache writes (rope_attend) too."""
+    N, NK, H, S, B = 4, 2, 16, 8, 3
+    g = torch.Generator().manual_seed(12)
+    start = [0, max(n - 4, 1), n]
+    visible = _ring_visible(n, S, start, window)
+    assert visible[2].sum() == 1
+    assert not visible[1].all()
+    kc = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    vc = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    kc.masked_fill_(~visible[:, None, :, None].to(DEV), float("nan"))
+    vc.masked_fill_(~visible[:, None, :, None].to(DEV), float("nan"))
+    mask = torch.full((B, 1, 1, S), float("-inf")).masked_fill_(visible[:, None, None], 0.0).to(DEV)
+    pos, first = torch.tensor(n, device=DEV), torch.tensor(start, device=DEV)
+    if rope:
+        y = torch.randn(B, (N + 2 * NK) * H, generator=g).to(DEV)
+        cos, sin = rope_cos_sin(pos.view(1, 1), H, 10000.0)
+        c, s_ = cos.reshape(-1).contiguous(), sin.reshape(-1, 2)[..., 1].contiguous()
+        slot = (pos % S).view(1)
+        k2, v2 = kc.clone(), vc.clone()
+        want = kernels.rope_attend(y, c, s_, N, k2, v2, slot, mask, splits=splits, last=pos)
+        out = kernels.rope_attend(y, c, s_, N, kc, vc, slot, None, splits=splits, last=pos, first=first, ring=window)
+        assert torch.equal(kc.nan_to_num(), k2.nan_to_num())
+        assert torch.equal(vc.nan_to_num(), v2.nan_to_num())
+    else:
+        q = torch.randn(B, N, H, generator=g).to(DEV)
+        want = kernels.attend(q, kc, vc, mask, splits=splits, last=pos)
+        out = kernels.attend(q, kc, vc, None, splits=splits, last=pos, first=first, ring=window)
+    assert not want.isnan().any()
+    assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the cross-attention's double one
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
 def test_linear_add_equals_addmm(dtype, tol, beta):
@@ -386,9 +437,9 @@ def test_attend_reads_only_first_to_last(splits):
 
 
 @pytest.mark.parametrize(("switched", "rows"), [
-    (False, 2),  # the block kernels' global step
+    pytest.param(False, 2, marks=INTERPRETER_SLOW),  # the block kernels' global step
     pytest.param(False, 5, marks=INTERPRETER_SLOW),  # cuBLAS's (past KERNEL_MAX_ROWS)
-    pytest.param(True, 2, marks=INTERPRETER_SLOW),
+    (True, 2),
     pytest.param(True, 5, marks=INTERPRETER_SLOW),
 ])
 def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
@@ -396,7 +447,8 @@ def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
     no global key in its discarded step, and its NaN-free result keeps later steps exact (the
     ninth session's GPU run found the attention kernel's 0/0 there poisoning the dummy slot).
     With the attention kernel the global step bounds each row to its document's slots
-    (generate.GLOBAL_BOUNDS: no mask built), without it the mask hides the others."""
+    (generate.GLOBAL_BOUNDS: no mask built), and so do the rings' self-attention steps
+    (generate.RING_BOUNDS: by each row's document start); without it masks hide the others."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "ATTEND_KERNEL", switched)
@@ -415,8 +467,10 @@ def test_generator_with_kernels_across_documents(switched, rows, monkeypatch):
     want = reference_generate(model, prompts, 12, stop_at_eos=False)
     assert sum(row.count(EOS_ID) for row in want) >= 4
     masks.clear()  # (the reference builds none; a Generator's own prefill neither)
-    assert Generator(model, kernels=True).generate_ids(prompts, 12, stop_at_eos=False) == want
+    gen = Generator(model, kernels=True)
+    assert gen.generate_ids(prompts, 12, stop_at_eos=False) == want
     assert bool(masks) != switched
+    assert gen.enc.bounded == gen.dec.bounded == switched
 
 
 @pytest.mark.parametrize(("mode", "switched"), [
@@ -540,26 +594,32 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeyp
 @INTERPRETER_SLOW
 def test_attend_kernel_only_for_short_caches(monkeypatch):
     """kernels.attend runs over caches of at most ATTEND_MAX_KEYS slots, SDPA over longer ones,
-    with the reference's bytes either way."""
+    with the reference's bytes either way; over the rings by their bounds (RING_BOUNDS, no mask),
+    or by their masks with RING_BOUNDS off."""
     from bltkit import generate
 
     model = make_model(seed=8, window=8).to(DEV)
     prompts = random_prompts(seed=9, n=2)
     want = reference_generate(model, prompts, 10, stop_at_eos=False)
-    attend, sizes = kernels.attend, []
+    attend, sizes, bounded = kernels.attend, [], []
 
-    def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None):
+    def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None, ring=None):
         if splits is None:  # the self-attention (the patch step's open-patch call sets one split)
             sizes.append(k.shape[2] if n_keys is None else n_keys)
-        return attend(q, k, v, mask, n_keys, splits, last, first)
+            bounded.append((ring is not None, mask is None))
+        return attend(q, k, v, mask, n_keys, splits, last, first, ring)
 
     monkeypatch.setattr(kernels, "attend", counted)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
     runs = []
-    for limit in (10**9, 8):  # all caches; the rings' 8 slots, not the global cache's
+    # all caches; the rings' 8 slots, not the global cache's; those by their masks
+    for limit, ring_bounds in ((10**9, True), (8, True), (8, False)):
         monkeypatch.setattr(generate, "ATTEND_MAX_KEYS", limit)
+        monkeypatch.setattr(generate, "RING_BOUNDS", ring_bounds)
         sizes.clear()
+        bounded.clear()
         assert Generator(model, kernels=True).generate_ids(prompts, 10, stop_at_eos=False) == want
-        runs.append(set(sizes))
-    assert min(runs[0]) == 8 < max(runs[0])
-    assert runs[1] == {8}
+        runs.append((set(sizes), set(bounded)))
+    assert min(runs[0][0]) == 8 < max(runs[0][0])
+    assert runs[1] == ({8}, {(True, True)})
+    assert runs[2] == ({8}, {(False, False)})
