@@ -66,6 +66,15 @@ def _coef_tensor(sizes: tuple[int, ...], n_functions: int, width: int, device: t
     return _COEF_CACHE[key]
 
 
+def _offsets(n_tables: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Each table's first row in the fused table, n * vocab, cached on its device like the
+    coefficients (an arange and a product fewer in every generation step)."""
+    key = ("offsets", n_tables, vocab, str(device))
+    if key not in _COEF_CACHE:
+        _COEF_CACHE[key] = torch.arange(n_tables, dtype=torch.int64, device=device) * vocab
+    return _COEF_CACHE[key]
+
+
 def all_hash_ids(tokens_BT: torch.Tensor, sizes: list[int], n_functions: int, vocab: int,
                  history_BH: torch.Tensor | None = None) -> torch.Tensor:
     """Ids [B, T, n_tables] into the fused table, tables in order n = f*len(sizes) + gi.
@@ -82,5 +91,4 @@ def all_hash_ids(tokens_BT: torch.Tensor, sizes: list[int], n_functions: int, vo
     windows = torch.cat([pad, tok], dim=1).unfold(1, width, 1)  # B T width, oldest first
     coef = _coef_tensor(tuple(sizes), n_functions, width, tok.device)
     h = (windows[:, :, None, :] * coef).sum(-1)  # B T n_tables, wraps mod 2^64
-    offsets = torch.arange(coef.shape[0], device=tok.device, dtype=torch.int64) * vocab
-    return torch.remainder(h, vocab) + offsets
+    return torch.remainder(h, vocab) + _offsets(coef.shape[0], vocab, tok.device)
