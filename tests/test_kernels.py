@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from test_generate import eos_heavy, make_model, random_prompts
 
 from bltkit import kernels
-from bltkit.bytes import EOS_ID
+from bltkit.bytes import EOS_ID, encode
 from bltkit.generate import Generator, reference_generate
 from bltkit.model.layers import RMSNorm, apply_rope, rope_cos_sin
 
@@ -498,6 +498,25 @@ def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
         logits[use] = torch.stack(rows)
         if use:
             assert out == reference_generate(model, prompts, 12, stop_at_eos=False)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_generator_ring_bounds_after_documents_in_the_prompt():
+    """Prompts holding EOS start documents that the prefill sees (and, in the longer prompt, that
+    the steps read after it): the rings' bounds (RING_BOUNDS) start each row at its document, so
+    with windows of 8 over prompts of up to 13 bytes every step's logits equal the masked PyTorch
+    step's within 1e-5 (fp32) and the bytes the full-forward oracle's."""
+    model = make_model(seed=10, window=8).to(DEV)
+    prompts = [[*encode("ab"), EOS_ID, *encode("cdefghij")], [*encode("x"), EOS_ID, *encode("yz"), EOS_ID, *encode("w")]]
+    logits = {}
+    for use in (False, True):
+        gen = Generator(model, kernels=use)
+        rows = []
+        out = gen.generate_ids(prompts, 8, stop_at_eos=False,
+                               on_step=lambda row, tok, close, rows=rows, gen=gen: rows.append(gen.logits[row].clone()))
+        logits[use] = torch.stack(rows)
+        assert [r.bounded for r in (gen.ent, gen.enc, gen.dec)] == [use] * 3
+    assert out == reference_generate(model, prompts, 8, stop_at_eos=False)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 
