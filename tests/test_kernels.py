@@ -8,7 +8,7 @@ Under the interpreter a whole generation is slow: Triton 3.9's interpreter patch
 triton.language again at every call of a nested @triton.jit function (~2 ms each; a 12-byte
 generation with the tiny model makes ~20,000 of them), so the module took 30 minutes on a 2-core
 machine. There the generator tests marked INTERPRETER_SLOW are skipped unless
-BLTKIT_INTERPRETER_FULL=1; one of each kind still runs (~6 minutes with the kernel tests), and
+BLTKIT_INTERPRETER_FULL=1; one of each kind still runs (~10 minutes with the kernel tests), and
 all of them run compiled on a GPU (`benchmarks/gpu_measure.sh`'s gpu_tests).
 """
 
