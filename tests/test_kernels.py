@@ -488,17 +488,22 @@ def test_generator_with_kernels_equals_reference(mode, switched, monkeypatch):
     monkeypatch.setattr(generate, "LINEAR_KERNEL", switched)
     monkeypatch.setattr(kernels, "ATTEND_MIN_CHUNK", 4)  # the tiny caches' keys split too
     model = make_model(seed=4, window=8, **mode).to(DEV)
-    prompts = random_prompts(seed=5, n=2)
+    _kernels_equal_pytorch_and_reference(model, random_prompts(seed=5, n=2), 12)
+
+
+def _kernels_equal_pytorch_and_reference(model, prompts, new_bytes: int) -> Generator:
+    """Generate greedily with and without the kernels: every step's logits equal within 1e-5
+    (fp32), and the kernels' bytes equal the full-forward oracle's. Returns the kernels' Generator."""
     logits = {}
     for use in (False, True):
         gen = Generator(model, kernels=use)
         rows = []
-        out = gen.generate_ids(prompts, 12, stop_at_eos=False,
+        out = gen.generate_ids(prompts, new_bytes, stop_at_eos=False,
                                on_step=lambda row, tok, close, rows=rows, gen=gen: rows.append(gen.logits[row].clone()))
         logits[use] = torch.stack(rows)
-        if use:
-            assert out == reference_generate(model, prompts, 12, stop_at_eos=False)
+    assert out == reference_generate(model, prompts, new_bytes, stop_at_eos=False)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    return gen
 
 
 def test_generator_ring_bounds_after_documents_in_the_prompt():
@@ -508,16 +513,8 @@ def test_generator_ring_bounds_after_documents_in_the_prompt():
     step's within 1e-5 (fp32) and the bytes the full-forward oracle's."""
     model = make_model(seed=10, window=8).to(DEV)
     prompts = [[*encode("ab"), EOS_ID, *encode("cdefghij")], [*encode("x"), EOS_ID, *encode("yz"), EOS_ID, *encode("w")]]
-    logits = {}
-    for use in (False, True):
-        gen = Generator(model, kernels=use)
-        rows = []
-        out = gen.generate_ids(prompts, 8, stop_at_eos=False,
-                               on_step=lambda row, tok, close, rows=rows, gen=gen: rows.append(gen.logits[row].clone()))
-        logits[use] = torch.stack(rows)
-        assert [r.bounded for r in (gen.ent, gen.enc, gen.dec)] == [use] * 3
-    assert out == reference_generate(model, prompts, 8, stop_at_eos=False)
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    gen = _kernels_equal_pytorch_and_reference(model, prompts, 8)
+    assert [r.bounded for r in (gen.ent, gen.enc, gen.dec)] == [True] * 3
 
 
 def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
