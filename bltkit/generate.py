@@ -86,6 +86,14 @@ class _RingBounds(NamedTuple):
     window: int  # 0: none
 
 
+def _seen(mask, n_keys: int | None, first: torch.Tensor | None) -> dict:
+    """The attention kernel's arguments for which slots a row sees: a ring's bounds
+    (`_RingBounds`), or the additive mask (or None) over the first `n_keys` slots from `first`."""
+    if isinstance(mask, _RingBounds):
+        return {"mask": None, "first": mask.start, "ring": mask.window}
+    return {"mask": mask, "n_keys": n_keys, "first": first}
+
+
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `visible`, -inf elsewhere: what SDPA makes of a boolean mask (three kernels) in
     every call, made once a step (two kernels) and shared by the stack's layers."""
@@ -230,10 +238,7 @@ def _rope_attend(y_BF: torch.Tensor, rope: tuple, att, kc: torch.Tensor, vc: tor
 
     S = kc.shape[2] if n_keys is None else n_keys
     if choice.rope_attend and _uses_kernel(choice.attend, S) and S <= ROPE_ATTEND_MAX_KEYS:
-        if isinstance(mask, _RingBounds):
-            return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, None, last=last, first=mask.start,
-                                       ring=mask.window)
-        return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, mask, n_keys, last=last, first=first)
+        return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, last=last, **_seen(mask, n_keys, first))
     q = kernels.rope_write(y_BF, *rope, att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
     return _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first)
 
@@ -355,9 +360,7 @@ def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch
     if _uses_kernel(kernel, kc.shape[2] if n_keys is None else n_keys):
         from . import kernels
 
-        if isinstance(mask, _RingBounds):
-            return kernels.attend(q_BNH, kc, vc, None, last=last, first=mask.start, ring=mask.window)
-        return kernels.attend(q_BNH, kc, vc, mask, n_keys, last=last, first=first)
+        return kernels.attend(q_BNH, kc, vc, last=last, **_seen(mask, n_keys, first))
     assert isinstance(mask, torch.Tensor), "SDPA needs the mask (bounds alone are the attention kernel's)"
     out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=q_BNH.shape[1] != kc.shape[1])

@@ -309,10 +309,9 @@ if triton is not None:
             # before any sum, so it stays out of them
             if HAS_MASK:
                 mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
-            elif RING:  # slot s holds the last position <= at that is s modulo S (before the ring
-                # has filled, a slot past at holds none: a negative position, never visible)
-                behind = (at - s) % S  # C's remainder: negative where s > at
-                held = at - tl.where(behind < 0, behind + S, behind)
+            elif RING:  # slot s holds the last position <= at that is s modulo S (s <= at here:
+                # `last` = at bounds the slots read, so none past at is read before the ring fills)
+                held = at - (at - s) % S
                 mask = tl.where(ok & (held >= lo_at), 0.0, float("-inf"))
             else:  # every slot in [lo, n_read) visible
                 mask = tl.where(ok, 0.0, float("-inf"))
