@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import native as native_steps
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
+from .model import hashing
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import row_key, sample
@@ -391,7 +392,7 @@ def _linear_add(x_BTD: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, beta
 
 def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask,
                 kernel: bool = False, linear_kernel: bool = False, attend_kernel: bool = False,
-                own: bool = False, normed: torch.Tensor | None = None, norm_out=None):
+                own: bool = False, normed: torch.Tensor | None = None, norm_out=None, q_kernel: bool = False):
     """2x + CrossAttention(x) over cached keys/values (the double residual, spec §16.1), the
     residual inside the output projection. `kernel`: norm, q and the attention in one Triton
     kernel (one position a row, no mask; bltkit.kernels.norm_cross_attend). `attend_kernel`:
@@ -401,7 +402,8 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     is the caller's temporary, which the residual product may overwrite (no copy of x first).
     With `attend_kernel`, `normed` may hold cross_attn_norm_q(x), made by the step before, and
     with `norm_out` (the norm the next step applies first) the residual product, its add and that
-    norm run as bltkit.kernels.residual_norm: it returns (x, norm_out(x))."""
+    norm run as bltkit.kernels.residual_norm: it returns (x, norm_out(x)). `q_kernel` (with
+    `attend_kernel`): the q product and the attention as one kernel (bltkit.kernels.cross_attend)."""
     if kernel or attend_kernel:
         from . import kernels
 
@@ -410,8 +412,11 @@ def _cross_step(layer, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         if kernel:
             heads = kernels.norm_cross_attend(x_BTD.reshape(B, D), nq.weight, nq.eps, layer.wq.weight, k, v)
         else:
-            q = layer.wq(nq(x_BTD) if normed is None else normed).view(B, layer.n_heads, layer.head_dim)
-            heads = kernels.attend(q, k, v, None).view(B, 1, -1)
+            xn = nq(x_BTD) if normed is None else normed
+            if q_kernel:
+                heads = kernels.cross_attend(xn.reshape(B, D), layer.wq.weight, k, v).view(B, 1, -1)
+            else:
+                heads = kernels.attend(layer.wq(xn).view(B, layer.n_heads, layer.head_dim), k, v, None).view(B, 1, -1)
             if norm_out is not None:
                 x = _owned(x_BTD, own)
                 return x, _residual_norm(x, heads, layer.wo.weight, norm_out, beta=2.0)
@@ -506,6 +511,21 @@ ROPE_ATTEND_MAX_KEYS = 256  # read as the steps are traced
 # 2.49 and 2.48 ms a step after 64-byte prompts, the same 2.14 at batch 8 and 5.12 after 2,048-byte
 # prompts; read when a Generator is made
 STREAM_PRIORITY = True
+
+# Generator(kernels=True) embeds each step's byte (its byte row and hash n-gram rows: BLT.embed)
+# with kernels.hash_embed, one kernel where the ids' window, products, sum, floor mod, offsets,
+# bag lookup and add took about ten, on the chain before the encoder at every batch size
+# (twenty-fourth session, not yet timed on a GPU, where `profile_generate.py --variants
+# kernels-nohash,kernels` compares); read when a Generator is made
+HASH_EMBED = True
+
+# Generator(kernels=True) runs the decoder's cross-attention past KERNEL_MAX_ROWS rows as
+# kernels.cross_attend (the q product of the normed rows and the attention over the closed
+# patch's units in one kernel, row blocks of q by tl.dot), where cuBLAS's q product and
+# kernels.attend took two: one kernel fewer a decoder layer on the batch-64 chain (twenty-fourth
+# session, not yet timed on a GPU, where `profile_generate.py --batch 64 --variants
+# kernels-nocrossq,kernels` compares); read when a Generator is made
+CROSS_ATTEND = True
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
@@ -675,6 +695,13 @@ class Generator:
         self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
         self._ring_bounds = self._kernel_choice.attend and RING_BOUNDS
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
+        self._cross_q = self._cross_kernel and CROSS_ATTEND  # kernels.cross_attend past the block kernels' rows
+        # each step's byte embedded by one kernel (kernels.hash_embed), where the model has hash tables
+        self._hash_coef = None
+        if kernels and HASH_EMBED and model.encoder_hash_tok_embedding is not None:
+            c = self.cfg
+            self._hash_coef = hashing._coef_tensor(tuple(c.hash_sizes), c.hash_functions, max(c.hash_sizes),
+                                                   model.device)
         # the decoder's cross keys and values of a closed patch, every layer in one product (and
         # with DECODER_NORMS their norms in one kernel)
         self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._decoder_norms) \
@@ -859,7 +886,13 @@ class Generator:
         """Hash embedding and encoder for byte n: self.h, the encoder's caches and the open patch's
         pooling (it reads nothing the entropy model or the boundary decision writes)."""
         m, c = self.model, self.cfg
-        e = m.embed(x_B[:, None], history_BH=self.hist)
+        if self._hash_coef is not None:  # HASH_EMBED
+            from . import kernels
+
+            e = kernels.hash_embed(x_B, self.hist, m.local_encoder.tok_embeddings.weight,
+                                   m.encoder_hash_tok_embedding.weight, self._hash_coef, c.hash_vocab)[:, None]
+        else:
+            e = m.embed(x_B[:, None], history_BH=self.hist)
         slot, mask = self.enc.advance(self.n, self.doc, self.doc_start)
         cos, sin, R = self._rope_at(self.n.view(1, 1), c.encoder)
         enc = m.local_encoder
@@ -923,10 +956,13 @@ class Generator:
             if j is None:
                 continue
             layer = enc.cross_attn_layers[j]
+            # units: this step's temporaries (split_units' product, then each addmm's), so the
+            # residual product writes into them (no copy first)
             if self._open_kernel:  # the open patch's bytes only, not every cached byte under a mask
-                units = _linear_add(units, self._open_patch_heads(layer, units, j), layer.wo.weight, beta=2.0)
+                units = _linear_add(units, self._open_patch_heads(layer, units, j), layer.wo.weight, beta=2.0,
+                                    inplace=True)
             else:
-                units = _cross_step(layer, units, self.enc_xk[j], self.enc_xv[j], in_patch)
+                units = _cross_step(layer, units, self.enc_xk[j], self.enc_xv[j], in_patch, own=True)
         gt = m.global_transformer
         x = gt.project(units.reshape(B, 1, K * c.encoder.dim))
         idx = self.p  # every row's slot (p_cap, hidden by the mask, once a row has every patch)
@@ -980,16 +1016,18 @@ class Generator:
         """The encoder's cross-attention of the patch units over the open patch's cached bytes
         (slots open_start..n of each row) before `wo` -> [B, K, N*H], with kernels.attend bounded
         to those slots: SDPA reads every cached byte under a mask (265 µs a patch step at 64 rows
-        after 2,048-byte prompts on an H200, seventeenth session). Unit u of head h is the kernel's
-        query head h*K + u, so that its grouped-query mapping (query head // (queries per
-        key/value head)) finds h's key/value head."""
+        after 2,048-byte prompts on an H200, seventeenth session). Head h of unit u is the kernel's
+        query head u*N + h, the q product's own layout, and the kernel's `period` N maps it to h's
+        key/value head: no copy of q into head-major order, nor of the output back (two kernels
+        each patch step, twenty-fourth session)."""
         from . import kernels
 
         B, K, _ = units_BKD.shape
         N, H = layer.n_heads, layer.head_dim
-        q = layer.wq(layer.cross_attn_norm_q(units_BKD)).view(B, K, N, H).transpose(1, 2).reshape(B, N * K, H)
-        out = kernels.attend(q, self.enc_xk[j], self.enc_xv[j], None, splits=1, last=self.n, first=self.open_start)
-        return out.view(B, N, K, H).transpose(1, 2).reshape(B, K, N * H)
+        q = layer.wq(layer.cross_attn_norm_q(units_BKD)).view(B, K * N, H)
+        out = kernels.attend(q, self.enc_xk[j], self.enc_xv[j], None, splits=1, last=self.n, first=self.open_start,
+                             period=N)
+        return out.view(B, K, N * H)
 
     def _commit(self, close: torch.Tensor, dec_kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The patch step's effects on the rows with `close` (`_global_step` ran for every row):
@@ -1030,7 +1068,8 @@ class Generator:
             if j is not None:
                 z = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None, kernel=kern,
                                 linear_kernel=kern and self._kernel_choice.linear,
-                                attend_kernel=self._cross_kernel and not kern, own=z is not self.h)
+                                attend_kernel=self._cross_kernel and not kern, own=z is not self.h,
+                                q_kernel=self._cross_q)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n, own=z is not self.h)
         return dec.head(z)[:, 0]
@@ -1053,7 +1092,8 @@ class Generator:
             j = dec.cross_index(i)
             if j is not None:
                 z, xn = _cross_step(dec.cross_attn_layers[j], z, self.dec_xk[j], self.dec_xv[j], None,
-                                    attend_kernel=True, own=z is not self.h, normed=xn, norm_out=layer.attention_norm)
+                                    attend_kernel=True, own=z is not self.h, normed=xn, norm_out=layer.attention_norm,
+                                    q_kernel=self._cross_q)
             z, xn = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                                 self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=first_norm(i + 1))
         return dec.output(xn).float()[:, 0]

@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Nine kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Twelve kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -16,6 +16,12 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `norm_cross_attend`: the decoder's cross-attention step without its output projection: RMSNorm,
   the q product and attention over the patch's few cached keys (cross_attn_k of them): one
   kernel for the norm, product, layout copy and attention call.
+- `cross_attend`: the same after the norm for batches over a few rows: blocks of rows share each
+  tile of a head's q weights (`tl.dot`), then each row's attention over its patch's units: one
+  kernel for cuBLAS's q product and `attend`.
+- `hash_embed`: a new byte's embedding, its byte row plus the sum of its hash n-gram rows (the
+  ids' window, int64 products, floor mod and offsets, the bag lookup and the add): one kernel for
+  about ten.
 - `linear_add`: beta * x + a @ W.T, the output and down projections with their residual, for a
   few rows (what `torch.addmm` computes, one rounding), where cuBLAS runs two kernels (split-K
   and its reduction, 8.7 + 1.7 µs for the global stack's output projection at one row).
@@ -32,6 +38,8 @@ chains of a step that surround its matrix-vector products, and its attention cal
   last (a device tensor: the cache's unfilled tail stays unread). With few rows or long caches a row's
   keys are split over several programs and a second kernel combines their partial sums
   (flash-decoding; `attend_splits`).
+- `rope_attend`: `rope_write` and `attend` in one kernel (each program takes the row's own new
+  key and value from its registers, not from the cache another program writes).
 
 Each projecting program computes whole output rows from the full input row, so no partial sums cross
 programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
@@ -252,6 +260,53 @@ if triton is not None:
         o = tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
+    # BLOCK_B rows a program share each tile of the head's q weights (tl.dot): at 64 rows a
+    # program a row and head (norm_cross_attend) would read the 2 MB of blt-1b's decoder q weights
+    # 64 times over
+    @triton.autotune(configs=_configs([{"BLOCK_B": 16, "BLOCK_D": 128}, {"BLOCK_B": 32, "BLOCK_D": 128},
+                                       {"BLOCK_B": 64, "BLOCK_D": 64}, {"BLOCK_B": 16, "BLOCK_D": 256},
+                                       {"BLOCK_B": 64, "BLOCK_D": 128}, {"BLOCK_B": 16, "BLOCK_D": 64}],
+                                      [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H"])
+    @triton.jit
+    def _cross_attend_kernel(x_ptr, w_ptr, k_ptr, v_ptr, out_ptr, B, D, scale, N, NK, K, sx_b,
+                             sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr, HP: tl.constexpr,
+                             IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        head = tl.program_id(1)
+        dt = out_ptr.dtype.element_ty
+        rok = rows < B
+        h = tl.arange(0, HP)  # the head's features, padded to tl.dot's least width
+        hok = h < H
+        acc = tl.zeros([BLOCK_B, HP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dok = d < D
+            x = tl.load(x_ptr + rows[:, None] * sx_b + d[None, :], mask=rok[:, None] & dok[None, :], other=0.0)
+            w = tl.load(w_ptr + (head * H + h)[None, :] * D + d[:, None], mask=dok[:, None] & hok[None, :],
+                        other=0.0)  # [BLOCK_D, HP]: the head's rows of w_q, transposed
+            # IEEE: fp32 products in fp32 (tl.dot's default on a GPU rounds them to tf32); under the
+            # interpreter bf16 too (its bf16 tl.dot is wrong: Triton 3.9), exact products of bf16
+            # values summed in fp32, as the GPU's bf16 tensor-core product sums them
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee") if IEEE \
+                else tl.dot(x, w, acc)
+        q = acc.to(dt).to(tl.float32)  # the q product's output, rounded as F.linear's
+        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
+        o = tl.zeros([BLOCK_B, HP], dtype=tl.float32)
+        m2 = rok[:, None] & hok[None, :]
+        for u in range(K):  # the row's K cached units, all visible: an online softmax over them
+            kk = tl.load(k_ptr + rows[:, None] * sk_b + kvh * sk_n + u * sk_s + h[None, :], mask=m2, other=0.0)
+            vv = tl.load(v_ptr + rows[:, None] * sv_b + kvh * sv_n + u * sv_s + h[None, :], mask=m2, other=0.0)
+            sc = tl.sum(q * kk.to(tl.float32), axis=1) * scale
+            m_new = tl.maximum(m_i, sc)
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new)
+            l_i = l_i * alpha + p
+            o = o * alpha[:, None] + p[:, None] * vv.to(tl.float32)
+            m_i = m_new
+        tl.store(out_ptr + rows[:, None] * (N * H) + head * H + h[None, :], (o / l_i[:, None]).to(dt), mask=m2)
+
     # one warp a program: the best at 64 rows for the rings and the decoder's cross-attention (H200,
     # nineteenth session, benchmarks/attend_configs.py: 10.3 against 11.3 µs over the decoder's
     # ring, 3.0 against 3.6 over a patch's 2 units); tuned per head dim too (stacks of different
@@ -260,7 +315,7 @@ if triton is not None:
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
                      key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING"])
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK,
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
                        cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
@@ -284,7 +339,7 @@ if triton is not None:
         end = tl.minimum(n_read, start + chunk)
         dt = o_ptr.dtype.element_ty
         h = tl.arange(0, H)
-        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        kvh = (head % QN) // (QN // NK)  # grouped-query heads share a key/value head (QN: attend's `period`)
         k_row = k_ptr + b * sk_b + kvh * sk_n
         v_row = v_ptr + b * sv_b + kvh * sv_n
         if ROPE:  # q_ptr: the q|k|v product's output; RoPE on q and the new k here, as rope_write
@@ -401,6 +456,30 @@ if triton is not None:
         for i in range(L):
             g = tl.load(w_ptr + i * D + d, mask=ok, other=0.0).to(tl.float32)
             tl.store(o_ptr + (i * R + r) * D + d, (xr * g).to(o_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _hash_embed_kernel(x_ptr, hist_ptr, coef_ptr, tok_ptr, tab_ptr, out_ptr, D, W, n_tables, vocab, s_hist,
+                           WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Row b's byte embedding plus the sum of its hash n-gram rows (bltkit.model.hashing's
+        ids: each table's prime powers over the window of the last WIDTH ids, int64 products that
+        wrap, floor-mod vocab, offset by the table), for features d of one block."""
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ok = d < D
+        dt = out_ptr.dtype.element_ty
+        j = tl.arange(0, BLOCK_W)  # the window, oldest first: WIDTH - 1 history ids, then x
+        xb = tl.load(x_ptr + b).to(tl.int64)
+        past = tl.load(hist_ptr + b * s_hist + W - (WIDTH - 1) + j, mask=j < WIDTH - 1, other=0).to(tl.int64)
+        win = tl.where(j == WIDTH - 1, xb, past)
+        bag = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for n in range(n_tables):
+            c = tl.load(coef_ptr + n * WIDTH + j, mask=j < WIDTH, other=0)
+            r = tl.sum(win * c, axis=0) % vocab  # wraps mod 2^64 as torch's int64 does
+            r = tl.where(r < 0, r + vocab, r)  # a floor mod (% may truncate toward zero)
+            bag += tl.load(tab_ptr + (r + n * vocab) * D + d, mask=ok, other=0.0).to(tl.float32)
+        e = tl.load(tok_ptr + xb * D + d, mask=ok, other=0.0).to(tl.float32)
+        # the bag's sum rounded once (EmbeddingBag's fp32 accumulation), then the add
+        tl.store(out_ptr + b * D + d, (e + bag.to(dt).to(tl.float32)).to(dt), mask=ok)
 
     # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
     # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
@@ -532,6 +611,27 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     return out
 
 
+def cross_attend(xn_BD: torch.Tensor, w_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`norm_cross_attend` for many rows, after the norm: softmax(q k^T / sqrt(H)) v [B, N * H]
+    for one position a row, q = w_q xn (w_q [N * H, D]; xn normed already, rows may be strided)
+    and k, v [B, Nkv, K, H] the row's K cached keys and values (all visible). One kernel for the
+    q product (row blocks of it, tl.dot) and the attention, where cuBLAS's product and
+    `attend` took two."""
+    _check_weight(w_q, "w_q")
+    assert xn_BD.stride(1) == 1, "cross_attend needs contiguous rows of xn"
+    B, D = xn_BD.shape
+    _, n_kv, K, H = k.shape
+    n_heads = w_q.shape[0] // H
+    assert w_q.shape == (n_heads * H, D), f"cross_attend: w_q {tuple(w_q.shape)} for rows of {D}, heads of {H}"
+    assert n_heads % n_kv == 0, f"cross_attend: {n_heads} heads over {n_kv} key/value heads"
+    out = torch.empty(B, n_heads * H, dtype=xn_BD.dtype, device=xn_BD.device)
+    _cross_attend_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_heads)](
+        xn_BD, w_q, k, v, out, B, D, H ** -0.5, n_heads, n_kv, K, xn_BD.stride(0),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H=H, HP=max(16, H), IEEE=xn_BD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+    return out
+
+
 # attend() splits a row's keys over programs until about this many run (an H200 has 132 SMs), and
 # however many run, so that no program walks more than ATTEND_MAX_CHUNK keys (64 rows of blt-1b's
 # 16 heads are 1,024 programs, which with 2,048-byte prompts each walked ~450 keys and lost to
@@ -552,7 +652,7 @@ def attend_splits(programs: int, n_keys: int) -> int:
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-           first: torch.Tensor | None = None, ring: int | None = None) -> torch.Tensor:
+           first: torch.Tensor | None = None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
@@ -569,10 +669,15 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     `ring` (mask None; a window, 0 for none): the cache is a ring of S slots holding every
     position so far at slot position % S; `last` (one value) is the step's position n and `first`
     ([B]) each row's document start, positions both: a row sees the slots of positions
-    max(first, n - ring + 1) to n, and the step builds no mask (generate.RING_BOUNDS)."""
+    max(first, n - ring + 1) to n, and the step builds no mask (generate.RING_BOUNDS).
+
+    `period` (default N): query head i reads key/value head (i % period) // (period / Nkv), so
+    that q laid out unit by unit ([B, units * period, H], each unit's heads in turn: the encoder's
+    patch units after their q product, no copy into head-major order) maps each unit's heads as
+    grouped-query attention maps N heads."""
     B, N = q_BNH.shape[:2]
     return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first,
-                          ring=ring)
+                          ring=ring, period=period)
 
 
 def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
@@ -594,7 +699,7 @@ def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, 
 
 
 def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tensor, mask, n_keys, splits, last,
-                   first, rope=None, ring: int | None = None) -> torch.Tensor:
+                   first, rope=None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
     """attend's kernel launch (and its combining kernel) for q [B, N, H] at `q_strides` (row,
     head), or with `rope` (cos, sin, slot, their row strides) q|k|v rows for rope_attend."""
     H = k.shape[-1]
@@ -606,6 +711,9 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         assert last.numel() == 1, "a ring's bounds: one position for all rows"
         assert first is not None, "a ring's bounds: the rows' document starts as `first`"
         ring = ring if ring > 0 else 2**30  # no window: every position since the document's start
+    period = N if period is None else period
+    assert N % period == 0, f"attend: {N} query heads in units of {period}"
+    assert period % k.shape[1] == 0, f"attend: units of {period} query heads over {k.shape[1]} key/value heads"
     out = torch.empty(B, N, H, dtype=q.dtype, device=q.device)
     m = out if mask is None else mask.reshape(mask.shape[0], -1) if mask.dim() > 2 else mask  # [B or 1, >= S]
     if splits is None:
@@ -614,7 +722,7 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
     cos, sin, slot, s_rope, s_slot = (out, out, out, 0, 0) if rope is None else rope
     _attend_kernel[(B, N, splits)](
         q, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
-        N, k.shape[1], *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        N, k.shape[1], period, *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
         0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
@@ -672,6 +780,34 @@ def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(x_BD)
     _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps, beta,
                            BLOCK_D=triton.next_power_of_2(D))
+    return out
+
+
+HASH_EMBED_BLOCK = 1024
+
+
+def hash_embed(x_B: torch.Tensor, hist_BW: torch.Tensor, tok_weight: torch.Tensor, hash_weight: torch.Tensor,
+               coef: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One new byte a row embedded [B, D]: E_byte[x] + the sum of E_hash at its n-gram ids
+    (BLT.embed for one position, spec §5), in one kernel where the ids' window, products, sum,
+    floor mod, offsets, bag lookup and add took about ten. `hist_BW`: the ids before x, oldest
+    first (at least coef's width - 1 of them); `coef`: [n_tables, width] int64, table n's prime
+    powers laid over the window (bltkit.model.hashing._coef_tensor); `hash_weight`: the fused
+    table [n_tables * vocab, D]."""
+    _check_weight(tok_weight, "tok_weight")
+    _check_weight(hash_weight, "hash_weight")
+    B = x_B.shape[0]
+    n_tables, width = coef.shape
+    D = tok_weight.shape[1]
+    assert coef.dtype == torch.int64, "hash_embed: coef is [n_tables, width] int64"
+    assert coef.is_contiguous(), "hash_embed: coef is contiguous"
+    assert hist_BW.shape[1] >= width - 1, f"hash_embed: {width - 1} history ids needed, got {hist_BW.shape[1]}"
+    assert hash_weight.shape == (n_tables * vocab, D), \
+        f"hash_embed: a fused table of {n_tables} x {vocab} rows of {D}, got {tuple(hash_weight.shape)}"
+    out = torch.empty(B, D, dtype=tok_weight.dtype, device=tok_weight.device)
+    _hash_embed_kernel[(B, triton.cdiv(D, HASH_EMBED_BLOCK))](
+        x_B, hist_BW, coef, tok_weight, hash_weight, out, D, hist_BW.shape[1], n_tables, vocab, hist_BW.stride(0),
+        WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_D=min(HASH_EMBED_BLOCK, triton.next_power_of_2(D)))
     return out
 
 

@@ -180,6 +180,73 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
+# B: fewer rows than a row block, and rows over three blocks of 16 (the last one partial); heads
+# of 8 (padded to tl.dot's 16), 16 and 32; GQA; K of 1-3 units
+@pytest.mark.parametrize(("B", "N", "NK", "K", "H"), [(3, 4, 4, 2, 16), (37, 4, 2, 3, 8), (40, 2, 1, 1, 32)])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_cross_attend_equals_the_pytorch_step(dtype, tol, B, N, NK, K, H):
+    """kernels.cross_attend = the decoder's cross-attention after its norm: the q product rounded
+    to the dtype (F.linear's), then SDPA over the row's K units; xn a strided view."""
+    g = torch.Generator().manual_seed(2)
+    D = 72  # not a multiple of any input block: the masked tail is read as zeros
+    xn = torch.randn(B, 2 * D, generator=g).to(DEV, dtype)[:, :D]
+    w_q = (torch.randn(N * H, D, generator=g) / D**0.5).to(DEV, dtype)
+    k = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    v = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    out = kernels.cross_attend(xn, w_q, k, v)
+    q = _rnd(xn.float() @ w_q.float().T, dtype).view(B, N, 1, H)
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=N != NK).reshape(B, N * H)
+    assert out.shape == (B, N * H)
+    torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("N", "NK"), [(4, 4), (4, 2)])
+def test_attend_with_a_period_maps_each_units_heads(N, NK):
+    """q laid out unit by unit ([B, K * N, H]: the encoder's patch units after their q product)
+    with period N: head h of unit u sees h's key/value head, as SDPA over each unit's N heads
+    (GQA), over each row's bytes first..last."""
+    B, K, H, S = 3, 3, 16, 20
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, K * N, H, generator=g).to(DEV)
+    k = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    v = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    first, last = torch.tensor([0, 4, 19], device=DEV), torch.tensor([6, 11, 19], device=DEV)
+    out = kernels.attend(q, k, v, None, splits=1, last=last, first=first, period=N)
+    for row in range(B):
+        a, b = first[row].item(), last[row].item() + 1
+        want = F.scaled_dot_product_attention(q[row].view(K, N, 1, H), k[row:row + 1, :, a:b].expand(K, -1, -1, -1),
+                                              v[row:row + 1, :, a:b].expand(K, -1, -1, -1), enable_gqa=N != NK)
+        torch.testing.assert_close(out[row], want.reshape(K * N, H), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_embed_equals_the_model_embedding(dtype):
+    """kernels.hash_embed = BLT.embed of one new byte a row after its history (the generator's
+    step): ids from a random history (negative int64 hashes among them: the floor mod), the
+    fused table's rows at each table's offset, the byte row; exact in fp32, and in bf16 within
+    the rounding of the bag's sum (the kernel rounds it once, as EmbeddingBag accumulates in
+    fp32; the model's bf16 bag on a CPU may round in between)."""
+    from bltkit.model import hashing
+
+    model = make_model(seed=3).to(DEV, dtype)
+    c = model.config
+    g = torch.Generator().manual_seed(4)
+    B, width = 9, max(c.hash_sizes)
+    hist = torch.randint(0, 260, (B, width - 1), generator=g).to(DEV)
+    hist[0] = 0  # the prompt's start: BOE padding
+    x = torch.randint(0, 260, (B,), generator=g).to(DEV)
+    coef = hashing._coef_tensor(tuple(c.hash_sizes), c.hash_functions, width, DEV)
+    windows = torch.cat([hist, x[:, None]], dim=1)
+    assert ((windows[:, None, :] * coef).sum(-1) < 0).any()  # wrapped products: negative hashes
+    out = kernels.hash_embed(x, hist, model.local_encoder.tok_embeddings.weight,
+                             model.encoder_hash_tok_embedding.weight, coef, c.hash_vocab)
+    want = model.embed(x[:, None], history_BH=hist)[:, 0]
+    assert out.shape == want.shape
+    assert out.dtype == dtype
+    tol = 0 if dtype == torch.float32 else 2**-6 * want.abs().max().item()
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol)
+
+
 # the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
 # and round once to the dtype: one bf16 step (2^-7 relative) at the largest magnitude at most
 @pytest.mark.parametrize("splits", [1, 3])  # one program a row and head, or three and their combination
@@ -526,21 +593,25 @@ def test_generator_kernels_refuse_what_they_cannot_run(monkeypatch):
         Generator(model, kernels=True)
 
 
-@pytest.mark.parametrize(("decoder_norms", "rope_attend"), [
-    (True, True),
-    pytest.param(False, False, marks=INTERPRETER_SLOW),
+@pytest.mark.parametrize(("decoder_norms", "rope_attend", "cross_attend"), [
+    (True, True, True),
+    pytest.param(False, False, False, marks=INTERPRETER_SLOW),
 ])
-def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeypatch):
+def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_attend, monkeypatch):
     """Past KERNEL_MAX_ROWS rows the matrix-vector kernels give way to cuBLAS's products, the
-    global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays
-    (the decoder's cross-attention too, after cuBLAS's q product), with the reference's bytes;
-    the decoder's residual adds with the norms after them in one kernel, or not
-    (generate.DECODER_NORMS), and the self-attention with RoPE and the cache writes in one kernel,
-    or after them (here: caches longer than generate.ROPE_ATTEND_MAX_KEYS)."""
+    global stack's on the kernels' fused copies (q|k|v, w1|w3), and the attention kernel stays,
+    with the reference's bytes; the decoder's cross-attention as one kernel with its q product
+    (generate.CROSS_ATTEND) or after cuBLAS's; the decoder's residual adds with the norms after
+    them in one kernel, or not (generate.DECODER_NORMS), and the self-attention with RoPE and the
+    cache writes in one kernel, or after them (here: caches longer than
+    generate.ROPE_ATTEND_MAX_KEYS); each step's byte embedded by kernels.hash_embed, or not
+    (generate.HASH_EMBED, switched with CROSS_ATTEND here)."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "DECODER_NORMS", decoder_norms)
     monkeypatch.setattr(generate, "ROPE_ATTEND_MAX_KEYS", 10**9 if rope_attend else 0)
+    monkeypatch.setattr(generate, "CROSS_ATTEND", cross_attend)
+    monkeypatch.setattr(generate, "HASH_EMBED", cross_attend)
 
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
@@ -589,6 +660,20 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeyp
         return rope_attend_fn(y, *a, **k)
 
     monkeypatch.setattr(kernels, "rope_attend", counted_rope_attend)
+    cross_attend_fn, cross_calls = kernels.cross_attend, []  # the decoder's q product and cross-attention
+
+    def counted_cross_attend(xn, w_q, k, v):
+        cross_calls.append((xn.shape[0], k.shape[2]))
+        return cross_attend_fn(xn, w_q, k, v)
+
+    monkeypatch.setattr(kernels, "cross_attend", counted_cross_attend)
+    hash_embed, hash_rows = kernels.hash_embed, []
+
+    def counted_hash_embed(x, *a):
+        hash_rows.append(x.shape[0])
+        return hash_embed(x, *a)
+
+    monkeypatch.setattr(kernels, "hash_embed", counted_hash_embed)
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
@@ -600,11 +685,16 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, monkeyp
     assert (2.0 in betas) == decoder_norms  # the cross-attention's doubled residual, fused or not
     assert bool(norms_calls) == decoder_norms
     assert set(fused_rows) == ({len(prompts)} if rope_attend else set())
-    # the decoder's cross-attention among them, over a patch's units (the calls are counted as the
-    # steps are traced: once a step on a CPU, at the warm-up and capture on a GPU)
-    assert model.config.cross_attn_k in slots
+    # the decoder's cross-attention over a patch's units: by cross_attend, else among the attention
+    # kernel's calls (the calls are counted as the steps are traced: once a step on a CPU, at the
+    # warm-up and capture on a GPU)
+    K = model.config.cross_attn_k
+    assert set(cross_calls) == ({(len(prompts), K)} if cross_attend else set())
+    assert (K in slots) != cross_attend
     # at least a step's decoder cross layers (the self-attention's calls are rope_attend's with it)
-    assert len(calls) + len(fused_rows) >= 12 * len(model.local_decoder.cross_attn_layers)
+    assert len(calls) + len(fused_rows) + len(cross_calls) >= 12 * len(model.local_decoder.cross_attn_layers)
+    assert set(hash_rows) == ({len(prompts)} if cross_attend else set())
+    assert len(hash_rows) >= 12 * cross_attend
 
 
 @INTERPRETER_SLOW
