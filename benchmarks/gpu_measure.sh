@@ -31,10 +31,16 @@
 # and the 2,048-byte cells (docs/benchmarks.md); the twenty-second gpu_tests, profile_generate_b64
 # with GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels, kernels.rope_attend and stream
 # priorities (profile_generate.py --batch 64, kernels-noropeattend / kernels-nopriority) and
-# generate_kernels; the twenty-third got no GPU. Next, the rings' bounds (RING_BOUNDS) tested and
-# timed at 64 rows, then the grid (its 2,048-byte cells with rope_attend limited to short caches):
-#   ONLY="gpu_tests profile_generate_b64 generate_kernels" GEN64_TABLE=--no-tables \
-#     GEN64_VARIANTS=kernels-noringbounds,kernels,kernels-noringbounds,kernels
+# generate_kernels; the twenty-third and twenty-fourth got no GPU. Next, the kernels tested compiled
+# and the untimed switches (the rings' bounds RING_BOUNDS, the byte's embedding HASH_EMBED, the
+# decoder's cross-attention with its q product CROSS_ATTEND) timed off and on at 64 rows:
+#   ONLY="gpu_tests profile_generate_b64" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
+#     GEN64_VARIANTS=kernels-noringbounds,kernels-nohash,kernels-nocrossq,kernels
+# then the same in the other order, and batch 1 with and without the embedding kernel:
+#   ONLY="profile_generate_b64 profile_generate" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
+#     GEN64_VARIANTS=kernels,kernels-nocrossq,kernels-nohash,kernels-noringbounds \
+#     GEN_VARIANTS=kernels-nohash,kernels,kernels-nohash,kernels
+# then the grid (its 2,048-byte cells with rope_attend limited to short caches): ONLY=generate_kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
@@ -62,7 +68,7 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
   --variants "${GEN_VARIANTS:-graphs,eager,compile}" ${GEN_TABLE:-}  # the kernel table at the end needs ~30 s more
 # the same at 64 rows (the cuBLAS products, kernels.rope_write, kernels.attend where switched on)
 # shellcheck disable=SC2086
-run profile_generate_b64 150 python benchmarks/profile_generate.py --batch 64 --steps 32 \
+run profile_generate_b64 "${GEN64_LIMIT:-150}" python benchmarks/profile_generate.py --batch 64 --steps 32 \
   --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
 # what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
 run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
