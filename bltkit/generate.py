@@ -512,6 +512,16 @@ ROPE_ATTEND_MAX_KEYS = 256  # read as the steps are traced
 # prompts; read when a Generator is made
 STREAM_PRIORITY = True
 
+# with the global step beside the entropy model (Generator(overlap=True), batches of
+# PATCH_EVERY_BYTE_ROWS rows or more, CUDA), the patch step's counts (the rows' patch positions,
+# documents, the open patch's start, length and pooling: ~7 one-block kernels) run on the second
+# stream beside the decoder, which reads none of them, where this is True; the decoder's cross K/V
+# stay on the chain (twenty-fourth session, not yet run on a GPU, where
+# `tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps` checks it and
+# `profile_generate.py --batch 64 --variants kernels-nosidecounts,kernels` compares); read as the
+# steps are traced
+SIDE_COUNTS = True
+
 # Generator(kernels=True) embeds each step's byte (its byte row and hash n-gram rows: BLT.embed)
 # with kernels.hash_embed, one kernel where the ids' window, products, sum, floor mod, offsets,
 # bag lookup and add took about ten, on the chain before the encoder at every batch size
@@ -791,6 +801,7 @@ class Generator:
         # the captured chain on a stream of the highest priority, the entropy model's at the
         # default (the lowest): where both have blocks waiting, the chain's go first
         self._capture_stream = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None
+        self._side_pending = False  # work on the second stream that `_run_back` joins (SIDE_COUNTS)
         if self.native:  # the C steps over this state's addresses
             self._native.bind()
 
@@ -1032,6 +1043,11 @@ class Generator:
     def _commit(self, close: torch.Tensor, dec_kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The patch step's effects on the rows with `close` (`_global_step` ran for every row):
         the decoder's cross K/V, the patch counts, the open patch's start, length and pooling."""
+        self._commit_kv(close, dec_kv)
+        self._commit_counts(close)
+
+    def _commit_kv(self, close: torch.Tensor, dec_kv: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The decoder's cross K/V of the rows with `close`: what the decoder reads of a patch step."""
         if isinstance(dec_kv, torch.Tensor):  # stacked (`_CrossKV`): one kernel for every layer
             torch.where(close.view(1, 1, -1, 1, 1, 1), dec_kv, self.dec_xkv, out=self.dec_xkv)
         else:
@@ -1039,6 +1055,11 @@ class Generator:
             for j, (k, v) in enumerate(dec_kv):
                 self.dec_xk[j].copy_(torch.where(sel, k, self.dec_xk[j]))
                 self.dec_xv[j].copy_(torch.where(sel, v, self.dec_xv[j]))
+
+    def _commit_counts(self, close: torch.Tensor) -> None:
+        """The patch counts and the open patch's start, length and pooling of the rows with
+        `close`: what the next byte's front and patch step read (the decoder and the byte's
+        advance read none of it; this reads n, which the advance writes)."""
         # the closed patch's successor starts at n+1
         self.p.add_(close.long())
         if self.doc_first is not None:  # a patch that held EOS closes: a document starts at the new p
@@ -1200,6 +1221,9 @@ class Generator:
 
     def _run_back(self) -> None:
         self._run_decode()
+        if self._side_pending:  # `_run_front_patch`'s counts on the second stream (SIDE_COUNTS)
+            torch.cuda.current_stream().wait_stream(self._side)
+            self._side_pending = False
         self._run_advance()
 
     def _run_decode(self) -> None:
@@ -1283,7 +1307,16 @@ class Generator:
             self._dec_prep = self._back_prep()  # and the decoder's slot and RoPE, for `_back`
         dec_kv = self._global_step(L)
         main.wait_stream(side)
-        self._commit(self.close, dec_kv)
+        if not SIDE_COUNTS:
+            self._commit(self.close, dec_kv)
+            return
+        self._commit_kv(self.close, dec_kv)
+        # the counts (~7 one-block kernels) beside the decoder, after the global step that reads
+        # them (p, the open patch's start, the pooling); joined before the byte's advance writes n
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._commit_counts(self.close)
+        self._side_pending = True
 
     def _segments(self) -> tuple[tuple[str, ...], tuple[str, ...] | None, tuple[str, ...]]:
         """A byte's step functions as (before, branch, after): `branch` runs only when some row
