@@ -716,6 +716,10 @@ class Generator:
         # with DECODER_NORMS their norms in one kernel)
         self.cross_kv = _CrossKV(model.local_decoder.cross_attn_layers, kernel=self._decoder_norms) \
             if fuse and model.local_decoder.cross_attn_layers else None
+        # the encoder's cross-attention keys and values of each byte, every layer's wk|wv stacked
+        # (one product a byte and layer; only the stacked weights `w` are read)
+        self.enc_cross_kv = _CrossKV(model.local_encoder.cross_attn_layers) \
+            if fuse and model.local_encoder.cross_attn_layers else None
         # the encoder's cross-attention over the open patch in the patch step (`_open_patch_heads`)
         self._open_kernel = bool(kernels) and _kernels_refusal(
             model.device, fuse, model.local_encoder.cross_attn_layers) is None
@@ -724,7 +728,7 @@ class Generator:
 
     def _init_state(self, B: int, capacity: int, keys: list[int]) -> None:
         m, c = self.model, self.cfg
-        for fused in (self.fused, self.fused_global, self.cross_kv):
+        for fused in (self.fused, self.fused_global, self.cross_kv, self.enc_cross_kv):
             if fused is not None:
                 fused.refresh()  # weights changed since the last call (training in between)
         dev, dt = m.device, m.local_encoder.tok_embeddings.weight.dtype
@@ -744,8 +748,9 @@ class Generator:
         n_enc_cross = len(m.local_encoder.cross_attn_layers)
         ch = enc.dim // enc.cross_attn_n_heads
         # encoder cross-attention keys/values of every byte (a patch can be arbitrarily long)
-        self.enc_xk = torch.zeros(n_enc_cross, B, enc.cross_attn_n_kv_heads, capacity, ch, dtype=dt, device=dev)
-        self.enc_xv = torch.zeros_like(self.enc_xk)
+        # keys and values in one tensor, so that a step writes both in one copy
+        self.enc_xkv = torch.zeros(2, n_enc_cross, B, enc.cross_attn_n_kv_heads, capacity, ch, dtype=dt, device=dev)
+        self.enc_xk, self.enc_xv = self.enc_xkv[0], self.enc_xkv[1]
         self.runmax = torch.full((B, enc.dim), float("-inf"), dtype=dt, device=dev)
         self.p_cap = min(c.max_patches, capacity + 1)
         self.g_used = 1  # host-side bound on every row's p + 1 (p = 0 now)
@@ -900,8 +905,12 @@ class Generator:
         if self._hash_coef is not None:  # HASH_EMBED
             from . import kernels
 
-            e = kernels.hash_embed(x_B, self.hist, m.local_encoder.tok_embeddings.weight,
-                                   m.encoder_hash_tok_embedding.weight, self._hash_coef, c.hash_vocab)[:, None]
+            # into self.h, the encoder's output of byte n (read by the decoder after this step's
+            # encoder; the last byte's decoder is done): where the layers run in place (cuBLAS's
+            # products), the copy of their output into it is saved
+            e = self.h
+            kernels.hash_embed(x_B, self.hist, m.local_encoder.tok_embeddings.weight,
+                               m.encoder_hash_tok_embedding.weight, self._hash_coef, c.hash_vocab, out=e[:, 0])
         else:
             e = m.embed(x_B[:, None], history_BH=self.hist)
         slot, mask = self.enc.advance(self.n, self.doc, self.doc_start)
@@ -909,18 +918,26 @@ class Generator:
         enc = m.local_encoder
         h = e
         pooled_yet = False
+        at = self.n.view(1)
         for i, layer in enumerate(enc.layers):
             h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n, own=True)
             j = enc.cross_index(i)
             if j is not None:
-                k, v = enc.cross_attn_layers[j].kv(h)  # B Nkv 1 H
-                self.enc_xk[j].index_copy_(2, self.n.view(1), k)
-                self.enc_xv[j].index_copy_(2, self.n.view(1), v)
+                cross = enc.cross_attn_layers[j]
+                if self.enc_cross_kv is not None:  # wk|wv as one product, both written in one copy
+                    B, Nkv, H = h.shape[0], cross.n_kv_heads, cross.head_dim
+                    y = F.linear(cross.cross_attn_norm_kv(h), self.enc_cross_kv.w[j])  # B 1 2*Nkv*H
+                    self.enc_xkv[:, j].index_copy_(3, at, y.view(B, 2, Nkv, 1, H).transpose(0, 1))
+                else:
+                    k, v = cross.kv(h)  # B Nkv 1 H
+                    self.enc_xk[j].index_copy_(2, at, k)
+                    self.enc_xv[j].index_copy_(2, at, v)
                 if not pooled_yet:  # units are pooled once, from the first cross layer's input
                     torch.maximum(self.runmax, h[:, 0], out=self.runmax)
                     pooled_yet = True
-        self.h.copy_(h)
+        if h is not self.h:  # (the embedding kernel wrote e into self.h, and the layers ran in place)
+            self.h.copy_(h)
 
     def _decide(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
         """Does a patch close after byte n (H_B: the entropy of byte n+1)? Then byte n joins the

@@ -459,7 +459,7 @@ if triton is not None:
 
     @triton.jit
     def _hash_embed_kernel(x_ptr, hist_ptr, coef_ptr, tok_ptr, tab_ptr, out_ptr, D, W, n_tables, vocab, s_hist,
-                           WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+                           s_out, WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
         """Row b's byte embedding plus the sum of its hash n-gram rows (bltkit.model.hashing's
         ids: each table's prime powers over the window of the last WIDTH ids, int64 products that
         wrap, floor-mod vocab, offset by the table), for features d of one block."""
@@ -479,7 +479,7 @@ if triton is not None:
             bag += tl.load(tab_ptr + (r + n * vocab) * D + d, mask=ok, other=0.0).to(tl.float32)
         e = tl.load(tok_ptr + xb * D + d, mask=ok, other=0.0).to(tl.float32)
         # the bag's sum rounded once (EmbeddingBag's fp32 accumulation), then the add
-        tl.store(out_ptr + b * D + d, (e + bag.to(dt).to(tl.float32)).to(dt), mask=ok)
+        tl.store(out_ptr + b * s_out + d, (e + bag.to(dt).to(tl.float32)).to(dt), mask=ok)
 
     # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
     # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
@@ -787,13 +787,14 @@ HASH_EMBED_BLOCK = 1024
 
 
 def hash_embed(x_B: torch.Tensor, hist_BW: torch.Tensor, tok_weight: torch.Tensor, hash_weight: torch.Tensor,
-               coef: torch.Tensor, vocab: int) -> torch.Tensor:
+               coef: torch.Tensor, vocab: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """One new byte a row embedded [B, D]: E_byte[x] + the sum of E_hash at its n-gram ids
     (BLT.embed for one position, spec §5), in one kernel where the ids' window, products, sum,
     floor mod, offsets, bag lookup and add took about ten. `hist_BW`: the ids before x, oldest
     first (at least coef's width - 1 of them); `coef`: [n_tables, width] int64, table n's prime
     powers laid over the window (bltkit.model.hashing._coef_tensor); `hash_weight`: the fused
-    table [n_tables * vocab, D]."""
+    table [n_tables * vocab, D]. `out`: where to write it ([B, D], rows contiguous; a new tensor by
+    default)."""
     _check_weight(tok_weight, "tok_weight")
     _check_weight(hash_weight, "hash_weight")
     B = x_B.shape[0]
@@ -804,9 +805,14 @@ def hash_embed(x_B: torch.Tensor, hist_BW: torch.Tensor, tok_weight: torch.Tenso
     assert hist_BW.shape[1] >= width - 1, f"hash_embed: {width - 1} history ids needed, got {hist_BW.shape[1]}"
     assert hash_weight.shape == (n_tables * vocab, D), \
         f"hash_embed: a fused table of {n_tables} x {vocab} rows of {D}, got {tuple(hash_weight.shape)}"
-    out = torch.empty(B, D, dtype=tok_weight.dtype, device=tok_weight.device)
+    if out is None:
+        out = torch.empty(B, D, dtype=tok_weight.dtype, device=tok_weight.device)
+    assert out.shape == (B, D), f"hash_embed: out must be [{B}, {D}], got {tuple(out.shape)}"
+    assert out.stride(1) == 1, "hash_embed: out needs contiguous rows"
+    assert out.dtype == tok_weight.dtype, f"hash_embed: out must be {tok_weight.dtype}"
     _hash_embed_kernel[(B, triton.cdiv(D, HASH_EMBED_BLOCK))](
         x_B, hist_BW, coef, tok_weight, hash_weight, out, D, hist_BW.shape[1], n_tables, vocab, hist_BW.stride(0),
+        out.stride(0),
         WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_D=min(HASH_EMBED_BLOCK, triton.next_power_of_2(D)))
     return out
 

@@ -669,9 +669,9 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     monkeypatch.setattr(kernels, "cross_attend", counted_cross_attend)
     hash_embed, hash_rows = kernels.hash_embed, []
 
-    def counted_hash_embed(x, *a):
+    def counted_hash_embed(x, *a, **k):
         hash_rows.append(x.shape[0])
-        return hash_embed(x, *a)
+        return hash_embed(x, *a, **k)
 
     monkeypatch.setattr(kernels, "hash_embed", counted_hash_embed)
 
