@@ -603,9 +603,10 @@ class Generator:
             global patch step runs them on one more copy of the global stack's q|k|v and w1|w3
             (blt-1b: 1.8 GB in bf16), by default only where that copy takes at most half of the
             free GPU memory.
-        fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices, and the decoder's
+        fuse: run the byte-level stacks with fused q|k|v and w1|w3 matrices, the decoder's
             cross-attention keys and values of a closed patch from one stacked wk|wv copy (every
-            layer in one product; `_CrossKV`) (default; costs one more copy of those weights,
+            layer in one product; `_CrossKV`), and the encoder's of each byte from one product a
+            layer over its stacked wk|wv (default; costs one more copy of those weights,
             refreshed when the model's weights change).
         speculate: for batches under PATCH_EVERY_BYTE_ROWS rows, decode each byte before its
             boundary is known, as if no patch closes, beside the entropy model (a second CUDA
