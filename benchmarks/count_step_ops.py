@@ -5,7 +5,9 @@ kernel launches, which bound the byte step on a GPU: docs/benchmarks.md).
     python benchmarks/count_step_ops.py --kernels [--rows 9] [--off HASH_EMBED ...]
 
 Views, reshapes and no-op casts are left out; a matrix product counts once, an RMSNorm too
-(F.rms_norm, on a CPU as on CUDA, since the fifteenth session).
+(F.rms_norm, on a CPU as on CUDA, since the fifteenth session); allocations (torch.empty) launch
+nothing and are not counted since the twenty-fourth session (earlier counts in docs/benchmarks.md
+include the few a step's PyTorch path makes at its top level).
 
 --kernels: the batch-64 step as a GPU runs it (Generator(kernels=True): the Triton kernels under
 Triton's CPU interpreter, needs `triton`; past KERNEL_MAX_ROWS and PATCH_EVERY_BYTE_ROWS rows, the
