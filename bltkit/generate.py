@@ -1111,7 +1111,7 @@ class Generator:
                                 q_kernel=self._cross_q)
             z = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                             self._kernel_choice, self.n, own=z is not self.h)
-        return dec.head(z)[:, 0]
+        return dec.output(dec.norm(z))[:, 0]  # (dec.head's, in the model's dtype: `_run_decode` casts)
 
     def _back_fused(self, z, cos, sin, R, slot, mask) -> torch.Tensor:
         """`_back` past the block kernels' rows with the kernels: each residual product (the cross
@@ -1135,7 +1135,7 @@ class Generator:
                                     q_kernel=self._cross_q)
             z, xn = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                                 self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=first_norm(i + 1))
-        return dec.output(xn).float()[:, 0]
+        return dec.output(xn)[:, 0]
 
     @torch.no_grad()
     def _prefill(self, tokens_BT: torch.Tensor) -> None:
@@ -1247,13 +1247,12 @@ class Generator:
     def _run_decode(self) -> None:
         """The decoder for byte n: logits and the sampled byte n+1 (a function of the row's key and
         n alone, so running it again at the same n gives the same byte)."""
-        logits = self._back()
-        self.logits.copy_(logits)
-        self.next.copy_(sample(logits, self.keys, self.n, *self.sampling))
+        self.logits.copy_(self._back())  # the cast to fp32 in the copy (no kernel of its own)
+        sample(self.logits, self.keys, self.n, *self.sampling, out=self.next)
 
     def _run_advance(self) -> None:
         eos = self.x == EOS_ID
-        self.doc.add_(eos.long())
+        self.doc.add_(eos)  # (a bool added to int64 in place: no cast kernel)
         self.n.add_(1)
         if self.doc_start is not None:  # the byte after an EOS starts a document
             torch.where(eos, self.n, self.doc_start, out=self.doc_start)
@@ -1263,9 +1262,8 @@ class Generator:
         else the byte sampled for position n, written into the row's bytes (`buf`) too. On the
         device, so that no host work stands between a byte's graphs (`_next_byte`)."""
         at = self.n.view(1)
-        x = torch.where(self.n < self.lens, self.buf.index_select(1, at)[:, 0], self.next)
-        self.buf.index_copy_(1, at, x[:, None])
-        self.x.copy_(x)
+        torch.where(self.n < self.lens, self.buf.index_select(1, at)[:, 0], self.next, out=self.x)
+        self.buf.index_copy_(1, at, self.x[:, None])
 
     def _run_flag(self) -> None:
         """Does some row close a patch after byte n (`any_close`: the branch of `_next_byte`)?"""

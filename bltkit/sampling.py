@@ -64,10 +64,10 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None
 
 
 def sample(logits_BV: torch.Tensor, keys_B: torch.Tensor, step: torch.Tensor | int, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Next ids [B] (int64). temperature 0 is greedy."""
-    if temperature <= 0.0:
-        return logits_BV.argmax(-1)
-    probs = filter_logits(logits_BV, temperature, top_k, top_p).softmax(-1).double()
-    race = probs / -torch.log(uniform(keys_B, step, probs.shape[-1]))
-    return race.argmax(-1)
+           top_k: int | None = None, top_p: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Next ids [B] (int64). temperature 0 is greedy. `out`: an int64 [B] to write them into (the
+    argmax's own output: no copy after it)."""
+    if temperature > 0.0:
+        probs = filter_logits(logits_BV, temperature, top_k, top_p).softmax(-1).double()
+        logits_BV = probs / -torch.log(uniform(keys_B, step, probs.shape[-1]))  # the race
+    return logits_BV.argmax(-1) if out is None else torch.argmax(logits_BV, dim=-1, out=out)
