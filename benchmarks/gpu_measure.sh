@@ -34,13 +34,13 @@
 # generate_kernels; the twenty-third and twenty-fourth got no GPU. Next, the kernels tested compiled
 # and the untimed switches (the rings' bounds RING_BOUNDS, the byte's embedding HASH_EMBED, the
 # decoder's cross-attention with its q product CROSS_ATTEND, the patch step's counts beside the
-# decoder SIDE_COUNTS) timed off and on at 64 rows:
+# decoder SIDE_COUNTS, the advance and feed kernels STEP_KERNELS) timed off and on at 64 rows:
 #   ONLY="gpu_tests profile_generate_b64" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
-#     GEN64_VARIANTS=kernels-noringbounds,kernels-nohash,kernels-nocrossq,kernels-nosidecounts,kernels
+#     GEN64_VARIANTS=kernels-noringbounds,kernels-nohash,kernels-nocrossq,kernels-nosidecounts,kernels-nostep,kernels
 # then the same in the other order, and batch 1 with and without the embedding kernel:
 #   ONLY="profile_generate_b64 profile_generate" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
-#     GEN64_VARIANTS=kernels,kernels-nosidecounts,kernels-nocrossq,kernels-nohash,kernels-noringbounds \
-#     GEN_VARIANTS=kernels-nohash,kernels,kernels-nohash,kernels
+#     GEN64_VARIANTS=kernels,kernels-nostep,kernels-nosidecounts,kernels-nocrossq,kernels-nohash,kernels-noringbounds \
+#     GEN_VARIANTS=kernels-nohash,kernels-nostep,kernels,kernels-nohash,kernels-nostep,kernels
 # then the grid (its 2,048-byte cells with rope_attend limited to short caches): ONLY=generate_kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)

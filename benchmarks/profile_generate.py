@@ -93,7 +93,8 @@ def main() -> None:
                          "PyTorch's ops, not kernels.hash_embed (HASH_EMBED = False); kernels-nocrossq: kernels "
                          "with the decoder's cross-attention after cuBLAS's q product, not kernels.cross_attend "
                          "(CROSS_ATTEND = False); kernels-nosidecounts: kernels with the patch step's counts on the "
-                         "chain, not beside the decoder (SIDE_COUNTS = False)")
+                         "chain, not beside the decoder (SIDE_COUNTS = False); kernels-nostep: kernels with "
+                         "the byte's advance and feed by PyTorch's ops (STEP_KERNELS = False)")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -115,7 +116,8 @@ def main() -> None:
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
     prompts = [text[:args.prompt_len - 1]] * args.batch
     names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND",
-             "RING_BOUNDS", "HASH_EMBED", "CROSS_ATTEND", "SIDE_COUNTS")
+             "RING_BOUNDS", "HASH_EMBED", "CROSS_ATTEND", "SIDE_COUNTS",
+             "STEP_KERNELS")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
@@ -124,7 +126,8 @@ def main() -> None:
                 "kernels-nodecnorms": {"DECODER_NORMS": False}, "kernels-nobounds": {"GLOBAL_BOUNDS": False},
                 "kernels-nopriority": {"STREAM_PRIORITY": False}, "kernels-noropeattend": {"ROPE_ATTEND": False},
                 "kernels-noringbounds": {"RING_BOUNDS": False}, "kernels-nohash": {"HASH_EMBED": False},
-                "kernels-nocrossq": {"CROSS_ATTEND": False}, "kernels-nosidecounts": {"SIDE_COUNTS": False}}
+                "kernels-nocrossq": {"CROSS_ATTEND": False}, "kernels-nosidecounts": {"SIDE_COUNTS": False},
+                "kernels-nostep": {"STEP_KERNELS": False}}
     variants = {"graphs": (True, False, False, False), "eager": (False, False, False, False),
                 "compile": (True, True, False, False), "kernels": (True, False, True, False),
                 "speculate": (True, False, True, True)}

@@ -522,6 +522,13 @@ STREAM_PRIORITY = True
 # steps are traced
 SIDE_COUNTS = True
 
+# Generator(kernels=True) runs a byte's advance (documents, n) and the feed of the next byte as
+# kernels.advance and kernels.feed where this is True: one kernel each where PyTorch takes four,
+# on the chain between the decoder and the next byte's front at every batch size (twenty-fourth
+# session, not yet timed on a GPU, where `profile_generate.py --variants kernels-nostep,kernels`
+# compares); read when a Generator is made
+STEP_KERNELS = True
+
 # Generator(kernels=True) embeds each step's byte (its byte row and hash n-gram rows: BLT.embed)
 # with kernels.hash_embed, one kernel where the ids' window, products, sum, floor mod, offsets,
 # bag lookup and add took about ten, on the chain before the encoder at every batch size
@@ -707,6 +714,7 @@ class Generator:
         self._ring_bounds = self._kernel_choice.attend and RING_BOUNDS
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
         self._cross_q = self._cross_kernel and CROSS_ATTEND  # kernels.cross_attend past the block kernels' rows
+        self._step_kernels = bool(kernels) and STEP_KERNELS  # kernels.advance and kernels.feed
         # each step's byte embedded by one kernel (kernels.hash_embed), where the model has hash tables
         self._hash_coef = None
         if kernels and HASH_EMBED and model.encoder_hash_tok_embedding is not None:
@@ -1251,6 +1259,11 @@ class Generator:
         sample(self.logits, self.keys, self.n, *self.sampling, out=self.next)
 
     def _run_advance(self) -> None:
+        if self._step_kernels:  # STEP_KERNELS
+            from . import kernels
+
+            kernels.advance(self.x, self.doc, self.n, self.doc_start, EOS_ID)
+            return
         eos = self.x == EOS_ID
         self.doc.add_(eos)  # (a bool added to int64 in place: no cast kernel)
         self.n.add_(1)
@@ -1261,6 +1274,11 @@ class Generator:
         """Byte n into the step's input: the prompt's byte while a row still reads its prompt,
         else the byte sampled for position n, written into the row's bytes (`buf`) too. On the
         device, so that no host work stands between a byte's graphs (`_next_byte`)."""
+        if self._step_kernels:  # STEP_KERNELS
+            from . import kernels
+
+            kernels.feed(self.n, self.lens, self.buf, self.next, self.x)
+            return
         at = self.n.view(1)
         torch.where(self.n < self.lens, self.buf.index_select(1, at)[:, 0], self.next, out=self.x)
         self.buf.index_copy_(1, at, self.x[:, None])

@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Twelve kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Fourteen kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -22,6 +22,8 @@ chains of a step that surround its matrix-vector products, and its attention cal
 - `hash_embed`: a new byte's embedding, its byte row plus the sum of its hash n-gram rows (the
   ids' window, int64 products, floor mod and offsets, the bag lookup and the add): one kernel for
   about ten.
+- `advance`, `feed`: a byte's bookkeeping after the decoder (documents, n) and the next byte
+  fed into the step's input and the rows' bytes: one kernel each for four.
 - `linear_add`: beta * x + a @ W.T, the output and down projections with their residual, for a
   few rows (what `torch.addmm` computes, one rounding), where cuBLAS runs two kernels (split-K
   and its reduction, 8.7 + 1.7 µs for the global stack's output projection at one row).
@@ -481,6 +483,34 @@ if triton is not None:
         # the bag's sum rounded once (EmbeddingBag's fp32 accumulation), then the add
         tl.store(out_ptr + b * s_out + d, (e + bag.to(dt).to(tl.float32)).to(dt), mask=ok)
 
+    @triton.jit
+    def _advance_kernel(x_ptr, doc_ptr, n_ptr, start_ptr, B, EOS, HAS_START: tl.constexpr, BLOCK: tl.constexpr):
+        """One program: each row's document count past an EOS read at n (and its document start,
+        n + 1), then n + 1 (read before, written after every row)."""
+        n1 = tl.load(n_ptr) + 1
+        for b0 in range(0, B, BLOCK):
+            b = b0 + tl.arange(0, BLOCK)
+            ok = b < B
+            eos = tl.load(x_ptr + b, mask=ok, other=0) == EOS
+            doc = tl.load(doc_ptr + b, mask=ok, other=0)
+            tl.store(doc_ptr + b, doc + eos.to(doc.dtype), mask=ok)
+            if HAS_START:
+                tl.store(start_ptr + b, n1.to(start_ptr.dtype.element_ty), mask=ok & eos)
+        tl.store(n_ptr, n1)
+
+    @triton.jit
+    def _feed_kernel(n_ptr, lens_ptr, buf_ptr, next_ptr, x_ptr, B, s_buf, BLOCK: tl.constexpr):
+        """Rows b of one block: byte n is the prompt's (buf[b, n]) while n < lens[b], else the one
+        sampled (next[b]); into x and buf[b, n]."""
+        b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = b < B
+        n = tl.load(n_ptr)
+        at = buf_ptr + b * s_buf + n
+        xb = tl.where(n < tl.load(lens_ptr + b, mask=ok, other=0), tl.load(at, mask=ok, other=0),
+                      tl.load(next_ptr + b, mask=ok, other=0))
+        tl.store(at, xb, mask=ok)
+        tl.store(x_ptr + b, xb, mask=ok)
+
     # the small blocks (2-8 output rows a program) are for small matrices at one row: 16 rows a
     # program made 64 programs for the decoder's 1,024 x 1,024 output projection, 5.4 µs for its
     # 2 MB on an H200 (0.4 TB/s), and 10.2 µs (1.5 TB/s) for the global stack's projections. The
@@ -815,6 +845,36 @@ def hash_embed(x_B: torch.Tensor, hist_BW: torch.Tensor, tok_weight: torch.Tenso
         out.stride(0),
         WIDTH=width, BLOCK_W=triton.next_power_of_2(width), BLOCK_D=min(HASH_EMBED_BLOCK, triton.next_power_of_2(D)))
     return out
+
+
+STEP_BLOCK = 1024
+
+
+def _check_ids(name: str, *tensors: torch.Tensor) -> None:
+    """The step kernels read and write int64 ids, counts and positions as contiguous rows."""
+    for t in tensors:
+        assert t.dtype == torch.int64, f"{name}: int64 tensors, got {t.dtype}"
+        assert t.is_contiguous(), f"{name}: contiguous tensors"
+
+
+def advance(x_B: torch.Tensor, doc_B: torch.Tensor, n: torch.Tensor, doc_start_B: torch.Tensor | None,
+            eos_id: int) -> None:
+    """A byte's advance in place, one kernel (where PyTorch takes four): each row whose byte n
+    (x_B) is EOS counts one more document (doc_B) starting at n + 1 (doc_start_B, if given); then
+    n (a one-element int64 tensor) += 1."""
+    B = x_B.shape[0]
+    _check_ids("advance", x_B, doc_B, n, *(() if doc_start_B is None else (doc_start_B,)))
+    _advance_kernel[(1,)](x_B, doc_B, n, doc_B if doc_start_B is None else doc_start_B, B, eos_id,
+                          HAS_START=doc_start_B is not None, BLOCK=min(STEP_BLOCK, triton.next_power_of_2(B)))
+
+
+def feed(n: torch.Tensor, lens_B: torch.Tensor, buf_BT: torch.Tensor, next_B: torch.Tensor, x_B: torch.Tensor) -> None:
+    """Byte n of each row into x_B and buf_BT[:, n], one kernel (where PyTorch takes four): the
+    prompt's byte (buf_BT[:, n]) while n < lens_B, else the sampled one (next_B)."""
+    B = x_B.shape[0]
+    _check_ids("feed", n, lens_B, next_B, x_B, buf_BT)
+    block = min(STEP_BLOCK, triton.next_power_of_2(B))
+    _feed_kernel[(triton.cdiv(B, block),)](n, lens_B, buf_BT, next_B, x_B, B, buf_BT.stride(0), BLOCK=block)
 
 
 def norms(x_RD: torch.Tensor, weights_LD: torch.Tensor, eps: float) -> torch.Tensor:

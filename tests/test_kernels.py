@@ -14,6 +14,7 @@ all of them run compiled on a GPU (`benchmarks/gpu_measure.sh`'s gpu_tests).
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -217,6 +218,38 @@ def test_attend_with_a_period_maps_each_units_heads(N, NK):
         want = F.scaled_dot_product_attention(q[row].view(K, N, 1, H), k[row:row + 1, :, a:b].expand(K, -1, -1, -1),
                                               v[row:row + 1, :, a:b].expand(K, -1, -1, -1), enable_gqa=N != NK)
         torch.testing.assert_close(out[row], want.reshape(K * N, H), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("starts", [True, False])  # the rings' document starts kept (RING_BOUNDS) or not
+def test_advance_and_feed_equal_the_pytorch_steps(starts):
+    """kernels.advance: rows whose byte is EOS count a document starting at n + 1, then n + 1;
+    kernels.feed: byte n is the prompt's while n < the row's length, else the sampled one, into x
+    and the row's bytes (37 rows: one block of 64, its tail masked)."""
+    g = torch.Generator().manual_seed(6)
+    B, T, n0 = 37, 12, 7
+    x = torch.randint(EOS_ID - 1, EOS_ID + 2, (B,), generator=g).to(DEV)
+    doc = torch.randint(0, 3, (B,), generator=g).to(DEV)
+    start = torch.randint(0, n0, (B,), generator=g).to(DEV) if starts else None
+    n = torch.tensor(n0, device=DEV)
+    eos = x == EOS_ID
+    assert eos.any()
+    assert not eos.all()
+    want_doc, want_start = doc + eos, torch.where(eos, n0 + 1, start) if starts else None
+    kernels.advance(x, doc, n, start, EOS_ID)
+    assert n.item() == n0 + 1
+    assert torch.equal(doc, want_doc)
+    assert not starts or torch.equal(start, want_start)
+    buf = torch.randint(0, 256, (B, T), generator=g).to(DEV)
+    lens = torch.randint(0, T, (B,), generator=g).to(DEV)
+    sampled = torch.randint(0, 256, (B,), generator=g).to(DEV)
+    want_x = torch.where(n < lens, buf[:, n0 + 1], sampled)
+    assert (n < lens).any()  # rows in their prompt and rows past it
+    assert not (n < lens).all()
+    want_buf = buf.clone()
+    want_buf[:, n0 + 1] = want_x
+    kernels.feed(n, lens, buf, sampled, x)
+    assert torch.equal(x, want_x)
+    assert torch.equal(buf, want_buf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -605,13 +638,15 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     them in one kernel, or not (generate.DECODER_NORMS), and the self-attention with RoPE and the
     cache writes in one kernel, or after them (here: caches longer than
     generate.ROPE_ATTEND_MAX_KEYS); each step's byte embedded by kernels.hash_embed, or not
-    (generate.HASH_EMBED, switched with CROSS_ATTEND here)."""
+    (generate.HASH_EMBED), and each byte's advance and feed by kernels.advance and kernels.feed, or
+    not (generate.STEP_KERNELS; both switched with CROSS_ATTEND here)."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "DECODER_NORMS", decoder_norms)
     monkeypatch.setattr(generate, "ROPE_ATTEND_MAX_KEYS", 10**9 if rope_attend else 0)
     monkeypatch.setattr(generate, "CROSS_ATTEND", cross_attend)
     monkeypatch.setattr(generate, "HASH_EMBED", cross_attend)
+    monkeypatch.setattr(generate, "STEP_KERNELS", cross_attend)
 
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
@@ -674,6 +709,18 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
         return hash_embed(x, *a, **k)
 
     monkeypatch.setattr(kernels, "hash_embed", counted_hash_embed)
+    step_calls = collections.Counter()  # kernels.advance and kernels.feed
+
+    def counted_step(name):
+        fn = getattr(kernels, name)
+
+        def run(*a):
+            step_calls[name] += 1
+            return fn(*a)
+        return run
+
+    for name in ("advance", "feed"):
+        monkeypatch.setattr(kernels, name, counted_step(name))
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
@@ -695,6 +742,8 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     assert len(calls) + len(fused_rows) + len(cross_calls) >= 12 * len(model.local_decoder.cross_attn_layers)
     assert set(hash_rows) == ({len(prompts)} if cross_attend else set())
     assert len(hash_rows) >= 12 * cross_attend
+    assert min(step_calls["advance"], step_calls["feed"]) >= 12 * cross_attend
+    assert bool(step_calls) == cross_attend
 
 
 @INTERPRETER_SLOW
