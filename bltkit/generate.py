@@ -1247,10 +1247,16 @@ class Generator:
 
     def _run_back(self) -> None:
         self._run_decode()
-        if self._side_pending:  # `_run_front_patch`'s counts on the second stream (SIDE_COUNTS)
+        self._join_side()
+        self._run_advance()
+
+    def _join_side(self) -> None:
+        """The current stream waits for `_run_front_patch`'s counts on the second stream
+        (SIDE_COUNTS), if they wait to be joined: after the decoder, before the advance (in the
+        same CUDA graph), and after `_prepare_graphs`' warm-up calls."""
+        if self._side_pending:
             torch.cuda.current_stream().wait_stream(self._side)
             self._side_pending = False
-        self._run_advance()
 
     def _run_decode(self) -> None:
         """The decoder for byte n: logits and the sampled byte n+1 (a function of the row's key and
@@ -1508,6 +1514,7 @@ class Generator:
             for name in sorted({name for launch in launches for name in launch}):
                 for L in slots if name in _SLOT_STEPS else [None]:
                     self._call(name, L)
+            self._join_side()  # (the warm-up calls each step function alone: front_patch's counts wait)
         torch.cuda.current_stream().wait_stream(stream)
 
         def capture(launch, L=None):
