@@ -514,7 +514,7 @@ STREAM_PRIORITY = True
 
 # with the global step beside the entropy model (Generator(overlap=True), batches of
 # PATCH_EVERY_BYTE_ROWS rows or more, CUDA), the patch step's counts (the rows' patch positions,
-# documents, the open patch's start, length and pooling: ~7 one-block kernels) run on the second
+# documents, the open patch's start, length and pooling: 14 small kernels) run on the second
 # stream beside the decoder, which reads none of them, where this is True; the decoder's cross K/V
 # stay on the chain (twenty-fourth session, not yet run on a GPU, where
 # `tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps` checks it and
@@ -1351,7 +1351,7 @@ class Generator:
             self._commit(self.close, dec_kv)
             return
         self._commit_kv(self.close, dec_kv)
-        # the counts (~7 one-block kernels) beside the decoder, after the global step that reads
+        # the counts (14 small kernels) beside the decoder, after the global step that reads
         # them (p, the open patch's start, the pooling); joined before the byte's advance writes n
         side.wait_stream(main)
         with torch.cuda.stream(side):
