@@ -758,11 +758,11 @@ def test_attend_kernel_only_for_short_caches(monkeypatch):
     want = reference_generate(model, prompts, 10, stop_at_eos=False)
     attend, sizes, bounded = kernels.attend, [], []
 
-    def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None, ring=None):
+    def counted(q, k, v, mask, n_keys=None, splits=None, last=None, first=None, ring=None, period=None):
         if splits is None:  # the self-attention (the patch step's open-patch call sets one split)
             sizes.append(k.shape[2] if n_keys is None else n_keys)
             bounded.append((ring is not None, mask is None))
-        return attend(q, k, v, mask, n_keys, splits, last, first, ring)
+        return attend(q, k, v, mask, n_keys, splits, last, first, ring, period)
 
     monkeypatch.setattr(kernels, "attend", counted)
     monkeypatch.setattr(generate, "ATTEND_KERNEL", True)
