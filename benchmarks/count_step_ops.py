@@ -69,7 +69,10 @@ SMALL_1B = ["encoder.dim=64", "encoder.n_heads=4", "encoder.cross_attn_n_heads=4
 
 def count_kernels(rows: int, off: list[str]) -> None:
     """The overlapping step's parts counted as `count` does, plus Triton launches."""
-    from triton.runtime import interpreter
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        raise SystemExit("--kernels runs the Triton kernels under Triton's CPU interpreter: pip install triton") from None
 
     from bltkit import generate, kernels
 
