@@ -1102,7 +1102,8 @@ class Generator:
         return self._rope_at(self.n.view(1, 1), self.cfg.decoder), self.dec.advance(self.n, self.doc, self.doc_start)
 
     def _back(self) -> torch.Tensor:
-        """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] fp32."""
+        """Decoder for byte n (cross-attending the latest closed patch) -> logits [B, V] in the model's
+        dtype (`_run_decode` casts them to fp32 as it copies them into the state)."""
         dec = self.model.local_decoder
         prep, self._dec_prep = self._dec_prep, None
         (cos, sin, R), (slot, mask) = prep if prep is not None else self._back_prep()

@@ -70,4 +70,4 @@ def sample(logits_BV: torch.Tensor, keys_B: torch.Tensor, step: torch.Tensor | i
     if temperature > 0.0:
         probs = filter_logits(logits_BV, temperature, top_k, top_p).softmax(-1).double()
         logits_BV = probs / -torch.log(uniform(keys_B, step, probs.shape[-1]))  # the race
-    return logits_BV.argmax(-1) if out is None else torch.argmax(logits_BV, dim=-1, out=out)
+    return torch.argmax(logits_BV, dim=-1, out=out)

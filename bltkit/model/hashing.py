@@ -57,22 +57,24 @@ def _coefficients(sizes: list[int], n_functions: int, width: int) -> list[list[i
 _COEF_CACHE: dict = {}
 
 
-def _coef_tensor(sizes: tuple[int, ...], n_functions: int, width: int, device: torch.device) -> torch.Tensor:
-    """Cached on its device: no host-to-device copy per call (that would break CUDA graphs)."""
-    key = (sizes, n_functions, width, str(device))
+def _cached(key: tuple, make) -> torch.Tensor:
+    """A constant tensor made once per key (its device among it): no host-to-device copy or small
+    kernels per call (a copy would break CUDA graphs; the kernels cost a generation step)."""
     if key not in _COEF_CACHE:
-        _COEF_CACHE[key] = torch.tensor(_coefficients(list(sizes), n_functions, width), dtype=torch.int64,
-                                        device=device)
+        _COEF_CACHE[key] = make()
     return _COEF_CACHE[key]
+
+
+def _coef_tensor(sizes: tuple[int, ...], n_functions: int, width: int, device: torch.device) -> torch.Tensor:
+    """`_coefficients` on `device`, cached."""
+    return _cached((sizes, n_functions, width, str(device)), lambda: torch.tensor(
+        _coefficients(list(sizes), n_functions, width), dtype=torch.int64, device=device))
 
 
 def _offsets(n_tables: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """Each table's first row in the fused table, n * vocab, cached on its device like the
-    coefficients (an arange and a product fewer in every generation step)."""
-    key = ("offsets", n_tables, vocab, str(device))
-    if key not in _COEF_CACHE:
-        _COEF_CACHE[key] = torch.arange(n_tables, dtype=torch.int64, device=device) * vocab
-    return _COEF_CACHE[key]
+    """Each table's first row in the fused table, n * vocab, on `device`, cached."""
+    return _cached(("offsets", n_tables, vocab, str(device)),
+                   lambda: torch.arange(n_tables, dtype=torch.int64, device=device) * vocab)
 
 
 def all_hash_ids(tokens_BT: torch.Tensor, sizes: list[int], n_functions: int, vocab: int,
