@@ -41,6 +41,10 @@
 #   ONLY="profile_generate_b64 profile_generate" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
 #     GEN64_VARIANTS=kernels,kernels-nostep,kernels-nosidecounts,kernels-nocrossq,kernels-nohash,kernels-noringbounds \
 #     GEN_VARIANTS=kernels-nohash,kernels-nostep,kernels,kernels-nohash,kernels-nostep,kernels
+# then the entropy model's stream on fewer SMs (a CUDA green context, ENTROPY_SMS; its test is in
+# gpu_tests) against every SM, twice:
+#   ONLY=profile_generate_b64 GEN64_TABLE=--no-tables GEN64_LIMIT=400 \
+#     GEN64_VARIANTS=kernels,kernels-sms16,kernels-sms32,kernels-sms48,kernels-sms64,kernels,kernels-sms32,kernels-sms48
 # then the grid (its 2,048-byte cells with rope_attend limited to short caches): ONLY=generate_kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
@@ -61,6 +65,7 @@ run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --
 run gpu_tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps" \
+  "tests/test_generate.py::test_entropy_model_on_fewer_sms_equals_plain_steps" \
   "tests/test_generate.py::test_byte_graph_on_cuda_equals_step_graphs" \
   "tests/test_generate.py::test_graph_capture_survives_garbage_holding_cuda_graphs"
 # GEN_TABLE="--table-kernels --table-speculate": the kernel tables of those graphs (default: plain)

@@ -94,7 +94,10 @@ def main() -> None:
                          "with the decoder's cross-attention after cuBLAS's q product, not kernels.cross_attend "
                          "(CROSS_ATTEND = False); kernels-nosidecounts: kernels with the patch step's counts on the "
                          "chain, not beside the decoder (SIDE_COUNTS = False); kernels-nostep: kernels with "
-                         "the byte's advance and feed by PyTorch's ops (STEP_KERNELS = False)")
+                         "the byte's advance and feed by PyTorch's ops (STEP_KERNELS = False); kernels-smsN "
+                         "(N a number): kernels with the entropy model's stream on N SMs, a CUDA green context "
+                         "(ENTROPY_SMS = N; overlapping batches only). A variant that fails (a green context "
+                         "this PyTorch lacks) is reported and the next one runs")
     ap.add_argument("--table-kernels", action="store_true",
                     help="the per-graph kernel tables for Generator(kernels=True)")
     ap.add_argument("--table-speculate", action="store_true",
@@ -109,15 +112,9 @@ def main() -> None:
     ap.add_argument("--no-tables", action="store_true", help="time the variants only (no per-graph times and tables)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    dev = "cuda"
-    model = random_model(args.preset, args.overrides, dev, torch.bfloat16)
-    calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
-    with_threshold(model, calibrate_threshold(model, calib, 4.5))
-    text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
-    prompts = [text[:args.prompt_len - 1]] * args.batch
     names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND",
              "RING_BOUNDS", "HASH_EMBED", "CROSS_ATTEND", "SIDE_COUNTS",
-             "STEP_KERNELS")
+             "STEP_KERNELS", "ENTROPY_SMS")
     defaults = {k: getattr(generate, k) for k in names}
     # the module constants the kernel variants set; the others keep the defaults
     switched = {"kernels-attend": {"ATTEND_KERNEL": True}, "kernels-linear": {"ATTEND_KERNEL": False, "LINEAR_KERNEL": True},
@@ -136,6 +133,19 @@ def main() -> None:
                      "kernels-nooverlap": variants["kernels"], "kernels-byte": variants["kernels"],
                      "speculate-byte": variants["speculate"], "kernels-sched": variants["kernels"],
                      "speculate-sched": variants["speculate"]})
+    for name in args.variants.split(","):  # kernels-smsN: the entropy model on N SMs
+        if name.startswith("kernels-sms") and name[len("kernels-sms"):].isdigit():
+            switched[name] = {"ENTROPY_SMS": int(name[len("kernels-sms"):])}
+            variants[name] = variants["kernels"]
+    unknown = [name for name in args.variants.split(",") if name not in variants]
+    if unknown:
+        ap.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(variants)} or kernels-smsN")
+    dev = "cuda"
+    model = random_model(args.preset, args.overrides, dev, torch.bfloat16)
+    calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
+    with_threshold(model, calibrate_threshold(model, calib, 4.5))
+    text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
+    prompts = [text[:args.prompt_len - 1]] * args.batch
     programs = kernels.ATTEND_PROGRAMS
     gen = None
     for name in args.variants.split(","):
@@ -149,9 +159,13 @@ def main() -> None:
         t = time.perf_counter()
         overlap = not name.endswith("-nooverlap")
         byte_graph = name.endswith("-byte")
-        gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap,
-                        byte_graph=byte_graph)
-        gen.generate_ids(prompts, 16, stop_at_eos=False)
+        try:
+            gen = Generator(model, cuda_graphs=graphs, compile=comp, kernels=kern, speculate=spec, overlap=overlap,
+                            byte_graph=byte_graph)
+            gen.generate_ids(prompts, 16, stop_at_eos=False)
+        except RuntimeError as e:  # e.g. no green context here: the other variants still run
+            print(f"{name}: failed: {type(e).__name__}: {e}", flush=True)
+            continue
         t_warm = time.perf_counter() - t
         gen.generate_ids(prompts, args.steps, stop_at_eos=False)
         s = gen.stats
@@ -162,12 +176,10 @@ def main() -> None:
             host_gap(gen, prompts, args.steps)
     if args.no_tables:
         return
+    for k, v in defaults.items():  # the tables: the defaults, with the two table options
+        setattr(generate, k, v)
     generate.ATTEND_KERNEL = defaults["ATTEND_KERNEL"] or args.table_attend
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
-    generate.DECODER_NORMS = defaults["DECODER_NORMS"]
-    generate.GLOBAL_BOUNDS = defaults["GLOBAL_BOUNDS"]
-    generate.STREAM_PRIORITY = defaults["STREAM_PRIORITY"]
-    generate.ROPE_ATTEND = defaults["ROPE_ATTEND"]
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
     # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a

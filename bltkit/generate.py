@@ -522,6 +522,18 @@ STREAM_PRIORITY = True
 # steps are traced
 SIDE_COUNTS = True
 
+# with the global step beside the entropy model (Generator(overlap=True), batches of
+# PATCH_EVERY_BYTE_ROWS rows or more, CUDA), the entropy model's stream runs in a CUDA green
+# context of this many SMs where this is a number (None: every SM, as before). Its ~140 small
+# kernels a byte spread over the whole GPU slow the global stack's layers beside them from ~64 to
+# ~76 µs (~0.19 ms a step at 64 rows, twenty-second session, `benchmarks/entropy_contention.py`);
+# confined to some SMs, they leave the others to the chain, and it has ~0.8 ms of slack to finish
+# later in. The chain's own stream keeps every SM (twenty-fifth session, not yet run on a GPU:
+# `profile_generate.py --batch 64 --variants kernels-sms32,kernels` compares; needs PyTorch's
+# torch.cuda.green_contexts with GreenContext.Stream() and a CUDA 12.4+ driver); read when a
+# Generator is made
+ENTROPY_SMS: int | None = None
+
 # Generator(kernels=True) runs a byte's advance (documents, n) and the feed of the next byte as
 # kernels.advance and kernels.feed where this is True: one kernel each where PyTorch takes four,
 # on the chain between the decoder and the next byte's front at every batch size (twenty-fourth
@@ -561,6 +573,23 @@ def _conditional_nodes() -> bool:
     if not version or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
         return False
     return tuple(int(v) for v in version.split(".")[:2]) >= (12, 4)
+
+
+def _green_stream(dev: torch.device, n_sms: int) -> tuple[object, torch.cuda.Stream]:
+    """A stream whose kernels run on `n_sms` of `dev`'s SMs only (a CUDA green context) -> (the
+    context, which the stream needs alive, the stream). A clear error where this PyTorch or driver
+    has none."""
+    try:
+        from torch.cuda.green_contexts import GreenContext
+
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        ctx = GreenContext.create(num_sms=n_sms, device_id=index)
+        return ctx, ctx.Stream()
+    except (ImportError, AttributeError, AssertionError, RuntimeError, TypeError) as e:  # (no CUDA: an assert)
+        raise RuntimeError(
+            f"generate.ENTROPY_SMS = {n_sms} runs the entropy model in a CUDA green context, which this "
+            f"PyTorch or driver does not offer ({type(e).__name__}: {e}); set generate.ENTROPY_SMS = None "
+            "to run it on every SM") from e
 
 
 def _kernels_refusal(device: torch.device, fuse: bool, stacks) -> str | None:
@@ -811,7 +840,15 @@ class Generator:
         # which traces one)
         side = (self.speculating or self.overlapping) and self.ent is not None and dev.type == "cuda" \
             and not self.compiled
-        self._side = torch.cuda.Stream(dev) if side else None
+        self._green = None  # the green context of the entropy model's stream (ENTROPY_SMS)
+        if side and self.overlapping and ENTROPY_SMS is not None:
+            # made once a Generator and SM count (a context costs more than a stream)
+            cached = getattr(self, "_green_cache", None)
+            if cached is None or cached[0] != (dev, ENTROPY_SMS):
+                self._green_cache = cached = ((dev, ENTROPY_SMS), *_green_stream(dev, ENTROPY_SMS))
+            _, self._green, self._side = cached
+        else:
+            self._side = torch.cuda.Stream(dev) if side else None
         # the captured chain on a stream of the highest priority, the entropy model's at the
         # default (the lowest): where both have blocks waiting, the chain's go first
         self._capture_stream = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None

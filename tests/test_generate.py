@@ -488,6 +488,46 @@ def test_overlap_on_cuda_equals_plain_steps(kernels):
         torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the second stream, the graphs)")
+def test_entropy_model_on_fewer_sms_equals_plain_steps(monkeypatch):
+    """generate.ENTROPY_SMS: the overlapping steps with the entropy model's stream in a CUDA green
+    context of 16 SMs (inside the captured graph: a fork into another context and a join) give the
+    sequential steps' bytes and logits exactly, greedy and sampled."""
+    model = make_model(seed=13).cuda()
+    prompts = random_prompts(seed=8, n=PATCH_EVERY_BYTE_ROWS + 1)
+    monkeypatch.setattr(generate, "ENTROPY_SMS", 16)
+    ovl = Generator(model, kernels=None)
+    try:  # the state (and its streams) is made by the first call
+        ovl.generate_ids(prompts, 1, stop_at_eos=False)
+    except RuntimeError as e:
+        if "ENTROPY_SMS" not in str(e):
+            raise
+        pytest.skip(f"no green context here: {e}")
+    assert ovl._green is not None
+    for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        plain = Generator(model, kernels=None, overlap=False)
+        assert plain._green is None  # not overlapping: the entropy model on the chain's stream
+        want = plain.generate_ids(prompts, 40, stop_at_eos=False, **kw)
+        assert ovl.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
+        torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_entropy_sms_without_green_contexts_says_what_to_do(monkeypatch):
+    """Where no green context can be made, ENTROPY_SMS's stream fails with what to set instead,
+    and on a CPU the switch is not read at all (no second stream)."""
+    with pytest.raises(RuntimeError, match="ENTROPY_SMS = None"):
+        generate._green_stream(torch.device("cuda"), 16)
+    model = make_model(seed=13)
+    prompts = random_prompts(seed=8, n=PATCH_EVERY_BYTE_ROWS + 1)
+    want = Generator(model).generate_ids(prompts, 8, stop_at_eos=False)
+    monkeypatch.setattr(generate, "ENTROPY_SMS", 16)
+    gen = Generator(model)
+    assert gen.generate_ids(prompts, 8, stop_at_eos=False) == want
+    assert gen._green is None
+    assert gen._side is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not _conditional_nodes(),
                     reason="needs a CUDA device whose graphs hold conditional nodes")
 @pytest.mark.parametrize("kernels", [False, None])
