@@ -28,7 +28,7 @@ from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
 from .model import hashing
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
-from .sampling import row_key, sample
+from .sampling import check_sampling, row_key, sample
 
 
 def _encode_prompts(prompts) -> list[list[int]]:
@@ -1627,6 +1627,7 @@ class Generator:
         ids = _encode_prompts(prompts)
         if max_new_bytes < 0:
             raise ValueError("max_new_bytes must be >= 0")
+        check_sampling(temperature, top_k, top_p)
         capacity = self._check_lengths(ids, max_new_bytes)
         B = len(ids)
         keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
@@ -1797,6 +1798,7 @@ def reference_generate(model, prompts, max_new_bytes: int, temperature: float = 
 
     Same sampling noise as `Generator` (keyed by seed, prompt and position), one row at a time.
     """
+    check_sampling(temperature, top_k, top_p)
     outs = []
     for ids in _encode_prompts(prompts):
         key = torch.tensor([row_key(seed or 0, to_bytes(ids))], device=model.device)

@@ -7,6 +7,9 @@ other rows. A categorical draw is the "exponential race": argmax_v p_v / E_v wit
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -45,6 +48,18 @@ def uniform(keys_B: torch.Tensor, step: torch.Tensor | int, n: int) -> torch.Ten
     idx = torch.arange(n, device=keys_B.device, dtype=torch.int64)
     z = splitmix64(splitmix64(keys_B[:, None] ^ (torch.as_tensor(step, device=keys_B.device) * _M1)) + idx)
     return (_shr(z, 11).to(torch.float64) + 1.0) / float(1 << 53)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that would otherwise be read as something else (a negative
+    temperature as greedy, top_p = 2 as no filter), saying which values are allowed."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 1 (None or 0: no top-k filter), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1] (None or 1: no nucleus filter), got {top_p!r}")
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None

@@ -294,6 +294,26 @@ def test_empty_prompt_and_limits():
         gen.generate_ids([[1, 300]], 2)
 
 
+@pytest.mark.parametrize(("kw", "what"), [
+    ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 0.8, "top_k": -1}, "top_k"), ({"temperature": 0.8, "top_k": 2.5}, "top_k"),
+    ({"temperature": 0.8, "top_p": 0.0}, "top_p"), ({"temperature": 0.8, "top_p": 1.5}, "top_p"),
+])
+def test_sampling_settings_out_of_range_are_refused(kw, what):
+    """A negative temperature was read as greedy and top_p outside (0, 1] as no filter; now each
+    entry point refuses them, naming the setting and its allowed values. top_k 0 and top_p 1 stay
+    "no filter" (as in transformers), and equal no setting at all."""
+    model = make_model(seed=9)
+    gen = Generator(model)
+    for call in (lambda: gen.generate("abc", 4, **kw), lambda: list(gen.stream("abc", 4, **kw)),
+                 lambda: reference_generate(model, ["abc"], 4, **kw)):
+        with pytest.raises(ValueError, match=what):
+            call()
+    free = {"temperature": 0.9, "seed": 3}
+    want = gen.generate_ids(["abc"], 6, stop_at_eos=False, **free)
+    assert gen.generate_ids(["abc"], 6, stop_at_eos=False, top_k=0, top_p=1.0, **free) == want
+
+
 def test_cli_generate(tmp_path, capsys):
     from bltkit.cli import main
 
