@@ -31,9 +31,28 @@ from .model.patching import _space_like, starts_to_lengths
 from .sampling import check_sampling, row_key, sample
 
 
+def _stop_bytes(stop) -> list[bytes]:
+    """Stop strings (str, UTF-8 encoded, or bytes; one alone or a list of them) as bytes."""
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, (str, bytes)) else list(stop)
+    out = []
+    for s in items:
+        if not isinstance(s, (str, bytes)):
+            raise TypeError(f"a stop string is str or bytes, got {type(s).__name__}")
+        if not s:
+            raise ValueError("stop strings must not be empty (an empty one would match before any byte)")
+        out.append(s.encode() if isinstance(s, str) else bytes(s))
+    return out
+
+
 def _encode_prompts(prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts is a list of prompts (each str, bytes or a list of ids), got {type(prompts).__name__}")
     out = []
     for p in prompts:
+        if not isinstance(p, (str, bytes, bytearray, list, tuple)) and p is not None:
+            raise TypeError(f"a prompt is str, bytes or a list of ids, got {type(p).__name__}")
         if isinstance(p, (list, tuple)):
             ids = list(p)
         else:
@@ -1628,6 +1647,10 @@ class Generator:
         if max_new_bytes < 0:
             raise ValueError("max_new_bytes must be >= 0")
         check_sampling(temperature, top_k, top_p)
+        stop_bytes = _stop_bytes(stop)
+        if not ids:  # an empty batch
+            self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0, "patches": 0, "bytes_read": 0}
+            return []
         capacity = self._check_lengths(ids, max_new_bytes)
         B = len(ids)
         keys = [row_key(seed or 0, to_bytes(p)) for p in ids]
@@ -1639,7 +1662,6 @@ class Generator:
         for r, p in enumerate(ids):
             buf[r, :len(p)] = torch.tensor(p, dtype=torch.long)
         self.lens.copy_(torch.tensor([len(p) for p in ids]))
-        stop_bytes = [s.encode() for s in (stop or [])]
         out: list[list[int]] = [[] for _ in range(B)]
         done = [max_new_bytes == 0] * B
         lens_host = [len(p) for p in ids]
@@ -1683,14 +1705,14 @@ class Generator:
                     out[r].append(tok)
                     if on_step is not None:
                         on_step(r, tok, closes[r])  # closes[r]: this byte starts a patch
-                    if len(out[r]) >= max_new_bytes:
-                        done[r] = True
-                    elif stop_bytes:
+                    if stop_bytes:  # (also on the last byte max_new_bytes allows)
                         tail = to_bytes(out[r][-max(len(s) for s in stop_bytes) - 1:])
                         hit = [s for s in stop_bytes if tail.endswith(s)]
                         if hit:
                             del out[r][len(out[r]) - len(hit[0]):]
                             done[r] = True
+                    if len(out[r]) >= max_new_bytes:
+                        done[r] = True
             unread = upto
 
         for n in range(first, capacity - 1):
@@ -1738,18 +1760,21 @@ class Generator:
         q: queue.Queue = queue.Queue()
         err: list[BaseException] = []
 
+        result: list[list[int]] = []  # the output as generate_ids returns it (a stop string cut)
+
         def work():
             try:
-                self.generate_ids([prompt], max_new_bytes, temperature, top_k, top_p, seed, stop,
-                                  on_step=lambda r, tok, starts: q.put((tok, starts)))
+                result.extend(self.generate_ids([prompt], max_new_bytes, temperature, top_k, top_p, seed, stop,
+                                                on_step=lambda r, tok, starts: q.put((tok, starts))))
             except BaseException as e:  # surfaced in the consumer
                 err.append(e)
             finally:
                 q.put(None)
 
+        hold = max((len(s) for s in _stop_bytes(stop)), default=0)  # (bad stop strings refused here)
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        hold = max((len(s.encode()) for s in stop or []), default=0)
+        emitted = 0  # bytes rendered so far
         pending: list[tuple[int, bool]] = []  # (byte id, starts a patch), held back for stop strings
         dec = Utf8Stream()
 
@@ -1765,6 +1790,7 @@ class Generator:
         while (item := q.get()) is not None:
             pending.append(item)
             if len(pending) > hold:
+                emitted += len(pending) - hold
                 text = render(pending[: len(pending) - hold])
                 del pending[: len(pending) - hold]
                 if text:
@@ -1772,7 +1798,9 @@ class Generator:
         thread.join()
         if err:
             raise err[0]
-        text = render(pending) + dec.flush()  # generate_ids already removed any stop string
+        # the bytes held back, less a stop string that ended the output (generate_ids cut it from
+        # its result; the steps had already handed its bytes over)
+        text = render(pending[: len(result[0]) - emitted]) + dec.flush()
         if text:
             yield text
 

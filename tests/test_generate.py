@@ -211,13 +211,22 @@ def test_stop_strings_and_eos():
     gen = Generator(model)
     full = gen.generate(b"stop test", 40)[0]
     assert len(full) == 40
-    stop = full[10:13].decode("latin-1")
-    # a stop string is matched on bytes; use one that is valid UTF-8 by construction
-    stop_bytes = full[10:13]
-    if all(b < 0x80 for b in stop_bytes):
-        cut = gen.generate(b"stop test", 40, stop=[stop])[0]
-        first = full.find(stop_bytes)
-        assert cut == full[:first]
+    stop = full[10:13]  # a stop string is matched on bytes (given as bytes here: any the model wrote)
+    first = full.find(stop)
+    assert 0 <= first <= 10
+    assert gen.generate(b"stop test", 40, stop=[stop])[0] == full[:first]
+    assert gen.generate(b"stop test", 40, stop=stop)[0] == full[:first]  # one alone, not in a list
+    # ending on the last byte max_new_bytes allows, it is cut too (it was left in before)
+    assert gen.generate(b"stop test", first + 3, stop=[stop])[0] == full[:first]
+    # streamed: the same text, without the stop string (the stream handed it out before)
+    for n in (40, first + 3):
+        streamed = "".join(gen.stream(b"stop test", n, stop=[stop]))
+        assert streamed == full[:first].decode("utf-8", errors="replace")
+    for bad, err in (([b""], ValueError), ("", ValueError), ([3], TypeError)):
+        with pytest.raises(err, match="stop string"):
+            gen.generate(b"stop test", 4, stop=bad)
+        with pytest.raises(err, match="stop string"):
+            list(gen.stream(b"stop test", 4, stop=bad))
     # EOS: a decoder head that always predicts EOS (used by both the generator and the forward)
     def eos_head(z):
         return torch.zeros(*z.shape[:-1], 260).index_fill_(-1, torch.tensor([EOS_ID]), 1.0)
@@ -283,6 +292,11 @@ def test_empty_prompt_and_limits():
     model = make_model(seed=9)
     gen = Generator(model)
     assert gen.generate_ids([""], 5, stop_at_eos=False) == reference_generate(model, [[]], 5, stop_at_eos=False)
+    assert gen.generate([], 5) == []  # an empty batch (it raised max()'s ValueError)
+    with pytest.raises(TypeError, match="a prompt is str, bytes or a list of ids"):
+        gen.generate([5], 3)
+    with pytest.raises(TypeError, match="prompts is a list of prompts"):
+        gen.generate(5, 3)
     small = dataclasses.replace(model.config, max_bytes=32)
     model.config = small
     gen = Generator(model)
