@@ -28,8 +28,28 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _utf8(data: bytes, where: str) -> str:
+    """`data` as text, or a ValueError that says where it is not UTF-8 and what to do."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{where} is not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}; "
+                         "the commands read text as UTF-8 (convert it first, e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_text_arg(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+    """A text argument, '-' for standard input, checked to be UTF-8 (an argument of other bytes
+    reaches Python with surrogate escapes, which no model can read)."""
+    if text == "-":
+        stdin = getattr(sys.stdin, "buffer", None)
+        return _utf8(stdin.read(), "standard input") if stdin is not None else sys.stdin.read()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _utf8(text.encode("utf-8", "surrogateescape"), "the text argument")
+    return text
 
 
 # -- init -----------------------------------------------------------------------------------------
@@ -173,7 +193,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--show-patches", action="store_true", help="mark where patches start with '|'")
     p.add_argument("--prompts-file", default=None,
-                   help="batch mode: one prompt per line; prints one JSON object per prompt")
+                   help="batch mode: one prompt per line (UTF-8; blank lines skipped); prints one JSON object per prompt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: fp32 on the CPU, as stored on a GPU)")
@@ -221,8 +241,12 @@ def cmd_generate(args) -> None:
     kw = dict(max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if args.prompt or args.stream or args.show_patches:
+            raise ValueError("--prompts-file is the batch mode: give it without a PROMPT argument, --stream or "
+                             "--show-patches (one prompt: PROMPT or '-' for standard input)")
+        with open(args.prompts_file, "rb") as f:
+            text = _utf8(f.read(), args.prompts_file)
+        prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
         for prompt, out in zip(prompts, gen.generate(prompts, **kw), strict=True):

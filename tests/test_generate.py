@@ -347,6 +347,35 @@ def test_cli_generate(tmp_path, capsys):
     assert capsys.readouterr().out.replace("|", "").startswith("Hi")
 
 
+def test_cli_generate_refuses_what_it_cannot_read(tmp_path, capsys, monkeypatch):
+    """Text that is not UTF-8 (a prompts file, standard input, an argument) is refused with where
+    (line and column) and what to do, not a codec's traceback line; Windows line ends and blank
+    lines in a prompts file are not prompts; the batch mode with a PROMPT is refused, not ignored."""
+    import io
+
+    from bltkit.cli import main
+
+    save_model(make_model(seed=10), tmp_path / "m")
+    base = ["generate", "--model", str(tmp_path / "m"), "--max-new-bytes", "3", "--device", "cpu"]
+    (tmp_path / "bad.txt").write_bytes(b"fine\nalso \xff fine\n")
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\ntwo\x0cthree\r\n")
+
+    def error(argv) -> str:
+        with pytest.raises(SystemExit):
+            main([*base, *argv])
+        return capsys.readouterr().err
+
+    assert "bad.txt is not valid UTF-8: byte 0xff at line 2, column 6" in error(["--prompts-file",
+                                                                              str(tmp_path / "bad.txt")])
+    assert "not valid UTF-8: byte 0xff at line 1, column 3" in error(["ab\udcffc"])  # argv's surrogate escape
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"x\xfe")))
+    assert "standard input is not valid UTF-8: byte 0xfe at line 1, column 2" in error(["-"])
+    assert "without a PROMPT argument" in error(["Hi", "--prompts-file", str(tmp_path / "crlf.txt")])
+    main([*base, "--prompts-file", str(tmp_path / "crlf.txt")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["one", "two\x0cthree"]
+
+
 @pytest.mark.parametrize("speculate", [False, True])
 @pytest.mark.parametrize("mode", ["entropy", "threshold_add", "space+max4"])
 @pytest.mark.parametrize("native_steps", NATIVE)
