@@ -57,12 +57,44 @@ def atomic_dir(path: str | os.PathLike):
     return _AtomicDir(Path(path))
 
 
+# what a model directory holds in any layout bltkit reads or writes: an existing output folder
+# is replaced only if it holds nothing else (`check_output_dir`)
+MODEL_FILES = frozenset({CONFIG, WEIGHTS, ENTROPY_DIR, SUMS, "MODEL_CARD.md", "params.json", "consolidated.pth",
+                         "train_args.json", "model.safetensors.index.json", "generation_config.json"})
+
+
+def check_output_dir(path: str | os.PathLike, known=MODEL_FILES, what: str = "a model") -> None:
+    """Refuse to write `what` to `path` where that would delete something else: a file, or a folder
+    with entries that are not in `known` (a model's files, say, which are replaced whole)."""
+    path = Path(path)
+    _check_not_cwd(Path(os.path.abspath(path)))
+    if path.is_dir():
+        other = sorted(p.name for p in path.iterdir()
+                       if p.name not in known and not (p.name.startswith("model-") and p.name.endswith(".safetensors")))
+        if other:
+            listed = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            raise CheckpointError(f"{path} already holds files that are not {what}'s ({listed}); writing {what} "
+                                  "there would delete them: choose a new folder, or remove them first")
+    elif path.exists():
+        raise CheckpointError(f"{path} is a file; {what} is written as a folder: choose another path")
+
+
+def _check_not_cwd(path: Path) -> None:
+    """An absolute output path that is not the current directory nor above it (a folder is
+    written by swapping it whole, and those cannot be swapped)."""
+    cwd = Path.cwd()
+    if cwd == path or path in cwd.parents:
+        raise CheckpointError(f"{path} is the current directory or holds it, so it cannot be replaced; "
+                              "write into a new folder (a path below this one, say)")
+
+
 class _AtomicDir:
     def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.path = Path(os.path.abspath(path))  # ('.', '..', '' named by their own names)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
+        _check_not_cwd(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
         return self.tmp
@@ -85,6 +117,7 @@ def save_model(model, path: str | os.PathLike, dtype: torch.dtype | None = None)
     from .model import BLT
 
     path = Path(path)
+    check_output_dir(path)
     with atomic_dir(path) as tmp:
         if isinstance(model, BLT):
             _write_dir(model.blt_state_dict(), model.config, tmp, dtype)

@@ -307,8 +307,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import load_model, save_model
+    from .checkpoint import check_output_dir, load_model, save_model
 
+    check_output_dir(args.dst)  # before reading a large checkpoint, not after
     if args.src_format == "hf":
         from .convert.hf import import_hf
 

@@ -387,8 +387,9 @@ def prepare(cfg: DataConfig, entropy_model_dir: str | os.PathLike, out_dir: str 
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint import atomic_dir, load_entropy_model
+    from .checkpoint import atomic_dir, check_output_dir, load_entropy_model
 
+    check_output_dir(out_dir, {"train", "val", PREPARED}, "prepared data")  # before the work, not after
     model = load_entropy_model(entropy_model_dir, device=device, dtype=torch.float32)
     train, val = build_streams(cfg)
     t0 = time.perf_counter()

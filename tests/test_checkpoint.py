@@ -155,6 +155,40 @@ def test_atomic_dir_success_replaces(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_writers_refuse_to_delete_what_is_not_theirs(tmp_path, tiny_model, monkeypatch):
+    """A model written over a folder that holds other files (notes, a dataset) or over a file
+    replaced them silently (the folder is swapped whole); now each writer refuses before it
+    writes, naming what would be lost, and leaves everything as it was. A model's own folder is
+    still replaced (re-saving, converting onto itself), and '.' (the current directory, which
+    cannot be swapped) is refused without leaving a temporary folder behind."""
+    from bltkit.convert.hf import export_hf
+    from bltkit.convert.meta import export_meta
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    afile = tmp_path / "afile"
+    afile.write_text("also precious")
+    for write in (lambda p: save_model(tiny_model, p), lambda p: export_hf(tiny_model, p),
+                  lambda p: export_meta(tiny_model, p, layout="hub")):
+        with pytest.raises(CheckpointError, match=r"notes\.txt"):
+            write(keep)
+        with pytest.raises(CheckpointError, match="is a file"):
+            write(afile)
+    assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+    assert afile.read_text() == "also precious"
+    model_dir = save_model(tiny_model, tmp_path / "m")
+    save_model(tiny_model, model_dir)  # its own files: replaced
+    export_meta(tiny_model, tmp_path / "meta", layout="hub")
+    export_meta(tiny_model, tmp_path / "meta", layout="consolidated")  # another layout's files: replaced
+    monkeypatch.chdir(tmp_path / "m")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for here in (".", "..", ""):
+        with pytest.raises(CheckpointError, match="current directory"):
+            save_model(tiny_model, here)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_save_model_failure_keeps_previous(tmp_path, tiny_model, monkeypatch):
     path = save_model(tiny_model, tmp_path / "m")
     before = (path / WEIGHTS).read_bytes()

@@ -378,3 +378,10 @@ def test_cli_data_stats_and_prepare(tmp_path, entropy_dir, capsys):
           str(tmp_path / "p"), "--device", "cpu", "--val-fraction", "0.1"])
     assert "wrote" in capsys.readouterr().out
     assert data.prepared_info(tmp_path / "p")["val"]["documents"] == 1
+    # again into the same folder: replaced; into the data's own folder: refused, nothing lost
+    argv = ["data", "prepare", "--entropy-model", str(entropy_dir), "--data", str(f), "--device", "cpu"]
+    main([*argv, "--out", str(tmp_path / "p")])
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path)])
+    assert "t.txt" in capsys.readouterr().err
+    assert f.is_file()

@@ -174,7 +174,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     """Write `model` (a BLT) in the layout `BltForCausalLM.from_pretrained` reads."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import atomic_dir
+    from ..checkpoint import atomic_dir, check_output_dir
 
     hf_cfg = to_hf_config(model.config)
     tensors = {}
@@ -184,6 +184,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
             v = v.to(dtype)
         tensors[native_key_to_hf(k)] = v.contiguous()
     out = Path(out_dir)
+    check_output_dir(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

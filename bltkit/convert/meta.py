@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_dir
+from ..checkpoint import CheckpointError, atomic_dir, check_output_dir
 from ..config import (
     BLTConfig,
     EntropyModelConfig,
@@ -472,6 +472,7 @@ def export_meta(model: BLT | EntropyModel, out_dir: str | os.PathLike, layout: s
     if layout not in ("consolidated", "hub"):
         raise ValueError(f"layout must be 'consolidated' or 'hub', got {layout!r}")
     out = Path(out_dir)
+    check_output_dir(out)
     if isinstance(model, EntropyModel):
         ent = entropy_args_from_config(model.config)
         with atomic_dir(out) as tmp:
