@@ -17,7 +17,7 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     """
     from .checkpoint import load_model
     from .config import PatcherConfig
-    from .model import BLT, EntropyModel, patching
+    from .model import EntropyModel, patching
 
     model = load_model(model_dir, dtype=torch.float32)  # entropies in fp32 (spec §3.3), as generation has them
     if isinstance(model, EntropyModel):
@@ -31,15 +31,8 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     entropies = entropy_model.entropies(tokens)[0] if entropy_model is not None else None
     if pc.mode == "entropy" and entropies is None:
         raise ValueError(f"{model_dir} has no entropy model; choose --mode space, static or byte")
-    if isinstance(model, BLT):
-        model.config = dataclasses.replace(model.config, patcher=pc)
-        starts = model.patch_starts(tokens, None if entropies is None else entropies[None])[0]
-    else:
-        starts = patching.entropy_starts(entropies[None], pc.threshold, pc.threshold_add, pc.monotonicity)
-        starts |= patching.document_starts(tokens)
-        if pc.max_patch_length:
-            starts = patching.limit_patch_length(starts, pc.max_patch_length)
-        starts = starts[0]
+    # every mode, also beside an entropy model alone (which took entropy patching whatever the mode)
+    starts = patching.starts_for(pc, tokens, None if entropies is None else entropies[None])[0]
     T = tokens.shape[1]
     ids = tokens[0].tolist()
     start_pos = [t for t in range(T) if bool(starts[t])]

@@ -65,6 +65,13 @@ def test_patch_json_matches_the_model(model_dir, capsys):
     out = capsys.readouterr().out
     assert "mode space" in out
     assert "▶" in out
+    # an entropy model's directory: every mode is applied (entropy patching was shown under any)
+    for where in (model_dir, model_dir / "entropy_model"):
+        main(["patch", "--model", str(where), text, "--mode", "space", "--json"])
+        r = json.loads(capsys.readouterr().out)
+        assert r["patches"][1:] == ["Patches ", "start ", "where ", "the ", "entropy ", "is ", "high."]
+        main(["patch", "--model", str(where), text, "--mode", "static", "--patch-size", "4", "--json"])
+        assert set(json.loads(capsys.readouterr().out)["patch_lengths"][1:-1]) == {4}
 
 
 def test_calibrate_hits_the_target(model_dir, tmp_path, capsys):

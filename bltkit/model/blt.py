@@ -121,25 +121,12 @@ class BLT(nn.Module):
     def patch_starts(self, tokens_BT: torch.Tensor, entropies_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean [B, T+1]: which positions start a patch under this model's patcher."""
         pc = self.config.patcher
-        B, T = tokens_BT.shape
-        if pc.mode == "entropy":
-            if entropies_BT is None:
-                if self.entropy_model is None:
-                    raise ValueError("entropy patching needs an entropy model; load one or pass patch_lengths")
-                entropies_BT = self.entropy_model.entropies(tokens_BT, impl=self.attn_impl,
-                                                            doc_masks=self.config.doc_masks)
-            starts = patching.entropy_starts(entropies_BT, pc.threshold, pc.threshold_add, pc.monotonicity)
-        elif pc.mode == "space":
-            starts = patching.space_starts(tokens_BT)
-        elif pc.mode == "static":
-            starts = patching.static_starts(B, T, int(pc.patch_size), tokens_BT.device)
-        else:
-            starts = patching.byte_starts(B, T, tokens_BT.device)
-        if pc.doc_boundaries:
-            starts = starts | patching.document_starts(tokens_BT)
-        if pc.max_patch_length is not None:
-            starts = patching.limit_patch_length(starts, pc.max_patch_length)
-        return starts
+        if pc.mode == "entropy" and entropies_BT is None:
+            if self.entropy_model is None:
+                raise ValueError("entropy patching needs an entropy model; load one or pass patch_lengths")
+            entropies_BT = self.entropy_model.entropies(tokens_BT, impl=self.attn_impl,
+                                                        doc_masks=self.config.doc_masks)
+        return patching.starts_for(pc, tokens_BT, entropies_BT)
 
     @torch.no_grad()
     def patch(self, tokens_BT: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,27 @@ def document_starts(tokens_BT: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def starts_for(pc, tokens_BT: torch.Tensor, entropies_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, T+1]: the patch starts of `tokens_BT` under a PatcherConfig `pc` (its mode,
+    document boundaries and max_patch_length); entropy mode needs `entropies_BT`."""
+    B, T = tokens_BT.shape
+    if pc.mode == "entropy":
+        if entropies_BT is None:
+            raise ValueError("entropy patching needs the entropies of an entropy model")
+        starts = entropy_starts(entropies_BT, pc.threshold, pc.threshold_add, pc.monotonicity)
+    elif pc.mode == "space":
+        starts = space_starts(tokens_BT)
+    elif pc.mode == "static":
+        starts = static_starts(B, T, int(pc.patch_size), tokens_BT.device)
+    else:
+        starts = byte_starts(B, T, tokens_BT.device)
+    if pc.doc_boundaries:
+        starts = starts | document_starts(tokens_BT)
+    if pc.max_patch_length is not None:
+        starts = limit_patch_length(starts, pc.max_patch_length)
+    return starts
+
+
 def limit_patch_length(starts_BL: torch.Tensor, max_len: int) -> torch.Tensor:
     """A patch that reaches `max_len` positions closes (spec §4.7, Meta's rule on L = T+1)."""
     L = starts_BL.shape[1]
