@@ -140,16 +140,25 @@ def read_config(path: str | os.PathLike) -> BLTConfig | EntropyModelConfig:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_file} holds a JSON {type(d).__name__}, not a config object")
     if d.get("format") != FORMAT:
         hint = " (a transformers or Meta checkpoint? use `blt convert SRC DST --from hf|meta`)" \
             if "model_type" in d or "args" in d else ""
         raise CheckpointError(f"{cfg_file} is not a bltkit config (format={d.get('format')!r}){hint}")
     version = d.get("config_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{cfg_file}: config_version must be a whole number, got {version!r}")
     if version > CONFIG_VERSION:
         raise CheckpointError(f"{cfg_file} has config_version {version}, newer than this bltkit "
                               f"({CONFIG_VERSION}); upgrade bltkit")
-    d = migrate_config(d)
+    try:
+        d = migrate_config(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
     kind = d.pop("kind", "blt")
+    if kind not in ("blt", "entropy_model"):
+        raise CheckpointError(f"{cfg_file}: unknown kind {kind!r} (a bltkit config is of kind 'blt' or 'entropy_model')")
     cls = BLTConfig if kind == "blt" else EntropyModelConfig
     try:
         return from_dict(cls, d)

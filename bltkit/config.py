@@ -237,14 +237,81 @@ def from_dict(cls: type, d: dict[str, Any], strict: bool = True, path: str = "")
     for k, v in d.items():
         if k not in names:
             continue
+        key = f"{path + '.' if path else ''}{k}"
         sub = _dataclass_in(hints[k])
         if sub is not None and isinstance(v, dict):
-            v = from_dict(sub, v, strict=strict, path=f"{path + '.' if path else ''}{k}")
+            v = from_dict(sub, v, strict=strict, path=key)
+        elif not dataclasses.is_dataclass(v):  # (a dataclass: built by the caller)
+            v = _typed(v, hints[k], key)
         kwargs[k] = v
+    missing = [f"{path + '.' if path else ''}{f.name}" for f in dataclasses.fields(cls)
+               if f.init and f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"config key(s) missing for {cls.__name__}: {', '.join(missing)}")
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"bad config for {cls.__name__}{' at ' + path if path else ''}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a JSON object"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list (each {_type_name(args[0]) if args else 'a value'})"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _typed(v: Any, tp: Any, key: str) -> Any:
+    """`v` (read from JSON) as a value of type `tp`, or a ValueError naming `key` and the type: a
+    string "false" for a bool read as true, 1.5 layers, a null where a section belongs were
+    otherwise taken or failed deep inside. Whole floats (2.0) become ints, ints floats."""
+    def bad() -> ValueError:
+        return ValueError(f"config key {key} must be {_type_name(tp)}, got {v!r}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _typed(v, arg, key)
+            except ValueError:
+                continue
+        raise bad()
+    if origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise bad()
+        inner = args[0] if args else Any
+        return [_typed(x, inner, f"{key}[{i}]") for i, x in enumerate(v)]
+    if dataclasses.is_dataclass(tp):
+        raise bad()  # (a dict was built above)
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise bad()
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            raise bad()
+        return int(v)
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise bad()
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise bad()
+        return v
+    return v
 
 
 def _coerce(text: str, tp: Any, key: str) -> Any:

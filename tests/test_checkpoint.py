@@ -266,6 +266,30 @@ def test_newer_config_version(saved):
         load_model(path)
 
 
+def test_malformed_config_json_says_what(saved):
+    """A config that is a list, a config_version that is a string, an unknown kind and a value of
+    the wrong type: each a CheckpointError naming the file (they were an AttributeError, a
+    TypeError, a read as an entropy model with twelve unknown keys, and a bool taken from "false")."""
+    path, _ = saved
+    (path / CONFIG).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON list"):
+        load_model(path)
+    for change, match in (({"config_version": "1"}, "config_version must be a whole number"),
+                          ({"config_version": 0}, "unknown config_version 0"),
+                          ({"kind": "weird"}, "unknown kind 'weird'"),
+                          ({"doc_masks": "false"}, "doc_masks must be true or false")):
+        (path / CONFIG).write_text(json.dumps({**_config_payload_of(saved), **change}))
+        with pytest.raises(CheckpointError, match=match) as e:
+            load_model(path)
+        assert str(path / CONFIG) in str(e.value)
+
+
+def _config_payload_of(saved) -> dict:
+    from bltkit.checkpoint import _config_payload
+
+    return _config_payload(saved[1].config)
+
+
 def test_missing_weights(saved):
     path, _ = saved
     (path / WEIGHTS).unlink()

@@ -287,10 +287,47 @@ def test_invalid_entropy_vocab():
 def test_from_dict_bad_type_is_value_error():
     d = tiny().to_dict()
     del d["encoder"]["dim"]
-    with pytest.raises(ValueError, match="LocalEncoderConfig"):
+    with pytest.raises(ValueError, match=r"missing for LocalEncoderConfig: encoder\.dim"):
         BLTConfig.from_dict(d)
     with pytest.raises(ValueError, match="JSON object"):
         BLTConfig.from_dict([1, 2])
+
+
+@pytest.mark.parametrize(("path", "value", "match"), [
+    ("doc_masks", "false", "doc_masks must be true or false"),  # a string "false" was read as true
+    ("patcher.monotonicity", 0, "patcher.monotonicity must be true or false"),
+    ("encoder.n_layers", 1.5, "encoder.n_layers must be a whole number"),
+    ("encoder.dim", "32", "encoder.dim must be a whole number"),
+    ("hash_vocab", None, "hash_vocab must be a whole number"),
+    ("hash_sizes", "345", r"hash_sizes must be a list \(each a whole number\)"),
+    ("hash_sizes", [3, "4"], r"hash_sizes\[1\] must be a whole number"),
+    ("patcher", None, "patcher must be a JSON object"),
+    ("patcher", 3, "patcher must be a JSON object"),
+    ("patcher.threshold", float("nan"), "patcher.threshold must be a number"),
+    ("patcher.mode", 1, "patcher.mode must be a string"),
+])
+def test_from_dict_checks_each_value_against_its_field(path, value, match):
+    """A config read from JSON is checked field by field against the dataclasses' types, naming
+    the key: before, a string "false" for a bool counted as true, and 1.5 layers, a null section
+    or a string size failed later with a TypeError or AttributeError that named nothing."""
+    d = tiny().to_dict()
+    *parents, last = path.split(".")
+    inner = d
+    for k in parents:
+        inner = inner[k]
+    inner[last] = value
+    with pytest.raises(ValueError, match=match):
+        BLTConfig.from_dict(d)
+
+
+def test_from_dict_takes_whole_floats_as_ints():
+    d = tiny().to_dict()
+    d["encoder"]["n_layers"] = 2.0
+    d["patcher"]["threshold"] = 1  # an int where a float belongs
+    cfg = BLTConfig.from_dict(d)
+    assert cfg.encoder.n_layers == 2
+    assert isinstance(cfg.encoder.n_layers, int)
+    assert isinstance(cfg.patcher.threshold, float)
 
 
 def test_overrides_rederive_derived_fields():
