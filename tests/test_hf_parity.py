@@ -186,6 +186,32 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, tiny_model):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_export_refuses_patching_transformers_cannot_run(tmp_path, tiny_model):
+    """transformers' patcher has one global entropy threshold (or a patch a byte): a model that
+    patches by spaces, statically, monotonically or with threshold_add was exported as entropy
+    patching, which transformers then ran with other patches (logits off by ~2); now refused,
+    as is an entropy model alone (an AttributeError before). A byte-patching model exports."""
+    import dataclasses
+
+    from bltkit.convert.hf import export_hf
+
+    base = tiny_model.config
+    try:
+        for change, match in (({"mode": "space"}, "patches by 'space'"),
+                              ({"mode": "static", "patch_size": 4}, "'static'"),
+                              ({"monotonicity": True}, "monotonically"), ({"threshold_add": 0.1}, "threshold_add")):
+            tiny_model.config = dataclasses.replace(base, patcher=dataclasses.replace(base.patcher, **change))
+            with pytest.raises(ValueError, match=match):
+                export_hf(tiny_model, tmp_path / "hf")
+        tiny_model.config = dataclasses.replace(base, patcher=dataclasses.replace(base.patcher, mode="byte"))
+        export_hf(tiny_model, tmp_path / "hf")
+    finally:
+        tiny_model.config = base
+    with pytest.raises(ValueError, match="no class for EntropyModel alone"):
+        export_hf(tiny_model.entropy_model, tmp_path / "ent")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_transformers_loads_our_export(tmp_path, tiny_model, hf_oracle):
     from transformers import BltForCausalLM
 

@@ -69,6 +69,16 @@ def _check_exportable(cfg: BLTConfig) -> None:
                              f"cross_attn_n_heads={part.cross_attn_n_heads} vs n_heads={part.n_heads}")
     if cfg.encoder.window != cfg.decoder.window:
         raise ValueError("transformers has one local window for encoder and decoder")
+    # transformers' patcher: one global entropy threshold (with max_patch_length), or a patch a
+    # byte; anything else would load there and run with other patches than ours
+    pc = cfg.patcher
+    if pc.mode not in ("entropy", "byte"):
+        raise ValueError(f"transformers patches by entropy or one byte a patch; this model patches by {pc.mode!r}, "
+                         "which it would silently replace: export with --to meta, or keep --to native")
+    if pc.mode == "entropy" and (pc.monotonicity or pc.threshold_add is not None):
+        raise ValueError("transformers' entropy patching has one global threshold; this model patches "
+                         f"{'monotonically' if pc.monotonicity else 'with threshold_add'}, which it would silently "
+                         "replace: export with --to meta, or keep --to native")
 
 
 def to_hf_config(cfg: BLTConfig) -> dict:
@@ -175,7 +185,11 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     from safetensors.torch import save_file
 
     from ..checkpoint import atomic_dir, check_output_dir
+    from ..model import BLT
 
+    if not isinstance(model, BLT):
+        raise ValueError(f"transformers has a BLT class but no class for {type(model).__name__} alone; export "
+                         "the BLT that holds it, or this model with --to meta (Meta's entropy-model layout)")
     hf_cfg = to_hf_config(model.config)
     tensors = {}
     for k, v in model.state_dict().items():
