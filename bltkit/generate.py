@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import native as native_steps
 from .bytes import BOS_ID, EOS_ID, OFFSET, Utf8Stream, encode, to_bytes
-from .model import hashing
+from .model import BLT, hashing
 from .model.layers import rope_cos_sin
 from .model.patching import _space_like, starts_to_lengths
 from .sampling import check_sampling, row_key, sample
@@ -694,6 +694,9 @@ class Generator:
     def __init__(self, model, cuda_graphs: bool | None = None, compile: bool = False, prefill: bool = True,
                  fuse: bool = True, kernels: bool | None = None, speculate: bool | None = None,
                  overlap: bool = True, byte_graph: bool | None = None, native: bool | None = None):
+        if not isinstance(model, BLT):
+            raise ValueError(f"Generator needs a BLT, got {type(model).__name__}: an entropy model's directory holds "
+                             "the patcher alone; pass the BLT's directory (the one that holds it)")
         self.model = model.eval()
         self.prefill = prefill  # read prompts with one full forward (else byte by byte through `step`)
         self.use_cuda_graphs = model.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -1827,6 +1830,8 @@ def reference_generate(model, prompts, max_new_bytes: int, temperature: float = 
     Same sampling noise as `Generator` (keyed by seed, prompt and position), one row at a time.
     """
     check_sampling(temperature, top_k, top_p)
+    if not isinstance(model, BLT):
+        raise ValueError(f"reference_generate needs a BLT, got {type(model).__name__}")
     outs = []
     for ids in _encode_prompts(prompts):
         key = torch.tensor([row_key(seed or 0, to_bytes(ids))], device=model.device)

@@ -293,6 +293,9 @@ def test_empty_prompt_and_limits():
     gen = Generator(model)
     assert gen.generate_ids([""], 5, stop_at_eos=False) == reference_generate(model, [[]], 5, stop_at_eos=False)
     assert gen.generate([], 5) == []  # an empty batch (it raised max()'s ValueError)
+    for call in (lambda: Generator(model.entropy_model), lambda: reference_generate(model.entropy_model, ["x"], 2)):
+        with pytest.raises(ValueError, match="needs a BLT, got EntropyModel"):  # (an AttributeError before)
+            call()
     with pytest.raises(TypeError, match="a prompt is str, bytes or a list of ids"):
         gen.generate([5], 3)
     with pytest.raises(TypeError, match="prompts is a list of prompts"):
