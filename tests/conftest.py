@@ -104,3 +104,23 @@ def hf_pair(hf_oracle, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A factory: repo id -> the folder of its one snapshot in an offline huggingface_hub cache
+    (under tmp_path), to fill; `bltkit.hub.resolve` then finds it there, as users' caches."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (no network here: the cache must answer)
+
+    def snapshot(repo: str):
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        return folder / "snapshots" / commit
+
+    return snapshot

@@ -156,10 +156,25 @@ def test_entropy_dir_argument(tmp_path, model):
     src = write_consolidated(tmp_path, model)
     moved = tmp_path / "elsewhere"
     (tmp_path / "entropy_model").rename(moved)
-    with pytest.raises(CheckpointError, match=r"entropy model.*pass entropy_dir"):
+    with pytest.raises(CheckpointError, match=r"entropy model.*--entropy-model DIR.*entropy_dir="):
         import_meta(src)
     assert_same_model(import_meta(src, entropy_dir=moved), model)
     assert_same_model(import_meta_entropy(moved), model.entropy_model)
+
+
+def test_import_by_hub_repository_id(model, hub_cache):
+    """A source that is no local path and reads as a hub id is taken from huggingface_hub's cache
+    (offline here): facebook/blt-1b's layout by its id, facebook/blt's by id and folder (the
+    entropy model beside it); a repository neither local nor cached says so and what to do."""
+    write_hub(hub_cache("fakeorg/blt-tiny"), model)
+    assert_same_model(import_meta("fakeorg/blt-tiny"), model)
+    write_consolidated(hub_cache("fakeorg/blt"), model)
+    assert_same_model(import_meta("fakeorg/blt/blt_tiny"), model)
+    assert_same_model(import_meta_entropy("fakeorg/blt/entropy_model"), model.entropy_model)
+    with pytest.raises(ValueError, match=r"neither a local path nor a hub repository.*huggingface-cli download"):
+        import_meta("fakeorg/absent")
+    with pytest.raises(ValueError, match="has no folder blt_huge"):
+        import_meta("fakeorg/blt/blt_huge")
 
 
 @pytest.mark.parametrize("layout", ["consolidated", "hub"])

@@ -212,6 +212,19 @@ def test_export_refuses_patching_transformers_cannot_run(tmp_path, tiny_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_import_by_hub_repository_id(tiny_model, hub_cache):
+    """import_hf takes a hub id that is no local path from huggingface_hub's cache (offline)."""
+    from bltkit.convert.hf import export_hf, import_hf
+
+    snapshot = hub_cache("fakeorg/blt-hf")
+    snapshot.rmdir()  # (export_hf writes the folder itself)
+    export_hf(tiny_model, snapshot)
+    back = import_hf("fakeorg/blt-hf")
+    assert back.config == tiny_model.config
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values(),
+                                                 strict=True))
+
+
 def test_transformers_loads_our_export(tmp_path, tiny_model, hf_oracle):
     from transformers import BltForCausalLM
 

@@ -208,9 +208,10 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
 def import_hf(src: str | os.PathLike, device=None):
     """Load a transformers BLT directory (config.json + model.safetensors[.index.json]) as a BLT."""
     from ..checkpoint import CheckpointError, check_state
+    from ..hub import resolve
     from ..model import BLT
 
-    src = Path(src)
+    src = resolve(src)  # a hub repository id where it is not a local path
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{src} has no config.json")

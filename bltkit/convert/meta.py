@@ -27,6 +27,7 @@ from ..config import (
     ffn_width,
     to_dict,
 )
+from ..hub import resolve
 from ..model import BLT, EntropyModel
 
 HASH_KEY = "encoder_hash_tok_embedding.weight"
@@ -107,7 +108,7 @@ def _resolve(args: dict, defaults: dict, ignored: frozenset, what: str, allow_un
     unknown = sorted(set(args) - set(defaults) - set(checked) - ignored)
     if unknown and not allow_unknown:
         raise ValueError(f"unknown {what} field(s): {', '.join(unknown)}; bltkit does not know whether they "
-                         "change the model (pass allow_unknown=True to skip them)")
+                         "change the model (to skip them: `blt convert ... --allow-unknown`, or allow_unknown=True)")
     return {**defaults, **{k: v for k, v in args.items() if k in defaults}}
 
 
@@ -250,8 +251,13 @@ def _read_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
 
         cfg = _json(path / "config.json")
         if not isinstance(cfg.get("args"), dict):
-            raise CheckpointError(f"{path / 'config.json'} has no 'args' object: not a Meta hub checkpoint "
-                                  "(a transformers folder? use --from hf)")
+            if cfg.get("model_type") == "blt":
+                fmt = "a transformers BLT: use --from hf"
+            elif cfg.get("format") == "bltkit":
+                fmt = "a bltkit model: use --from native"
+            else:
+                fmt = "nor a transformers or bltkit config"
+            raise CheckpointError(f"{path / 'config.json'} has no 'args' object: not a Meta hub checkpoint ({fmt})")
         state = _drop_rope(read_safetensors_dir(path))
         if _is_blt(state):
             train = path / "train_args.json"
@@ -320,12 +326,14 @@ def import_meta(src: str | os.PathLike, device: str | torch.device | None = None
 
     The entropy model is looked up in `entropy_dir`, else `SRC/entropy_model`, else a sibling
     `entropy_model/` (Meta's facebook/blt repo). Every key and shape is checked before loading.
+    `src` and `entropy_dir` may be hub repository ids (`bltkit.hub`): facebook/blt-1b, say, or
+    facebook/blt/blt_1b.
     """
-    src = Path(src)
+    src = resolve(src)
     params, state, weights = _read_dir(src)
     if not _is_blt(state):
         return _load_entropy(weights, params, state, allow_unknown).to(device or "cpu").eval()
-    ent_path = _find_entropy_dir(src, entropy_dir)
+    ent_path = _find_entropy_dir(src, resolve(entropy_dir) if entropy_dir is not None else None)
     ent_params, ent_state, ent_weights = _read_dir(ent_path) if ent_path is not None else (None, None, None)
     patcher_args = ((params.get("data") or {}).get("patcher_args")
                     or ((ent_params or {}).get("data") or {}).get("patcher_args"))
@@ -336,7 +344,7 @@ def import_meta(src: str | os.PathLike, device: str | torch.device | None = None
     try:
         cfg = config_from_meta_args(params["model"], patcher_args, ent_args, allow_unknown)
     except ValueError as e:
-        hint = f"; no entropy model found next to {src} (pass entropy_dir=)" if ent_path is None else ""
+        hint = f"; no entropy model found next to {src} (`blt convert ... --entropy-model DIR`, or entropy_dir=)" if ent_path is None else ""
         raise CheckpointError(f"{src}: {e}{hint}") from None
     with torch.device("meta"):
         model = BLT(cfg)
@@ -356,7 +364,7 @@ def import_meta(src: str | os.PathLike, device: str | torch.device | None = None
 def import_meta_entropy(src: str | os.PathLike, device: str | torch.device | None = None,
                         allow_unknown: bool = False) -> EntropyModel:
     """An entropy model from its own Meta folder, or from a BLT folder's entropy model."""
-    src = Path(src)
+    src = resolve(src)
     params, state, weights = _read_dir(src)
     if _is_blt(state):
         ent_path = _find_entropy_dir(src, None)
