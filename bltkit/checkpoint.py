@@ -174,6 +174,26 @@ def migrate_config(d: dict) -> dict:
     return d
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError saying why it cannot be used here. Checked before
+    any weights are read: safetensors reports a bad device like a damaged file."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (use cpu)")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception:  # backends fail in their own ways (RuntimeError, NotImplementedError ...)
+            raise ValueError(f"device {device!r} is not available here") from None
+    return dev
+
+
 def load_state(path: Path, device) -> dict[str, torch.Tensor]:
     f = path / WEIGHTS
     if not f.is_file():
@@ -184,13 +204,30 @@ def load_state(path: Path, device) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{f} is unreadable or truncated ({e}); re-save or re-convert the model") from None
 
 
+def one_float_dtype(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every floating tensor in one dtype: where they are mixed (one fp16 tensor among
+    fp32 ones loads, then fails in the first matrix product), the widest of them, which holds every
+    value exactly (fp16 and bf16 both go to fp32)."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) <= 1:
+        return state
+    wide = max(dtypes, key=lambda d: (torch.finfo(d).bits, torch.finfo(d).max))
+    if torch.finfo(wide).bits == 16:  # bf16 with fp16: neither holds the other
+        wide = torch.float32
+    return {k: v.to(wide) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path, skip_prefix: str = "") -> None:
-    """Raise CheckpointError naming every missing, unexpected or misshapen tensor."""
-    expected = {k: v.shape for k, v in module.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
+    """Raise CheckpointError naming every missing, unexpected, misshapen or wrongly typed tensor
+    (every weight must be floating point: an integer one cannot be a parameter)."""
+    expected = {k: v for k, v in module.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k])}"
-              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
+    common = sorted(set(state) & set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+              for k in common if tuple(state[k].shape) != tuple(expected[k].shape)]
+    not_float = [f"{k} ({state[k].dtype})" for k in common
+                 if expected[k].is_floating_point() and not state[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
@@ -198,6 +235,8 @@ def check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}")
     if shapes:
         problems.append("shape mismatch: " + "; ".join(shapes[:8]))
+    if not_float:
+        problems.append(f"{len(not_float)} tensor(s) not floating point: {', '.join(not_float[:8])}")
     if problems:
         raise CheckpointError(f"{where / WEIGHTS} does not match {where / CONFIG}: " + " | ".join(problems))
 
@@ -244,11 +283,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         device: where to put the weights (default CPU).
         dtype: cast floating weights to this dtype (default: as stored).
     """
+    if device is not None:
+        check_device(device)
     path = Path(path)
     cfg = read_config(path)
     verify_sums(path)
     model = _build(cfg)
-    state = load_state(path, device)
+    state = one_float_dtype(load_state(path, device))
     if isinstance(cfg, BLTConfig):
         check_state(model, state, path, skip_prefix="entropy_model.")
         if cfg.entropy_model is not None:
@@ -257,7 +298,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
             if ent_cfg != cfg.entropy_model:
                 raise CheckpointError(f"{ent_path / CONFIG} does not match the entropy_model section of "
                                       f"{path / CONFIG}")
-            ent_state = load_state(ent_path, device)
+            ent_state = one_float_dtype(load_state(ent_path, device))
             check_state(model.entropy_model, ent_state, ent_path)
             state.update({f"entropy_model.{k}": v for k, v in ent_state.items()})
     else:

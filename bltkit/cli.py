@@ -81,8 +81,11 @@ def cmd_init(args) -> None:
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model directory (or a preset name)")
-    p.add_argument("--mean-patch-len", type=float, default=4.5, help="mean patch length for FLOPs (default 4.5)")
-    p.add_argument("--seq-len", type=int, default=None, help="bytes per row for attention FLOPs (default max_bytes)")
+    p.add_argument("--mean-patch-len", type=float, default=4.5,
+                   help="mean patch length in bytes (> 0) for FLOPs (default 4.5)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="bytes per row (>= 1) for attention FLOPs (default max_bytes, or an entropy "
+                        "model's max_seqlen)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -99,12 +102,18 @@ def cmd_info(args) -> None:
     from . import flops
     from .checkpoint import read_config
     from .config import BLTConfig
-    from .presets import PRESETS, get_preset
+    from .presets import get_preset
 
-    cfg = read_config(args.model) if Path(args.model).exists() or args.model not in PRESETS else get_preset(args.model)
+    if Path(args.model).exists():
+        cfg = read_config(args.model)
+    else:
+        try:
+            cfg = get_preset(args.model)  # which also takes blt_1b for blt-1b, as `blt init` does
+        except ValueError as e:
+            raise ValueError(f"{args.model} is neither a model directory nor a preset: {e}") from None
     if not isinstance(cfg, BLTConfig):
         n = flops.entropy_params(cfg)
-        f = flops.entropy_flops_per_byte(cfg, args.seq_len or cfg.max_seqlen)
+        f = flops.entropy_flops_per_byte(cfg, cfg.max_seqlen if args.seq_len is None else args.seq_len)
         info = {"kind": "entropy_model", "params": n, "flops_per_byte_inference": f, "flops_per_byte_train": 3 * f,
                 "config": cfg.__dict__}
         if args.json:
@@ -114,12 +123,13 @@ def cmd_info(args) -> None:
             print(f"parameters: {_fmt_count(n)}; FLOPs/byte: inference {_fmt_count(f)}, training {_fmt_count(3 * f)}")
         return
     pc = flops.count_params(cfg)
-    fw = flops.flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
-    train = flops.train_flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
-    infer = flops.inference_flops_per_byte(cfg, args.mean_patch_len, args.seq_len)
+    seq_len = cfg.max_bytes if args.seq_len is None else args.seq_len
+    fw = flops.flops_per_byte(cfg, args.mean_patch_len, seq_len)
+    train = flops.train_flops_per_byte(cfg, args.mean_patch_len, seq_len)
+    infer = flops.inference_flops_per_byte(cfg, args.mean_patch_len, seq_len)
     info = {"params": pc.__dict__ | {"total": pc.total, "non_embedding": pc.non_embedding},
             "flops_per_byte": fw, "flops_per_byte_train": train, "flops_per_byte_inference": infer,
-            "mean_patch_len": args.mean_patch_len, "seq_len": args.seq_len or cfg.max_bytes}
+            "mean_patch_len": args.mean_patch_len, "seq_len": seq_len}
     if args.json:
         print(json.dumps(info | {"config": cfg.to_dict()}, indent=2))
         return
@@ -271,8 +281,10 @@ def cmd_generate(args) -> None:
 def add_calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="text to calibrate on (files, folders, .jsonl ...)")
     p.add_argument("--model", required=True, help="BLT or entropy-model directory")
-    p.add_argument("--target", type=float, default=4.5, help="wanted mean patch length in bytes (default 4.5)")
-    p.add_argument("--max-bytes", type=int, default=2_000_000, help="read at most this many bytes")
+    p.add_argument("--target", type=float, default=4.5,
+                   help="wanted mean patch length in bytes, >= 1 (default 4.5)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000,
+                   help="read at most this many bytes, >= 1 (default 2,000,000)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -294,15 +306,22 @@ def cmd_calibrate(args) -> None:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source directory")
+    p.add_argument("src", help="source directory (with --from hf|meta also a Hugging Face hub id, org/name or "
+                               "org/name/folder, fetched into huggingface_hub's cache: docs/checkpoint_format.md)")
     p.add_argument("dst", help="destination directory")
     p.add_argument("--from", dest="src_format", choices=["native", "hf", "meta"], default="native",
                    help="layout of SRC: native (bltkit), hf (transformers BltForCausalLM), meta (Meta's blt)")
     p.add_argument("--to", dest="dst_format", choices=["native", "hf", "meta"], default="native",
                    help="layout to write")
-    p.add_argument("--entropy-model", default=None, help="Meta layout: entropy model folder if not in SRC")
-    p.add_argument("--meta-layout", choices=["consolidated", "hub"], default="hub",
-                   help="with --to meta: params.json + consolidated.pth, or config.json + model.safetensors")
+    p.add_argument("--entropy-model", default=None,
+                   help="with --from meta: the entropy model's folder (or hub id) where it is neither in SRC nor "
+                        "beside it")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="with --from meta: skip args fields bltkit does not know (it cannot tell whether they "
+                        "change the model; by default they are an error naming them)")
+    p.add_argument("--meta-layout", choices=["consolidated", "hub"], default=None,
+                   help="with --to meta: params.json + consolidated.pth, or config.json + model.safetensors "
+                        "(default hub)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating weights")
 
 
@@ -310,6 +329,13 @@ def cmd_convert(args) -> None:
     from .checkpoint import check_output_dir, load_model, save_model
 
     check_output_dir(args.dst)  # before reading a large checkpoint, not after
+    unused = [flag for flag, given, applies in (
+        ("--entropy-model", args.entropy_model is not None, args.src_format == "meta"),
+        ("--allow-unknown", args.allow_unknown, args.src_format == "meta"),
+        ("--meta-layout", args.meta_layout is not None, args.dst_format == "meta")) if given and not applies]
+    if unused:  # (they were silently ignored)
+        raise ValueError(f"{', '.join(unused)} applies only with --from meta (--meta-layout: --to meta); "
+                         f"this is --from {args.src_format} --to {args.dst_format}")
     if args.src_format == "hf":
         from .convert.hf import import_hf
 
@@ -317,7 +343,7 @@ def cmd_convert(args) -> None:
     elif args.src_format == "meta":
         from .convert.meta import import_meta
 
-        model = import_meta(args.src, entropy_dir=args.entropy_model)
+        model = import_meta(args.src, entropy_dir=args.entropy_model, allow_unknown=args.allow_unknown)
     else:
         model = load_model(args.src)
     dtype = _dtype(args.dtype)
@@ -330,7 +356,7 @@ def cmd_convert(args) -> None:
 
         if dtype is not None:
             model = model.to(dtype)
-        export_meta(model, args.dst, layout=args.meta_layout)
+        export_meta(model, args.dst, layout=args.meta_layout or "hub")
     else:
         save_model(model, args.dst, dtype=dtype)
     print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format})")

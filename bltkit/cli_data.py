@@ -20,8 +20,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="text files, folders, .jsonl, .parquet or save_to_disk folders")
     b.add_argument("--model", default=None, help="BLT or entropy-model directory (default: the bundled model)")
     b.add_argument("--seq-len", type=int, default=None,
-                   help="bytes per window (default: min(max_bytes, 4096) for a BLT, max_seqlen for an entropy model)")
-    b.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+                   help="bytes per window, >= 1 (default: min(max_bytes, 4096) for a BLT, max_seqlen for an "
+                        "entropy model)")
+    b.add_argument("--batch-size", type=int, default=8, help="windows per forward, >= 1 (default 8)")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     b.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
     b.add_argument("--max-bytes", type=int, default=None, metavar="N",
@@ -71,12 +72,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, folders or datasets")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--seq-len", type=int, default=2048, help="training bytes per row, recorded (default 2048)")
-    pr.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation")
-    pr.add_argument("--val-max-bytes", type=int, default=2_000_000, help="cap on validation bytes")
+    pr.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation, in [0, 1); 0: none (default 0.01)")
+    pr.add_argument("--val-max-bytes", type=int, default=2_000_000, help="cap on validation bytes, >= 1 (default 2,000,000)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     pr.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
     pr.add_argument("--device", default=None, help="where the entropy model runs (default: cuda if available)")
-    pr.add_argument("--batch-size", type=int, default=8, help="rows of max_seqlen bytes per forward")
+    pr.add_argument("--batch-size", type=int, default=8, help="rows of max_seqlen bytes per forward, >= 1 (default 8)")
     st = sub.add_parser("stats", help="documents, bytes, non-ASCII share (and xz baseline) of sources")
     st.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or datasets")
     st.add_argument("--xz", action="store_true", help="also xz -9e bits per byte (slow: about 1 MB/s)")

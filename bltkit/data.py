@@ -47,6 +47,9 @@ class DataConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("seq_len and batch_size must be >= 1")
+        if self.val_max_bytes is not None and self.val_max_bytes < 1:
+            raise ValueError(f"val_max_bytes must be >= 1 (None: no cap), got {self.val_max_bytes}; "
+                             "for no validation split set val_fraction=0")
 
 
 # -- token streams --------------------------------------------------------------------------------
@@ -254,6 +257,9 @@ class BatchLoader:
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True):
         if len(stream) == 0:
             raise ValueError("cannot batch an empty token stream (no documents in this split?)")
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
@@ -340,6 +346,8 @@ def stream_entropies(model, stream: TokenStream, batch_size: int = 8, progress=N
     forward, each batch right-padded with 0 to a power of two (padding never reaches earlier
     positions: the model is causal).
     """
+    if stream.n_docs == 0:  # an empty split (val_fraction=0)
+        return np.zeros(0, np.float16)
     M = model.config.max_seqlen
     device = next(model.parameters()).device
     # compiled flex kernels need head_dim >= 16 (tiny test presets have 8)
@@ -389,6 +397,8 @@ def prepare(cfg: DataConfig, entropy_model_dir: str | os.PathLike, out_dir: str 
 
     from .checkpoint import atomic_dir, check_output_dir, load_entropy_model
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_output_dir(out_dir, {"train", "val", PREPARED}, "prepared data")  # before the work, not after
     model = load_entropy_model(entropy_model_dir, device=device, dtype=torch.float32)
     train, val = build_streams(cfg)

@@ -8,6 +8,7 @@ forward of the trained parts (forward + backward) plus the frozen entropy model'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import BLTConfig, EntropyModelConfig, _StackConfig
@@ -75,13 +76,22 @@ def _stack_flops_per_pos(c: _StackConfig, mean_keys: float) -> float:
     return c.n_layers * per_layer
 
 
+def _check_seq_len(seq_len: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1 byte, got {seq_len}")
+
+
 def entropy_flops_per_byte(e: EntropyModelConfig, seq_len: int) -> float:
+    _check_seq_len(seq_len)
     return _stack_flops_per_pos(e, _mean_keys(seq_len, e.window)) + 2 * e.vocab_size * e.dim
 
 
 def flops_per_byte(cfg: BLTConfig, mean_patch_len: float, seq_len: int | None = None) -> dict[str, float]:
     """Forward FLOPs per byte, by part, for rows of `seq_len` bytes (default: cfg.max_bytes)."""
-    T = seq_len or cfg.max_bytes
+    T = cfg.max_bytes if seq_len is None else seq_len
+    _check_seq_len(T)
+    if not 0 < mean_patch_len < math.inf:
+        raise ValueError(f"mean_patch_len must be a positive number of bytes, got {mean_patch_len}")
     P = max(1.0, T / mean_patch_len)
     enc, dec, g, K = cfg.encoder, cfg.decoder, cfg.global_transformer, cfg.cross_attn_k
     n_enc_cross = enc.n_layers if enc.cross_attn_all_layers else 1

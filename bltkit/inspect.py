@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -19,6 +20,8 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     from .config import PatcherConfig
     from .model import EntropyModel, patching
 
+    if threshold is not None and math.isnan(threshold):  # every comparison with NaN is false: no patches
+        raise ValueError("threshold is NaN; give a number of nats")
     model = load_model(model_dir, dtype=torch.float32)  # entropies in fp32 (spec §3.3), as generation has them
     if isinstance(model, EntropyModel):
         entropy_model, pc = model, PatcherConfig()
@@ -96,6 +99,12 @@ def calibrate_threshold(model_dir: str, paths: list[str], target_mean_patch: flo
     from .data import iter_documents
     from .model import EntropyModel
 
+    if not 1 <= target_mean_patch < math.inf:  # a patch holds at least one byte
+        raise ValueError(f"target mean patch length must be a finite number of bytes >= 1, "
+                         f"got {target_mean_patch}")
+    for name, value in (("max_bytes", max_bytes), ("seq_len", seq_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     model = load_model(model_dir, device=device, dtype=torch.float32)  # entropies in fp32 (spec §3.3)
     em = model if isinstance(model, EntropyModel) else model.entropy_model
     if em is None:
@@ -116,7 +125,7 @@ def calibrate_threshold(model_dir: str, paths: list[str], target_mean_patch: flo
     if not values:
         raise ValueError("no text to calibrate on")
     H = torch.cat(values)
-    q = min(max(1.0 - 1.0 / target_mean_patch, 0.0), 1.0)
+    q = 1.0 - 1.0 / target_mean_patch
     theta = float(torch.quantile(H[: 16_000_000], q))
     return {"threshold": theta, "target_mean_patch": target_mean_patch, "bytes": int(H.numel()),
             "mean_patch": float(H.numel() / max(1, int((H > theta).sum()))), "mean_entropy": float(H.mean())}

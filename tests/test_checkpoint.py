@@ -392,3 +392,31 @@ def test_entropy_weights_wrong_shape(saved):
     save_file(state, str(f))
     with pytest.raises(CheckpointError, match=r"entropy_model.*output\.weight"):
         load_model(path)
+
+
+def test_wrong_dtypes_are_named_or_made_one(saved):
+    """An integer weight (which cannot be a parameter: a raw traceback in blt convert before) is
+    refused at load time, by name; one bf16 weight among fp32 ones (which loaded, then failed in
+    the first matrix product) is widened back to fp32, exactly: the model loads and runs."""
+    path, model = saved
+    key = "local_decoder.norm.weight"
+    _rewrite_weights(path, lambda s: s.update({key: s[key].long()}))
+    with pytest.raises(CheckpointError, match=rf"1 tensor\(s\) not floating point: {key} \(torch\.int64\)"):
+        load_model(path)
+    _rewrite_weights(path, lambda s: s.update({key: s[key].bfloat16()}))
+    loaded = load_model(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key].bfloat16().float())
+    loaded(X)
+
+
+def test_bad_device_is_not_blamed_on_the_file(saved, monkeypatch):
+    path, _ = saved
+    with pytest.raises(ValueError, match="device 'tpu' is not a torch device") as e:
+        load_model(path, device="tpu")
+    assert not isinstance(e.value, CheckpointError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available here"):
+        load_model(path, device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available here"):
+        load_entropy_model(path, device="cuda:1")

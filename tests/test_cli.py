@@ -117,13 +117,81 @@ def test_convert_round_trip(model_dir, tmp_path, foreign, capsys):
     assert "converted" in capsys.readouterr().out
 
 
+def test_convert_meta_flags(model_dir, tmp_path, capsys):
+    """--allow-unknown reaches the Meta importer (an args field bltkit does not know is an error
+    without it, skipped with it); flags that do not apply to the formats asked for are refused,
+    not ignored."""
+    out = tmp_path / "meta"
+    main(["convert", str(model_dir), str(out), "--to", "meta", "--meta-layout", "hub"])
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["args"]["some_new_field"] = 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):
+        main(["convert", str(out), str(tmp_path / "back"), "--from", "meta"])
+    assert "some_new_field" in capsys.readouterr().err
+    main(["convert", str(out), str(tmp_path / "back"), "--from", "meta", "--allow-unknown"])
+    assert load_model(tmp_path / "back").config == load_model(model_dir).config
+    for extra in (["--entropy-model", str(model_dir)], ["--allow-unknown"], ["--meta-layout", "hub"]):
+        with pytest.raises(SystemExit):
+            main(["convert", str(model_dir), str(tmp_path / "x"), *extra])
+        assert "applies only with --from meta" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", str(tmp_path / "missing")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("blt info: error:")
-    assert "not a directory" in err
+    assert "is neither a model directory nor a preset" in err
     with pytest.raises(SystemExit):
         main(["init", "tiny", str(tmp_path / "x"), "encoder.dimm=4"])
     assert "did you mean 'encoder.dim'" in capsys.readouterr().err
+
+
+def test_info_takes_the_preset_spellings_of_init(capsys):
+    for name in ("entropy_tiny", "blt_1b"):
+        main(["info", name])
+        assert "parameters" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "blt1b"])
+    err = capsys.readouterr().err
+    assert "blt1b is neither a model directory nor a preset" in err
+    assert "did you mean 'blt-1b'?" in err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["tiny", "--mean-patch-len", "0"], "mean_patch_len must be a positive number of bytes, got 0.0"),
+    (["tiny", "--mean-patch-len", "-3"], "mean_patch_len must be a positive"),
+    (["tiny", "--seq-len", "-5"], "seq_len must be >= 1 byte, got -5"),
+    (["tiny", "--seq-len", "0"], "seq_len must be >= 1 byte, got 0"),  # not the default
+    (["entropy-tiny", "--seq-len", "0"], "seq_len must be >= 1 byte, got 0"),
+])
+def test_info_refuses_non_positive_sizes(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        main(["info", *argv])
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--target", "0"], "target mean patch length must be a finite number of bytes >= 1, got 0.0"),
+    (["--target", "0.5"], "got 0.5"),
+    (["--target", "-2"], "got -2.0"),
+    (["--target", "nan"], "got nan"),
+    (["--max-bytes", "-100"], "max_bytes must be >= 1, got -100"),
+    (["--device", "bogus"], "device 'bogus' is not a torch device"),
+])
+def test_calibrate_refuses_impossible_targets(model_dir, tmp_path, argv, match, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("Some English prose to calibrate on. " * 10)
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", str(model_dir), str(f), *argv])
+    err = capsys.readouterr().err
+    assert match in err
+    assert "truncated" not in err
+
+
+def test_patch_refuses_a_nan_threshold(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["patch", "--model", str(model_dir), "hello there", "--threshold", "nan"])
+    assert "threshold is NaN" in capsys.readouterr().err

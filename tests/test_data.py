@@ -385,3 +385,21 @@ def test_cli_data_stats_and_prepare(tmp_path, entropy_dir, capsys):
         main([*argv, "--out", str(tmp_path)])
     assert "t.txt" in capsys.readouterr().err
     assert f.is_file()
+
+
+def test_prepare_with_no_validation_and_bad_sizes(tmp_path, entropy_dir):
+    """val_fraction=0 prepares an empty val/ (as build_streams gives); batch_size < 1 and
+    val_max_bytes < 1 are refused rather than accepted silently."""
+    (tmp_path / "t.txt").write_text("hello world\n" * 20)
+    cfg = DataConfig(paths=[str(tmp_path / "t.txt")], val_fraction=0)
+    info = prepare(cfg, entropy_dir, tmp_path / "p")
+    assert (info["train"]["documents"], info["val"]["documents"]) == (1, 0)
+    train, val = build_streams(DataConfig(paths=[str(tmp_path / "p")]))
+    assert (len(train), len(val), len(val.entropies)) == (240 + 2, 0, 0)  # BOS + 240 bytes + EOS
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        prepare(cfg, entropy_dir, tmp_path / "q", batch_size=0)
+    with pytest.raises(ValueError, match="val_max_bytes must be >= 1"):
+        DataConfig(paths=["x"], val_max_bytes=-1)
+    for kw in ({"batch_size": 0}, {"seq_len": -3}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be >= 1"):
+            BatchLoader(_stream(100), **{"batch_size": 1, "seq_len": 8, **kw})

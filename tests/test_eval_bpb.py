@@ -161,3 +161,27 @@ def test_cli_eval_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "bpb", "--model", str(tmp_path / "ent"), str(tmp_path / "missing.txt"), "--device", "cpu"])
     assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+                                           ({"seq_len": -3}, "seq_len must be >= 1, got -3"),
+                                           ({"seq_len": 0}, "seq_len must be >= 1, got 0")])
+def test_non_positive_sizes_are_refused(tmp_path, tiny_model, kw, match):
+    """0 or less is an error, not a ZeroDivisionError, a NaN result or (seq_len=0) the default."""
+    (tmp_path / "a.txt").write_text(TEXT)
+    with pytest.raises(ValueError, match=match):
+        evaluate_bpb(tiny_model, [tmp_path / "a.txt"], **kw)
+    with pytest.raises(ValueError, match=match):
+        bpb_of_stream(tiny_model, TokenStream.from_documents([TEXT.encode()]), **kw)
+
+
+def test_cli_eval_bad_device(tmp_path, capsys):
+    from bltkit.cli import main
+
+    save_model(init_model(entropy_tiny()), tmp_path / "ent")
+    (tmp_path / "a.txt").write_text(TEXT)
+    with pytest.raises(SystemExit):
+        main(["eval", "bpb", "--model", str(tmp_path / "ent"), str(tmp_path / "a.txt"), "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert "device 'tpu' is not a torch device" in err
+    assert "truncated" not in err

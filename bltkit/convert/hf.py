@@ -207,7 +207,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
 
 def import_hf(src: str | os.PathLike, device=None):
     """Load a transformers BLT directory (config.json + model.safetensors[.index.json]) as a BLT."""
-    from ..checkpoint import CheckpointError, check_state
+    from ..checkpoint import CheckpointError, check_state, one_float_dtype
     from ..hub import resolve
     from ..model import BLT
 
@@ -217,7 +217,7 @@ def import_hf(src: str | os.PathLike, device=None):
         raise CheckpointError(f"{src} has no config.json")
     cfg = from_hf_config(json.loads(cfg_file.read_text()))
     hf_state = read_safetensors_dir(src)
-    state = {hf_key_to_native(k): v for k, v in hf_state.items()}
+    state = one_float_dtype({hf_key_to_native(k): v for k, v in hf_state.items()})
     with torch.device("meta"):
         model = BLT(cfg)
     check_state(model, state, src)

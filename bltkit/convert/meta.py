@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_dir, check_output_dir
+from ..checkpoint import CheckpointError, atomic_dir, check_output_dir, one_float_dtype
 from ..config import (
     BLTConfig,
     EntropyModelConfig,
@@ -236,7 +236,13 @@ def _drop_rope(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _read_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(params-like dict with `model`/`entropy_model`/`data`, state dict, weights file) of a Meta folder."""
+    """(params-like dict with `model`/`entropy_model`/`data`, state dict with its floating tensors
+    in one dtype, weights file) of a Meta folder."""
+    params, state, weights = _read_files(path)
+    return params, one_float_dtype(state), weights
+
+
+def _read_files(path: Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
     if (path / "params.json").is_file() and (path / "consolidated.pth").is_file():
         weights = path / "consolidated.pth"
         try:  # a pickle: never without weights_only (spec §16.23); mmap keeps the hash tables lazy

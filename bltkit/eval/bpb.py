@@ -57,7 +57,7 @@ def bpb_of_stream(model, stream: TokenStream, seq_len: int | None = None, batch_
     Returns:
         {"targets", "nats", "bpb", "windows"}.
     """
-    seq_len = seq_len or default_seq_len(model)
+    seq_len = default_seq_len(model) if seq_len is None else seq_len  # 0 is an error (BatchLoader)
     device = torch.device(device) if device is not None else _model_device(model)
     loader = BatchLoader(stream, batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
                          drop_last=False)
@@ -104,7 +104,9 @@ def _load(model, device):
 
         return load_model(model, device=device, dtype=torch.float32)
     if device is not None:
-        model = model.to(device)
+        from ..checkpoint import check_device
+
+        model = model.to(check_device(device))
     return model
 
 
@@ -138,11 +140,13 @@ def evaluate_bpb(model, paths: Sequence[str | os.PathLike], seq_len: int | None 
         (bytes per patch, BLT only)}, ...],
          "overall": {"bytes", "targets", "nats", "bpb"}, "seq_len", "max_bytes", "note"}.
     """
+    # checked before the model is loaded and the data read
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_bytes", max_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     model = _load(model, device)
-    seq_len = seq_len or default_seq_len(model)
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
     files = []
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
     for path in paths:
         stream = TokenStream.from_documents(_first_bytes(iter_documents(path, text_field), max_bytes))
         r = bpb_of_stream(model, stream, seq_len, batch_size, device, progress=True)
