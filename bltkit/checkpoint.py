@@ -36,6 +36,15 @@ def _config_payload(cfg: BLTConfig | EntropyModelConfig) -> dict:
     return {"format": FORMAT, "config_version": CONFIG_VERSION, "kind": kind, **to_dict(cfg)}
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the file readable as the umask allows any other file (safetensors
+    0.8 writes it 0600: a shared model folder's weights unreadable to the others)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_dir(state: dict[str, torch.Tensor], cfg, out: Path, dtype: torch.dtype | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()
@@ -48,7 +57,7 @@ def _write_dir(state: dict[str, torch.Tensor], cfg, out: Path, dtype: torch.dtyp
             v = v.clone()
         seen.add(v.data_ptr())
         tensors[k] = v
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_tensors(tensors, out / WEIGHTS)
     (out / CONFIG).write_text(json.dumps(_config_payload(cfg), indent=2) + "\n")
 
 

@@ -189,6 +189,25 @@ def test_writers_refuse_to_delete_what_is_not_theirs(tmp_path, tiny_model, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_weights_are_readable_as_the_umask_allows(tmp_path, tiny_model):
+    """safetensors 0.8 writes its files 0600; a model folder's weights get the mode its other files
+    get (shared model folders were unreadable to other users), in every layout."""
+    import os
+    import stat
+
+    from bltkit.convert.hf import export_hf
+    from bltkit.convert.meta import export_meta
+
+    umask = os.umask(0o022)
+    try:
+        for out in (save_model(tiny_model, tmp_path / "n"), export_hf(tiny_model, tmp_path / "h"),
+                    export_meta(tiny_model, tmp_path / "m", layout="hub")):
+            for f in out.rglob("*.safetensors"):
+                assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    finally:
+        os.umask(umask)
+
+
 def test_save_model_failure_keeps_previous(tmp_path, tiny_model, monkeypatch):
     path = save_model(tiny_model, tmp_path / "m")
     before = (path / WEIGHTS).read_bytes()

@@ -182,9 +182,7 @@ def from_hf_config(d: dict) -> BLTConfig:
 
 def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write `model` (a BLT) in the layout `BltForCausalLM.from_pretrained` reads."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_dir, check_output_dir
+    from ..checkpoint import atomic_dir, check_output_dir, save_tensors
     from ..model import BLT
 
     if not isinstance(model, BLT):
@@ -200,7 +198,7 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     out = Path(out_dir)
     check_output_dir(out)
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out
 

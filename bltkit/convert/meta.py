@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_dir, check_output_dir, one_float_dtype
+from ..checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    check_output_dir,
+    one_float_dtype,
+    save_tensors,
+)
 from ..config import (
     BLTConfig,
     EntropyModelConfig,
@@ -467,15 +473,13 @@ def _split_hash(state: dict[str, torch.Tensor], cfg: BLTConfig) -> dict[str, tor
 
 
 def _write(folder: Path, state: dict[str, torch.Tensor], layout: str, params: dict, hub_args: dict) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(state)
     if layout == "consolidated":
         torch.save({"model": tensors}, folder / "consolidated.pth")
         (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     else:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, folder / "model.safetensors")
         (folder / "config.json").write_text(json.dumps({"args": hub_args}, indent=2) + "\n")
 
 
