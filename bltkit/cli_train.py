@@ -6,6 +6,7 @@ The same command runs under `torchrun --nproc_per_node=N -m bltkit train ...` (F
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -58,4 +59,22 @@ def cmd_train(args) -> None:
         overrides = [f"train.init_from={args.init_from}", *overrides]
     run = resolve_config(args.preset, data, args.config, overrides, entropy_model=args.entropy_model,
                          run_dir=args.out)
-    train(run, args.out, entropy_model=args.entropy_model, resume=args.resume, argv=sys.argv)
+    try:
+        train(run, args.out, entropy_model=args.entropy_model, resume=args.resume, argv=sys.argv)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_note(Path(args.out), args.resume), file=sys.stderr, flush=True)
+        raise
+
+
+def interrupted_note(run_dir: Path, resume: str) -> str:
+    """What Ctrl-C left: no checkpoint is written on an interrupt (one cut short leaves a temp dir
+    that the next start deletes), so the run goes on from the newest complete one."""
+    from .distributed import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        return "interrupted before the first checkpoint: the same command starts the run over"
+    again = "the same command" if resume == "auto" else "the same command without --resume never"
+    return (f"interrupted: the last checkpoint is step {int(ckpt.name[5:])} ({ckpt}); {again} resumes "
+            "from it (later steps are trained again)")

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import CheckpointError, check_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,11 +44,13 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`name` as a device, or a ValueError when it is unknown or absent here (torch itself raises
+    a RuntimeError listing 20 device types, or an AttributeError deep inside CUDA setup)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = check_device(name)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = check_device(f"cuda:{local_rank}")
     return device
 
 
@@ -153,13 +157,31 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted((d for d in root.glob("step_*") if _STEP_DIR.match(d.name)), key=lambda d: int(d.name[5:]))
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first: the `latest` pointer's, then the others by step."""
+    done = [d for d in reversed(_step_dirs(root)) if (d / "meta.json").is_file()]
+    pointer = root / "latest"
+    if pointer.is_file() and (first := root / pointer.read_text().strip()) in done:
+        done.remove(first)
+        done.insert(0, first)
+    return done
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint: the `latest` pointer, else the highest complete step dir."""
-    pointer = root / "latest"
-    if pointer.is_file() and (root / pointer.read_text().strip() / "meta.json").is_file():
-        return root / pointer.read_text().strip()
-    done = [d for d in _step_dirs(root) if (d / "meta.json").is_file()]
-    return done[-1] if done else None
+    done = complete_checkpoints(root)
+    return done[0] if done else None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `step_N.broken` (kept for inspection, never deleted): as a
+    step dir it would count towards keep_last and be deleted when training reaches step N again."""
+    dest, n = path.with_name(f"{path.name}.broken"), 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.broken{n}")
+    os.replace(path, dest)
+    return dest
 
 
 @contextmanager
@@ -189,8 +211,13 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, rank_sta
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    try:
+        with _single_process_ok():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except dcp.CheckpointException as e:  # DCP wraps a Ctrl-C in the middle of writing: unwrap it
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+            raise KeyboardInterrupt from None
+        raise
     torch.save(rank_state, tmp / f"rank_{info.rank:05d}.pt")
     barrier()
     if info.is_main:
@@ -199,17 +226,18 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, rank_sta
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_pointer(root / "latest", name)
+        write_text_atomic(root / "latest", name + "\n")
         for old in _step_dirs(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def _write_pointer(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temp file, fsynced, then os.replace: a crash leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        f.write(text + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -221,15 +249,40 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> 
     A different number of processes is fine: DCP reshards model and optimizer, and the rank
     states (step, schedule, data position in windows, RNG) are the same on every rank except
     the RNG, which then comes from rank 0 (training draws no random numbers after init).
+
+    Raises CheckpointError naming `path` on every rank when any rank cannot read its part (a
+    truncated shard or rank file, a missing .metadata), so that all ranks can fall back together;
+    model and optimizer may then be half loaded (loading another checkpoint overwrites them).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    meta = json.loads((path / "meta.json").read_text())
-    same = meta["world_size"] == info.world_size
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    box = {"model": model_sd, "optim": optim_sd}
-    with _single_process_ok():
-        dcp.load(box, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
-    return torch.load(path / f"rank_{info.rank if same else 0:05d}.pt", weights_only=True)
+    error = None
+    try:
+        if not (path / ".metadata").is_file():  # DCP would log two tracebacks, then fail an assert
+            raise FileNotFoundError(f"no {path / '.metadata'}")
+        meta = json.loads((path / "meta.json").read_text())
+        same = meta["world_size"] == info.world_size
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        box = {"model": model_sd, "optim": optim_sd}
+        with _single_process_ok():
+            dcp.load(box, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
+        rank_state = torch.load(path / f"rank_{info.rank if same else 0:05d}.pt", weights_only=True)
+    # damaged files fail in many ways: EOFError, a zip RuntimeError, and DCP's CheckpointException
+    # (a BaseException, not an Exception)
+    except (Exception, dcp.CheckpointException) as e:
+        error = e
+    if all_reduce_sum(torch.tensor([float(error is not None)], device=info.device)).item() > 0:
+        why = _one_line(error) if error is not None else "another rank could not read its part"
+        raise CheckpointError(f"checkpoint {path} is unreadable ({why})") from error
+    return rank_state
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line: DCP's CheckpointException carries each failed rank's whole
+    traceback, whose last line is the cause; torch.load's zip error runs on for three sentences."""
+    import torch.distributed.checkpoint as dcp
+
+    text = str(e).strip().splitlines()[-1] if isinstance(e, dcp.CheckpointException) else f"{type(e).__name__}: {e}"
+    return text.rstrip(": ").split(". ")[0]

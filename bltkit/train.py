@@ -89,6 +89,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "eval_every", "ckpt_every", "export_every", "eval_batches", "pad_patches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.time_limit < 0:
             raise ValueError(f"train.time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
         if self.stop_at < 0:
@@ -371,13 +374,20 @@ def train(run: RunConfig, run_dir: str | os.PathLike, entropy_model: str | os.Pa
 def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) -> dict[str, Any]:
     t_start = time.monotonic()  # time_limit and wall_s count set-up too (loading, building, restoring)
     tc, dev, W = run.train, info.device, info.world_size
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file; a run directory is a new or existing directory")
     ckpt_root = run_dir / "checkpoints"
-    start = distributed.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
-    if resume == "never" and start is not None:
+    candidates = distributed.complete_checkpoints(ckpt_root)
+    if resume == "never" and candidates:
         raise ValueError(f"{run_dir} already holds checkpoints; use --resume auto or another --out")
-    start = start if resume == "auto" else None
+    candidates = candidates if resume == "auto" else []
+    # nothing in run_dir changes until the resume has succeeded: a failed one must leave the run
+    # as it was, so that the plain `blt train --out RUN_DIR` still resumes it
+    changed = _changed_settings(run, run_dir) if candidates else []
     if info.is_main:
-        _prepare_run_dir(run, run_dir, start, argv)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in ckpt_root.glob(".tmp-*"):  # leftovers of an interrupted checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
     distributed.barrier()
     torch.manual_seed(tc.seed)
 
@@ -393,7 +403,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
               "pass the one used by `blt data prepare`", flush=True)
     model = build_model(run.model, dev, tc.seed, patcher)
     del patcher
-    if tc.init_from and start is None:  # fine-tuning: a resumed run takes its weights from the checkpoint
+    if tc.init_from and not candidates:  # fine-tuning: a resumed run takes its weights from the checkpoint
         _load_init(model, init_model_dir(tc.init_from), dev)
     model.train()
     impl = tc.attn_impl if tc.attn_impl != "auto" else ("flex" if dev.type == "cuda" else "sdpa")
@@ -427,12 +437,32 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         raise ValueError("train.patching=precomputed needs data prepared by `blt data prepare` (with entropies)")
     loader = BatchLoader(train_stream, tc.batch_size, tc.seq_len, seed=run.data.seed, rank=info.rank,
                          world_size=W)
-    state = TrainState()
-    if start is not None:
-        _restore(distributed.load_checkpoint(start, model, optimizer, info), state, scheduler, loader, dev)
+    state, start = TrainState(), None
+    if candidates:
+        start, rank_state = _load_newest_intact(candidates, model, optimizer, info)
+        try:
+            _restore(rank_state, state, scheduler, loader, dev)
+        except ValueError as e:  # the loader's position is in windows of the data as it was
+            raise ValueError(_data_changed(start, e, changed)) from None
+        if state.step >= tc.steps:
+            # a run killed between its last checkpoint and the export still gets its model
+            exported = not (run_dir / "model" / "config.json").is_file()
+            if exported:
+                export_model(model, run.model, run_dir / "model", info)
+            if info.is_main:
+                print(f"{run_dir} is already at step {state.step} >= train.steps={tc.steps}: nothing to train "
+                      f"(raise train.steps to continue){'; wrote RUN_DIR/model from it' if exported else ''}",
+                      flush=True)
+            return {}
+    if info.is_main:
+        _write_run_files(run, run_dir, state.step, changed, argv)
+    distributed.barrier()
     logger = MetricsLogger(run_dir, tc.steps, state.step, enabled=info.is_main, tensorboard=tc.tensorboard)
     if start is not None:
         logger.print(f"resumed from {start} at step {state.step}")
+    evaluate = tc.eval_batches > 0 and len(val_stream) > 0
+    if tc.eval_batches > 0 and not evaluate:
+        logger.print("note: the validation split is empty (data.val_fraction=0?): no evaluation")
     timer = StepTimer(dev, warmup=1 if dev.type == "cpu" else (5 if tc.compile else 3))
     bytes_per_step = tc.batch_size * tc.grad_accum * W * tc.seq_len
     flops_fn = _flops_per_byte(run, online_entropy)
@@ -487,7 +517,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
             if run.is_blt:  # the padded shapes the step runs (rank 0's): work on empty patch slots shows here
                 metrics["patch_slots"] = model.pad_patches_floor or None
                 metrics["packed_slots"] = model.pack_floor or None
-        if tc.eval_batches > 0 and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
+        if evaluate and ((tc.eval_every > 0 and step % tc.eval_every == 0) or final):
             metrics = {"step": step, **metrics, "val_bpb": _validate(model, val_stream, tc, info)}
         if metrics:
             logger.log(metrics)
@@ -559,24 +589,57 @@ def _validate(model, val_stream, tc: TrainConfig, info) -> float:
     return float(sums[0] / (math.log(2) * sums[1]))
 
 
-def _prepare_run_dir(run: RunConfig, run_dir: Path, start: Path | None, argv) -> None:
-    """config.json, env.json, the printed config; leftovers of an interrupted checkpoint removed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in (run_dir / "checkpoints").glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    _trim_metrics(run_dir / "metrics.jsonl", int(start.name[5:]) if start is not None else 0)
+def _changed_settings(run: RunConfig, run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """(key, the run's value, this call's value) for the data, optim and train settings that differ
+    from run_dir/config.json; a different model is refused (a checkpoint holds its shapes)."""
     saved = run_dir / "config.json"
-    if start is not None and saved.is_file():
-        old = json.loads(saved.read_text())
-        if old.get("model") != to_dict(run.model):
-            raise ValueError(f"the model config differs from {saved}; a checkpoint cannot be resumed "
-                             "into another architecture (use a new --out)")
-        changed = [f"{s}.{k}" for s in SECTIONS[1:] for k, v in to_dict(getattr(run, s)).items()
-                   if old.get(s, {}).get(k) != v]
-        if changed:
-            print(f"note: resuming with changed settings: {', '.join(changed)}", flush=True)
+    if not saved.is_file():
+        return []
+    old = json.loads(saved.read_text())
+    if old.get("model") != to_dict(run.model):
+        raise ValueError(f"the model config differs from {saved}; a checkpoint cannot be resumed "
+                         "into another architecture (use a new --out)")
+    return [(f"{s}.{k}", old.get(s, {}).get(k), v) for s in SECTIONS[1:] for k, v in to_dict(getattr(run, s)).items()
+            if old.get(s, {}).get(k) != v and f"{s}.{k}" not in ("data.seq_len", "data.batch_size")]  # train.* copies
+
+
+def _load_newest_intact(candidates: list[Path], model, optimizer, info) -> tuple[Path, dict[str, Any]]:
+    """Load the newest checkpoint that reads back, as a user expects after a crash; a damaged newer
+    one is renamed step_N.broken (kept, never deleted) with a warning. None intact: a clear error."""
+    broken: list[tuple[Path, CheckpointError]] = []
+    for path in candidates:
+        try:
+            rank_state = distributed.load_checkpoint(path, model, optimizer, info)
+        except CheckpointError as e:
+            broken.append((path, e))
+            continue
+        if info.is_main:
+            for bad, e in broken:
+                kept = distributed.set_aside(bad)
+                print(f"warning: {e}; moved it to {kept.name} and resumed from {path.name}", flush=True)
+        distributed.barrier()
+        return path, rank_state
+    raise CheckpointError(f"no intact checkpoint to resume: {'; '.join(str(e) for _, e in broken)}; move "
+                          f"{candidates[0].parent} away to start the run over")
+
+
+def _data_changed(start: Path, error: ValueError, changed: list[tuple[str, Any, Any]]) -> str:
+    """The loader state of `start` does not fit this data: name the settings that moved it."""
+    culprits = [f"{k} is {old} in the run but {new} was asked" for k, old, new in changed
+                if k.startswith("data.") or k == "train.seq_len"]
+    if not culprits:
+        return f"cannot resume from {start}: {error}"
+    return (f"cannot resume from {start}: {'; '.join(culprits)}, and the saved data position depends on it; "
+            "drop the override (or pass the run's value), or use a new --out")
+
+
+def _write_run_files(run: RunConfig, run_dir: Path, step: int, changed: list, argv) -> None:
+    """config.json (atomically), env.json, the printed config; metrics logged after `step` dropped."""
+    _trim_metrics(run_dir / "metrics.jsonl", step)
+    if changed:
+        print(f"note: resuming with changed settings: {', '.join(k for k, _, _ in changed)}", flush=True)
     text = json.dumps(run.to_dict(), indent=2)
-    saved.write_text(text + "\n")
+    distributed.write_text_atomic(run_dir / "config.json", text + "\n")
     (run_dir / "env.json").write_text(json.dumps(env_info(argv), indent=2) + "\n")
     print(f"config ({run_dir / 'config.json'}):\n{text}", flush=True)
 

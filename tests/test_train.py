@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -232,6 +233,143 @@ def test_kill_during_checkpoint_keeps_previous(baseline, corpus, tmp_path, monke
     assert (root / "latest").read_text().strip() == "step_000012"
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["loss"] for r in rows] == [r["loss"] for r in base_rows]
+
+
+@pytest.fixture(scope="module")
+def four_steps(corpus, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    rows = _run(out, corpus, "train.steps=4", "train.ckpt_every=2")
+    return out, rows
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_failed_resume_leaves_the_run_as_it_was(four_steps, corpus, tmp_path):
+    """A resume whose data position does not fit (seq_len 64 -> 32) fails naming the setting,
+    before config.json is touched: the plain `blt train --out RUN_DIR` still resumes."""
+    out = _copy(four_steps[0], tmp_path / "run")
+    before = (out / "config.json").read_text()
+    cfg = resolve_config(None, None, None, ["train.steps=6", "train.seq_len=32"], run_dir=out)
+    with pytest.raises(ValueError, match=r"train\.seq_len is 64 in the run but 32 was asked"):
+        train(cfg, out, argv=["test"])
+    assert (out / "config.json").read_text() == before
+    cli_main(["train", "--out", str(out), "train.steps=5"])
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("damage", ["distcp", "rank_file", "metadata"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(four_steps, corpus, tmp_path, capsys, damage):
+    """A truncated shard or rank file, or a lost .metadata: resume warns, sets the damaged step
+    aside (renamed, not deleted) and continues from the one before, bitwise as the first run."""
+    out = _copy(four_steps[0], tmp_path / "run")
+    step4 = out / "checkpoints" / "step_000004"
+    if damage == "metadata":
+        (step4 / ".metadata").unlink()
+    else:
+        f = step4 / ("__0_0.distcp" if damage == "distcp" else "rank_00000.pt")
+        f.write_bytes(f.read_bytes()[:100])
+    rows = _run(out, corpus, "train.steps=4", "train.ckpt_every=2")
+    err = capsys.readouterr().out
+    assert "step_000004 is unreadable" in err
+    assert "moved it to step_000004.broken and resumed from step_000002" in err
+    assert (out / "checkpoints" / "step_000004.broken" / "meta.json").is_file()
+    assert [r["loss"] for r in rows] == [r["loss"] for r in four_steps[1]]
+
+
+def test_no_intact_checkpoint_is_a_clear_error(four_steps, corpus, tmp_path):
+    out = _copy(four_steps[0], tmp_path / "run")
+    before = (out / "config.json").read_text()
+    for step in ("step_000002", "step_000004"):
+        (out / "checkpoints" / step / "rank_00000.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as e:
+        _run(out, corpus, "train.steps=6")
+    assert "step_000004 is unreadable" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
+    assert (out / "config.json").read_text() == before
+
+
+def test_nothing_to_train_says_so(four_steps, tmp_path, capsys):
+    """A run at step 4 asked for train.steps=4 or 3: one line, and config.json keeps steps=4."""
+    out = _copy(four_steps[0], tmp_path / "run")
+    for steps in (4, 3):
+        cli_main(["train", "--out", str(out), f"train.steps={steps}"])
+        assert f"already at step 4 >= train.steps={steps}: nothing to train" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 4
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    # killed between the last checkpoint and the export: the rerun writes the model from it
+    want = load_model(out / "model").state_dict()
+    shutil.rmtree(out / "model")
+    cli_main(["train", "--out", str(out)])
+    assert "wrote RUN_DIR/model from it" in capsys.readouterr().out
+    got = load_model(out / "model").state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_ctrl_c_names_the_checkpoint_that_resumes(four_steps, corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the step-4 checkpoint (DCP wraps it in a CheckpointException): exit 130 and one
+    line naming step 2; the same command then resumes from it as an uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+
+    def interrupted_save(state, checkpoint_id, **kwargs):
+        if "step_000004" in str(checkpoint_id):
+            raise dcp.CheckpointException("write", {0: (KeyboardInterrupt(), None)})
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    out = tmp_path / "run"
+    cmd = ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), *BASE, "train.steps=4",
+           "train.ckpt_every=2"]
+    monkeypatch.setattr(dcp, "save", interrupted_save)
+    with pytest.raises(SystemExit) as e:
+        cli_main(cmd)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: the last checkpoint is step 2 (")
+    assert "the same command resumes" in err
+    monkeypatch.setattr(dcp, "save", real_save)
+    cli_main(cmd)
+    assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in four_steps[1]]
+
+
+def test_no_validation_split_means_no_evaluation(corpus, tmp_path, capsys):
+    """data.val_fraction=0 (docs: an empty validation split) trains, and says once that it does not evaluate."""
+    rows = _run(tmp_path / "run", corpus, "train.steps=2", "data.val_fraction=0", "train.eval_batches=1",
+                "train.eval_every=1")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not any("val_bpb" in r for r in rows)
+    assert capsys.readouterr().out.count("no evaluation") == 1
+
+
+def test_unknown_or_absent_device_is_a_value_error(corpus, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="'tpu' is not a torch device"):
+        distributed.resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda': CUDA is not available here"):
+        _run(tmp_path / "cuda", corpus, "train.steps=1", "train.device=cuda")
+
+
+def test_out_naming_a_file_is_one_line(corpus, tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("notes\n")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--preset", "tiny", "--data", str(corpus), "--out", str(afile), *BASE, "train.steps=1"])
+    assert e.value.code == 2
+    assert "is a file" in capsys.readouterr().err
+    assert afile.read_text() == "notes\n"
+
+
+@pytest.mark.parametrize("key", ["log_every", "ckpt_every", "eval_every", "export_every", "eval_batches"])
+def test_negative_every_is_refused(corpus, key):
+    with pytest.raises(ValueError, match=rf"train\.{key} must be >= 0, got -3"):
+        resolve_config("tiny", [str(corpus)], None, [*BASE, f"train.{key}=-3"])
 
 
 def test_grad_accum_matches_a_bigger_batch(corpus, tmp_path):
