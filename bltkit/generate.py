@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -733,6 +735,11 @@ class Generator:
         if native is None:  # where it can run
             native = not compile and not kernels and native_steps.refusal(model) is None \
                 and native_steps.unavailable() is None
+            low = model.device.type == "cpu" and next(model.parameters()).dtype != torch.float32
+            if low and not compile:  # (load_model keeps the stored dtype: the bundled model's is bf16)
+                warnings.warn(f"this model's weights are {next(model.parameters()).dtype} on a CPU, where PyTorch's "
+                              "steps in that dtype are slow (about 30x the C steps of fp32 weights); load it with "
+                              "dtype=torch.float32, or call model.float(), to run those", stacklevel=2)
         elif native:
             refusal = ("compile=True runs the PyTorch steps" if compile else "kernels=True runs the Triton steps"
                        if kernels else native_steps.refusal(model) or native_steps.unavailable())
@@ -1647,8 +1654,8 @@ class Generator:
                      stop_at_eos: bool = True, on_step=None) -> list[list[int]]:
         """New ids per prompt (prompt excluded; EOS and stop strings excluded)."""
         ids = _encode_prompts(prompts)
-        if max_new_bytes < 0:
-            raise ValueError("max_new_bytes must be >= 0")
+        if isinstance(max_new_bytes, bool) or not isinstance(max_new_bytes, numbers.Integral) or max_new_bytes < 0:
+            raise ValueError(f"max_new_bytes must be a whole number >= 0, got {max_new_bytes!r}")
         check_sampling(temperature, top_k, top_p)
         stop_bytes = _stop_bytes(stop)
         if not ids:  # an empty batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -293,6 +294,8 @@ def test_empty_prompt_and_limits():
     gen = Generator(model)
     assert gen.generate_ids([""], 5, stop_at_eos=False) == reference_generate(model, [[]], 5, stop_at_eos=False)
     assert gen.generate([], 5) == []  # an empty batch (it raised max()'s ValueError)
+    with pytest.raises(ValueError, match=r"max_new_bytes must be a whole number >= 0, got 5\.0"):
+        gen.generate("x", 5.0)  # (a TypeError from torch.zeros before)
     for call in (lambda: Generator(model.entropy_model), lambda: reference_generate(model.entropy_model, ["x"], 2)):
         with pytest.raises(ValueError, match="needs a BLT, got EntropyModel"):  # (an AttributeError before)
             call()
@@ -329,6 +332,19 @@ def test_sampling_settings_out_of_range_are_refused(kw, what):
     free = {"temperature": 0.9, "seed": 3}
     want = gen.generate_ids(["abc"], 6, stop_at_eos=False, **free)
     assert gen.generate_ids(["abc"], 6, stop_at_eos=False, top_k=0, top_p=1.0, **free) == want
+
+
+def test_bf16_on_a_cpu_is_warned_about():
+    """load_model keeps the stored dtype (the bundled model's is bf16), and a CPU Generator then runs
+    PyTorch's bf16 steps, ~30x slower than the C steps of fp32 weights: it says so and what to do."""
+    model = make_model(seed=9)
+    with pytest.warns(UserWarning, match=r"dtype=torch\.float32, or call model\.float\(\)"):
+        Generator(copy.deepcopy(model).to(torch.bfloat16))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Generator(model)  # fp32: nothing to say
 
 
 def test_cli_generate(tmp_path, capsys):
