@@ -203,7 +203,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--show-patches", action="store_true", help="mark where patches start with '|'")
     p.add_argument("--prompts-file", default=None,
-                   help="batch mode: one prompt per line (UTF-8; blank lines skipped); prints one JSON object per prompt")
+                   help="batch mode: one prompt per line (UTF-8; blank lines skipped); prints one JSON object per "
+                        "prompt, in the file's order")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="with --prompts-file: rows generated at once (default 64); prompts of similar lengths go "
+                        "together (a batch reads its longer prompts a byte a step past its shortest one); the "
+                        "outputs are the same at any batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: fp32 on the CPU, as stored on a GPU)")
@@ -251,7 +256,7 @@ def cmd_generate(args) -> None:
     kw = dict(max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop=args.stop)
     if args.prompts_file:
-        if args.prompt or args.stream or args.show_patches:
+        if args.prompt or args.stream or args.show_patches:  # (--batch-size applies to it alone)
             raise ValueError("--prompts-file is the batch mode: give it without a PROMPT argument, --stream or "
                              "--show-patches (one prompt: PROMPT or '-' for standard input)")
         with open(args.prompts_file, "rb") as f:
@@ -259,10 +264,23 @@ def cmd_generate(args) -> None:
         prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
-        for prompt, out in zip(prompts, gen.generate(prompts, **kw), strict=True):
-            print(json.dumps({"prompt": prompt, "completion": out.decode("utf-8", errors="replace")},
-                             ensure_ascii=False))
+        batch = 64 if args.batch_size is None else args.batch_size
+        if batch < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch}")
+        # batches of prompts of similar lengths, printed in the file's order as each prefix is done
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encode()))
+        done: dict[int, bytes] = {}
+        shown = 0
+        for b in range(0, len(order), batch):
+            rows = order[b:b + batch]
+            done.update(zip(rows, gen.generate([prompts[i] for i in rows], **kw), strict=True))
+            while shown in done:
+                print(json.dumps({"prompt": prompts[shown], "completion": done.pop(shown).decode("utf-8", errors="replace")},
+                                 ensure_ascii=False), flush=True)
+                shown += 1
         return
+    if args.batch_size is not None:
+        raise ValueError("--batch-size applies to the batch mode (--prompts-file)")
     prompt = _read_text_arg(args.prompt)
     if args.stream:
         sys.stdout.write(prompt)

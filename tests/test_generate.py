@@ -393,6 +393,25 @@ def test_cli_generate_refuses_what_it_cannot_read(tmp_path, capsys, monkeypatch)
     main([*base, "--prompts-file", str(tmp_path / "crlf.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["one", "two\x0cthree"]
+    assert "applies to the batch mode" in error(["Hi", "--batch-size", "2"])
+
+
+def test_cli_batch_mode_groups_prompts_by_length(tmp_path, capsys):
+    """--prompts-file runs batches of --batch-size prompts of similar lengths and prints the rows in
+    the file's order: the same completions as one batch of all (rows do not depend on their batch)."""
+    from bltkit.cli import main
+
+    model = make_model(seed=10)
+    save_model(model, tmp_path / "m")
+    prompts = ["a much longer prompt than the others", "b", "medium one", "cc", "another long prompt here", "d"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    want = [b.decode("utf-8", errors="replace") for b in Generator(model).generate(prompts, 6, stop=None)]
+    for batch in ("2", "64"):
+        main(["generate", "--model", str(tmp_path / "m"), "--max-new-bytes", "6", "--device", "cpu",
+              "--prompts-file", str(tmp_path / "p.txt"), "--batch-size", batch])
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["prompt"] for r in rows] == prompts
+        assert [r["completion"] for r in rows] == want
 
 
 @pytest.mark.parametrize("speculate", [False, True])
