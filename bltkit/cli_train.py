@@ -26,8 +26,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="run directory: config.json, env.json, metrics.jsonl, checkpoints/, model/")
     p.add_argument("--entropy-model", default=None, metavar="DIR",
-                   help="frozen patcher for a BLT with patcher.mode=entropy (an entropy-model or BLT "
-                        "directory); not needed with train.patching=precomputed")
+                   help="frozen patcher for a BLT with patcher.mode=entropy (an entropy-model directory, "
+                        "or a BLT directory that carries one); not needed with train.patching=precomputed; "
+                        "a resumed run keeps its own copy, RUN_DIR/entropy_model")
     p.add_argument("--init-from", default=None, metavar="DIR|bundled",
                    help="fine-tune: start from this model directory's weights and architecture (instead of "
                         "--preset); its entropy model patches unless --entropy-model says otherwise. Same as "

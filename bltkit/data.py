@@ -378,7 +378,9 @@ def stream_entropies(model, stream: TokenStream, batch_size: int = 8, progress=N
     return out
 
 
-def _weights_sha256(model_dir: Path) -> str:
+def weights_sha256(model_dir: Path) -> str:
+    """The sha256 of an entropy model's weights: the directory's own, or those of the entropy model
+    a BLT directory carries (what `prepare.json` records, and what training checks it against)."""
     from .checkpoint import ENTROPY_DIR, WEIGHTS, file_sha256
 
     return file_sha256(model_dir / WEIGHTS if not (model_dir / ENTROPY_DIR).is_dir()
@@ -410,7 +412,7 @@ def prepare(cfg: DataConfig, entropy_model_dir: str | os.PathLike, out_dir: str 
     seconds = time.perf_counter() - t0
     info = {"format": "bltkit-prepared", "version": 1,
             "entropy_model": str(Path(entropy_model_dir).resolve()),
-            "entropy_model_sha256": _weights_sha256(Path(entropy_model_dir)),
+            "entropy_model_sha256": weights_sha256(Path(entropy_model_dir)),
             "entropy_max_seqlen": model.config.max_seqlen, "paths": [str(p) for p in cfg.paths],
             "text_field": cfg.text_field, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
             "val_max_bytes": cfg.val_max_bytes, "seed": cfg.seed, "device": str(device),

@@ -261,7 +261,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> 
     try:
         if not (path / ".metadata").is_file():  # DCP would log two tracebacks, then fail an assert
             raise FileNotFoundError(f"no {path / '.metadata'}")
-        meta = json.loads((path / "meta.json").read_text())
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except ValueError as e:  # (a JSON error names no file)
+            raise ValueError(f"{path / 'meta.json'}: {e}") from None
         same = meta["world_size"] == info.world_size
         model_sd, optim_sd = get_state_dict(model, optimizer)
         box = {"model": model_sd, "optim": optim_sd}

@@ -1,4 +1,5 @@
-"""Training a BLT or its entropy model: run configs, the loop, resumable checkpoints (style §8).
+"""Training a BLT or its entropy model: the loop and resumable checkpoints (style §8); the run's
+configuration (`RunConfig`, `resolve_config`) is in `bltkit.run_config`.
 
 `train(run, run_dir)` reads top to bottom: setup (process group, model on meta, activation
 checkpointing, compile, FSDP2, optimizer, data, resume), then `for step in ...` (accumulate,
@@ -10,16 +11,13 @@ Checkpoints (`RUN_DIR/checkpoints/step_NNNNNN/`) are DCP directories written ato
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
-import re
 import shutil
 import time
-import tomllib
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,239 +31,28 @@ from .checkpoint import (
     check_state,
     load_entropy_model,
     load_state,
-    read_config,
     save_model,
     verify_sums,
 )
 from .config import (
-    CONFIG_VERSION,
     BLTConfig,
     EntropyModelConfig,
-    apply_overrides,
-    from_dict,
     to_dict,
 )
-from .data import BatchLoader, DataConfig, build_streams, prepared_info
+from .data import BatchLoader, build_streams, weights_sha256
 from .metrics import LogWindow, MetricsLogger, StepTimer, env_info
 from .model.patching import starts_to_lengths
-from .optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step
-
-# -- configs --------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """The loop. `batch_size` rows of `seq_len` bytes per process and micro-step; a step sees
-    batch_size x grad_accum x world_size rows. 0 in *_every means "only at the end" (log_every: 1)."""
-
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 2048
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 16  # global validation batches of batch_size x world_size rows; 0: none
-    ckpt_every: int = 500
-    keep_last: int = 2
-    export_every: int = 0
-    time_limit: float = 0.0  # seconds since this process started the run; then checkpoint, export, stop; 0: none
-    stop_at: int = 0  # stop (checkpoint, export) after this step; the schedule still runs to `steps`; 0: none
-    seed: int = 42  # weight init (spec §6.7); the data order has its own data.seed
-    dtype: str = "auto"  # "bf16" | "fp32"; auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    activation_checkpointing: bool = False
-    patching: str = "online"  # "online" | "precomputed" (entropies from `blt data prepare`)
-    # the frozen entropy model's precision when patching online: fp32 as the spec asks (§3.3, pitfall 12);
-    # bf16 (autocast) made it ~3x cheaper on an H200 and moves ~0.7% of boundaries (docs/training.md)
-    patcher_dtype: str = "fp32"
-    attn_impl: str = "auto"  # "sdpa" | "flex"; auto: flex on CUDA
-    pad_patches: int = 0  # pad patch counts to the largest so far, a multiple of this; 0: 64 with flex, else off
-    pack_global: bool = True  # with flex: the global transformer over the batch's packed patches (docs/model.md)
-    tensorboard: bool = False
-    device: str = "auto"
-    init_from: str = ""  # a model directory (or "bundled") whose weights start the run: fine-tuning; "": random init
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("log_every", "eval_every", "ckpt_every", "export_every", "eval_batches", "pad_patches"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.time_limit < 0:
-            raise ValueError(f"train.time_limit must be >= 0 seconds (0: none), got {self.time_limit}")
-        if self.stop_at < 0:
-            raise ValueError(f"train.stop_at must be >= 0 (0: none), got {self.stop_at}")
-        for name, allowed in (("dtype", ("auto", "bf16", "fp32")), ("patching", ("online", "precomputed")),
-                              ("patcher_dtype", ("fp32", "bf16")),
-                              ("attn_impl", ("auto", "sdpa", "flex"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """Everything a run needs; `model` is a BLTConfig or, to train a patcher, an EntropyModelConfig."""
-
-    model: BLTConfig | EntropyModelConfig
-    data: DataConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    @property
-    def is_blt(self) -> bool:
-        return isinstance(self.model, BLTConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config_version": CONFIG_VERSION, "model_kind": "blt" if self.is_blt else "entropy_model",
-                **{s: to_dict(getattr(self, s)) for s in SECTIONS}}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        model_cls = BLTConfig if d.get("model_kind", "blt") == "blt" else EntropyModelConfig
-        return cls(model=from_dict(model_cls, d["model"]), data=from_dict(DataConfig, d["data"]),
-                   optim=from_dict(OptimConfig, d["optim"]), train=from_dict(TrainConfig, d["train"]))
-
-
-SECTIONS = ("model", "data", "optim", "train")
-_NO_DATA = "<no --data given>"
-
-
-def apply_run_overrides(run: RunConfig, tokens: list[str]) -> RunConfig:
-    """`section.key.path=value` tokens, each section through `config.apply_overrides` (which
-    cannot pick the member of the `model` union itself; see docs/training.md)."""
-    by_section: dict[str, list[str]] = {}
-    for tok in tokens:
-        key = tok.split("=", 1)[0].strip()
-        section, _, rest = key.partition(".")
-        if "=" not in tok or section not in SECTIONS or not rest:
-            fields = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(run, s))]
-            near = difflib.get_close_matches(key, fields, n=1) or [f for f in fields if f.endswith("." + key)][:1]
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"override {tok!r} is not of the form section.key=value with section one of "
-                             f"{', '.join(SECTIONS)}{hint}")
-        by_section.setdefault(section, []).append(tok.split(".", 1)[1])
-    changes = {}
-    for section, toks in by_section.items():
-        try:
-            changes[section] = apply_overrides(getattr(run, section), toks)
-        except ValueError as e:  # put the section back in front of the key paths quoted
-            msg = str(e)
-            if msg.startswith("unknown config key"):
-                msg = re.sub(r"'([^']*)'", lambda m, s=section: f"'{s}.{m.group(1)}'", msg)
-            raise ValueError(msg) from None
-    return dataclasses.replace(run, **changes)
-
-
-def toml_overrides(path: str | os.PathLike) -> tuple[str | None, list[str]]:
-    """A run.toml as (preset, override tokens): `preset = "tiny"` plus tables named by section,
-    e.g. `[optim] lr = 1e-3`, `[model.patcher] mode = "space"`."""
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
-    preset = doc.pop("preset", None)
-    tokens: list[str] = []
-
-    def walk(prefix: str, node: dict) -> None:
-        for k, v in node.items():
-            key = f"{prefix}.{k}" if prefix else k
-            if isinstance(v, dict):
-                walk(key, v)
-            elif isinstance(v, list):
-                tokens.append(f"{key}=[{','.join(str(x) for x in v)}]")
-            else:
-                tokens.append(f"{key}={str(v).lower() if isinstance(v, bool) else v}")
-
-    walk("", doc)
-    return preset, tokens
-
-
-def resolve_config(preset: str | None, data_paths: list[str] | None = None, config_path: str | None = None,
-                   overrides: list[str] | None = None, entropy_model: str | os.PathLike | None = None,
-                   run_dir: str | os.PathLike | None = None) -> RunConfig:
-    """preset < --config run.toml < key=value tokens (style §5); --data and --entropy-model last.
-
-    Without a preset the run directory's saved config.json is the base (resume a run by its
-    directory alone). An entropy model's own config replaces `model.entropy_model`; a BLT that
-    does not patch by entropy drops its entropy_model section.
-    """
-    from .presets import get_preset
-
-    toml_preset, toml_tokens = toml_overrides(config_path) if config_path else (None, [])
-    tokens = [*toml_tokens, *(overrides or [])]
-    name = preset or toml_preset
-    saved = Path(run_dir) / "config.json" if run_dir is not None else None
-    init_from = next((t.split("=", 1)[1].strip() for t in tokens if t.split("=")[0].strip() == "train.init_from"), "")
-    if name is not None and init_from:
-        raise ValueError("give --preset or --init-from, not both: a fine-tuned model keeps the architecture "
-                         "of the one it starts from (set model.* overrides that do not change shapes)")
-    if name is not None:
-        run = RunConfig(model=get_preset(name), data=DataConfig(paths=data_paths or [_NO_DATA]))
-    elif init_from:
-        run = RunConfig(model=read_config(init_model_dir(init_from)), data=DataConfig(paths=data_paths or [_NO_DATA]))
-    elif saved is not None and saved.is_file():
-        run = RunConfig.from_dict(json.loads(saved.read_text()))
-    else:
-        raise ValueError("give --preset (or `preset = ...` in --config), or --out of an existing run to resume")
-    run = apply_run_overrides(run, tokens)
-    if any(t.split("=")[0].strip() in ("data.seq_len", "data.batch_size") for t in tokens):
-        raise ValueError("set train.seq_len / train.batch_size; the data.* copies are filled from them")
-    data = dataclasses.replace(run.data, paths=list(data_paths) if data_paths else run.data.paths,
-                               seq_len=run.train.seq_len, batch_size=run.train.batch_size)
-    if data.paths == [_NO_DATA]:
-        raise ValueError("no training data: pass --data PATH [PATH ...] (or data.paths in --config)")
-    model, tc = run.model, run.train
-    if isinstance(model, BLTConfig) and model.patcher.mode == "entropy":
-        ent_dir = entropy_model or _default_entropy_dir(run_dir, data.paths, tc.patching, tc.init_from)
-        if ent_dir is not None:
-            ent_cfg = read_config(ent_dir)
-            ent_cfg = ent_cfg.entropy_model if isinstance(ent_cfg, BLTConfig) else ent_cfg
-            model = dataclasses.replace(model, entropy_model=ent_cfg)
-        elif tc.patching == "online":
-            raise ValueError("patcher.mode=entropy needs --entropy-model DIR (train one with an entropy-* "
-                             "preset), or train.patching=precomputed, or model.patcher.mode=space|static|byte")
-    elif isinstance(model, BLTConfig):
-        if tc.patching == "precomputed":
-            raise ValueError("train.patching=precomputed only applies to model.patcher.mode=entropy")
-        model = dataclasses.replace(model, entropy_model=None)
-    elif entropy_model is not None:
-        raise ValueError("--entropy-model is for BLT presets; this preset trains an entropy model")
-    if isinstance(model, BLTConfig) and tc.seq_len > model.max_bytes:
-        raise ValueError(f"train.seq_len {tc.seq_len} exceeds model.max_bytes {model.max_bytes}")
-    if isinstance(model, BLTConfig) and tc.seq_len + 1 > model.max_patches:
-        # found the hard way: a row of hard-to-predict bytes made 4,097 patches at step 430 of a run
-        raise ValueError(f"train.seq_len {tc.seq_len} can make up to {tc.seq_len + 1} patches (one byte each, "
-                         f"plus BOS) but model.max_patches is {model.max_patches}: set model.max_patches="
-                         f"{tc.seq_len + 1} or more (it only bounds positions), or a shorter train.seq_len")
-    return dataclasses.replace(run, model=model, data=data)
-
-
-def _default_entropy_dir(run_dir, paths: list[str], patching: str, init_from: str = "") -> Path | None:
-    """The run's own copy (a resumed run), else for prepared data the model that `blt data
-    prepare` used (so the exported BLT carries the patcher its training entropies came from),
-    else the patcher of the model a fine-tuning run starts from."""
-    if run_dir is not None and (Path(run_dir) / "entropy_model").is_dir():
-        return Path(run_dir) / "entropy_model"
-    info = prepared_info(paths[0]) if patching == "precomputed" else None
-    if info and Path(info.get("entropy_model", "")).is_dir():
-        return Path(info["entropy_model"])
-    ent = init_model_dir(init_from) / ENTROPY_DIR if init_from else None
-    return ent if ent is not None and ent.is_dir() else None
-
-
-def init_model_dir(init_from: str) -> Path:
-    """`train.init_from` as a directory: "bundled" is the model that ships with bltkit."""
-    if init_from == "bundled":
-        from .bundled import bundled_model_dir
-
-        return bundled_model_dir()
-    path = Path(init_from)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"train.init_from={init_from}: not a bltkit model directory (no config.json); "
-                         "pass a RUN_DIR/model, `blt convert` output, or 'bundled'")
-    return path
-
-
-# -- model ----------------------------------------------------------------------------------------
+from .optim import build_optimizer, build_scheduler, clip_and_step
+from .run_config import (  # (the run configuration lives there; these names are bltkit.train's API too)
+    SECTIONS,
+    RunConfig,
+    TrainConfig,
+    apply_run_overrides,
+    default_entropy_dir,
+    init_model_dir,
+    resolve_config,
+    toml_overrides,
+)
 
 
 def build_model(cfg: BLTConfig | EntropyModelConfig, device: torch.device, seed: int, entropy_model=None):
@@ -393,11 +180,20 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
 
     # model: meta -> device -> init; frozen patcher; activation checkpointing, compile, FSDP2
     online_entropy = run.is_blt and run.model.patcher.mode == "entropy" and tc.patching == "online"
-    entropy_dir = entropy_dir or _default_entropy_dir(run_dir, run.data.paths, tc.patching, tc.init_from)
+    uses_patcher = run.is_blt and run.model.entropy_model is not None
+    own = run_dir / ENTROPY_DIR
+    if uses_patcher and candidates and own.is_dir():  # the checkpoint holds the patcher it trained with
+        if info.is_main and entropy_dir is not None and weights_sha256(Path(entropy_dir)) != weights_sha256(own):
+            print(f"note: --entropy-model {entropy_dir} is not this run's patcher: resuming with the run's own "
+                  f"copy {own}, whose weights the checkpoint holds (train with another in a new --out)", flush=True)
+        entropy_dir = own
+    entropy_dir = entropy_dir or default_entropy_dir(run_dir, run.data.paths, tc.patching, tc.init_from)
     patcher = load_entropy_model(entropy_dir, device=dev, dtype=torch.float32) \
-        if run.is_blt and run.model.entropy_model is not None and entropy_dir is not None else None
-    if info.is_main and patcher is not None and not (run_dir / "entropy_model").is_dir():
-        save_model(patcher, run_dir / "entropy_model")  # the run directory is self-contained
+        if uses_patcher and entropy_dir is not None else None
+    # the run directory is self-contained; a fresh start replaces a copy left by an attempt without checkpoints
+    if info.is_main and patcher is not None and (not own.is_dir() or (
+            not candidates and os.path.abspath(entropy_dir) != os.path.abspath(own))):
+        save_model(patcher, own)
     if info.is_main and run.is_blt and run.model.entropy_model is not None and patcher is None:
         print("warning: no --entropy-model: the exported RUN_DIR/model carries an untrained patcher; "
               "pass the one used by `blt data prepare`", flush=True)
@@ -649,3 +445,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     if path.is_file():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))
+
+
+__all__ = ["SECTIONS", "RunConfig", "TrainConfig", "apply_run_overrides", "build_model", "export_model",
+           "init_model_dir", "resolve_config", "toml_overrides", "train"]

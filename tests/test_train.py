@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def test_failed_resume_leaves_the_run_as_it_was(four_steps, corpus, tmp_path):
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("damage", ["distcp", "rank_file", "metadata"])
+@pytest.mark.parametrize("damage", ["distcp", "rank_file", "metadata", "meta_json"])
 def test_damaged_checkpoint_falls_back_to_the_previous_one(four_steps, corpus, tmp_path, capsys, damage):
     """A truncated shard or rank file, or a lost .metadata: resume warns, sets the damaged step
     aside (renamed, not deleted) and continues from the one before, bitwise as the first run."""
@@ -271,6 +272,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(four_steps, corpus, t
     step4 = out / "checkpoints" / "step_000004"
     if damage == "metadata":
         (step4 / ".metadata").unlink()
+    elif damage == "meta_json":
+        (step4 / "meta.json").write_text("{bad")
     else:
         f = step4 / ("__0_0.distcp" if damage == "distcp" else "rank_00000.pt")
         f.write_bytes(f.read_bytes()[:100])
@@ -278,6 +281,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(four_steps, corpus, t
     err = capsys.readouterr().out
     assert "step_000004 is unreadable" in err
     assert "moved it to step_000004.broken and resumed from step_000002" in err
+    if damage == "meta_json":  # the file is named, not just the JSON parser's complaint
+        assert f"{step4 / 'meta.json'}: Expecting property name" in err
     assert (out / "checkpoints" / "step_000004.broken" / "meta.json").is_file()
     assert [r["loss"] for r in rows] == [r["loss"] for r in four_steps[1]]
 
@@ -495,6 +500,112 @@ def test_patcher_dtype(corpus, tmp_path, monkeypatch, dtype):
     assert rows[-1]["mean_patch_len"] > 1
     with pytest.raises(ValueError, match=r"train\.patcher_dtype must be one of fp32, bf16, got 'fp16'"):
         resolve_config("tiny", [str(corpus)], None, ["model.patcher.mode=space", "train.patcher_dtype=fp16"])
+
+
+def _entropy_dir(path: Path, seed: int, **changes) -> Path:
+    """An untrained entropy-tiny model directory (patches a BLT as well as a trained one, for these tests)."""
+    import dataclasses
+
+    from bltkit.checkpoint import init_model, save_model
+    from bltkit.presets import entropy_tiny
+
+    return save_model(init_model(dataclasses.replace(entropy_tiny(), **changes), seed=seed), path)
+
+
+def test_resume_with_another_entropy_model_keeps_the_runs_own(corpus, tmp_path, capsys):
+    """The checkpoint holds the patcher the run trained with: a resume given another one (here of
+    another shape, which used to fail as 'the model config differs') says it keeps the run's copy."""
+    from safetensors.torch import load_file
+
+    a, b = _entropy_dir(tmp_path / "a", 0), _entropy_dir(tmp_path / "b", 1, dim=64)
+    out = tmp_path / "run"
+    _run(out, corpus, "train.steps=1", "model.patcher.mode=entropy", entropy_model=a)
+    capsys.readouterr()
+    _run(out, corpus, "train.steps=2", "model.patcher.mode=entropy", entropy_model=b)
+    said = capsys.readouterr().out
+    assert f"note: --entropy-model {b} is not this run's patcher: resuming with the run's own copy " \
+           f"{out / 'entropy_model'}" in said
+    assert [r["step"] for r in _rows(out)] == [1, 2]
+    assert load_file(str(out / "model" / "entropy_model" / WEIGHTS)).keys() == load_file(str(a / WEIGHTS)).keys()
+    assert json.loads((out / "model" / "entropy_model" / "config.json").read_text())["dim"] == 32
+    _run(out, corpus, "train.steps=3", "model.patcher.mode=entropy", entropy_model=a)  # its own: no note
+    assert "not this run's patcher" not in capsys.readouterr().out
+
+
+def test_precomputed_patching_refuses_another_entropy_model(tmp_path):
+    """Data prepared with A, --entropy-model B: the exported BLT would patch unlike its training."""
+    from bltkit.data import DataConfig, prepare
+
+    a, b = _entropy_dir(tmp_path / "a", 0, max_seqlen=64), _entropy_dir(tmp_path / "b", 1, max_seqlen=64)
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged. " * 20)
+    prep = tmp_path / "prep"
+    prepare(DataConfig(paths=[str(tmp_path / "text.txt")], seq_len=64), a, prep)
+    tokens = [*BASE, "model.patcher.mode=entropy", "train.patching=precomputed"]
+    with pytest.raises(ValueError, match=re.escape(f"entropy model {b} is not the one {prep} was prepared with ({a}, ")):
+        resolve_config("tiny", [str(prep)], None, tokens, entropy_model=b)
+    assert resolve_config("tiny", [str(prep)], None, tokens, entropy_model=a).model.entropy_model.max_seqlen == 64
+    assert resolve_config("tiny", [str(prep)], None, tokens).model.entropy_model  # prepare.json's model
+
+
+def test_relative_paths_are_stored_absolute(corpus, tmp_path, monkeypatch):
+    """config.json holds absolute local paths (hf: specs as they are), so a run resumes from any
+    directory; a saved relative path (older runs) that is not there says what it is relative to."""
+    start = tmp_path / "start"
+    start.mkdir()
+    shutil.copy(corpus, start / "data.txt")
+    monkeypatch.chdir(start)
+    cfg = resolve_config("tiny", ["data.txt", "hf:some/dataset"], None, BASE)
+    assert cfg.data.paths == [str(start / "data.txt"), "hf:some/dataset"]
+    cfg = resolve_config("tiny", None, None, [*BASE, "data.paths=[data.txt]"])
+    assert cfg.data.paths == [str(start / "data.txt")]
+    run = tmp_path / "run"
+    run.mkdir()
+    old = cfg.to_dict()
+    old["data"]["paths"] = ["data.txt"]
+    (run / "config.json").write_text(json.dumps(old))
+    assert resolve_config(None, None, None, [], run_dir=run).data.paths == ["data.txt"]  # from where it started
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"data.paths 'data.txt' in {run / 'config.json'} is relative to the "
+                                                   "directory the run was started in")):
+        resolve_config(None, None, None, [], run_dir=run)
+
+
+def test_wrong_model_directories_are_named(corpus, tmp_path):
+    """A run directory where its model belongs, and a BLT that carries no entropy model."""
+    from bltkit.checkpoint import init_model, save_model
+
+    space = resolve_config("tiny", [str(corpus)], None, BASE).model  # static patching: no entropy model
+    blt = save_model(init_model(space), tmp_path / "blt")
+    tokens = [*BASE, "model.patcher.mode=entropy"]
+    with pytest.raises(ValueError, match=re.escape(f"{blt} is a BLT without an entropy model (patcher.mode 'static')")):
+        resolve_config("tiny", [str(corpus)], None, tokens, entropy_model=blt)
+    ent_run = tmp_path / "ent_run"
+    ent_run.mkdir()
+    (ent_run / "config.json").write_text(json.dumps(resolve_config("entropy-tiny", [str(corpus)], None, []).to_dict()))
+    with pytest.raises(ValueError, match=re.escape(f"{ent_run} is a training run directory; its model is {ent_run / 'model'}")):
+        resolve_config("tiny", [str(corpus)], None, tokens, entropy_model=ent_run)
+    with pytest.raises(ValueError, match=re.escape(f"init_from={ent_run}: {ent_run} is a training run directory")):
+        resolve_config(None, [str(corpus)], None, [*tokens, f"train.init_from={ent_run}"])
+
+
+def test_config_file_and_override_mistakes_name_their_source(corpus, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"--config {bad} is not valid TOML: Expected")):
+        resolve_config("tiny", [str(corpus)], str(bad), BASE)
+    bad.write_text("[trian]\nsteps = 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: unknown table [trian] (did you mean [train]?)")):
+        resolve_config("tiny", [str(corpus)], str(bad), BASE)
+    bad.write_text("steps = 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: steps = ... is outside a table")):
+        resolve_config("tiny", [str(corpus)], str(bad), BASE)
+    bad.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: unknown config key 'train.stepz' (did you mean")):
+        resolve_config("tiny", [str(corpus)], str(bad), BASE)
+    with pytest.raises(ValueError, match=r"override 'train.steps' has no '=': an override is key=value"):
+        resolve_config("tiny", [str(corpus)], None, [*BASE, "train.steps"])
+    with pytest.raises(ValueError, match=r"has no '=': .* a data file or folder goes after --data"):
+        resolve_config("tiny", [str(corpus)], None, [*BASE, str(corpus)])
 
 
 # -- fine-tuning (train.init_from / --init-from) -------------------------------------------------
