@@ -255,6 +255,19 @@ def from_dict(cls: type, d: dict[str, Any], strict: bool = True, path: str = "")
         raise ValueError(f"bad config for {cls.__name__}{' at ' + path if path else ''}: {e}") from None
 
 
+def _union_member(args: tuple, convert) -> Any:
+    """`convert(member)` of the first member type of a Union (None aside) it succeeds for; a
+    ValueError when it fails for every one."""
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return convert(arg)
+        except ValueError:
+            continue
+    raise ValueError("no member type fits")
+
+
 def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a JSON object"
@@ -280,14 +293,10 @@ def _typed(v: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _typed(v, arg, key)
-            except ValueError:
-                continue
-        raise bad()
+        try:
+            return _union_member(args, lambda arg: _typed(v, arg, key))
+        except ValueError:
+            raise bad() from None
     if origin in (list, tuple):
         if not isinstance(v, (list, tuple)):
             raise bad()
@@ -320,14 +329,10 @@ def _coerce(text: str, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null") and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(text, arg, key)
-            except ValueError:
-                continue
-        raise ValueError(f"cannot read {text!r} as {tp} for {key}")
+        try:
+            return _union_member(args, lambda arg: _coerce(text, arg, key))
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as {tp} for {key}") from None
     if origin in (list, tuple):
         inner = args[0] if args else str
         items = [s for s in text.strip("[]()").split(",") if s.strip()]

@@ -590,18 +590,13 @@ def test_wrong_model_directories_are_named(corpus, tmp_path):
 
 def test_config_file_and_override_mistakes_name_their_source(corpus, tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[train\nsteps = 3\n")
-    with pytest.raises(ValueError, match=re.escape(f"--config {bad} is not valid TOML: Expected")):
-        resolve_config("tiny", [str(corpus)], str(bad), BASE)
-    bad.write_text("[trian]\nsteps = 3\n")
-    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: unknown table [trian] (did you mean [train]?)")):
-        resolve_config("tiny", [str(corpus)], str(bad), BASE)
-    bad.write_text("steps = 3\n")
-    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: steps = ... is outside a table")):
-        resolve_config("tiny", [str(corpus)], str(bad), BASE)
-    bad.write_text("[train]\nstepz = 3\n")
-    with pytest.raises(ValueError, match=re.escape(f"--config {bad}: unknown config key 'train.stepz' (did you mean")):
-        resolve_config("tiny", [str(corpus)], str(bad), BASE)
+    for text, message in (("[train\nsteps = 3\n", " is not valid TOML: Expected"),
+                          ("[trian]\nsteps = 3\n", ": unknown table [trian] (did you mean [train]?)"),
+                          ("steps = 3\n", ": steps = ... is outside a table"),
+                          ("[train]\nstepz = 3\n", ": unknown config key 'train.stepz' (did you mean")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"--config {bad}{message}")):
+            resolve_config("tiny", [str(corpus)], str(bad), BASE)
     with pytest.raises(ValueError, match=r"override 'train.steps' has no '=': an override is key=value"):
         resolve_config("tiny", [str(corpus)], None, [*BASE, "train.steps"])
     with pytest.raises(ValueError, match=r"has no '=': .* a data file or folder goes after --data"):
