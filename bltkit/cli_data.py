@@ -20,8 +20,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="text files, folders, .jsonl, .parquet or save_to_disk folders")
     b.add_argument("--model", default=None, help="BLT or entropy-model directory (default: the bundled model)")
     b.add_argument("--seq-len", type=int, default=None,
-                   help="bytes per window, >= 1 (default: min(max_bytes, 4096) for a BLT, max_seqlen for an "
-                        "entropy model)")
+                   help="bytes per window, >= 1 (default: min(max_bytes, 4096, max_patches - 1) for a BLT, "
+                        "max_seqlen for an entropy model)")
     b.add_argument("--batch-size", type=int, default=8, help="windows per forward, >= 1 (default 8)")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     b.add_argument("--text-field", default="text", help="field/column of .jsonl/.parquet/arrow data")
@@ -101,7 +101,7 @@ def _prepare(args) -> None:
     tr, va = info["train"], info["val"]
     print(f"wrote {args.out}: train {tr['documents']:,} documents, {tr['bytes']:,} bytes; val "
           f"{va['documents']:,} documents, {va['bytes']:,} bytes; entropies at "
-          f"{info['bytes_per_second'] / 1e6:.2f} MB/s on {info['device']}")
+          f"{info['bytes_per_second']:,} bytes/s on {info['device']}")
 
 
 def source_stats(path: str, text_field: str = "text", xz: bool = False) -> dict:

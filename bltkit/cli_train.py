@@ -15,7 +15,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.description = ("Train a BLT (presets tiny, small, blt-1b) or an entropy model (entropy-tiny, "
+    p.description = ("Train a BLT (presets tiny, small, blt-1b, blt-7b) or an entropy model (entropy-tiny, "
                      "entropy-small, entropy-100m) on raw bytes. Settings: preset < --config run.toml "
                      "< key=value tokens, e.g. train.steps=200 optim.lr=1e-3 model.patcher.mode=space. "
                      "--init-from DIR (or bundled) fine-tunes an existing model instead of a preset.")

@@ -203,6 +203,9 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         _load_init(model, init_model_dir(tc.init_from), dev)
     model.train()
     impl = tc.attn_impl if tc.attn_impl != "auto" else ("flex" if dev.type == "cuda" else "sdpa")
+    if impl == "flex" and dev.type == "cpu":  # (a NotImplementedError traceback at the first backward)
+        raise ValueError("train.attn_impl=flex needs a GPU: FlexAttention has no backward on a CPU; use sdpa "
+                         "(auto picks it there)")
     if run.is_blt:
         model.set_attn_impl(impl)
     # compiled flex attention and compiled blocks have static shapes and the patch count is BLT's
@@ -433,7 +436,8 @@ def _write_run_files(run: RunConfig, run_dir: Path, step: int, changed: list, ar
     """config.json (atomically), env.json, the printed config; metrics logged after `step` dropped."""
     _trim_metrics(run_dir / "metrics.jsonl", step)
     if changed:
-        print(f"note: resuming with changed settings: {', '.join(k for k, _, _ in changed)}", flush=True)
+        print("note: resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed),
+              flush=True)
     text = json.dumps(run.to_dict(), indent=2)
     distributed.write_text_atomic(run_dir / "config.json", text + "\n")
     (run_dir / "env.json").write_text(json.dumps(env_info(argv), indent=2) + "\n")

@@ -84,6 +84,9 @@ if [ ! -f "${TRAIN%% *}" ]; then
       if [ -f "$DATA/pack/$part.tar.xz" ]; then tar -xJf "$DATA/pack/$part.tar.xz" -C "$DATA"; fi
     done
     if [ -f "$DATA/pack/MANIFEST.json" ]; then cp "$DATA/pack/MANIFEST.json" "$DATA/MANIFEST.json"; fi
+  elif [ "${SMOKE:-0}" = 1 ]; then  # the smoke run needs only the tiny corpus (~1 minute to build)
+    log "building the tiny corpus (needs the package registries)"
+    "$PY" scripts/build_corpus.py --out "$DATA" --only tiny
   else
     log "building the corpus (needs the package registries)"
     "$PY" scripts/build_corpus.py --out "$DATA"

@@ -377,6 +377,15 @@ def test_negative_every_is_refused(corpus, key):
         resolve_config("tiny", [str(corpus)], None, [*BASE, f"train.{key}=-3"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+def test_flex_on_a_cpu_is_refused(corpus, tmp_path):
+    """FlexAttention has no backward on a CPU: train.attn_impl=flex there is a one-line error (it was a
+    NotImplementedError traceback at the first backward), before the run directory is written."""
+    with pytest.raises(ValueError, match=r"train\.attn_impl=flex needs a GPU"):
+        _run(tmp_path / "run", corpus, "train.steps=1", "train.attn_impl=flex")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_grad_accum_matches_a_bigger_batch(corpus, tmp_path):
     """2 micro-batches of 2 rows = 1 batch of 4 rows: the same rows, one normalisation by the
     step's target count; only the summation order differs (rtol 1e-5)."""
