@@ -29,6 +29,22 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="score only the first N bytes of each source (documents in order, the last one "
                         "cut); the output says so")
     b.add_argument("--json", action="store_true", help="print the result dictionary as JSON")
+    t = sub.add_parser("tasks", help="downstream tasks with lm-evaluation-harness (pip install 'bltkit[eval]')",
+                       description="Runs lm-evaluation-harness tasks (hellaswag, arc_easy, piqa, ...) on a "
+                       "bltkit model, on bytes: log-likelihoods from the model's forward, generation with "
+                       "bltkit's Generator. The tasks' datasets come from the Hugging Face hub (a network, "
+                       "or its cache) or from a folder of task YAMLs (--include-path).")
+    t.add_argument("--tasks", required=True, help="comma-separated task or group names")
+    t.add_argument("--model", default=None, help="BLT directory (default: the bundled model)")
+    t.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    t.add_argument("--limit", type=float, default=None,
+                   help="documents a task, or a share of them below 1 (for a quick look; not comparable scores)")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences a forward, rows a generate call (default 8)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights' dtype (default fp32)")
+    t.add_argument("--include-path", default=None, help="a folder of task YAMLs of your own")
+    t.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed (default 0)")
+    t.add_argument("--output", default=None, metavar="FILE", help="also write the harness's results as JSON")
 
 
 def _device(name: str | None) -> str:
@@ -40,6 +56,9 @@ def _device(name: str | None) -> str:
 
 
 def cmd_eval(args) -> None:
+    if args.eval_command == "tasks":
+        _eval_tasks(args)
+        return
     from .eval.bpb import evaluate_bpb
 
     if args.model is None:
@@ -57,6 +76,29 @@ def cmd_eval(args) -> None:
         print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{patch}  {row['bpb']:.3f} bpb")
     cap = f"; only the first {result['max_bytes']:,} bytes of each source" if result["max_bytes"] else ""
     print(f"({result['note']}; windows of {result['seq_len']} bytes{cap})")
+
+
+def _eval_tasks(args) -> None:
+    try:
+        from .eval.harness import evaluate_tasks
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        result = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype,
+                                include_path=args.include_path, seed=args.seed)
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    from lm_eval.utils import make_table
+
+    print(make_table(result))
+    if args.output:
+        from lm_eval.utils import handle_non_serializable
+
+        with open(args.output, "w") as f:
+            json.dump({k: result[k] for k in ("results", "versions", "n-shot", "config") if k in result}, f,
+                      indent=2, default=handle_non_serializable)
 
 
 # -- data -----------------------------------------------------------------------------------------
