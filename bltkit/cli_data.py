@@ -43,7 +43,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights' dtype (default fp32)")
     t.add_argument("--include-path", default=None, help="a folder of task YAMLs of your own")
-    t.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="few-shot sampling, generation and noise seed (default 0)")
+    t.add_argument("--noise", default=None, metavar="KIND[:P]",
+                   help="perturb every context before the model reads it, for robustness: antspeak, drop[:0.1], "
+                        "randomcase[:0.5], repeat[:0.2], uppercase (the BLT paper's noised benchmarks; "
+                        "bltkit.eval.noise)")
     t.add_argument("--output", default=None, metavar="FILE", help="also write the harness's results as JSON")
 
 
@@ -87,7 +91,7 @@ def _eval_tasks(args) -> None:
     try:
         result = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                 batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype,
-                                include_path=args.include_path, seed=args.seed)
+                                include_path=args.include_path, seed=args.seed, noise=args.noise)
     except ImportError as e:
         raise ValueError(str(e)) from None
     from lm_eval.utils import make_table

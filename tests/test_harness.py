@@ -98,6 +98,23 @@ def test_generate_until_is_the_generator(tiny_model):
     assert len(got[0]) < 24
 
 
+def test_noise_perturbs_the_contexts_only(tiny_model):
+    """With noise, a request is scored as if its context had been noised by hand (the continuation
+    as it is), and generation reads the noised context; a bad spec is refused before loading."""
+    from bltkit.eval.noise import apply
+
+    lm = BLTLM(tiny_model, noise="randomcase", noise_seed=3)
+    got = lm.loglikelihood(_requests("loglikelihood", PAIRS))
+    want = [_forward_score(tiny_model, apply(c, "randomcase", 3), x) for c, x in PAIRS]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-5)
+    assert got != BLTLM(tiny_model).loglikelihood(_requests("loglikelihood", PAIRS))
+    (text,) = lm.generate_until(_requests("generate_until", [("Once upon", {"max_gen_toks": 6})]))
+    assert text == Generator(tiny_model).generate(apply("Once upon", "randomcase", 3), 6)[0].decode(
+        "utf-8", errors="replace")
+    with pytest.raises(ValueError, match="unknown noise"):
+        BLTLM("/nonexistent", noise="blur")
+
+
 def test_cli_eval_tasks_on_a_local_task(make_tiny_model, tmp_path, capsys, monkeypatch):
     """`blt eval tasks` runs the harness end to end on task YAMLs of a local folder (a
     multiple-choice and a generation task over a local JSON lines file), offline."""

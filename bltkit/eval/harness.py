@@ -10,6 +10,9 @@
   strings (cut from the output) or after `max_gen_toks` bytes.
 A context longer than the model allows keeps its last bytes (after BOS), as the harness's
 Hugging Face models truncate on the left; each cut is counted in `truncated` and reported once.
+With `noise` (`bltkit.eval.noise`: "drop:0.1", "randomcase", ...) every context, and every
+document of a rolling request, is perturbed before it is read; continuations (the answers scored)
+and generated text are not: the robustness evaluation of the BLT paper's noised benchmarks.
 
 `evaluate_tasks` runs `lm_eval.simple_evaluate` on it; `blt eval tasks` calls that. The tasks'
 datasets come from wherever the harness finds them (the Hugging Face hub, a local task folder
@@ -48,12 +51,19 @@ class BLTLM(LM):
             which scoring on a CPU wants; bf16 on a GPU is faster and rounds the log-probs).
         batch_size: sequences a forward (scoring) and rows a generate call.
         max_gen_bytes: generation's length where a request gives no max_gen_toks.
+        noise, noise_seed: character noise for the contexts (`bltkit.eval.noise`), None for none.
     """
 
     def __init__(self, model=None, device: str | None = None, dtype: str | torch.dtype | None = None,
-                 batch_size: int | str = 8, max_gen_bytes: int = 256) -> None:
+                 batch_size: int | str = 8, max_gen_bytes: int = 256, noise: str | None = None,
+                 noise_seed: int = 0) -> None:
         _need_harness()
         super().__init__()
+        if noise is not None:
+            from .noise import parse
+
+            parse(noise)  # a bad spec is refused before the model loads
+        self.noise, self.noise_seed = noise, int(noise_seed)
         from ..checkpoint import load_model
         from ..model import BLT
 
@@ -122,8 +132,15 @@ class BLTLM(LM):
                 out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
         return out
 
+    def _noised(self, text: str) -> str:
+        if self.noise is None:
+            return text
+        from .noise import apply
+
+        return apply(text, self.noise, self.noise_seed)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [([b + OFFSET for b in ctx.encode()], [b + OFFSET for b in cont.encode()])
+        pairs = [([b + OFFSET for b in self._noised(ctx).encode()], [b + OFFSET for b in cont.encode()])
                  for ctx, cont in (req.args for req in requests)]
         return self._report(self._score(pairs))
 
@@ -132,7 +149,7 @@ class BLTLM(LM):
 
         result = []
         for req in requests:
-            ids = encode(req.args[0], bos=False, eos=False)
+            ids = encode(self._noised(req.args[0]), bos=False, eos=False)
             # windows of at most max_length ids, BOS as the prefix; each window's context ids are
             # earlier document bytes, its continuation the bytes it scores (each byte once)
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
@@ -165,7 +182,8 @@ class BLTLM(LM):
             for b in range(0, len(idx), self.batch_size):
                 rows = idx[b:b + self.batch_size]
                 # BOS + the context, cut on the left so that n new bytes fit
-                fitted = [self._fit([c + OFFSET for c in requests[i].args[0].encode()], [0] * n) for i in rows]
+                fitted = [self._fit([c + OFFSET for c in self._noised(requests[i].args[0]).encode()], [0] * n)
+                          for i in rows]
                 prompts = [ids[:len(ids) - n] for ids in fitted]
                 texts = self._generator.generate(prompts, n, temperature=temperature, top_k=top_k, top_p=top_p,
                                                  seed=seed, stop=list(until) or None)
@@ -183,14 +201,14 @@ class BLTLM(LM):
 
 def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
                    batch_size: int = 8, device: str | None = None, dtype: str | None = None,
-                   include_path: str | None = None, seed: int = 0) -> dict:
+                   include_path: str | None = None, seed: int = 0, noise: str | None = None) -> dict:
     """`lm_eval.simple_evaluate` of `tasks` on a bltkit model (a directory, a loaded model, or None
-    for the bundled one); returns the harness's results dict."""
+    for the bundled one), its contexts noised where `noise` says; returns the harness's results dict."""
     _need_harness()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = BLTLM(model, device=device, dtype=dtype, batch_size=batch_size)
+    lm = BLTLM(model, device=device, dtype=dtype, batch_size=batch_size, noise=noise, noise_seed=seed)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
