@@ -29,6 +29,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="score only the first N bytes of each source (documents in order, the last one "
                         "cut); the output says so")
     b.add_argument("--json", action="store_true", help="print the result dictionary as JSON")
+    b.add_argument("--baseline", default=None, metavar="HF_MODEL",
+                   help="also a tokenized (BPE) transformers causal LM on the same documents, in the same "
+                        "bits per byte (a folder, or a hub id where there is a network; bltkit.eval.baseline)")
+    b.add_argument("--baseline-seq-len", type=int, default=None, metavar="TOKENS",
+                   help="the baseline's tokens a window (default: its position limit)")
     t = sub.add_parser("tasks", help="downstream tasks with lm-evaluation-harness (pip install 'bltkit[eval]')",
                        description="Runs lm-evaluation-harness tasks (hellaswag, arc_easy, piqa, ...) on a "
                        "bltkit model, on bytes: log-likelihoods from the model's forward, generation with "
@@ -71,6 +76,13 @@ def cmd_eval(args) -> None:
         args.model = str(bundled_model_dir())
     result = evaluate_bpb(args.model, args.files, seq_len=args.seq_len, batch_size=args.batch_size,
                           device=_device(args.device), text_field=args.text_field, max_bytes=args.max_bytes)
+    if args.baseline is not None:
+        from .eval.baseline import baseline_bpb, load_baseline
+
+        model, tokenizer = load_baseline(args.baseline, device=_device(args.device))
+        result["baseline"] = {"model": args.baseline, **baseline_bpb(
+            model, tokenizer, args.files, seq_len=args.baseline_seq_len, batch_size=args.batch_size,
+            text_field=args.text_field, max_bytes=args.max_bytes)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -80,6 +92,14 @@ def cmd_eval(args) -> None:
         print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{patch}  {row['bpb']:.3f} bpb")
     cap = f"; only the first {result['max_bytes']:,} bytes of each source" if result["max_bytes"] else ""
     print(f"({result['note']}; windows of {result['seq_len']} bytes{cap})")
+    if "baseline" in result:
+        base = result["baseline"]
+        print(f"baseline {base['model']} (tokens; windows of {base['seq_len']} tokens):")
+        for row in [*base["files"], {"path": "overall", **base["overall"]}]:
+            per = f"  {row['bytes_per_token']:5.2f} bytes/token" if "bytes_per_token" in row else ""
+            print(f"{row['path']:<{width}}  {row['bytes']:>13,} bytes{per}  {row['bpb']:.3f} bpb")
+        print(f"(the baseline's nats over the same count of bytes, BOS and EOS included; BLT / baseline: "
+              f"{result['overall']['bpb'] / base['overall']['bpb']:.3f})")
 
 
 def _eval_tasks(args) -> None:

@@ -1,0 +1,100 @@
+"""Bits per byte of a tokenized language model (a BPE baseline) on the same documents as
+`bltkit.eval.bpb`, so that a BLT and a token-level model compare in one unit (the `hf` extra).
+
+A Hugging Face causal LM (`transformers.AutoModelForCausalLM` with its tokenizer, a local folder or
+a hub id) reads each document as its tokenizer splits it, between the tokenizer's BOS and EOS
+tokens (where it has only one, that one on both sides), the documents one stream cut into windows
+of the model's length, each token after a window's first predicted once (the windowing of
+`bltkit.eval.bpb`). The nats of all those predictions are divided by ln 2 times the same count a
+BLT's bits per byte divides by: the documents' bytes plus, for their BOS and EOS, 2 a document less
+one. Both then measure the bits to encode the same documents, boundaries included, per byte.
+Documents must be valid UTF-8 (a tokenizer reads text; a BLT reads any bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def load_baseline(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a Hugging Face causal LM, in eval mode."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ValueError("a BPE baseline is a transformers model: pip install 'bltkit[hf]'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name))
+        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype).to(device).eval()
+    except OSError as e:
+        raise ValueError(f"cannot load the baseline {name}: {e}") from None
+    return model, tokenizer
+
+
+def _ids(docs, tokenizer, where: str) -> tuple[list[int], int, int]:
+    """The token stream of `docs` (BOS + tokens + EOS each), their byte count and document count."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = (bos if bos is not None else eos), (eos if eos is not None else bos)
+    if bos is None:
+        raise ValueError("the baseline's tokenizer has neither a BOS nor an EOS token to mark documents")
+    ids: list[int] = []
+    n_bytes = n_docs = 0
+    for i, doc in enumerate(docs):
+        try:
+            text = doc.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: document {i} is not valid UTF-8 (byte {e.start}); a tokenizer reads "
+                             "text, so the baseline cannot score it") from None
+        ids += [bos, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        n_bytes += len(doc)
+        n_docs += 1
+    return ids, n_bytes, n_docs
+
+
+@torch.no_grad()
+def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: int | None = None,
+                 batch_size: int = 8, text_field: str = "text", max_bytes: int | None = None) -> dict:
+    """Bits per byte of a tokenized model on each source and overall, comparable to `evaluate_bpb`'s.
+
+    Returns {"files": [{"path", "bytes", "documents", "tokens", "nats", "bpb", "bytes_per_token"}],
+    "overall": {"bytes", "nats", "bpb"}, "seq_len"}; `seq_len` is tokens a window (default: the
+    model's position limit).
+    """
+    from ..data import iter_documents
+    from .bpb import _first_bytes
+
+    if seq_len is None:
+        seq_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"seq_len must be >= 2 tokens and batch_size >= 1, got {seq_len}, {batch_size}")
+    device = next(model.parameters()).device
+    files = []
+    for path in paths:
+        ids, n_bytes, n_docs = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer, str(path))
+        if n_docs == 0:
+            raise ValueError(f"{path} holds no documents")
+        windows = [ids[s:s + seq_len] for s in range(0, len(ids) - 1, seq_len - 1)]  # overlapping by one id
+        windows = [w for w in windows if len(w) >= 2]
+        nats = 0.0
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b:b + batch_size]
+            T = max(len(w) for w in chunk)
+            x = torch.full((len(chunk), T), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
+            for r, w in enumerate(chunk):
+                x[r, :len(w)] = torch.tensor(w)
+                mask[r, :len(w)] = 1
+            logits = model(input_ids=x, attention_mask=mask).logits.float()
+            lp = F.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None])[..., 0]
+            nats -= float((lp * mask[:, 1:]).sum())
+        targets = n_bytes + 2 * n_docs - 1  # what a BLT's bits per byte divides by
+        files.append({"path": str(path), "bytes": n_bytes, "documents": n_docs, "tokens": len(ids) - 2 * n_docs,
+                      "nats": nats, "bpb": nats / (math.log(2) * targets), "targets": targets,
+                      "bytes_per_token": n_bytes / max(1, len(ids) - 2 * n_docs)})
+    nats, targets = sum(f["nats"] for f in files), sum(f["targets"] for f in files)
+    return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), "nats": nats,
+                                        "bpb": nats / (math.log(2) * targets)}, "seq_len": seq_len}
