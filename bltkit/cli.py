@@ -169,14 +169,20 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-patch-length", type=int, default=None, help="close patches at this many bytes")
     p.add_argument("--patch-size", type=float, default=None, help="patch size for static mode")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="also write a page of the text cut into its patches, shaded by the entropy that "
+                        "opened each (open it in a browser)")
 
 
 def cmd_patch(args) -> None:
-    from .inspect import patch_report, render_patch_report
+    from .inspect import patch_report, render_patch_html, render_patch_report
 
     report = patch_report(_resolve_model(args.model), _read_text_arg(args.text), mode=args.mode,
                           threshold=args.threshold, max_patch_length=args.max_patch_length,
                           patch_size=args.patch_size)
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(render_patch_html(report))
     print(json.dumps(report, ensure_ascii=False) if args.json else render_patch_report(report))
 
 

@@ -86,6 +86,36 @@ def render_patch_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_patch_html(r: dict) -> str:
+    """A standalone HTML page of a patch report: the text with each patch a box of its own (two
+    shades in turn), its left edge the darker the higher the entropy that opened it (H of the byte
+    before it; red past the threshold), and a tooltip with its bytes and that entropy."""
+    import html
+
+    H, theta, starts = r["entropies"], r["threshold"], r["starts"]
+    top = max(H) if H else 1.0
+    spans = []
+    for k, (text, s) in enumerate(zip(r["patches"], starts, strict=True)):
+        if r["tokens"][s:s + r["patch_lengths"][k]] == [BOS_ID]:
+            continue  # BOS's own patch
+        h = H[s - 1] if H is not None and s >= 2 else None  # (byte 1 starts a patch by rule)
+        edge = "#999" if h is None else (f"rgb({int(255 * h / top)},0,0)" if theta is not None and h > theta
+                                         else f"rgb(0,0,{int(255 * h / top)})")
+        tip = f"patch {k}: {r['patch_lengths'][k]} bytes" + (f"; opened at H = {h:.3f} nats" if h is not None else "")
+        spans.append(f'<span class="p{k % 2}" style="border-left-color:{edge}" title="{html.escape(tip)}">'
+                     f"{html.escape(text)}</span>")
+    summary = (f"{r['n_bytes']} bytes, {r['n_patches']} patches, mean patch length {r['mean_patch_length']:.2f}, "
+               f"mode {r['mode']}" + (f", threshold {theta:.4f} nats" if theta is not None else ""))
+    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>BLT patches</title><style>"
+            "body{font-family:sans-serif;margin:2em}"
+            ".t{font-family:monospace;white-space:pre-wrap;line-height:2}"
+            ".p0,.p1{border-left:3px solid;padding:1px 1px}.p0{background:#eef}.p1{background:#efe}"
+            "</style></head><body>\n"
+            f"<p>{html.escape(summary)}</p>\n<p class=\"t\">{''.join(spans)}</p>\n"
+            "<p><small>each box is a patch; its left edge shows the entropy of the byte before it, which opened it "
+            "(darker: higher; red: over the threshold)</small></p>\n</body></html>\n")
+
+
 @torch.no_grad()
 def calibrate_threshold(model_dir: str, paths: list[str], target_mean_patch: float, max_bytes: int = 2_000_000,
                         seq_len: int = 4096, device: str | None = None) -> dict:

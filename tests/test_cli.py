@@ -74,6 +74,23 @@ def test_patch_json_matches_the_model(model_dir, capsys):
         assert set(json.loads(capsys.readouterr().out)["patch_lengths"][1:-1]) == {4}
 
 
+def test_patch_html_shows_every_patch(model_dir, tmp_path, capsys):
+    """--html writes a page with one box per patch (BOS's aside), the text escaped and in order,
+    and each box's tooltip naming its bytes and the entropy that opened it."""
+    import html as html_lib
+    import re
+
+    text = "Patches <start> where & the entropy is high."
+    page = tmp_path / "p.html"
+    main(["patch", "--model", str(model_dir), text, "--json", "--html", str(page)])
+    r = json.loads(capsys.readouterr().out)
+    boxes = re.findall(r'<span class="p[01]"[^>]*title="([^"]*)">([^<]*)</span>', page.read_text())
+    assert len(boxes) == r["n_patches"]
+    assert "".join(html_lib.unescape(t) for _, t in boxes) == text
+    assert all(f"{n} bytes" in tip for (tip, _), n in zip(boxes, r["patch_lengths"][1:], strict=True))
+    assert sum("opened at H" in tip for tip, _ in boxes) == r["n_patches"] - 1  # byte 1 opens by rule
+
+
 def test_calibrate_hits_the_target(model_dir, tmp_path, capsys):
     f = tmp_path / "t.txt"
     f.write_text("Some English prose to calibrate on, repeated with variations. " * 30)
