@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 # -- eval -----------------------------------------------------------------------------------------
 
@@ -40,7 +41,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                        "bltkit's Generator. The tasks' datasets come from the Hugging Face hub (a network, "
                        "or its cache) or from a folder of task YAMLs (--include-path).")
     t.add_argument("--tasks", required=True, help="comma-separated task or group names")
-    t.add_argument("--model", default=None, help="BLT directory (default: the bundled model)")
+    t.add_argument("--model", default=None,
+                   help="BLT directory (default: the bundled model); an entropy model's serves scoring tasks only")
     t.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
     t.add_argument("--limit", type=float, default=None,
                    help="documents a task, or a share of them below 1 (for a quick look; not comparable scores)")
@@ -74,15 +76,19 @@ def cmd_eval(args) -> None:
         from .bundled import bundled_model_dir
 
         args.model = str(bundled_model_dir())
-    result = evaluate_bpb(args.model, args.files, seq_len=args.seq_len, batch_size=args.batch_size,
-                          device=_device(args.device), text_field=args.text_field, max_bytes=args.max_bytes)
-    if args.baseline is not None:
+    baseline = None
+    if args.baseline is not None:  # first: what it cannot read is refused before the BLT's run
         from .eval.baseline import baseline_bpb, load_baseline
 
         model, tokenizer = load_baseline(args.baseline, device=_device(args.device))
-        result["baseline"] = {"model": args.baseline, **baseline_bpb(
+        baseline = {"model": args.baseline, **baseline_bpb(
             model, tokenizer, args.files, seq_len=args.baseline_seq_len, batch_size=args.batch_size,
             text_field=args.text_field, max_bytes=args.max_bytes)}
+        del model, tokenizer
+    result = evaluate_bpb(args.model, args.files, seq_len=args.seq_len, batch_size=args.batch_size,
+                          device=_device(args.device), text_field=args.text_field, max_bytes=args.max_bytes)
+    if baseline is not None:
+        result["baseline"] = baseline
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -108,6 +114,10 @@ def _eval_tasks(args) -> None:
     except ImportError as e:
         raise ValueError(str(e)) from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.output is not None:  # checked before the evaluation, not after it
+        out = Path(args.output)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ValueError(f"--output {out}: give a file in an existing folder")
     try:
         result = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                 batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype,

@@ -71,6 +71,8 @@ def test_bits_per_byte_of_the_token_stream(baseline_dir, tmp_path):
             assert f["nats"] == pytest.approx(want, rel=1e-5)
             assert f["bpb"] == pytest.approx(want / (math.log(2) * (len(text.encode()) + 1)), rel=1e-5)
         assert r["overall"]["bytes"] == len(a.read_bytes()) + len(b.read_bytes())
+    with pytest.raises(ValueError, match="exceeds the baseline's 64 positions"):  # (an IndexError before)
+        baseline_bpb(model, tokenizer, [a], seq_len=65)
 
 
 def test_cli_prints_both_and_refuses_bytes_it_cannot_read(baseline_dir, tmp_path, capsys):

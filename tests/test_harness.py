@@ -60,8 +60,6 @@ def test_a_long_context_keeps_its_last_bytes(make_tiny_model):
     ((lp, _),) = lm.loglikelihood(_requests("loglikelihood", [(context, cont)]))
     kept = context[len(context) - (24 - 1 - len(cont)):]
     assert lp == pytest.approx(_forward_score(model, kept, cont)[0], abs=1e-5)
-    with pytest.raises(ValueError, match="does not fit"):
-        lm.loglikelihood(_requests("loglikelihood", [("a", "b" * 30)]))
 
 
 def test_rolling_scores_each_byte_once(make_tiny_model):
@@ -115,6 +113,34 @@ def test_noise_perturbs_the_contexts_only(tiny_model):
         BLTLM("/nonexistent", noise="blur")
 
 
+def test_what_does_not_fit_or_cannot_apply(make_tiny_model, tiny_model, capsys):
+    """A generation longer than the model is shortened to fit (reported), an answer longer than
+    the model keeps its last bytes as a context does, a rolling task's own window cuts are not
+    reported as the user's, noise on a rolling task is refused (the harness would divide by the
+    clean length), sampled generation takes the seed, and a given dtype leaves the caller's model."""
+    model = make_tiny_model()
+    model.config = dataclasses.replace(model.config, max_bytes=24)
+    lm = BLTLM(model)
+    (text,) = lm.generate_until(_requests("generate_until", [("Once", {"max_gen_toks": 1000})]))
+    assert "asked for more bytes than the model's 24 allow: generated 22" in capsys.readouterr().out
+    assert text == Generator(model).generate(b"e", 22)[0].decode("utf-8", errors="replace")  # Once's last byte
+    ((lp, _),) = lm.loglikelihood(_requests("loglikelihood", [("ctx", "z" * 30)]))
+    assert lp == pytest.approx(_forward_score(model, "", "z" * 23)[0], abs=1e-5)
+    assert "1 request(s) longer than the model's 24 bytes" in capsys.readouterr().out
+    lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [("a document of sixty bytes or so, " * 2,)]))
+    assert "longer than the model" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="run it without --noise"):
+        BLTLM(model, noise="drop").loglikelihood_rolling(_requests("loglikelihood_rolling", [("text",)]))
+    sampled = [BLTLM(tiny_model, noise_seed=s).generate_until(_requests("generate_until", [
+        ("Once", {"max_gen_toks": 12, "do_sample": True, "temperature": 1.0})]))[0] for s in (1, 2, 1)]
+    assert sampled[0] == sampled[2] != sampled[1]
+    BLTLM(tiny_model, dtype="bf16")
+    assert next(tiny_model.parameters()).dtype == torch.float32
+    for kw, match in (({"dtype": "int8"}, "dtype 'int8'"), ({"batch_size": "auto"}, "whole numbers")):
+        with pytest.raises(ValueError, match=match):
+            BLTLM(tiny_model, **kw)
+
+
 def test_cli_eval_tasks_on_a_local_task(make_tiny_model, tmp_path, capsys, monkeypatch):
     """`blt eval tasks` runs the harness end to end on task YAMLs of a local folder (a
     multiple-choice and a generation task over a local JSON lines file), offline."""
@@ -148,3 +174,6 @@ def test_cli_eval_tasks_on_a_local_task(make_tiny_model, tmp_path, capsys, monke
         main(["eval", "tasks", "--tasks", "no_such_task", "--model", str(tmp_path / "m"), "--include-path",
               str(tasks), "--device", "cpu"])
     assert "unknown task(s) no_such_task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before the evaluation, not after it
+        main(["eval", "tasks", "--tasks", "toy_mc", "--model", str(tmp_path / "m"), "--output", str(tmp_path)])
+    assert "give a file in an existing folder" in capsys.readouterr().err

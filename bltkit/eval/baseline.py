@@ -67,14 +67,21 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
     from ..data import iter_documents
     from .bpb import _first_bytes
 
-    if seq_len is None:
-        seq_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    seq_len = (limit or 1024) if seq_len is None else seq_len
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"seq_len must be >= 2 tokens and batch_size >= 1, got {seq_len}, {batch_size}")
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} exceeds the baseline's {limit} positions")
     device = next(model.parameters()).device
     files = []
     for path in paths:
-        ids, n_bytes, n_docs = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer, str(path))
+        try:
+            ids, n_bytes, n_docs = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer,
+                                        str(path))
+        except ValueError as e:
+            cut = f" (--max-bytes {max_bytes} may cut a character: try a few more or fewer)" if max_bytes else ""
+            raise ValueError(f"{e}{cut}") from None
         if n_docs == 0:
             raise ValueError(f"{path} holds no documents")
         windows = [ids[s:s + seq_len] for s in range(0, len(ids) - 1, seq_len - 1)]  # overlapping by one id
@@ -96,5 +103,5 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
                       "nats": nats, "bpb": nats / (math.log(2) * targets), "targets": targets,
                       "bytes_per_token": n_bytes / max(1, len(ids) - 2 * n_docs)})
     nats, targets = sum(f["nats"] for f in files), sum(f["targets"] for f in files)
-    return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), "nats": nats,
+    return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), "targets": targets, "nats": nats,
                                         "bpb": nats / (math.log(2) * targets)}, "seq_len": seq_len}

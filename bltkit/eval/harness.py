@@ -51,7 +51,9 @@ class BLTLM(LM):
             which scoring on a CPU wants; bf16 on a GPU is faster and rounds the log-probs).
         batch_size: sequences a forward (scoring) and rows a generate call.
         max_gen_bytes: generation's length where a request gives no max_gen_toks.
-        noise, noise_seed: character noise for the contexts (`bltkit.eval.noise`), None for none.
+        noise, noise_seed: character noise for the contexts (`bltkit.eval.noise`), None for none;
+            noise_seed is also sampled generation's seed where a request names none.
+    A loaded model given with a device or dtype is copied there (the caller's stays as it is).
     """
 
     def __init__(self, model=None, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -67,9 +69,19 @@ class BLTLM(LM):
         from ..checkpoint import load_model
         from ..model import BLT
 
+        try:
+            batch_size, max_gen_bytes = int(batch_size), int(max_gen_bytes)
+        except ValueError:
+            raise ValueError(f"batch_size and max_gen_bytes are whole numbers, got {batch_size!r}, "
+                             f"{max_gen_bytes!r}") from None
+        if batch_size < 1 or max_gen_bytes < 1:
+            raise ValueError(f"batch_size and max_gen_bytes must be >= 1, got {batch_size}, {max_gen_bytes}")
         if isinstance(dtype, str):
-            dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+            names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+            if dtype not in names:
+                raise ValueError(f"dtype {dtype!r}: choose from {', '.join(names)}")
+            dtype = names[dtype]
         if model is None or isinstance(model, (str, os.PathLike)):
             if model is None:
                 from ..bundled import bundled_model_dir
@@ -78,17 +90,17 @@ class BLTLM(LM):
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model = load_model(model, device=device, dtype=dtype or torch.float32)
         elif device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
+            import copy
+
+            model = copy.deepcopy(model).to(device=device, dtype=dtype)
         self.model = model.eval()
         self.is_blt = isinstance(model, BLT)
         cfg = model.config
         # ids a sequence may hold (a BLT's T ids make at most T+1 patches)
         self.max_length = min(cfg.max_bytes, cfg.max_patches - 1) if self.is_blt else cfg.max_seqlen
-        self.batch_size = int(batch_size)
-        self.max_gen_bytes = int(max_gen_bytes)
-        if self.batch_size < 1 or self.max_gen_bytes < 1:
-            raise ValueError(f"batch_size and max_gen_bytes must be >= 1, got {batch_size}, {max_gen_bytes}")
-        self.truncated = 0  # contexts cut on the left to fit max_length
+        self.batch_size, self.max_gen_bytes = batch_size, max_gen_bytes
+        self.truncated = 0  # contexts (or answers) cut on the left to fit max_length
+        self.capped = 0  # generations shortened to fit max_length
         self._generator = None
 
     @property
@@ -97,23 +109,22 @@ class BLTLM(LM):
 
     # -- scoring ----------------------------------------------------------------------------------
 
-    def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
-        """BOS + context + continuation ids, the context's oldest bytes dropped where they do not fit."""
-        room = self.max_length - 1 - len(continuation)
-        if room < 0:
-            raise ValueError(f"a continuation of {len(continuation)} bytes does not fit the model's "
-                             f"{self.max_length} bytes")
-        if len(context) > room:
-            self.truncated += 1
-            context = context[len(context) - room:] if room else []
-        return [BOS_ID, *context, *continuation]
+    def _fit(self, context: list[int], continuation: list[int], count: bool = True) -> list[int]:
+        """BOS + context + continuation ids, the oldest bytes dropped where they do not fit: the
+        context's, and past it the continuation's (the harness's Hugging Face models cut the
+        joined sequence on the left too); `count` tallies the cuts for the report."""
+        joined = [*context, *continuation]
+        if len(joined) > self.max_length - 1:
+            self.truncated += count
+            joined = joined[len(joined) - (self.max_length - 1):]
+        return [BOS_ID, *joined]
 
     @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]], count: bool = True) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy) for (context ids, continuation ids) without BOS,
         in batches of similar lengths, right-padded with 0: the model is causal (and so is its
         patcher), so padding after a row changes none of its logits."""
-        seqs = [self._fit(ctx, cont) for ctx, cont in pairs]
+        seqs = [self._fit(ctx, cont, count) for ctx, cont in pairs]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out: list[tuple[float, bool]] = [(0.0, True)] * len(seqs)
         for b in range(0, len(order), self.batch_size):
@@ -124,7 +135,7 @@ class BLTLM(LM):
                 x[r, :len(seqs[i])] = torch.tensor(seqs[i])
             logp = F.log_softmax(self.model(x).float(), dim=-1)
             for r, i in enumerate(rows):
-                n, m = len(seqs[i]), len(pairs[i][1])
+                n, m = len(seqs[i]), min(len(pairs[i][1]), len(seqs[i]) - 1)
                 if m == 0:
                     continue
                 target = x[r, n - m:n]
@@ -147,15 +158,19 @@ class BLTLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+        if self.noise is not None:  # the harness divides by the clean document's bytes
+            raise ValueError("noise perturbs contexts; a rolling task scores the document itself, whose bits per "
+                             "byte the harness would divide by the clean length: run it without --noise")
         result = []
         for req in requests:
-            ids = encode(self._noised(req.args[0]), bos=False, eos=False)
+            ids = encode(req.args[0], bos=False, eos=False)
             # windows of at most max_length ids, BOS as the prefix; each window's context ids are
             # earlier document bytes, its continuation the bytes it scores (each byte once)
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=ids, prefix_token=BOS_ID, max_seq_len=self.max_length - 1, context_len=1)]
             pairs = [([i for i in ctx if i != BOS_ID], cont) for ctx, cont in windows]
-            result.append(sum(lp for lp, _ in self._score(pairs)))
+            # (a window's context is cut by the rule above, not a user's text: not reported)
+            result.append(sum(lp for lp, _ in self._score(pairs, count=False)))
         return self._report(result)
 
     # -- generation -------------------------------------------------------------------------------
@@ -172,18 +187,23 @@ class BLTLM(LM):
         for i, req in enumerate(requests):
             kw = dict(req.args[1])
             until = kw.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
+            until = [u for u in ([until] if isinstance(until, str) else list(until or [])) if u]
             n = int(kw.pop("max_gen_toks", self.max_gen_bytes))
+            if n > self.max_length - 2:  # room for BOS and one context byte
+                self.capped += 1
+                n = max(0, self.max_length - 2)
             sample = bool(kw.pop("do_sample", False))
             temperature = float(kw.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
-            key = (tuple(until), n, temperature, kw.pop("top_k", None), kw.pop("top_p", None), kw.pop("seed", None))
+            seed = kw.pop("seed", None)
+            key = (tuple(until), n, temperature, kw.pop("top_k", None), kw.pop("top_p", None),
+                   self.noise_seed if seed is None else seed)
             groups.setdefault(key, []).append(i)
         for (until, n, temperature, top_k, top_p, seed), idx in groups.items():
             for b in range(0, len(idx), self.batch_size):
                 rows = idx[b:b + self.batch_size]
                 # BOS + the context, cut on the left so that n new bytes fit
                 fitted = [self._fit([c + OFFSET for c in self._noised(requests[i].args[0]).encode()], [0] * n)
-                          for i in rows]
+                          for i in rows]  # (the [0] * n: room for the new bytes)
                 prompts = [ids[:len(ids) - n] for ids in fitted]
                 texts = self._generator.generate(prompts, n, temperature=temperature, top_k=top_k, top_p=top_p,
                                                  seed=seed, stop=list(until) or None)
@@ -193,9 +213,13 @@ class BLTLM(LM):
 
     def _report(self, result):
         if self.truncated:
-            print(f"bltkit: {self.truncated} context(s) longer than the model's {self.max_length} bytes kept "
+            print(f"bltkit: {self.truncated} request(s) longer than the model's {self.max_length} bytes kept "
                   "their last bytes", flush=True)
             self.truncated = 0
+        if self.capped:
+            print(f"bltkit: {self.capped} generation request(s) asked for more bytes than the model's "
+                  f"{self.max_length} allow: generated {max(0, self.max_length - 2)}", flush=True)
+            self.capped = 0
         return result
 
 
@@ -208,6 +232,10 @@ def evaluate_tasks(model, tasks: Sequence[str], num_fewshot: int | None = None, 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if limit is not None and not limit > 0:
+        raise ValueError(f"limit must be > 0 (documents a task, or a share of them below 1), got {limit}")
     lm = BLTLM(model, device=device, dtype=dtype, batch_size=batch_size, noise=noise, noise_seed=seed)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
