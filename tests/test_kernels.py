@@ -741,8 +741,10 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     # at least a step's decoder cross layers (the self-attention's calls are rope_attend's with it)
     assert len(calls) + len(fused_rows) + len(cross_calls) >= 12 * len(model.local_decoder.cross_attn_layers)
     assert set(hash_rows) == ({len(prompts)} if cross_attend else set())
-    assert len(hash_rows) >= 12 * cross_attend
-    assert min(step_calls["advance"], step_calls["feed"]) >= 12 * cross_attend
+    # a call a step on a CPU; on a GPU the CUDA graphs replay what was traced once or twice
+    traced = 12 if model.device.type == "cpu" else 1
+    assert len(hash_rows) >= traced * cross_attend
+    assert min(step_calls["advance"], step_calls["feed"]) >= traced * cross_attend
     assert bool(step_calls) == cross_attend
 
 
