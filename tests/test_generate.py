@@ -607,8 +607,8 @@ def test_entropy_model_on_fewer_sms_equals_plain_steps(monkeypatch):
     assert ovl._green is not None
     for kw in ({}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
         plain = Generator(model, kernels=None, overlap=False)
-        assert plain._green is None  # not overlapping: the entropy model on the chain's stream
         want = plain.generate_ids(prompts, 40, stop_at_eos=False, **kw)
+        assert plain._green is None  # not overlapping: the entropy model on the chain's stream
         assert ovl.generate_ids(prompts, 40, stop_at_eos=False, **kw) == want
         torch.testing.assert_close(ovl.logits, plain.logits, rtol=0, atol=0)
 
