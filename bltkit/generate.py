@@ -500,9 +500,8 @@ GLOBAL_BOUNDS = True
 # encoder's, the decoder's) by the step's position, each row's document start and the window
 # (kernels.attend's `ring`) where this is True and the attention kernel runs over the ring,
 # instead of writing the ring's positions and documents and building its additive mask: one
-# kernel a ring and step where that took about ten (twenty-third session, not yet timed on a GPU,
-# where `profile_generate.py --variants kernels-noringbounds,kernels` compares); read when a
-# Generator is made
+# kernel a ring and step where that took about ten (twenty-third session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on,
+# 2.29 with this off); read when a Generator is made
 RING_BOUNDS = True
 
 # Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows with each residual add (the
@@ -537,10 +536,8 @@ STREAM_PRIORITY = True
 # PATCH_EVERY_BYTE_ROWS rows or more, CUDA), the patch step's counts (the rows' patch positions,
 # documents, the open patch's start, length and pooling: 14 small kernels) run on the second
 # stream beside the decoder, which reads none of them, where this is True; the decoder's cross K/V
-# stay on the chain (twenty-fourth session, not yet run on a GPU, where
-# `tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps` checks it and
-# `profile_generate.py --batch 64 --variants kernels-nosidecounts,kernels` compares); read as the
-# steps are traced
+# stay on the chain (twenty-fourth session; `tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps`
+# checks it; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.29 with this off); read as the steps are traced
 SIDE_COUNTS = True
 
 # with the global step beside the entropy model (Generator(overlap=True), batches of
@@ -548,33 +545,32 @@ SIDE_COUNTS = True
 # context of this many SMs where this is a number (None: every SM, as before). Its ~140 small
 # kernels a byte spread over the whole GPU slow the global stack's layers beside them from ~64 to
 # ~76 µs (~0.19 ms a step at 64 rows, twenty-second session, `benchmarks/entropy_contention.py`);
-# confined to some SMs, they leave the others to the chain, and it has ~0.8 ms of slack to finish
-# later in. The chain's own stream keeps every SM (twenty-fifth session, not yet run on a GPU:
-# `profile_generate.py --batch 64 --variants kernels-sms32,kernels` compares; needs PyTorch's
-# torch.cuda.green_contexts with GreenContext.Stream() and a CUDA 12.4+ driver); read when a
+# confined to some SMs, they might leave the others to the chain. They did not: on an H200
+# (twenty-fifth session, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32 --variants
+# kernels,kernels-sms16,kernels-sms32,kernels-sms48,kernels,kernels-sms32,kernels-sms64`) 16 SMs
+# took 2.81 ms a step, 32 2.30 and 2.31, 48 2.30, 64 2.28, against 2.26 and 2.27 on every SM; so
+# off. It works inside the captured graphs (test_entropy_model_on_fewer_sms_equals_plain_steps
+# passed there); needs torch.cuda.green_contexts with GreenContext.Stream(); read when a
 # Generator is made
 ENTROPY_SMS: int | None = None
 
 # Generator(kernels=True) runs a byte's advance (documents, n) and the feed of the next byte as
 # kernels.advance and kernels.feed where this is True: one kernel each where PyTorch takes four,
 # on the chain between the decoder and the next byte's front at every batch size (twenty-fourth
-# session, not yet timed on a GPU, where `profile_generate.py --variants kernels-nostep,kernels`
-# compares); read when a Generator is made
+# session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.27 with this off); read when a Generator is made
 STEP_KERNELS = True
 
 # Generator(kernels=True) embeds each step's byte (its byte row and hash n-gram rows: BLT.embed)
 # with kernels.hash_embed, one kernel where the ids' window, products, sum, floor mod, offsets,
 # bag lookup and add took about ten, on the chain before the encoder at every batch size
-# (twenty-fourth session, not yet timed on a GPU, where `profile_generate.py --variants
-# kernels-nohash,kernels` compares); read when a Generator is made
+# (twenty-fourth session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.29 with this off); read when a Generator is made
 HASH_EMBED = True
 
 # Generator(kernels=True) runs the decoder's cross-attention past KERNEL_MAX_ROWS rows as
 # kernels.cross_attend (the q product of the normed rows and the attention over the closed
 # patch's units in one kernel, row blocks of q by tl.dot), where cuBLAS's q product and
 # kernels.attend took two: one kernel fewer a decoder layer on the batch-64 chain (twenty-fourth
-# session, not yet timed on a GPU, where `profile_generate.py --batch 64 --variants
-# kernels-nocrossq,kernels` compares); read when a Generator is made
+# session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.28 with this off); read when a Generator is made
 CROSS_ATTEND = True
 
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
