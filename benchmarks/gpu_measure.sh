@@ -31,21 +31,11 @@
 # and the 2,048-byte cells (docs/benchmarks.md); the twenty-second gpu_tests, profile_generate_b64
 # with GEN64_VARIANTS=kernels-nodecnorms,kernels-nobounds,kernels, kernels.rope_attend and stream
 # priorities (profile_generate.py --batch 64, kernels-noropeattend / kernels-nopriority) and
-# generate_kernels; the twenty-third and twenty-fourth got no GPU. Next, the kernels tested compiled
-# and the untimed switches (the rings' bounds RING_BOUNDS, the byte's embedding HASH_EMBED, the
-# decoder's cross-attention with its q product CROSS_ATTEND, the patch step's counts beside the
-# decoder SIDE_COUNTS, the advance and feed kernels STEP_KERNELS) timed off and on at 64 rows:
-#   ONLY="gpu_tests profile_generate_b64" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
-#     GEN64_VARIANTS=kernels-noringbounds,kernels-nohash,kernels-nocrossq,kernels-nosidecounts,kernels-nostep,kernels
-# then the same in the other order, and batch 1 with and without the embedding kernel:
-#   ONLY="profile_generate_b64 profile_generate" GEN64_TABLE=--no-tables GEN64_LIMIT=280 \
-#     GEN64_VARIANTS=kernels,kernels-nostep,kernels-nosidecounts,kernels-nocrossq,kernels-nohash,kernels-noringbounds \
-#     GEN_VARIANTS=kernels-nohash,kernels-nostep,kernels,kernels-nohash,kernels-nostep,kernels
-# then the entropy model's stream on fewer SMs (a CUDA green context, ENTROPY_SMS; its test is in
-# gpu_tests) against every SM, twice:
-#   ONLY=profile_generate_b64 GEN64_TABLE=--no-tables GEN64_LIMIT=400 \
-#     GEN64_VARIANTS=kernels,kernels-sms16,kernels-sms32,kernels-sms48,kernels-sms64,kernels,kernels-sms32,kernels-sms48
-# then the grid (its 2,048-byte cells with rope_attend limited to short caches): ONLY=generate_kernels
+# generate_kernels; the twenty-third and twenty-fourth got no GPU; the twenty-fifth gpu_tests,
+# profile_generate_b64 with the twenty-third and twenty-fourth sessions' switches off one at a time
+# (all kept), ENTROPY_SMS (lost), generate_kernels and a batch-64 trace (docs/benchmarks.md). Next:
+# the attention kernel at 64 rows (13 µs a call, 654 µs a step; ONLY=attend_configs), then
+#   ONLY=profile_generate_b64 GEN64_TABLE="--table-kernels" GEN64_VARIANTS=kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)
