@@ -1654,6 +1654,7 @@ class Generator:
             raise ValueError(f"max_new_bytes must be a whole number >= 0, got {max_new_bytes!r}")
         check_sampling(temperature, top_k, top_p)
         stop_bytes = _stop_bytes(stop)
+        longest_stop = max(map(len, stop_bytes), default=0)  # the tail a new byte may complete one in
         if not ids:  # an empty batch
             self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "new_bytes": 0, "steps": 0, "patches": 0, "bytes_read": 0}
             return []
@@ -1712,7 +1713,7 @@ class Generator:
                     if on_step is not None:
                         on_step(r, tok, closes[r])  # closes[r]: this byte starts a patch
                     if stop_bytes:  # (also on the last byte max_new_bytes allows)
-                        tail = to_bytes(out[r][-max(len(s) for s in stop_bytes) - 1:])
+                        tail = to_bytes(out[r][-longest_stop - 1:])
                         hit = [s for s in stop_bytes if tail.endswith(s)]
                         if hit:
                             del out[r][len(out[r]) - len(hit[0]):]

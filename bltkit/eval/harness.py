@@ -77,11 +77,11 @@ class BLTLM(LM):
         if batch_size < 1 or max_gen_bytes < 1:
             raise ValueError(f"batch_size and max_gen_bytes must be >= 1, got {batch_size}, {max_gen_bytes}")
         if isinstance(dtype, str):
-            names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                     "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-            if dtype not in names:
-                raise ValueError(f"dtype {dtype!r}: choose from {', '.join(names)}")
-            dtype = names[dtype]
+            from ..cli import DTYPES  # (the commands' dtype names)
+
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+            dtype = getattr(torch, DTYPES[dtype])
         if model is None or isinstance(model, (str, os.PathLike)):
             if model is None:
                 from ..bundled import bundled_model_dir
