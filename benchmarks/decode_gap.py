@@ -1,20 +1,22 @@
-"""Why a batch-64 step costs more in the grid than in the profile (issue 4).
+"""The batch-64 step as the grid times it (issue 4), under variants of the generator's switches.
 
 The twenty-fifth session's grid (`generate.py`, 128 new bytes after 64 distinct 64-byte prompts)
 made 25,984 bytes/s, 2.46 ms a step, where `profile_generate.py --batch 64 --steps 32` (one
-prompt repeated, 32 steps) timed 2.26 ms. This times `Generator.generate_ids` at 64 rows under
-each combination of what differs: the prompts (one repeated, or the grid's), the number of steps
-(32, 128) and how often the bytes are read back (`generate.READ_EVERY`: a host sync each time,
-and `generate.READ_AHEAD`, reading them without waiting), and prints the step's time on the GPU
-(CUDA events around each step, no sync between them): mean, median, the slowest, and the first
-step against the rest.
+prompt repeated, 32 steps) timed 2.26 ms: the twenty-sixth session found the difference in the
+step count (the caches grow: a step costs ~2.28 ms at the start and ~2.65 after 128 bytes), not
+in the prompts or the host's reads. This times `Generator.generate_ids` on the grid's prompts
+(or one repeated) for each variant, a list of module constants of `bltkit.generate` to set
+(`NAME=VALUE;NAME=VALUE`, values as Python literals; `base`: the defaults), each on a fresh
+Generator, and prints the step's time on the host's clock and on the GPU's (CUDA events around
+each step: the mean, the first step, the slowest).
 
-    python benchmarks/decode_gap.py
+    python benchmarks/decode_gap.py --variants base GLOBAL_ACTIVE_FROM=None base
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import itertools
 import os
@@ -53,36 +55,61 @@ def timed_steps(gen: Generator, prompts, steps: int) -> tuple[float, list[float]
     return gen.stats["decode_s"] / steps * 1e3, gaps
 
 
+def parse_variant(text: str) -> dict:
+    if text == "base":
+        return {}
+    out = {}
+    for item in text.split(";"):
+        name, _, value = item.partition("=")
+        if not hasattr(generate, name.strip()):
+            raise SystemExit(f"bltkit.generate has no {name.strip()!r}")
+        out[name.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--steps", type=int, nargs="+", default=[32, 128])
-    ap.add_argument("--read-every", type=int, nargs="+", default=[16, 4096])
-    ap.add_argument("--read-ahead", choices=("on", "off", "both"), default="both")
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--prompts", choices=("grid", "repeated"), default="grid",
+                    help="the grid's distinct prompts (generate.py's) or one repeated (profile_generate.py's)")
+    ap.add_argument("--variants", nargs="+", default=["base"],
+                    help="each NAME=VALUE;NAME=VALUE of bltkit.generate's constants, or base")
     args = ap.parse_args()
+    variants = [(v, parse_variant(v)) for v in args.variants]
     model = random_model("blt-1b", [], "cuda", torch.bfloat16)
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device="cuda")
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
-    text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
-    prompt_sets = {"one repeated": [text[:args.prompt_len - 1]] * args.batch,
-                   "grid's": prompts_of(args.prompt_len, args.batch)}
-    aheads = {"on": [True], "off": [False], "both": [False, True]}[args.read_ahead]
-    gen = Generator(model, kernels=True, speculate=True)
-    for name, prompts in prompt_sets.items():
-        for steps in args.steps:
-            for every in args.read_every:
-                for ahead in aheads:
-                    generate.READ_EVERY, generate.READ_AHEAD = every, ahead
-                    gc.collect()
-                    gen.generate_ids([p[:16] for p in prompts], 8, stop_at_eos=False)  # as the grid warms up
-                    ms, gaps = timed_steps(gen, prompts, steps)
-                    rest = gaps[1:]
-                    print(f"{name} prompts, {steps} steps, read every {every}, ahead {ahead}: {ms:.3f} ms a step "
-                          f"(host); GPU, start to start: mean {statistics.mean(gaps):.3f}, median "
-                          f"{statistics.median(gaps):.3f}, first {gaps[0]:.3f}, slowest of the rest "
-                          f"{max(rest):.3f} at step {1 + rest.index(max(rest))}, patches {gen.stats['patches']}",
-                          flush=True)
+    if args.prompts == "grid":
+        prompts = prompts_of(args.prompt_len, args.batch)
+    else:
+        prompts = [(SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()[:args.prompt_len - 1]] * args.batch
+    names = {name for _, v in variants for name in v}
+    defaults = {name: getattr(generate, name) for name in names}
+    want = None
+    for text, values in variants:
+        for name, value in {**defaults, **values}.items():
+            setattr(generate, name, value)
+        gen = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            gen = Generator(model, kernels=True, speculate=True)
+            gen.generate_ids([p[:16] for p in prompts], 8, stop_at_eos=False)  # as the grid warms up
+            ms, gaps = timed_steps(gen, prompts, args.steps)
+            out = gen.generate_ids(prompts, args.steps, stop_at_eos=False)
+        except Exception as e:  # report, time the next variant
+            print(f"{text}: failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        want = out if want is None else want
+        same = sum(a == b for a, b in zip(out, want, strict=True))
+        rest = gaps[1:]
+        print(f"{text}: {ms:.3f} ms a step (host); GPU start to start: mean {statistics.mean(gaps):.3f}, first "
+              f"{gaps[0]:.3f}, last 16 {statistics.mean(gaps[-16:]):.3f}, slowest {max(rest):.3f}; patches "
+              f"{gen.stats['patches']}; rows as the first variant's: {same}/{len(out)}", flush=True)
+    for name, value in defaults.items():
+        setattr(generate, name, value)
 
 
 if __name__ == "__main__":

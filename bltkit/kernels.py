@@ -315,13 +315,14 @@ if triton is not None:
     # head dims can share every other key)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING",
+                                            "HAS_ACTIVE"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
-                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
+                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window, active_ptr,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr, HAS_ACTIVE: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -336,6 +337,10 @@ if triton is not None:
             lo_at = tl.maximum(tl.load(first_ptr + b).to(tl.int32), at - window + 1)
         elif HAS_FIRST:  # the row's first visible slot (a row's own)
             lo = tl.maximum(tl.load(first_ptr + b).to(tl.int32), 0)
+        act = True
+        if HAS_ACTIVE:  # a row whose output no one reads: no key read, no cache write, zeros out
+            act = tl.load(active_ptr + b) != 0
+            n_read = tl.where(act, n_read, lo)
         chunk = tl.cdiv(tl.cdiv(tl.maximum(n_read - lo, 0), SPLITS), BLOCK_S) * BLOCK_S
         start = lo + split * chunk
         end = tl.minimum(n_read, start + chunk)
@@ -350,7 +355,7 @@ if triton is not None:
             k_new = _rope_head(y_row + (N + kvh) * H, h, cos_ptr, sin_ptr, b * s_rope, dt)
             v_new = tl.load(y_row + (N + NK + kvh) * H + h).to(tl.float32)
             own = tl.load(slot_ptr + b * s_slot).to(tl.int32)
-            if (head % (N // NK) == 0) & (split == 0):  # one program a key/value head writes them
+            if (head % (N // NK) == 0) & (split == 0) & act:  # one program a key/value head writes them
                 tl.store(k_row + own * sk_s + h, k_new.to(dt))
                 tl.store(v_row + own * sv_s + h, v_new.to(dt))
         else:
@@ -482,6 +487,34 @@ if triton is not None:
         e = tl.load(tok_ptr + xb * D + d, mask=ok, other=0.0).to(tl.float32)
         # the bag's sum rounded once (EmbeddingBag's fp32 accumulation), then the add
         tl.store(out_ptr + b * s_out + d, (e + bag.to(dt).to(tl.float32)).to(dt), mask=ok)
+
+    @triton.jit
+    def _commit_rows_kernel(src_ptr, dst_ptr, close_ptr, n1, s0, s1, s2, s3, s4, s5, d0, d1, d2, d3, d4, d5,
+                            N3, N4, N5, B3: tl.constexpr, B4: tl.constexpr, B5: tl.constexpr):
+        p = tl.program_id(0)  # (i0, i1): the two leading dims
+        b = tl.program_id(1)  # the row (dim 2)
+        if tl.load(close_ptr + b) != 0:
+            i0 = p // n1
+            i1 = p % n1
+            a = tl.arange(0, B3)[:, None, None]
+            c = tl.arange(0, B4)[None, :, None]
+            e = tl.arange(0, B5)[None, None, :]
+            ok = (a < N3) & (c < N4) & (e < N5)
+            v = tl.load(src_ptr + i0 * s0 + i1 * s1 + b * s2 + a * s3 + c * s4 + e * s5, mask=ok)
+            tl.store(dst_ptr + i0 * d0 + i1 * d1 + b * d2 + a * d3 + c * d4 + e * d5, v, mask=ok)
+
+    @triton.jit
+    def _greedy_kernel(x_ptr, logits_ptr, next_ptr, V, sx_b, sl_b, BLOCK_V: tl.constexpr):
+        b = tl.program_id(0)
+        v = tl.arange(0, BLOCK_V)
+        ok = v < V
+        x = tl.load(x_ptr + b * sx_b + v, mask=ok, other=float("-inf")).to(tl.float32)
+        tl.store(logits_ptr + b * sl_b + v, x, mask=ok)
+        nan = (x != x) & ok  # torch.argmax takes NaN as the largest: the first one wins
+        best = tl.argmax(x, axis=0, tie_break_left=True)  # the first of equal largest values, as torch's
+        first_nan = tl.argmax(nan.to(tl.int32), axis=0, tie_break_left=True)
+        best = tl.where(tl.max(nan.to(tl.int32), axis=0) > 0, first_nan, best)
+        tl.store(next_ptr + b, best.to(tl.int64))
 
     @triton.jit
     def _advance_kernel(x_ptr, doc_ptr, n_ptr, start_ptr, B, EOS, HAS_START: tl.constexpr, BLOCK: tl.constexpr):
@@ -682,7 +715,8 @@ def attend_splits(programs: int, n_keys: int) -> int:
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-           first: torch.Tensor | None = None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
+           first: torch.Tensor | None = None, ring: int | None = None, period: int | None = None,
+           active: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
@@ -704,16 +738,21 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     `period` (default N): query head i reads key/value head (i % period) // (period / Nkv), so
     that q laid out unit by unit ([B, units * period, H], each unit's heads in turn: the encoder's
     patch units after their q product, no copy into head-major order) maps each unit's heads as
-    grouped-query attention maps N heads."""
+    grouped-query attention maps N heads.
+
+    `active` (a bool or integer device tensor [B]): the rows whose output is read; the others
+    read no key (rope_attend: write no key or value either) and get zeros, so a step that
+    runs for every row costs less where few rows use it (generate.GLOBAL_ACTIVE_FROM)."""
     B, N = q_BNH.shape[:2]
     return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first,
-                          ring=ring, period=period)
+                          ring=ring, period=period, active=active)
 
 
 def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None,
                 n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-                first: torch.Tensor | None = None, ring: int | None = None) -> torch.Tensor:
+                first: torch.Tensor | None = None, ring: int | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
     """`rope_write` and `attend` in one kernel: from y = the q|k|v product's output [B, (N + 2
     Nkv) H] (rows may be strided), RoPE on q and k, k and v written into the caches at `slot`
     (as rope_write), and attend's output [B, N, H] over the caches (as attend, the other arguments
@@ -725,11 +764,12 @@ def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, 
     assert slot.numel() in (1, B), "one slot for all rows or one a row"
     rope = (cos_H2, sin_H2, slot, _rope_stride(cos_H2, sin_H2), 1 if slot.numel() == B > 1 else 0)
     return _attend_launch(y_BF, (y_BF.stride(0), 0), B, n_heads, k_cache, v_cache, mask, n_keys, splits, last,
-                          first, rope, ring)
+                          first, rope, ring, active=active)
 
 
 def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tensor, mask, n_keys, splits, last,
-                   first, rope=None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
+                   first, rope=None, ring: int | None = None, period: int | None = None,
+                   active: torch.Tensor | None = None) -> torch.Tensor:
     """attend's kernel launch (and its combining kernel) for q [B, N, H] at `q_strides` (row,
     head), or with `rope` (cos, sin, slot, their row strides) q|k|v rows for rope_attend."""
     H = k.shape[-1]
@@ -741,6 +781,7 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         assert last.numel() == 1, "a ring's bounds: one position for all rows"
         assert first is not None, "a ring's bounds: the rows' document starts as `first`"
         ring = ring if ring > 0 else 2**30  # no window: every position since the document's start
+    assert active is None or active.numel() == B, "attend: one `active` flag a row"
     period = N if period is None else period
     assert N % period == 0, f"attend: {N} query heads in units of {period}"
     assert period % k.shape[1] == 0, f"attend: units of {period} query heads over {k.shape[1]} key/value heads"
@@ -755,8 +796,9 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         N, k.shape[1], period, *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
-        0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
-        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None)
+        0 if ring is None else ring, out if active is None else active, H=H, HAS_LAST=last is not None,
+        HAS_FIRST=first is not None, HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None,
+        HAS_ACTIVE=active is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out
@@ -875,6 +917,35 @@ def feed(n: torch.Tensor, lens_B: torch.Tensor, buf_BT: torch.Tensor, next_B: to
     _check_ids("feed", n, lens_B, next_B, x_B, buf_BT)
     block = min(STEP_BLOCK, triton.next_power_of_2(B))
     _feed_kernel[(triton.cdiv(B, block),)](n, lens_B, buf_BT, next_B, x_B, B, buf_BT.stride(0), BLOCK=block)
+
+
+def commit_rows(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """dst[:, :, b] = src[:, :, b] for each b where rows[b] (a bool or integer device tensor), in
+    place, one kernel that copies those rows only (torch.where(rows, src, dst, out=dst) reads and
+    writes them all): 6-dim tensors of one shape, any strides (the decoder's cross K/V of a patch
+    step [2, layers, B, Nkv, K, H], src the permuted view of a batched product)."""
+    assert src.dim() == dst.dim() == 6, "commit_rows: 6-dim tensors"
+    assert src.shape == dst.shape, "commit_rows: tensors of one shape"
+    assert src.dtype == dst.dtype, "commit_rows: one dtype"
+    assert rows.numel() == src.shape[2], "commit_rows: one flag a row (dim 2)"
+    n0, n1, B, n3, n4, n5 = src.shape
+    _commit_rows_kernel[(n0 * n1, B)](src, dst, rows, n1, *src.stride(), *dst.stride(), n3, n4, n5,
+                                      B3=triton.next_power_of_2(n3), B4=triton.next_power_of_2(n4),
+                                      B5=triton.next_power_of_2(n5))
+
+
+def greedy(x_BV: torch.Tensor, logits_BV: torch.Tensor, next_B: torch.Tensor) -> None:
+    """Greedy decoding's end in one kernel: the logits x_BV (any float dtype) cast into logits_BV
+    (fp32) and their argmax into next_B (int64), as `logits_BV.copy_(x_BV)` then `torch.argmax(
+    logits_BV, -1, out=next_B)` (the first of equal largest values; the first NaN where one is)."""
+    B, V = x_BV.shape
+    assert logits_BV.shape == (B, V), "greedy: logits [B, V] of the input's shape"
+    assert logits_BV.dtype == torch.float32, "greedy: fp32 logits"
+    assert x_BV.stride(1) == 1, "greedy: rows of contiguous logits"
+    assert logits_BV.stride(1) == 1, "greedy: rows of contiguous logits"
+    _check_ids("greedy", next_B)
+    _greedy_kernel[(B,)](x_BV, logits_BV, next_B, V, x_BV.stride(0), logits_BV.stride(0),
+                         BLOCK_V=triton.next_power_of_2(V))
 
 
 def norms(x_RD: torch.Tensor, weights_LD: torch.Tensor, eps: float) -> torch.Tensor:

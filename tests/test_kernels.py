@@ -356,6 +356,76 @@ def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits):
     assert torch.equal(vc, v2)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("rope", [False, True])
+def test_attend_reads_only_active_rows(rope, splits):
+    """`active` (generate.GLOBAL_ACTIVE_FROM): the rows it marks get what they get without it
+    (exactly: the same operations), the others zeros, with no key read (their slots hold NaN
+    here, which any read would spread) and, with RoPE, no key or value written."""
+    N, NK, H, S, B = 4, 2, 16, 90, 4
+    g = torch.Generator().manual_seed(12)
+    y = torch.randn(B, (N + 2 * NK) * H, generator=g).to(DEV)
+    q = y[:, :N * H].reshape(B, N, H)
+    pos = torch.tensor([[37], [3], [80], [50]], device=DEV)
+    cos, sin = rope_cos_sin(pos, H, 10000.0)
+    c = cos.reshape(B, -1).contiguous()
+    s_ = sin.reshape(B, -1, 2)[..., 1].contiguous()
+    kc = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    vc = torch.randn(B, NK, S, H, generator=g).to(DEV)
+    slot, first = torch.tensor([60, 2, 80, 44], device=DEV), torch.tensor([10, 0, 0, 3], device=DEV)
+    active = torch.tensor([True, False, True, False], device=DEV)
+    k_all, v_all = kc.clone(), vc.clone()
+    kc[~active], vc[~active] = float("nan"), float("nan")  # the inactive rows' caches: read nowhere
+
+    def run(k, v, rows):
+        if rope:
+            return kernels.rope_attend(y, c, s_, N, k, v, slot, None, None, splits, last=slot, first=first,
+                                       active=rows)
+        return kernels.attend(q, k, v, None, None, splits, last=slot, first=first, active=rows)
+
+    want = run(k_all, v_all, None)
+    out = run(kc, vc, active)
+    assert torch.equal(out[active], want[active])
+    assert torch.equal(out[~active], torch.zeros_like(out[~active]))
+    assert torch.equal(kc[active], k_all[active])  # written alike
+    assert torch.equal(vc[active], v_all[active])
+    assert kc[~active].isnan().all()  # and nothing written
+    assert vc[~active].isnan().all()
+
+
+def test_commit_rows_copies_the_closed_rows_only():
+    """kernels.commit_rows: what torch.where(rows, src, dst) gives, through a permuted view (the
+    decoder's cross K/V as the batched product leaves them), and dst's other rows untouched."""
+    g = torch.Generator().manual_seed(13)
+    n, B, K, nkv, H = 3, 5, 2, 3, 8  # (not powers of two: the masks)
+    y = torch.randn(n, B * K, 2 * nkv * H, generator=g).to(DEV, torch.bfloat16)
+    src = y.view(n, B, K, 2, nkv, H).permute(3, 0, 1, 4, 2, 5)  # [2, n, B, nkv, K, H]
+    dst = torch.randn(2, n, B, nkv, K, H, generator=g).to(DEV, torch.bfloat16)
+    rows = torch.tensor([True, False, False, True, True], device=DEV)
+    want = torch.where(rows.view(1, 1, -1, 1, 1, 1), src, dst)
+    kernels.commit_rows(src, dst, rows)
+    assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_equals_copy_then_argmax(dtype):
+    """kernels.greedy: the fp32 logits and torch.argmax's ids, ties to the first largest value and
+    NaN taken as the largest (as torch.argmax does)."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 260, generator=g).round(decimals=1).to(DEV, dtype)  # rounded: ties
+    x[1, 7] = x[1, 200] = x[1].max() + 1  # a tie for the largest
+    x[2, 30] = x[2, 99] = float("nan")  # NaN: the first wins
+    x[3, :] = float("-inf")  # all -inf: index 0
+    x[4, 259] = float("inf")
+    logits = torch.empty(6, 260, device=DEV)
+    ids = torch.empty(6, dtype=torch.int64, device=DEV)
+    kernels.greedy(x, logits, ids)
+    want = x.float()
+    assert torch.equal(logits.nan_to_num(), want.nan_to_num())
+    assert ids.tolist() == torch.argmax(want, dim=-1).tolist()
+    assert ids[[1, 2, 3, 4]].tolist() == [7, 30, 0, 259]
+
+
 def _ring_visible(n: int, S: int, start: list[int], window: int) -> torch.Tensor:
     """What `_Ring.advance`'s mask shows at position n, written out: slot s holds the last
     position <= n that is s modulo S (none before the ring reaches it); a row sees the positions
@@ -709,7 +779,7 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
         return hash_embed(x, *a, **k)
 
     monkeypatch.setattr(kernels, "hash_embed", counted_hash_embed)
-    step_calls = collections.Counter()  # kernels.advance and kernels.feed
+    step_calls = collections.Counter()  # kernels.advance, feed, commit_rows and greedy
 
     def counted_step(name):
         fn = getattr(kernels, name)
@@ -719,7 +789,7 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
             return fn(*a)
         return run
 
-    for name in ("advance", "feed"):
+    for name in ("advance", "feed", "commit_rows", "greedy"):
         monkeypatch.setattr(kernels, name, counted_step(name))
 
     monkeypatch.setattr(kernels, "residual_norm", counted_residual)
@@ -745,7 +815,10 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     traced = 12 if model.device.type == "cpu" else 1
     assert len(hash_rows) >= traced * cross_attend
     assert min(step_calls["advance"], step_calls["feed"]) >= traced * cross_attend
-    assert bool(step_calls) == cross_attend
+    assert bool(step_calls["advance"] + step_calls["feed"]) == cross_attend
+    # the decoder's cross K/V committed and the greedy byte taken by their kernels (COMMIT_KERNEL,
+    # GREEDY_KERNEL) whatever the other switches
+    assert min(step_calls["commit_rows"], step_calls["greedy"]) >= 1
 
 
 @INTERPRETER_SLOW
