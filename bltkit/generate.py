@@ -252,20 +252,17 @@ class _KernelChoice(NamedTuple):
 
 def _rope_attend(y_BF: torch.Tensor, rope: tuple, att, kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor,
                  mask: torch.Tensor | None, choice: _KernelChoice, n_keys: int | None = None,
-                 last: torch.Tensor | None = None, first: torch.Tensor | None = None,
-                 active: torch.Tensor | None = None) -> torch.Tensor:
+                 last: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE, the cache writes at `slot` and the attention [B, N, H] after cuBLAS's q|k|v product
     y: one kernel (kernels.rope_attend) where the attention kernel runs over at most
-    ROPE_ATTEND_MAX_KEYS slots and ROPE_ATTEND is on, else kernels.rope_write, then `_attend`.
-    `active`: the rows whose output is read (kernels.attend's), where the attention kernel runs."""
+    ROPE_ATTEND_MAX_KEYS slots and ROPE_ATTEND is on, else kernels.rope_write, then `_attend`."""
     from . import kernels
 
     S = kc.shape[2] if n_keys is None else n_keys
     if choice.rope_attend and _uses_kernel(choice.attend, S) and S <= ROPE_ATTEND_MAX_KEYS:
-        return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, last=last, active=active,
-                                   **_seen(mask, n_keys, first))
+        return kernels.rope_attend(y_BF, *rope, att.n_heads, kc, vc, slot, last=last, **_seen(mask, n_keys, first))
     q = kernels.rope_write(y_BF, *rope, att.n_heads, att.n_kv_heads, kc, vc, slot)  # B N H
-    return _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first, active=active)
+    return _attend(q, kc, vc, mask, n_keys, kernel=choice.attend, last=last, first=first)
 
 
 _DEFAULT_KERNELS = _KernelChoice()
@@ -373,7 +370,7 @@ def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: t
 
 def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor | None,
             n_keys: int | None = None, kernel: bool = False, last: torch.Tensor | None = None,
-            first: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
+            first: torch.Tensor | None = None) -> torch.Tensor:
     """One position's attention over the first `n_keys` cache slots (all by default) with the
     step's additive mask -> [B, N, H]: SDPA, or with `kernel`, over at most ATTEND_MAX_KEYS
     slots, bltkit.kernels.attend (SDPA runs a many-query kernel for the one query: 20-39 µs a
@@ -381,12 +378,11 @@ def _attend(q_BNH: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch
     any row sees, or each row's; the mask hides those slots anyway, so SDPA, which reads them
     all, ignores it). `mask` None (the kernel only, `_uses_kernel`): each row sees the slots from
     `first` (a device tensor [B]) to `last`. `mask` a ring's bounds (`_RingBounds`; the kernel
-    only): `last` is the step's position. `active` (the kernel's; SDPA computes every row): the
-    rows whose output is read, the others' zeros."""
+    only): `last` is the step's position."""
     if _uses_kernel(kernel, kc.shape[2] if n_keys is None else n_keys):
         from . import kernels
 
-        return kernels.attend(q_BNH, kc, vc, last=last, active=active, **_seen(mask, n_keys, first))
+        return kernels.attend(q_BNH, kc, vc, last=last, **_seen(mask, n_keys, first))
     assert isinstance(mask, torch.Tensor), "SDPA needs the mask (bounds alone are the attention kernel's)"
     out = F.scaled_dot_product_attention(q_BNH[:, :, None], kc[:, :, :n_keys], vc[:, :, :n_keys], attn_mask=mask,
                                          enable_gqa=q_BNH.shape[1] != kc.shape[1])
@@ -538,23 +534,14 @@ DECODER_NORMS = True
 ROPE_ATTEND = True
 ROPE_ATTEND_MAX_KEYS = 256  # read as the steps are traced
 
-# the global step's attention reads only the rows whose patch closes after the byte (the others'
-# outputs are never read: `_commit`), through kernels.attend's `active`, past KERNEL_MAX_ROWS rows:
-# from its first layer where the boundary is decided before the step, and where the step runs
-# beside the entropy model (Generator(overlap=...)) from this layer on, where the chain waits for
-# the entropy model's decision; None: every row at every layer. At 64 rows ~1 row in 4.5 closes
-# a patch, so ~3/4 of the global cache's keys and values are not read; read as steps are traced
-GLOBAL_ACTIVE_FROM: int | None = 12
-
 # Generator captures its CUDA graphs on a stream of the highest priority where the entropy model
 # runs on a second stream (of the default priority, the lowest) and this is True: the GPU then
 # schedules the waiting blocks of the step's chain (the global step, the decoder) before the
 # entropy model's. A small gain on an H200 (twenty-second session, blt-1b, bf16,
 # `profile_generate.py --batch 64 --variants kernels-nopriority,kernels`): 2.47 and 2.46 against
 # 2.49 and 2.48 ms a step after 64-byte prompts, the same 2.14 at batch 8 and 5.12 after 2,048-byte
-# prompts; read when a Generator is made. "entropy": the entropy model's stream of the highest
-# priority instead (its decision then comes sooner, for GLOBAL_ACTIVE_FROM)
-STREAM_PRIORITY: bool | str = True
+# prompts; read when a Generator is made
+STREAM_PRIORITY = True
 
 # with the global step beside the entropy model (Generator(overlap=True), batches of
 # PATCH_EVERY_BYTE_ROWS rows or more, CUDA), the patch step's counts (the rows' patch positions,
@@ -911,11 +898,10 @@ class Generator:
                 self._green_cache = cached = ((dev, ENTROPY_SMS), *_green_stream(dev, ENTROPY_SMS))
             _, self._green, self._side = cached
         else:
-            first = STREAM_PRIORITY == "entropy"
-            self._side = torch.cuda.Stream(dev, priority=-100 if first else 0) if side else None
+            self._side = torch.cuda.Stream(dev) if side else None
         # the captured chain on a stream of the highest priority, the entropy model's at the
         # default (the lowest): where both have blocks waiting, the chain's go first
-        self._capture_stream = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY is True else None
+        self._capture_stream = torch.cuda.Stream(dev, priority=-100) if side and STREAM_PRIORITY else None
         self._side_pending = False  # work on the second stream that `_run_back` joins (SIDE_COUNTS)
         if self.native:  # the C steps over this state's addresses
             self._native.bind()
@@ -1065,7 +1051,7 @@ class Generator:
     def _patch_step(self, close: torch.Tensor, L: int | None = None) -> None:
         """Close the open patch of every row with `close`: encoder cross-attention, one global
         step at the row's next patch position, and the decoder's cross K/V (spec §13.4 step 4)."""
-        self._commit(close, self._global_step(L, active=None if GLOBAL_ACTIVE_FROM is None else (0, close, None)))
+        self._commit(close, self._global_step(L))
 
     def _global_mask(self, L: int) -> torch.Tensor:
         """The global step's additive mask over the first L slots: a row sees its document's
@@ -1074,17 +1060,14 @@ class Generator:
         return _additive(((j_pos[None] <= self.p[:, None]) & (j_pos[None] < self.p_cap)
                           & (self.g_doc[:, :L] == self.pdoc[:, None]))[:, None, None, :], self.g_k.dtype)
 
-    def _global_step(self, L: int | None = None, active: tuple | None = None
-                     ) -> torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]:
+    def _global_step(self, L: int | None = None) -> torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]]:
         """The patch step of every row as if its open patch closed after byte n: encoder
         cross-attention over the open patch, one global step at the row's patch position p (its K/V
         written at slot p), and the decoder's cross K/V of its output, returned for `_commit`.
         It reads nothing the entropy model or the boundary decision writes, so it can run before
         the boundary is known (Generator(overlap=...)). A row whose patch stays open wrote
         nothing that is read before its patch closes: slot p is rewritten then, and the
-        decoder's cross K/V keep the last closed patch's (`_commit`). So `active` = (i, close,
-        wait): from layer i on, after `wait()` (None: nothing to wait for), the attention reads
-        only the rows with `close` (GLOBAL_ACTIVE_FROM)."""
+        decoder's cross K/V keep the last closed patch's (`_commit`)."""
         m, c = self.model, self.cfg
         B, K, enc = self.p.shape[0], c.cross_attn_k, m.local_encoder
         dev = self.p.device
@@ -1132,13 +1115,8 @@ class Generator:
             if kernel_rope is not None:  # cuBLAS's products; RoPE, the cache writes and the attention in
                 # one kernel, and each residual add with the norm after it in another
                 y = F.linear(layer.attention_norm(x) if xn is None else xn, fg.qkv[id(layer)])
-                rows = None
-                if active is not None and i >= active[0]:
-                    if i == active[0] and active[2] is not None:
-                        active[2]()
-                    rows = active[1]
                 out = _rope_attend(y.view(B, -1), kernel_rope, att, kc, vc, idx, gmask, self._kernel_choice, L,
-                                   last=g_last, first=g_first, active=rows)
+                                   last=g_last, first=g_first)
                 hn = _residual_norm(x, out, att.wo.weight, layer.ffn_norm)  # x: this step's temporary
                 gated = _swiglu(layer.feed_forward, hn, fg.w13[id(layer)], kernel=True)
                 if i + 1 < len(gt.layers):
@@ -1464,10 +1442,7 @@ class Generator:
         with torch.cuda.stream(side):
             self._decide(x, self.H)
             self._dec_prep = self._back_prep()  # and the decoder's slot and RoPE, for `_back`
-        # from layer GLOBAL_ACTIVE_FROM on the chain waits for the decision, and the attention reads
-        # only the rows that close
-        dec_kv = self._global_step(L, active=None if GLOBAL_ACTIVE_FROM is None else
-                                   (GLOBAL_ACTIVE_FROM, self.close, lambda: main.wait_stream(side)))
+        dec_kv = self._global_step(L)
         main.wait_stream(side)
         if not SIDE_COUNTS:
             self._commit(self.close, dec_kv)

@@ -315,14 +315,13 @@ if triton is not None:
     # head dims can share every other key)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING",
-                                            "HAS_ACTIVE"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
-                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window, active_ptr,
+                       cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -337,10 +336,6 @@ if triton is not None:
             lo_at = tl.maximum(tl.load(first_ptr + b).to(tl.int32), at - window + 1)
         elif HAS_FIRST:  # the row's first visible slot (a row's own)
             lo = tl.maximum(tl.load(first_ptr + b).to(tl.int32), 0)
-        act = True
-        if HAS_ACTIVE:  # a row whose output no one reads: no key read, no cache write, zeros out
-            act = tl.load(active_ptr + b) != 0
-            n_read = tl.where(act, n_read, lo)
         chunk = tl.cdiv(tl.cdiv(tl.maximum(n_read - lo, 0), SPLITS), BLOCK_S) * BLOCK_S
         start = lo + split * chunk
         end = tl.minimum(n_read, start + chunk)
@@ -355,7 +350,7 @@ if triton is not None:
             k_new = _rope_head(y_row + (N + kvh) * H, h, cos_ptr, sin_ptr, b * s_rope, dt)
             v_new = tl.load(y_row + (N + NK + kvh) * H + h).to(tl.float32)
             own = tl.load(slot_ptr + b * s_slot).to(tl.int32)
-            if (head % (N // NK) == 0) & (split == 0) & act:  # one program a key/value head writes them
+            if (head % (N // NK) == 0) & (split == 0):  # one program a key/value head writes them
                 tl.store(k_row + own * sk_s + h, k_new.to(dt))
                 tl.store(v_row + own * sv_s + h, v_new.to(dt))
         else:
@@ -715,8 +710,7 @@ def attend_splits(programs: int, n_keys: int) -> int:
 
 def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-           first: torch.Tensor | None = None, ring: int | None = None, period: int | None = None,
-           active: torch.Tensor | None = None) -> torch.Tensor:
+           first: torch.Tensor | None = None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(H) + mask) v [B, N, H] for one position a row: q [B, N, H] (any
     row and head strides), k, v [B, Nkv, S, H] a stack's cache, of which the first `n_keys`
     slots are read (all by default), and `mask` the additive mask over them ([B, 1, 1, >= n_keys]
@@ -738,21 +732,16 @@ def attend(q_BNH: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     `period` (default N): query head i reads key/value head (i % period) // (period / Nkv), so
     that q laid out unit by unit ([B, units * period, H], each unit's heads in turn: the encoder's
     patch units after their q product, no copy into head-major order) maps each unit's heads as
-    grouped-query attention maps N heads.
-
-    `active` (a bool or integer device tensor [B]): the rows whose output is read; the others
-    read no key (rope_attend: write no key or value either) and get zeros, so a step that
-    runs for every row costs less where few rows use it (generate.GLOBAL_ACTIVE_FROM)."""
+    grouped-query attention maps N heads."""
     B, N = q_BNH.shape[:2]
     return _attend_launch(q_BNH, (q_BNH.stride(0), q_BNH.stride(1)), B, N, k, v, mask, n_keys, splits, last, first,
-                          ring=ring, period=period, active=active)
+                          ring=ring, period=period)
 
 
 def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor | None,
                 n_keys: int | None = None, splits: int | None = None, last: torch.Tensor | None = None,
-                first: torch.Tensor | None = None, ring: int | None = None,
-                active: torch.Tensor | None = None) -> torch.Tensor:
+                first: torch.Tensor | None = None, ring: int | None = None) -> torch.Tensor:
     """`rope_write` and `attend` in one kernel: from y = the q|k|v product's output [B, (N + 2
     Nkv) H] (rows may be strided), RoPE on q and k, k and v written into the caches at `slot`
     (as rope_write), and attend's output [B, N, H] over the caches (as attend, the other arguments
@@ -764,12 +753,11 @@ def rope_attend(y_BF: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, 
     assert slot.numel() in (1, B), "one slot for all rows or one a row"
     rope = (cos_H2, sin_H2, slot, _rope_stride(cos_H2, sin_H2), 1 if slot.numel() == B > 1 else 0)
     return _attend_launch(y_BF, (y_BF.stride(0), 0), B, n_heads, k_cache, v_cache, mask, n_keys, splits, last,
-                          first, rope, ring, active=active)
+                          first, rope, ring)
 
 
 def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tensor, mask, n_keys, splits, last,
-                   first, rope=None, ring: int | None = None, period: int | None = None,
-                   active: torch.Tensor | None = None) -> torch.Tensor:
+                   first, rope=None, ring: int | None = None, period: int | None = None) -> torch.Tensor:
     """attend's kernel launch (and its combining kernel) for q [B, N, H] at `q_strides` (row,
     head), or with `rope` (cos, sin, slot, their row strides) q|k|v rows for rope_attend."""
     H = k.shape[-1]
@@ -781,7 +769,6 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         assert last.numel() == 1, "a ring's bounds: one position for all rows"
         assert first is not None, "a ring's bounds: the rows' document starts as `first`"
         ring = ring if ring > 0 else 2**30  # no window: every position since the document's start
-    assert active is None or active.numel() == B, "attend: one `active` flag a row"
     period = N if period is None else period
     assert N % period == 0, f"attend: {N} query heads in units of {period}"
     assert period % k.shape[1] == 0, f"attend: units of {period} query heads over {k.shape[1]} key/value heads"
@@ -796,9 +783,8 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         N, k.shape[1], period, *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
-        0 if ring is None else ring, out if active is None else active, H=H, HAS_LAST=last is not None,
-        HAS_FIRST=first is not None, HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None,
-        HAS_ACTIVE=active is not None)
+        0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
+        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

@@ -356,43 +356,6 @@ def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits):
     assert torch.equal(vc, v2)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("rope", [False, True])
-def test_attend_reads_only_active_rows(rope, splits):
-    """`active` (generate.GLOBAL_ACTIVE_FROM): the rows it marks get what they get without it
-    (exactly: the same operations), the others zeros, with no key read (their slots hold NaN
-    here, which any read would spread) and, with RoPE, no key or value written."""
-    N, NK, H, S, B = 4, 2, 16, 90, 4
-    g = torch.Generator().manual_seed(12)
-    y = torch.randn(B, (N + 2 * NK) * H, generator=g).to(DEV)
-    q = y[:, :N * H].reshape(B, N, H)
-    pos = torch.tensor([[37], [3], [80], [50]], device=DEV)
-    cos, sin = rope_cos_sin(pos, H, 10000.0)
-    c = cos.reshape(B, -1).contiguous()
-    s_ = sin.reshape(B, -1, 2)[..., 1].contiguous()
-    kc = torch.randn(B, NK, S, H, generator=g).to(DEV)
-    vc = torch.randn(B, NK, S, H, generator=g).to(DEV)
-    slot, first = torch.tensor([60, 2, 80, 44], device=DEV), torch.tensor([10, 0, 0, 3], device=DEV)
-    active = torch.tensor([True, False, True, False], device=DEV)
-    k_all, v_all = kc.clone(), vc.clone()
-    kc[~active], vc[~active] = float("nan"), float("nan")  # the inactive rows' caches: read nowhere
-
-    def run(k, v, rows):
-        if rope:
-            return kernels.rope_attend(y, c, s_, N, k, v, slot, None, None, splits, last=slot, first=first,
-                                       active=rows)
-        return kernels.attend(q, k, v, None, None, splits, last=slot, first=first, active=rows)
-
-    want = run(k_all, v_all, None)
-    out = run(kc, vc, active)
-    assert torch.equal(out[active], want[active])
-    assert torch.equal(out[~active], torch.zeros_like(out[~active]))
-    assert torch.equal(kc[active], k_all[active])  # written alike
-    assert torch.equal(vc[active], v_all[active])
-    assert kc[~active].isnan().all()  # and nothing written
-    assert vc[~active].isnan().all()
-
-
 def test_commit_rows_copies_the_closed_rows_only():
     """kernels.commit_rows: what torch.where(rows, src, dst) gives, through a permuted view (the
     decoder's cross K/V as the batched product leaves them), and dst's other rows untouched."""
