@@ -5,7 +5,7 @@
 # compiled blocks, where a bundled-size BLT training step goes, and the trainer on mixed scripts,
 # packed and padded (issue 3). Each run has its own time limit; results land in $OUT (or
 # ./bench_out). All of it is more than one 10-minute call: ONLY="a b" runs just the named runs
-# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 entropy_contention attend_configs fused_norm
+# (flex_check block_masks gpu_tests profile_generate profile_generate_b64 decode_gap entropy_contention attend_configs fused_norm
 # pdl_chain generate
 # generate_kernels generate_byte
 # generate_sdpa train_step
@@ -33,8 +33,11 @@
 # priorities (profile_generate.py --batch 64, kernels-noropeattend / kernels-nopriority) and
 # generate_kernels; the twenty-third and twenty-fourth got no GPU; the twenty-fifth gpu_tests,
 # profile_generate_b64 with the twenty-third and twenty-fourth sessions' switches off one at a time
-# (all kept), ENTROPY_SMS (lost), generate_kernels and a batch-64 trace (docs/benchmarks.md). Next:
-# the attention kernel at 64 rows (13 µs a call, 654 µs a step; ONLY=attend_configs), then
+# (all kept), ENTROPY_SMS (lost), generate_kernels and a batch-64 trace (docs/benchmarks.md); the
+# twenty-sixth decode_gap (the grid's step grows with the caches: 2.28 ms at the start, 2.65 after
+# 128 bytes), attend_configs, the global attention over closing rows only (lost), the commit and
+# greedy kernels (kept) and generate_kernels. Next: what the growing caches' attention costs
+# (the rings' and the global stack's; GAP_VARIANTS), then
 #   ONLY=profile_generate_b64 GEN64_TABLE="--table-kernels" GEN64_VARIANTS=kernels
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
@@ -66,6 +69,10 @@ run profile_generate 230 python benchmarks/profile_generate.py --batch 1 --steps
 # shellcheck disable=SC2086
 run profile_generate_b64 "${GEN64_LIMIT:-150}" python benchmarks/profile_generate.py --batch 64 --steps 32 \
   --variants "${GEN64_VARIANTS:-kernels,kernels-attend}" ${GEN64_TABLE:---table-kernels}
+# the batch-64 step over the grid's 128 steps, under variants of bltkit.generate's switches
+# (GAP_VARIANTS="base NAME=VALUE;NAME=VALUE ...", twenty-sixth session)
+# shellcheck disable=SC2086
+run decode_gap 200 python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
 # what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
 run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
 # kernels.attend per launch configuration at 64 rows (nineteenth session), and kernels.residual_norm
