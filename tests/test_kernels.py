@@ -389,6 +389,20 @@ def test_greedy_equals_copy_then_argmax(dtype):
     assert ids[[1, 2, 3, 4]].tolist() == [7, 30, 0, 259]
 
 
+@pytest.fixture
+def one_attend_config(monkeypatch):
+    """The attention kernel's autotuner held to one configuration: it times its candidates once
+    per key (here the ring's bounds and the mask are different keys), so on a GPU two calls that
+    this module compares bit for bit could run different block sizes, whose sums differ in order
+    (three of the ring cases failed so in the twenty-sixth session's GPU run; under the
+    interpreter there is one candidate)."""
+    tuner = kernels._attend_kernel
+    monkeypatch.setattr(tuner, "configs", tuner.configs[:1])
+    tuner.cache.clear()
+    yield
+    tuner.cache.clear()
+
+
 def _ring_visible(n: int, S: int, start: list[int], window: int) -> torch.Tensor:
     """What `_Ring.advance`'s mask shows at position n, written out: slot s holds the last
     position <= n that is s modulo S (none before the ring reaches it); a row sees the positions
@@ -405,7 +419,7 @@ def _ring_visible(n: int, S: int, start: list[int], window: int) -> torch.Tensor
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("n", "window"), [(5, 8), (21, 8), (21, 5), (21, 0)])
 @pytest.mark.parametrize("rope", [False, True])
-def test_attend_over_a_ring_equals_its_mask(rope, n, window, splits):
+def test_attend_over_a_ring_equals_its_mask(rope, n, window, splits, one_attend_config):
     """A ring's bounds (`ring`: the position, each row's document start, the window) show the
     attention kernel what the ring's mask shows, and nothing else: the same kernel, the same
     loads and sums, so the same output bit for bit (fp32), with NaN in every slot the rows must
