@@ -467,7 +467,6 @@ READ_EVERY = 16
 READ_AHEAD = True
 
 
-
 def _reads_ahead(buf: torch.Tensor) -> bool:
     """Does generate_ids read the bytes back ahead (READ_AHEAD, on CUDA)?"""
     return READ_AHEAD and buf.is_cuda
