@@ -36,9 +36,9 @@
 # (all kept), ENTROPY_SMS (lost), generate_kernels and a batch-64 trace (docs/benchmarks.md); the
 # twenty-sixth decode_gap (the grid's step grows with the caches: 2.28 ms at the start, 2.65 after
 # 128 bytes), attend_configs, the global attention over closing rows only (lost), the commit and
-# greedy kernels (kept) and generate_kernels. Next: what the growing caches' attention costs
-# (the rings' and the global stack's; GAP_VARIANTS), then
-#   ONLY=profile_generate_b64 GEN64_TABLE="--table-kernels" GEN64_VARIANTS=kernels
+# greedy kernels (kept); its grid got no machine. Next: ONLY="gpu_tests generate_kernels", then the
+# step late in the grid's generation, where the growing caches' attention goes:
+#   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
 #   ONLY="trainer_pack_true trainer_pack_false"                                   (~4 minutes)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
+from generate import prompts_of
 
 from bltkit import generate, kernels
 from bltkit.bytes import encode
@@ -110,6 +111,12 @@ def main() -> None:
                          "(DIR/trace_<graph>.json: names, streams, start times, durations, grids; "
                          "benchmarks/trace_summary.py summarises one)")
     ap.add_argument("--no-tables", action="store_true", help="time the variants only (no per-graph times and tables)")
+    ap.add_argument("--at", type=int, default=16,
+                    help="the tables and traces start from the state this many bytes into the generation (the "
+                         "caches grow: the grid's batch-64 step costs ~2.28 ms at the start and ~2.65 after 128 "
+                         "bytes, twenty-sixth session)")
+    ap.add_argument("--grid-prompts", action="store_true",
+                    help="the grid's distinct prompts (benchmarks/generate.py's), not one prompt repeated")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     names = ("ATTEND_KERNEL", "LINEAR_KERNEL", "DECODER_NORMS", "GLOBAL_BOUNDS", "STREAM_PRIORITY", "ROPE_ATTEND",
@@ -145,7 +152,7 @@ def main() -> None:
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device=dev)
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
     text = (SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()
-    prompts = [text[:args.prompt_len - 1]] * args.batch
+    prompts = prompts_of(args.prompt_len, args.batch) if args.grid_prompts else [text[:args.prompt_len - 1]] * args.batch
     programs = kernels.ATTEND_PROGRAMS
     gen = None
     for name in args.variants.split(","):
@@ -182,7 +189,7 @@ def main() -> None:
     generate.LINEAR_KERNEL = defaults["LINEAR_KERNEL"] and not args.table_plain
     torch.set_grad_enabled(False)  # the steps below are called directly, outside generate's no_grad
     # the steps below advance the generator's state (byte position, patches): each phase starts
-    # from a state taken 16 bytes into a 128-byte generation, with room for ~110 more steps (a
+    # from a state taken --at bytes into a generation of --at + 112, with room for ~110 more steps (a
     # state taken at the end has none: the next step indexes past the caches, the device-side
     # assert of the fifth and sixth sessions' runs)
     # one graph per launch (byte_graph=False), each timed and tabled on its own
@@ -191,10 +198,10 @@ def main() -> None:
     saved = {}
 
     def keep(row, tok, close):
-        if row == 0 and not saved and int(gen.n) >= len(prompts[0]) + 16:
+        if row == 0 and not saved and int(gen.n) >= len(prompts[0]) + args.at:
             saved.update({k: v.clone() for k, v in gen._state_tensors().items()}, g_used=gen.g_used)
 
-    gen.generate_ids(prompts, 128, stop_at_eos=False, on_step=keep)
+    gen.generate_ids(prompts, args.at + 112, stop_at_eos=False, on_step=keep)
     g_used = saved.pop("g_used")
     snapshot = saved
 
