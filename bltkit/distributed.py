@@ -215,8 +215,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, rank_sta
         with _single_process_ok():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     except dcp.CheckpointException as e:  # DCP wraps a Ctrl-C in the middle of writing: unwrap it
-        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
-            raise KeyboardInterrupt from None
+        _raise_not_damage(e)
         raise
     torch.save(rank_state, tmp / f"rank_{info.rank:05d}.pt")
     barrier()
@@ -273,13 +272,28 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> 
         set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
         rank_state = torch.load(path / f"rank_{info.rank if same else 0:05d}.pt", weights_only=True)
     # damaged files fail in many ways: EOFError, a zip RuntimeError, and DCP's CheckpointException
-    # (a BaseException, not an Exception)
+    # (a BaseException, not an Exception); a Ctrl-C or running out of memory while loading says
+    # nothing of the files, so it stops the run as it is (the checkpoint is not set aside)
     except (Exception, dcp.CheckpointException) as e:
+        _raise_not_damage(e)
         error = e
     if all_reduce_sum(torch.tensor([float(error is not None)], device=info.device)).item() > 0:
         why = _one_line(error) if error is not None else "another rank could not read its part"
         raise CheckpointError(f"checkpoint {path} is unreadable ({why})") from error
     return rank_state
+
+
+def _raise_not_damage(e: BaseException) -> None:
+    """Re-raise what a checkpoint's read or write failed of that is not its files' fault: a Ctrl-C
+    (which DCP wraps in a CheckpointException, as any rank's failure) or running out of memory."""
+    import torch.distributed.checkpoint as dcp
+
+    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
+    if any(isinstance(c, KeyboardInterrupt) for c in causes):
+        raise KeyboardInterrupt from None
+    oom = next((c for c in causes if isinstance(c, torch.OutOfMemoryError)), None)
+    if oom is not None:
+        raise oom
 
 
 def _one_line(e: BaseException) -> str:

@@ -244,14 +244,13 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
         except ValueError as e:  # the loader's position is in windows of the data as it was
             raise ValueError(_data_changed(start, e, changed)) from None
         if state.step >= tc.steps:
-            # a run killed between its last checkpoint and the export still gets its model
-            exported = not (run_dir / "model" / "config.json").is_file()
-            if exported:
-                export_model(model, run.model, run_dir / "model", info)
+            # a run killed between its last checkpoint and the export still gets its model: exported
+            # again from the final checkpoint (RUN_DIR/model may hold an earlier step's export, from
+            # export_every or a time limit)
+            export_model(model, run.model, run_dir / "model", info)
             if info.is_main:
                 print(f"{run_dir} is already at step {state.step} >= train.steps={tc.steps}: nothing to train "
-                      f"(raise train.steps to continue){'; wrote RUN_DIR/model from it' if exported else ''}",
-                      flush=True)
+                      f"(raise train.steps to continue); wrote RUN_DIR/model from {start.name}", flush=True)
             return {}
     if info.is_main:
         _write_run_files(run, run_dir, state.step, changed, argv)
@@ -418,8 +417,8 @@ def _load_newest_intact(candidates: list[Path], model, optimizer, info) -> tuple
                 print(f"warning: {e}; moved it to {kept.name} and resumed from {path.name}", flush=True)
         distributed.barrier()
         return path, rank_state
-    raise CheckpointError(f"no intact checkpoint to resume: {'; '.join(str(e) for _, e in broken)}; move "
-                          f"{candidates[0].parent} away to start the run over")
+    raise CheckpointError(f"no intact checkpoint to resume: {'; '.join(str(e) for _, e in broken)}; if those "
+                          f"files are damaged, move {candidates[0].parent} away to start the run over")
 
 
 def _data_changed(start: Path, error: ValueError, changed: list[tuple[str, Any, Any]]) -> str:

@@ -23,7 +23,7 @@ import torch
 
 import bltkit.train as train_mod
 from bltkit import distributed
-from bltkit.checkpoint import WEIGHTS, CheckpointError, load_entropy_model, load_model
+from bltkit.checkpoint import WEIGHTS, CheckpointError, load_entropy_model, load_model, save_model
 from bltkit.cli import main as cli_main
 from bltkit.data import BatchLoader
 from bltkit.metrics import format_line
@@ -308,13 +308,20 @@ def test_nothing_to_train_says_so(four_steps, tmp_path, capsys):
         assert f"already at step 4 >= train.steps={steps}: nothing to train" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 4
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
-    # killed between the last checkpoint and the export: the rerun writes the model from it
+    # killed between the last checkpoint and the export: the rerun writes the model from it, also
+    # over an earlier step's export (export_every, a time limit) that a kill left in RUN_DIR/model
     want = load_model(out / "model").state_dict()
-    shutil.rmtree(out / "model")
-    cli_main(["train", "--out", str(out)])
-    assert "wrote RUN_DIR/model from it" in capsys.readouterr().out
-    got = load_model(out / "model").state_dict()
-    assert all(torch.equal(want[k], got[k]) for k in want)
+    stale = load_model(out / "model")
+    with torch.no_grad():
+        next(stale.parameters()).add_(1.0)
+    for earlier in (None, stale):
+        shutil.rmtree(out / "model")
+        if earlier is not None:
+            save_model(earlier, out / "model")
+        cli_main(["train", "--out", str(out)])
+        assert "wrote RUN_DIR/model from step_000004" in capsys.readouterr().out
+        got = load_model(out / "model").state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_ctrl_c_names_the_checkpoint_that_resumes(four_steps, corpus, tmp_path, capsys, monkeypatch):
@@ -342,6 +349,24 @@ def test_ctrl_c_names_the_checkpoint_that_resumes(four_steps, corpus, tmp_path, 
     monkeypatch.setattr(dcp, "save", real_save)
     cli_main(cmd)
     assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in four_steps[1]]
+
+
+@pytest.mark.parametrize("cause", [KeyboardInterrupt, torch.OutOfMemoryError])
+def test_interrupted_load_keeps_the_checkpoint(four_steps, corpus, tmp_path, monkeypatch, cause):
+    """A Ctrl-C (DCP wraps it in a CheckpointException) or running out of memory while the newest
+    checkpoint loads says nothing of its files: it stops the run, and the checkpoint is not set aside
+    as damaged (the run would then resume from an older one)."""
+    import torch.distributed.checkpoint as dcp
+
+    out = _copy(four_steps[0], tmp_path / "run")
+
+    def failing_load(state, checkpoint_id, **kwargs):
+        raise dcp.CheckpointException("read", {0: (cause(), None)})
+
+    monkeypatch.setattr(dcp, "load", failing_load)
+    with pytest.raises(cause):
+        _run(out, corpus, "train.steps=6")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
 
 
 def test_no_validation_split_means_no_evaluation(corpus, tmp_path, capsys):
