@@ -64,8 +64,9 @@ def test_a_long_context_keeps_its_last_bytes(make_tiny_model):
 
 def test_rolling_scores_each_byte_once(make_tiny_model):
     """A document that fits is one forward (every byte after BOS scored); a longer one is cut into
-    windows that score each byte once, with as much context as fits: the same as the forward's sum
-    over a model long enough to read it at once, where the context is the whole document."""
+    the harness's rolling windows (context_len=1): each scores max_length - 2 bytes once after BOS
+    and, past the first, the bytes before them that fill its max_length - 2 inputs as context (one,
+    or more in the last window), none of which is cut."""
     model = make_tiny_model()
     doc = "Rolling windows score every byte of a document exactly once."
     ((lp,),) = [BLTLM(model).loglikelihood_rolling(_requests("loglikelihood_rolling", [(doc,)]))]
@@ -75,7 +76,7 @@ def test_rolling_scores_each_byte_once(make_tiny_model):
     (lp_short,) = BLTLM(short).loglikelihood_rolling(_requests("loglikelihood_rolling", [(doc,)]))
     n = len(doc.encode())
     windows = [(doc.encode()[max(0, e - 15):s], doc.encode()[s:e]) for s, e in
-               ((s, min(s + 15, n)) for s in range(0, n, 15))]
+               ((s, min(s + 14, n)) for s in range(0, n, 14))]
     want = sum(_forward_score(model, c.decode(), x.decode())[0] for c, x in windows)
     assert lp_short == pytest.approx(want, abs=1e-4)
     assert lp_short != pytest.approx(lp, abs=1e-3)  # less context: another sum
@@ -86,14 +87,27 @@ def test_generate_until_is_the_generator(tiny_model):
     max_gen_toks bytes; requests with other settings in one call each get their own."""
     gen = Generator(tiny_model)
     free = gen.generate("Once upon", 24)[0]
-    stop = free[8:10].decode("latin-1")
+    stop = chr(next(b for b in free[4:] if b < 0x80))  # an ASCII byte the free text writes
     args = [("Once upon", {"until": [stop], "max_gen_toks": 24}), ("Once upon", {"until": [], "max_gen_toks": 5}),
             ("Twice", {"until": "\n\n", "max_gen_toks": 7})]
     got = BLTLM(tiny_model, batch_size=2).generate_until(_requests("generate_until", args))
     want = [gen.generate(p, kw["max_gen_toks"], stop=[kw["until"]] if isinstance(kw["until"], str) else kw["until"]
                          or None)[0].decode("utf-8", errors="replace") for p, kw in args]
     assert got == want
-    assert len(got[0]) < 24
+    assert stop.encode() not in got[0].encode()
+    assert len(got[0].encode()) < len(free)  # the stop string ended it
+
+
+def test_sampled_repeats_differ(tiny_model):
+    """The harness asks a sampled request k times (repeats): each copy draws its own sample (seed +
+    k), where a seed keyed by the prompt alone gave k copies of one; greedy copies stay equal."""
+    kw = {"until": [], "max_gen_toks": 16, "do_sample": True, "temperature": 1.0}
+    lm = BLTLM(tiny_model, batch_size=4)
+    got = lm.generate_until(_requests("generate_until", [("Once upon", kw)] * 4))
+    assert len(set(got)) > 1
+    assert lm.generate_until(_requests("generate_until", [("Once upon", kw)] * 4)) == got  # reproducible
+    greedy = lm.generate_until(_requests("generate_until", [("Once upon", {"until": [], "max_gen_toks": 16})] * 3))
+    assert len(set(greedy)) == 1
 
 
 def test_noise_perturbs_the_contexts_only(tiny_model):

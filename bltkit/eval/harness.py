@@ -164,10 +164,11 @@ class BLTLM(LM):
         result = []
         for req in requests:
             ids = encode(req.args[0], bos=False, eos=False)
-            # windows of at most max_length ids, BOS as the prefix; each window's context ids are
-            # earlier document bytes, its continuation the bytes it scores (each byte once)
+            # windows of at most max_length ids: BOS, then (past the first) the one earlier byte the
+            # harness's rule gives as context (context_len=1), then the bytes it scores (each once);
+            # so max_length - 2 scored bytes a window, none of the context cut
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=ids, prefix_token=BOS_ID, max_seq_len=self.max_length - 1, context_len=1)]
+                token_list=ids, prefix_token=BOS_ID, max_seq_len=self.max_length - 2, context_len=1)]
             pairs = [([i for i in ctx if i != BOS_ID], cont) for ctx, cont in windows]
             # (a window's context is cut by the rule above, not a user's text: not reported)
             result.append(sum(lp for lp, _ in self._score(pairs, count=False)))
@@ -184,6 +185,7 @@ class BLTLM(LM):
             self._generator = Generator(self.model)
         out: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}  # requests with the same settings generate together
+        seen: dict[tuple, int] = {}  # sampled requests asked before in this call (the harness's repeats)
         for i, req in enumerate(requests):
             kw = dict(req.args[1])
             until = kw.pop("until", None)
@@ -195,8 +197,13 @@ class BLTLM(LM):
             sample = bool(kw.pop("do_sample", False))
             temperature = float(kw.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
             seed = kw.pop("seed", None)
-            key = (tuple(until), n, temperature, kw.pop("top_k", None), kw.pop("top_p", None),
-                   self.noise_seed if seed is None else seed)
+            seed = self.noise_seed if seed is None else seed
+            top_k, top_p = kw.pop("top_k", None), kw.pop("top_p", None)
+            if temperature > 0:  # the k-th copy of a sampled request (repeats) draws with seed + k:
+                # the noise is keyed by seed and prompt, so copies would otherwise all be one sample
+                ask = (req.args[0], tuple(until), n, temperature, top_k, top_p, seed)
+                seed, seen[ask] = seed + seen.get(ask, 0), seen.get(ask, 0) + 1
+            key = (tuple(until), n, temperature, top_k, top_p, seed)
             groups.setdefault(key, []).append(i)
         for (until, n, temperature, top_k, top_p, seed), idx in groups.items():
             for b in range(0, len(idx), self.batch_size):
