@@ -1,7 +1,8 @@
 """Checkpoint sources named by Hugging Face hub repository (optional: needs `huggingface_hub`).
 
 Everything in bltkit reads local folders. Where a source given to a conversion or a load is not a
-local path and reads as a repository id, `org/name` or `org/name/folder` (Meta's facebook/blt holds
+local path, whose first folder does not exist here either, and reads as a repository id, `org/name`
+or `org/name/folder` (Meta's facebook/blt holds
 blt_1b/, blt_7b/ and entropy_model/ side by side), it is fetched into huggingface_hub's cache, which
 honours HF_HUB_OFFLINE and HF_HUB_CACHE, and the cached folder is read like any other.
 """
@@ -20,7 +21,9 @@ def resolve(src: str | os.PathLike) -> Path:
     then says it is missing), else the hub repository's snapshot, fetched or from the cache."""
     path = Path(src)
     text = os.fspath(src)
-    if path.exists() or not _REPO.fullmatch(text):
+    # a local folder's path with a typo (runs/exp1/fnal, where runs/ exists) is a missing local
+    # path, not a hub repository to fetch
+    if path.exists() or not _REPO.fullmatch(text) or Path(text.split("/")[0]).exists():
         return path
     org, name, *sub = text.split("/")
     repo = f"{org}/{name}"

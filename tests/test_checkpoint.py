@@ -4,6 +4,8 @@ for every kind of broken directory."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -439,3 +441,16 @@ def test_bad_device_is_not_blamed_on_the_file(saved, monkeypatch):
         load_model(path, device="cuda")
     with pytest.raises(ValueError, match="CUDA is not available here"):
         load_entropy_model(path, device="cuda:1")
+
+
+def test_a_mistyped_local_path_is_not_fetched_from_the_hub(tmp_path, monkeypatch):
+    """`runs/exp1/fnal` where runs/ exists is a missing local folder, never a hub repository id
+    (bltkit.hub.resolve would otherwise ask the network for the repository runs/exp1)."""
+    from bltkit import hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # (no network asked: the import fails)
+    (tmp_path / "runs" / "exp1").mkdir(parents=True)
+    assert hub.resolve("runs/exp1/fnal") == Path("runs/exp1/fnal")
+    with pytest.raises(ValueError, match="Hugging Face hub"):  # an id whose first folder is not here is one
+        hub.resolve("someorg/somemodel")
