@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -298,9 +299,11 @@ def _typed(v: Any, tp: Any, key: str) -> Any:
         except ValueError:
             raise bad() from None
     if origin in (list, tuple):
+        inner = args[0] if args else Any
+        if inner is str and isinstance(v, (str, os.PathLike)):  # one path where a list of them belongs
+            v = [v]
         if not isinstance(v, (list, tuple)):
             raise bad()
-        inner = args[0] if args else Any
         return [_typed(x, inner, f"{key}[{i}]") for i, x in enumerate(v)]
     if dataclasses.is_dataclass(tp):
         raise bad()  # (a dict was built above)
@@ -309,7 +312,7 @@ def _typed(v: Any, tp: Any, key: str) -> Any:
             raise bad()
         return v
     if tp is int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
             raise bad()
         return int(v)
     if tp is float:
@@ -317,6 +320,8 @@ def _typed(v: Any, tp: Any, key: str) -> Any:
             raise bad()
         return float(v)
     if tp is str:
+        if isinstance(v, os.PathLike):  # (a path given in Python)
+            return os.fspath(v)
         if not isinstance(v, str):
             raise bad()
         return v

@@ -341,3 +341,17 @@ def test_overrides_rederive_derived_fields():
     kept = apply_overrides(tiny(), ["encoder.dim=64", "decoder.dim=64"])  # tiny's FFN 96 is explicit
     assert kept.encoder.ffn_dim == 96
     assert apply_overrides(tiny(), ["encoder.n_kv_heads=2"]).encoder.n_kv_heads == 2
+
+
+def test_typed_fields_take_what_the_dataclasses_take():
+    """The JSON type checks accept what the config classes themselves accept: one path where a list
+    belongs (DataConfig takes a lone path), paths as os.PathLike from Python; and a number too large
+    for an integer is refused as a config error, not an OverflowError."""
+    from pathlib import Path
+
+    from bltkit.data import DataConfig
+
+    assert from_dict(DataConfig, {"paths": "corpus.txt"}).paths == ["corpus.txt"]
+    assert apply_overrides(DataConfig(paths=[Path("a")]), ["seed=1"]).paths == ["a"]
+    with pytest.raises(ValueError, match="config key seed must be a whole number"):
+        from_dict(DataConfig, {"seed": 1e400})
