@@ -138,6 +138,10 @@ class PatcherConfig:
                    f"static patching needs an integer patch_size >= 1, got {self.patch_size}")
         _check(self.max_patch_length is None or self.max_patch_length >= 1,
                "max_patch_length must be None or >= 1")
+        # (every comparison with NaN is false: a NaN threshold would start no patch)
+        _check(not math.isnan(self.threshold), "PatcherConfig.threshold is NaN; give a number of nats")
+        _check(self.threshold_add is None or not math.isnan(self.threshold_add),
+               "PatcherConfig.threshold_add is NaN; give a number of nats or None")
 
 
 def _default_hash_sizes() -> list[int]:

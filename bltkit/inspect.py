@@ -20,8 +20,6 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     from .config import PatcherConfig
     from .model import EntropyModel, patching
 
-    if threshold is not None and math.isnan(threshold):  # every comparison with NaN is false: no patches
-        raise ValueError("threshold is NaN; give a number of nats")
     model = load_model(model_dir, dtype=torch.float32)  # entropies in fp32 (spec §3.3), as generation has them
     if isinstance(model, EntropyModel):
         entropy_model, pc = model, PatcherConfig()
@@ -93,7 +91,7 @@ def render_patch_html(r: dict) -> str:
     import html
 
     H, theta, starts = r["entropies"], r["threshold"], r["starts"]
-    top = max(H) if H else 1.0
+    top = (max(H) if H else 0.0) or 1.0  # (every entropy 0: no shade to scale)
     spans = []
     for k, (text, s) in enumerate(zip(r["patches"], starts, strict=True)):
         if r["tokens"][s:s + r["patch_lengths"][k]] == [BOS_ID]:

@@ -12,6 +12,7 @@ import torch
 from bltkit.bytes import encode
 from bltkit.checkpoint import load_model
 from bltkit.cli import COMMANDS, main
+from bltkit.config import PatcherConfig
 from bltkit.flops import count_params
 from bltkit.presets import tiny
 
@@ -89,6 +90,29 @@ def test_patch_html_shows_every_patch(model_dir, tmp_path, capsys):
     assert "".join(html_lib.unescape(t) for _, t in boxes) == text
     assert all(f"{n} bytes" in tip for (tip, _), n in zip(boxes, r["patch_lengths"][1:], strict=True))
     assert sum("opened at H" in tip for tip, _ in boxes) == r["n_patches"] - 1  # byte 1 opens by rule
+
+
+def test_patch_html_with_every_entropy_zero():
+    """A report whose entropies are all 0 (a confident model) still makes a page: no shade to
+    scale, where the scale divided by the largest entropy."""
+    from bltkit.bytes import BOS_ID
+    from bltkit.inspect import render_patch_html
+
+    tokens = [BOS_ID, *encode("abcd", bos=False, eos=False)]
+    r = {"entropies": [0.0] * 5, "threshold": 1.0, "starts": [0, 1, 3], "patches": ["", "ab", "cd"],
+         "patch_lengths": [1, 2, 2], "tokens": tokens, "n_bytes": 4, "n_patches": 2, "mean_patch_length": 2.0,
+         "mode": "entropy"}
+    page = render_patch_html(r)
+    assert page.count('<span class="p') == 2
+
+
+def test_nan_threshold_is_refused_by_the_config():
+    """A NaN threshold starts no patch (every comparison with NaN is false): the patcher's config
+    refuses it wherever it is made, not only `blt patch`."""
+    with pytest.raises(ValueError, match="threshold is NaN"):
+        PatcherConfig(threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold_add is NaN"):
+        PatcherConfig(threshold_add=float("nan"))
 
 
 def test_calibrate_hits_the_target(model_dir, tmp_path, capsys):
