@@ -223,7 +223,7 @@ def resolve_config(preset: str | None, data_paths: list[str] | None = None, conf
         if entropy_model is not None:
             _entropy_config(entropy_model)  # a wrong directory is named even when resuming
         own = _own_patcher(run_dir)  # resuming: the checkpoint holds the patcher the run trained with
-        ent_dir = own or entropy_model or default_entropy_dir(run_dir, data.paths, tc.patching, tc.init_from)
+        ent_dir = own or entropy_model or default_entropy_dir(data.paths, tc.patching, tc.init_from)
         if ent_dir is not None:
             model = dataclasses.replace(model, entropy_model=_entropy_config(ent_dir))
             if tc.patching == "precomputed" and own is None:
@@ -299,12 +299,11 @@ def _check_prepared_patcher(ent_dir, data_path: str) -> None:
                          "or prepare the data again with this one")
 
 
-def default_entropy_dir(run_dir, paths: list[str], patching: str, init_from: str = "") -> Path | None:
-    """The run's own copy (a resumed run), else for prepared data the model that `blt data
-    prepare` used (so the exported BLT carries the patcher its training entropies came from),
-    else the patcher of the model a fine-tuning run starts from."""
-    if run_dir is not None and (Path(run_dir) / "entropy_model").is_dir():
-        return Path(run_dir) / "entropy_model"
+def default_entropy_dir(paths: list[str], patching: str, init_from: str = "") -> Path | None:
+    """A fresh run's patcher where none is given: for prepared data the model that `blt data
+    prepare` used (so the exported BLT carries the patcher its training entropies came from), else
+    the patcher of the model a fine-tuning run starts from. (A resumed run uses its own copy,
+    `_own_patcher`; a copy left by an attempt without checkpoints is replaced, not used.)"""
     info = prepared_info(paths[0]) if patching == "precomputed" else None
     if info and Path(info.get("entropy_model", "")).is_dir():
         return Path(info["entropy_model"])

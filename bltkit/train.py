@@ -187,7 +187,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
             print(f"note: --entropy-model {entropy_dir} is not this run's patcher: resuming with the run's own "
                   f"copy {own}, whose weights the checkpoint holds (train with another in a new --out)", flush=True)
         entropy_dir = own
-    entropy_dir = entropy_dir or default_entropy_dir(run_dir, run.data.paths, tc.patching, tc.init_from)
+    entropy_dir = entropy_dir or default_entropy_dir(run.data.paths, tc.patching, tc.init_from)
     patcher = load_entropy_model(entropy_dir, device=dev, dtype=torch.float32) \
         if uses_patcher and entropy_dir is not None else None
     # the run directory is self-contained; a fresh start replaces a copy left by an attempt without checkpoints

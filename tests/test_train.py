@@ -579,6 +579,11 @@ def test_precomputed_patching_refuses_another_entropy_model(tmp_path):
         resolve_config("tiny", [str(prep)], None, tokens, entropy_model=b)
     assert resolve_config("tiny", [str(prep)], None, tokens, entropy_model=a).model.entropy_model.max_seqlen == 64
     assert resolve_config("tiny", [str(prep)], None, tokens).model.entropy_model  # prepare.json's model
+    # a copy of another patcher left in the run directory by an attempt without checkpoints is not
+    # taken for the run's own: a fresh start uses prepare.json's
+    stale = tmp_path / "run"
+    shutil.copytree(b, stale / "entropy_model")
+    assert resolve_config("tiny", [str(prep)], None, tokens, run_dir=stale).model.entropy_model
 
 
 def test_relative_paths_are_stored_absolute(corpus, tmp_path, monkeypatch):
