@@ -28,6 +28,7 @@ from . import distributed
 from .checkpoint import (
     ENTROPY_DIR,
     CheckpointError,
+    check_output_dir,
     check_state,
     load_entropy_model,
     load_state,
@@ -163,6 +164,9 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     tc, dev, W = run.train, info.device, info.world_size
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir} is a file; a run directory is a new or existing directory")
+    # the exports replace RUN_DIR/model whole: a file of the user's there is refused now, not
+    # after the training (every rank checks: one rank's error alone would leave the others waiting)
+    check_output_dir(run_dir / "model")
     ckpt_root = run_dir / "checkpoints"
     candidates = distributed.complete_checkpoints(ckpt_root)
     if resume == "never" and candidates:

@@ -351,6 +351,18 @@ def test_ctrl_c_names_the_checkpoint_that_resumes(four_steps, corpus, tmp_path, 
     assert [r["loss"] for r in _rows(out)] == [r["loss"] for r in four_steps[1]]
 
 
+def test_a_users_file_in_run_dir_model_is_refused_before_training(corpus, tmp_path):
+    """RUN_DIR/model is replaced whole by the exports: a file of the user's there stops the run at
+    its start (it failed at the final export, after the training)."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes\.txt"):
+        _run(out, corpus, "train.steps=1")
+    assert not (out / "metrics.jsonl").exists()
+    assert (out / "model" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("cause", [KeyboardInterrupt, torch.OutOfMemoryError])
 def test_interrupted_load_keeps_the_checkpoint(four_steps, corpus, tmp_path, monkeypatch, cause):
     """A Ctrl-C (DCP wraps it in a CheckpointException) or running out of memory while the newest
