@@ -451,7 +451,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint being resumed (they will be logged again)."""
     if path.is_file():
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        distributed.write_text_atomic(path, "".join(r + "\n" for r in rows))  # (a crash keeps the history)
 
 
 __all__ = ["SECTIONS", "RunConfig", "TrainConfig", "apply_run_overrides", "build_model", "export_model",
