@@ -40,7 +40,7 @@ from .config import (
     EntropyModelConfig,
     to_dict,
 )
-from .data import BatchLoader, build_streams, weights_sha256
+from .data import BatchLoader, build_streams
 from .metrics import LogWindow, MetricsLogger, StepTimer, env_info
 from .model.patching import starts_to_lengths
 from .optim import build_optimizer, build_scheduler, clip_and_step
@@ -187,7 +187,7 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     uses_patcher = run.is_blt and run.model.entropy_model is not None
     own = run_dir / ENTROPY_DIR
     if uses_patcher and candidates and own.is_dir():  # the checkpoint holds the patcher it trained with
-        if info.is_main and entropy_dir is not None and weights_sha256(Path(entropy_dir)) != weights_sha256(own):
+        if info.is_main and entropy_dir is not None and not _same_patcher(Path(entropy_dir), own):
             print(f"note: --entropy-model {entropy_dir} is not this run's patcher: resuming with the run's own "
                   f"copy {own}, whose weights the checkpoint holds (train with another in a new --out)", flush=True)
         entropy_dir = own
@@ -445,6 +445,14 @@ def _write_run_files(run: RunConfig, run_dir: Path, step: int, changed: list, ar
     distributed.write_text_atomic(run_dir / "config.json", text + "\n")
     (run_dir / "env.json").write_text(json.dumps(env_info(argv), indent=2) + "\n")
     print(f"config ({run_dir / 'config.json'}):\n{text}", flush=True)
+
+
+def _same_patcher(given: Path, own: Path) -> bool:
+    """Does `given` hold the weights of the run's copy `own`? Compared in fp32, the dtype the copy
+    is saved in (a file hash would differ for a bf16 source of the same weights)."""
+    a = load_entropy_model(given, dtype=torch.float32).state_dict()
+    b = load_entropy_model(own, dtype=torch.float32).state_dict()
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -576,6 +576,12 @@ def test_resume_with_another_entropy_model_keeps_the_runs_own(corpus, tmp_path, 
     assert json.loads((out / "model" / "entropy_model" / "config.json").read_text())["dim"] == 32
     _run(out, corpus, "train.steps=3", "model.patcher.mode=entropy", entropy_model=a)  # its own: no note
     assert "not this run's patcher" not in capsys.readouterr().out
+    # a bf16 source: the run's copy holds its weights in fp32, the same weights (no note either)
+    a16 = save_model(load_entropy_model(a).to(torch.bfloat16), tmp_path / "a16")
+    out16 = tmp_path / "run16"
+    _run(out16, corpus, "train.steps=1", "model.patcher.mode=entropy", entropy_model=a16)
+    _run(out16, corpus, "train.steps=2", "model.patcher.mode=entropy", entropy_model=a16)
+    assert "not this run's patcher" not in capsys.readouterr().out
 
 
 def test_precomputed_patching_refuses_another_entropy_model(tmp_path):
