@@ -188,6 +188,8 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
     if not isinstance(model, BLT):
         raise ValueError(f"transformers has a BLT class but no class for {type(model).__name__} alone; export "
                          "the BLT that holds it, or this model with --to meta (Meta's entropy-model layout)")
+    out = Path(out_dir)
+    check_output_dir(out)  # (before the copies to the CPU)
     hf_cfg = to_hf_config(model.config)
     tensors = {}
     for k, v in model.state_dict().items():
@@ -195,8 +197,6 @@ def export_hf(model, out_dir: str | os.PathLike, dtype: torch.dtype | None = Non
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[native_key_to_hf(k)] = v.contiguous()
-    out = Path(out_dir)
-    check_output_dir(out)
     with atomic_dir(out) as tmp:
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
