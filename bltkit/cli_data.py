@@ -34,7 +34,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="also a tokenized (BPE) transformers causal LM on the same documents, in the same "
                         "bits per byte (a folder, or a hub id where there is a network; bltkit.eval.baseline)")
     b.add_argument("--baseline-seq-len", type=int, default=None, metavar="TOKENS",
-                   help="the baseline's tokens a window (default: its position limit)")
+                   help="the baseline's tokens a window (default: its position limit, at most 4096)")
     t = sub.add_parser("tasks", help="downstream tasks with lm-evaluation-harness (pip install 'bltkit[eval]')",
                        description="Runs lm-evaluation-harness tasks (hellaswag, arc_easy, piqa, ...) on a "
                        "bltkit model, on bytes: log-likelihoods from the model's forward, generation with "
@@ -76,6 +76,8 @@ def cmd_eval(args) -> None:
         from .bundled import bundled_model_dir
 
         args.model = str(bundled_model_dir())
+    if args.baseline is None and args.baseline_seq_len is not None:
+        raise ValueError("--baseline-seq-len sets the window of a --baseline model: give --baseline too")
     baseline = None
     if args.baseline is not None:  # first: what it cannot read is refused before the BLT's run
         from .eval.baseline import baseline_bpb, load_baseline

@@ -75,6 +75,31 @@ def test_bits_per_byte_of_the_token_stream(baseline_dir, tmp_path):
         baseline_bpb(model, tokenizer, [a], seq_len=65)
 
 
+def test_one_marker_between_documents_where_bos_is_eos(baseline_dir, tmp_path):
+    """A GPT-2-style tokenizer (BOS = EOS = <|endoftext|>) reads documents as it was trained: one
+    marker between them, never two in a row (which charged the baseline for a pair it never saw);
+    the nats still divide by a BLT's count (bytes + 2 docs - 1)."""
+    model, tokenizer = load_baseline(baseline_dir)
+    docs = ["First document, fairly short.", "A second one follows it.", "And the third one ends."]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    end = tokenizer.eos_token_id
+    ids = [end]
+    for d in docs:
+        ids += [*tokenizer(d, add_special_tokens=False)["input_ids"], end]
+    want = 0.0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 15):
+            w = torch.tensor([ids[s:s + 16]])
+            want -= float(F.log_softmax(model(input_ids=w).logits[0, :-1].float(), -1).gather(-1, w[0, 1:, None]).sum())
+    (f,) = baseline_bpb(model, tokenizer, [path], seq_len=16)["files"]
+    n = sum(len(d.encode()) for d in docs)
+    assert f["documents"] == 3
+    assert f["tokens"] == len(ids) - 4
+    assert f["nats"] == pytest.approx(want, rel=1e-5)
+    assert f["bpb"] == pytest.approx(want / (math.log(2) * (n + 2 * 3 - 1)), rel=1e-5)
+
+
 def test_cli_prints_both_and_refuses_bytes_it_cannot_read(baseline_dir, tmp_path, capsys):
     from bltkit.checkpoint import init_model, save_model
     from bltkit.cli import main
@@ -94,3 +119,6 @@ def test_cli_prints_both_and_refuses_bytes_it_cannot_read(baseline_dir, tmp_path
         main(["eval", "bpb", str(tmp_path / "bad.txt"), "--model", str(tmp_path / "m"), "--device", "cpu",
               "--baseline", str(baseline_dir)])
     assert "not valid UTF-8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a window for no baseline: refused, not ignored
+        main(["eval", "bpb", str(a), "--model", str(tmp_path / "m"), "--device", "cpu", "--baseline-seq-len", "16"])
+    assert "give --baseline too" in capsys.readouterr().err

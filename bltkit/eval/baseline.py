@@ -35,24 +35,33 @@ def load_baseline(name: str | os.PathLike, device: str | torch.device = "cpu", d
     return model, tokenizer
 
 
-def _ids(docs, tokenizer, where: str) -> tuple[list[int], int, int]:
-    """The token stream of `docs` (BOS + tokens + EOS each), their byte count and document count."""
+def _ids(docs, tokenizer, where: str) -> tuple[list[int], int, int, int]:
+    """The token stream of `docs` (BOS + tokens + EOS each; where the tokenizer's BOS is its EOS, as
+    GPT-2's <|endoftext|>, one between documents: it never saw two in a row), their byte count,
+    document count and count of document markers in the stream."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     bos, eos = (bos if bos is not None else eos), (eos if eos is not None else bos)
     if bos is None:
         raise ValueError("the baseline's tokenizer has neither a BOS nor an EOS token to mark documents")
     ids: list[int] = []
-    n_bytes = n_docs = 0
+    n_bytes = n_docs = marks = 0
     for i, doc in enumerate(docs):
         try:
             text = doc.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: document {i} is not valid UTF-8 (byte {e.start}); a tokenizer reads "
                              "text, so the baseline cannot score it") from None
-        ids += [bos, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        head = [] if ids and bos == eos else [bos]
+        ids += [*head, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
         n_bytes += len(doc)
         n_docs += 1
-    return ids, n_bytes, n_docs
+        marks += len(head) + 1
+    return ids, n_bytes, n_docs, marks
+
+
+# the default window's tokens where a model allows more (some allow 131,072: a batch of those would
+# not fit in memory; a BLT's bits per byte reads windows of at most 4,096 bytes)
+DEFAULT_SEQ_LEN = 4096
 
 
 @torch.no_grad()
@@ -62,13 +71,14 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
 
     Returns {"files": [{"path", "bytes", "documents", "tokens", "nats", "bpb", "bytes_per_token"}],
     "overall": {"bytes", "nats", "bpb"}, "seq_len"}; `seq_len` is tokens a window (default: the
-    model's position limit).
+    model's position limit, at most DEFAULT_SEQ_LEN). Each source's nats are divided by the bytes a
+    BLT's bits per byte divides by (its bytes, and BOS and EOS a document but the first BOS).
     """
     from ..data import iter_documents
     from .bpb import _first_bytes
 
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seq_len = (limit or 1024) if seq_len is None else seq_len
+    seq_len = min(limit or 1024, DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"seq_len must be >= 2 tokens and batch_size >= 1, got {seq_len}, {batch_size}")
     if limit is not None and seq_len > limit:
@@ -77,7 +87,7 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
     files = []
     for path in paths:
         try:
-            ids, n_bytes, n_docs = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer,
+            ids, n_bytes, n_docs, marks = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer,
                                         str(path))
         except ValueError as e:
             cut = f" (--max-bytes {max_bytes} may cut a character: try a few more or fewer)" if max_bytes else ""
@@ -99,9 +109,9 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
             lp = F.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None])[..., 0]
             nats -= float((lp * mask[:, 1:]).sum())
         targets = n_bytes + 2 * n_docs - 1  # what a BLT's bits per byte divides by
-        files.append({"path": str(path), "bytes": n_bytes, "documents": n_docs, "tokens": len(ids) - 2 * n_docs,
+        files.append({"path": str(path), "bytes": n_bytes, "documents": n_docs, "tokens": len(ids) - marks,
                       "nats": nats, "bpb": nats / (math.log(2) * targets), "targets": targets,
-                      "bytes_per_token": n_bytes / max(1, len(ids) - 2 * n_docs)})
+                      "bytes_per_token": n_bytes / max(1, len(ids) - marks)})
     nats, targets = sum(f["nats"] for f in files), sum(f["targets"] for f in files)
     return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), "targets": targets, "nats": nats,
                                         "bpb": nats / (math.log(2) * targets)}, "seq_len": seq_len}
