@@ -10,16 +10,8 @@ import argparse
 import json
 import sys
 
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from .dtypes import DTYPES
+from .dtypes import torch_dtype as _dtype
 
 
 def _default_device() -> str:

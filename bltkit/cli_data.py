@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .dtypes import DTYPES
+
 # -- eval -----------------------------------------------------------------------------------------
 
 
@@ -48,7 +50,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="documents a task, or a share of them below 1 (for a quick look; not comparable scores)")
     t.add_argument("--batch-size", type=int, default=8, help="sequences a forward, rows a generate call (default 8)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights' dtype (default fp32)")
+    t.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default fp32)")
     t.add_argument("--include-path", default=None, help="a folder of task YAMLs of your own")
     t.add_argument("--seed", type=int, default=0, help="few-shot sampling, generation and noise seed (default 0)")
     t.add_argument("--noise", default=None, metavar="KIND[:P]",

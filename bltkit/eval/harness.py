@@ -76,12 +76,10 @@ class BLTLM(LM):
                              f"{max_gen_bytes!r}") from None
         if batch_size < 1 or max_gen_bytes < 1:
             raise ValueError(f"batch_size and max_gen_bytes must be >= 1, got {batch_size}, {max_gen_bytes}")
-        if isinstance(dtype, str):
-            from ..cli import DTYPES  # (the commands' dtype names)
+        if isinstance(dtype, str):  # (the commands' dtype names)
+            from ..dtypes import torch_dtype
 
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-            dtype = getattr(torch, DTYPES[dtype])
+            dtype = torch_dtype(dtype)
         if model is None or isinstance(model, (str, os.PathLike)):
             if model is None:
                 from ..bundled import bundled_model_dir
