@@ -83,3 +83,15 @@ class Utf8Stream:
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """`data` as text, or a ValueError that says where it is not UTF-8 (line and column) and what
+    to do about it."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{where} is not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}; "
+                         "text is read as UTF-8 (convert it first, e.g. iconv -f latin1 -t utf-8)") from None

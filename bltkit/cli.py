@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from .bytes import utf8_text
 from .dtypes import DTYPES
 from .dtypes import torch_dtype as _dtype
 
@@ -20,15 +21,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _utf8(data: bytes, where: str) -> str:
-    """`data` as text, or a ValueError that says where it is not UTF-8 and what to do."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ValueError(f"{where} is not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}; "
-                         "the commands read text as UTF-8 (convert it first, e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _read_text_arg(text: str) -> str:
@@ -36,11 +28,11 @@ def _read_text_arg(text: str) -> str:
     reaches Python with surrogate escapes, which no model can read)."""
     if text == "-":
         stdin = getattr(sys.stdin, "buffer", None)
-        return _utf8(stdin.read(), "standard input") if stdin is not None else sys.stdin.read()
+        return utf8_text(stdin.read(), "standard input") if stdin is not None else sys.stdin.read()
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return _utf8(text.encode("utf-8", "surrogateescape"), "the text argument")
+        return utf8_text(text.encode("utf-8", "surrogateescape"), "the text argument")
     return text
 
 
@@ -257,8 +249,12 @@ def cmd_generate(args) -> None:
         if args.prompt or args.stream or args.show_patches:  # (--batch-size applies to it alone)
             raise ValueError("--prompts-file is the batch mode: give it without a PROMPT argument, --stream or "
                              "--show-patches (one prompt: PROMPT or '-' for standard input)")
-        with open(args.prompts_file, "rb") as f:
-            text = _utf8(f.read(), args.prompts_file)
+        try:
+            with open(args.prompts_file, "rb") as f:
+                data = f.read()
+        except OSError as e:  # (a folder, no permission: one line, not a traceback)
+            raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from None
+        text = utf8_text(data, args.prompts_file)
         prompts = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")

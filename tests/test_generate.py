@@ -393,6 +393,7 @@ def test_cli_generate_refuses_what_it_cannot_read(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"x\xfe")))
     assert "standard input is not valid UTF-8: byte 0xfe at line 1, column 2" in error(["-"])
     assert "without a PROMPT argument" in error(["Hi", "--prompts-file", str(tmp_path / "crlf.txt")])
+    assert f"--prompts-file {tmp_path}: Is a directory" in error(["--prompts-file", str(tmp_path)])  # (a traceback)
     main([*base, "--prompts-file", str(tmp_path / "crlf.txt")])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["one", "two\x0cthree"]

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..bytes import utf8_text
+
 
 def load_baseline(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a Hugging Face causal LM, in eval mode."""
@@ -46,11 +48,7 @@ def _ids(docs, tokenizer, where: str) -> tuple[list[int], int, int, int]:
     ids: list[int] = []
     n_bytes = n_docs = marks = 0
     for i, doc in enumerate(docs):
-        try:
-            text = doc.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: document {i} is not valid UTF-8 (byte {e.start}); a tokenizer reads "
-                             "text, so the baseline cannot score it") from None
+        text = utf8_text(doc, f"{where}: document {i} (the baseline's tokenizer reads text)")
         head = [] if ids and bos == eos else [bos]
         ids += [*head, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
         n_bytes += len(doc)
