@@ -259,19 +259,9 @@ def cmd_generate(args) -> None:
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
         batch = 64 if args.batch_size is None else args.batch_size
-        if batch < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch}")
-        # batches of prompts of similar lengths, printed in the file's order as each prefix is done
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].encode()))
-        done: dict[int, bytes] = {}
-        shown = 0
-        for b in range(0, len(order), batch):
-            rows = order[b:b + batch]
-            done.update(zip(rows, gen.generate([prompts[i] for i in rows], **kw), strict=True))
-            while shown in done:
-                print(json.dumps({"prompt": prompts[shown], "completion": done.pop(shown).decode("utf-8", errors="replace")},
-                                 ensure_ascii=False), flush=True)
-                shown += 1
+        for i, completion in gen.generate_in_batches(prompts, batch, **kw):  # (in the file's order)
+            print(json.dumps({"prompt": prompts[i], "completion": completion.decode("utf-8", errors="replace")},
+                             ensure_ascii=False), flush=True)
         return
     if args.batch_size is not None:
         raise ValueError("--batch-size applies to the batch mode (--prompts-file)")

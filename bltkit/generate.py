@@ -1808,6 +1808,31 @@ class Generator:
                                  seed, stop)
         return [to_bytes(r) for r in rows]
 
+    def generate_in_batches(self, prompts, batch_size: int = 64, **kwargs) -> Iterator[tuple[int, bytes]]:
+        """`generate` over many prompts, `batch_size` at a time: batches of prompts of similar
+        lengths (rows share the step position, so a long prompt in a batch of short ones is read
+        byte by byte while they decode), yielding (index, continuation) in the prompts' order as
+        soon as every earlier one is done. The same bytes as one `generate` call (a row's result
+        does not depend on its batch). `kwargs`: generate's."""
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+            raise TypeError(f"prompts is a list of prompts, got {type(prompts).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        lengths = [len(p.encode()) if isinstance(p, str) else len(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+
+        def batches() -> Iterator[tuple[int, bytes]]:  # (the checks above run at the call, not the first item)
+            done: dict[int, bytes] = {}
+            shown = 0
+            for b in range(0, len(order), batch_size):
+                rows = order[b:b + batch_size]
+                done.update(zip(rows, self.generate([prompts[i] for i in rows], **kwargs), strict=True))
+                while shown in done:
+                    yield shown, done.pop(shown)
+                    shown += 1
+
+        return batches()
+
     def stream(self, prompt, max_new_bytes: int = 256, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
                patch_marker: str | None = None) -> Iterator[str]:

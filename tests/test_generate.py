@@ -416,6 +416,13 @@ def test_cli_batch_mode_groups_prompts_by_length(tmp_path, capsys):
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [r["prompt"] for r in rows] == prompts
         assert [r["completion"] for r in rows] == want
+    # the library's: Generator.generate_in_batches, in the prompts' order; bad sizes refused at the call
+    gen = Generator(model)
+    got = list(gen.generate_in_batches(prompts, 2, max_new_bytes=6))
+    assert [i for i, _ in got] == list(range(len(prompts)))
+    assert [b.decode("utf-8", errors="replace") for _, b in got] == want
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        gen.generate_in_batches(prompts, 0)
 
 
 @pytest.mark.parametrize("speculate", [False, True])
