@@ -159,8 +159,12 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_patch(args) -> None:
+    from pathlib import Path
+
     from .inspect import patch_report, render_patch_html, render_patch_report
 
+    if args.html and (Path(args.html).is_dir() or not Path(args.html).parent.is_dir()):  # (before the model loads)
+        raise ValueError(f"--html {args.html}: give a file in an existing folder")
     report = patch_report(_resolve_model(args.model), _read_text_arg(args.text), mode=args.mode,
                           threshold=args.threshold, max_patch_length=args.max_patch_length,
                           patch_size=args.patch_size)

@@ -90,6 +90,10 @@ def test_patch_html_shows_every_patch(model_dir, tmp_path, capsys):
     assert "".join(html_lib.unescape(t) for _, t in boxes) == text
     assert all(f"{n} bytes" in tip for (tip, _), n in zip(boxes, r["patch_lengths"][1:], strict=True))
     assert sum("opened at H" in tip for tip, _ in boxes) == r["n_patches"] - 1  # byte 1 opens by rule
+    for bad in (tmp_path, tmp_path / "no" / "p.html"):  # refused before the model loads, not a traceback
+        with pytest.raises(SystemExit):
+            main(["patch", "--model", str(model_dir), text, "--html", str(bad)])
+        assert "give a file in an existing folder" in capsys.readouterr().err
 
 
 def test_patch_html_with_every_entropy_zero():
