@@ -6,7 +6,8 @@ prompt repeated, 32 steps) timed 2.26 ms: the twenty-sixth session found the dif
 step count (the caches grow: a step costs ~2.28 ms at the start and ~2.65 after 128 bytes), not
 in the prompts or the host's reads. This times `Generator.generate_ids` on the grid's prompts
 (or one repeated) for each variant, a list of module constants of `bltkit.generate` to set
-(`NAME=VALUE;NAME=VALUE`, values as Python literals; `base`: the defaults), each on a fresh
+(`NAME=VALUE;NAME=VALUE`, values as Python literals, `kernels.NAME` for bltkit.kernels'; `base`:
+the defaults), each on a fresh
 Generator, and prints the step's time on the host's clock and on the GPU's (CUDA events around
 each step: the mean, the first step, the slowest).
 
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
 from generate import prompts_of
 
-from bltkit import generate
+from bltkit import generate, kernels
 from bltkit.bytes import encode
 from bltkit.generate import Generator
 
@@ -55,14 +56,21 @@ def timed_steps(gen: Generator, prompts, steps: int) -> tuple[float, list[float]
     return gen.stats["decode_s"] / steps * 1e3, gaps
 
 
+def _module(name: str) -> tuple:
+    """(module, attribute) for a variant's NAME: bltkit.generate's, or bltkit.kernels' as kernels.NAME."""
+    mod, attr = (kernels, name.removeprefix("kernels.")) if name.startswith("kernels.") else (generate, name)
+    if not hasattr(mod, attr):
+        raise SystemExit(f"{mod.__name__} has no {attr!r}")
+    return mod, attr
+
+
 def parse_variant(text: str) -> dict:
     if text == "base":
         return {}
     out = {}
     for item in text.split(";"):
         name, _, value = item.partition("=")
-        if not hasattr(generate, name.strip()):
-            raise SystemExit(f"bltkit.generate has no {name.strip()!r}")
+        _module(name.strip())
         out[name.strip()] = ast.literal_eval(value.strip())
     return out
 
@@ -75,7 +83,7 @@ def main() -> None:
     ap.add_argument("--prompts", choices=("grid", "repeated"), default="grid",
                     help="the grid's distinct prompts (generate.py's) or one repeated (profile_generate.py's)")
     ap.add_argument("--variants", nargs="+", default=["base"],
-                    help="each NAME=VALUE;NAME=VALUE of bltkit.generate's constants, or base")
+                    help="each NAME=VALUE;NAME=VALUE of bltkit.generate's constants (kernels.NAME: bltkit.kernels'), or base")
     args = ap.parse_args()
     variants = [(v, parse_variant(v)) for v in args.variants]
     model = random_model("blt-1b", [], "cuda", torch.bfloat16)
@@ -86,11 +94,12 @@ def main() -> None:
     else:
         prompts = [(SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()[:args.prompt_len - 1]] * args.batch
     names = {name for _, v in variants for name in v}
-    defaults = {name: getattr(generate, name) for name in names}
+    defaults = {name: getattr(*_module(name)) for name in names}
     want = None
     for text, values in variants:
         for name, value in {**defaults, **values}.items():
-            setattr(generate, name, value)
+            setattr(*_module(name), value)
+        kernels._attend_kernel.cache.clear()  # the autotuner chooses again (ATTEND_FIRST_BLOCK is in its key)
         gen = None
         gc.collect()
         torch.cuda.empty_cache()
@@ -109,7 +118,7 @@ def main() -> None:
               f"{gaps[0]:.3f}, last 16 {statistics.mean(gaps[-16:]):.3f}, slowest {max(rest):.3f}; patches "
               f"{gen.stats['patches']}; rows as the first variant's: {same}/{len(out)}", flush=True)
     for name, value in defaults.items():
-        setattr(generate, name, value)
+        setattr(*_module(name), value)
 
 
 if __name__ == "__main__":

@@ -309,22 +309,63 @@ if triton is not None:
             m_i = m_new
         tl.store(out_ptr + rows[:, None] * (N * H) + head * H + h[None, :], (o / l_i[:, None]).to(dt), mask=m2)
 
+    @triton.jit
+    def _attend_block(s, lo, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
+                      HAS_MASK: tl.constexpr, RING: tl.constexpr, ROPE: tl.constexpr):
+        """One block of attend's online softmax: slots s (those in [lo, end) visible as the mode
+        says), their mask `mk` (HAS_MASK), keys and values as loaded. What hidden slots hold (NaN,
+        say, in a slot no one has written yet) is replaced by zeros before any sum."""
+        ok = (s >= lo) & (s < end)
+        if HAS_MASK:
+            mask = tl.where(ok, mk.to(tl.float32), float("-inf"))
+        elif RING:  # slot s holds the last position <= at that is s modulo S (s <= at here:
+            # `last` = at bounds the slots read, so none past at is read before the ring fills)
+            held = at - (at - s) % S
+            mask = tl.where(ok & (held >= lo_at), 0.0, float("-inf"))
+        else:  # every slot in [lo, end) visible
+            mask = tl.where(ok, 0.0, float("-inf"))
+        seen = mask != float("-inf")
+        if ROPE:  # the row's own slot is left out here (the writing program may not have
+            # reached it yet) and taken from the program's registers after the loop
+            seen = seen & (s != own)
+        kk = tl.where(seen[:, None], kk.to(tl.float32), 0.0)
+        vv = tl.where(seen[:, None], vv.to(tl.float32), 0.0)
+        sc = tl.where(seen, tl.sum(kk * q[None, :], axis=1) * scale + mask, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf) = 0
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(sc - m_use)
+        return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+
     # one warp a program: the best at 64 rows for the rings and the decoder's cross-attention (H200,
     # nineteenth session, benchmarks/attend_configs.py: 10.3 against 11.3 µs over the decoder's
     # ring, 3.0 against 3.6 over a patch's 2 units); tuned per head dim too (stacks of different
     # head dims can share every other key)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING", "PRE"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
                        cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr, PRE: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
+        h = tl.arange(0, H)
+        kvh = (head % QN) // (QN // NK)  # grouped-query heads share a key/value head (QN: attend's `period`)
+        k_row = k_ptr + b * sk_b + kvh * sk_n
+        v_row = v_ptr + b * sv_b + kvh * sv_n
+        s_pre = tl.arange(0, BLOCK_S)
+        if PRE:  # split 0 loads the first BLOCK_S slots with the row's bounds, not after them (one
+            # wait fewer on the program's chain of loads); the bounds only mask them below
+            pre = s_pre < tl.where(split == 0, S, 0)
+            mk_pre = 0.0
+            if HAS_MASK:
+                mk_pre = tl.load(m_ptr + b * sm_b + s_pre * sm_s, mask=pre, other=float("-inf"))
+            kk_pre = tl.load(k_row + s_pre[:, None] * sk_s + h[None, :], mask=pre[:, None], other=0.0)
+            vv_pre = tl.load(v_row + s_pre[:, None] * sv_s + h[None, :], mask=pre[:, None], other=0.0)
         n_read = S
         if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
             n_read = tl.minimum(S, tl.load(last_ptr + b * s_last).to(tl.int32) + 1)
@@ -340,10 +381,7 @@ if triton is not None:
         start = lo + split * chunk
         end = tl.minimum(n_read, start + chunk)
         dt = o_ptr.dtype.element_ty
-        h = tl.arange(0, H)
-        kvh = (head % QN) // (QN // NK)  # grouped-query heads share a key/value head (QN: attend's `period`)
-        k_row = k_ptr + b * sk_b + kvh * sk_n
-        v_row = v_ptr + b * sv_b + kvh * sv_n
+        own = -1  # ROPE: the row's own slot
         if ROPE:  # q_ptr: the q|k|v product's output; RoPE on q and the new k here, as rope_write
             y_row = q_ptr + b * sq_b
             q = _rope_head(y_row + head * H, h, cos_ptr, sin_ptr, b * s_rope, dt)
@@ -358,36 +396,22 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)  # running max (a scalar)
         l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)  # running sum of exp
         acc = tl.zeros([H], dtype=tl.float32)
-        for s0 in range(start, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
+        rest = start  # where the loop over key blocks starts
+        if PRE:  # the slots loaded first (split 0's first block where it starts at slot 0) folded in
+            m_i, l_i, acc = _attend_block(s_pre, start, end, at, lo_at, S, own, q, scale, mk_pre, kk_pre, vv_pre,
+                                          m_i, l_i, acc, HAS_MASK, RING, ROPE)
+            rest = tl.maximum(start, BLOCK_S)
+        for s0 in range(rest, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < end
-            # the mask, keys and values load at once (no load waits for another); what hidden slots
-            # hold (NaN, say, in a slot no one has written yet) is replaced by zeros
-            # before any sum, so it stays out of them
+            # the mask, keys and values load at once (no load waits for another)
+            mk = 0.0
             if HAS_MASK:
-                mask = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
-            elif RING:  # slot s holds the last position <= at that is s modulo S (s <= at here:
-                # `last` = at bounds the slots read, so none past at is read before the ring fills)
-                held = at - (at - s) % S
-                mask = tl.where(ok & (held >= lo_at), 0.0, float("-inf"))
-            else:  # every slot in [lo, n_read) visible
-                mask = tl.where(ok, 0.0, float("-inf"))
+                mk = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf"))
             kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
             vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
-            seen = mask != float("-inf")
-            if ROPE:  # the row's own slot is left out here (the writing program may not have
-                # reached it yet) and taken from this program's registers after the loop
-                seen = seen & (s != own)
-            kk = tl.where(seen[:, None], kk.to(tl.float32), 0.0)
-            vv = tl.where(seen[:, None], vv.to(tl.float32), 0.0)
-            sc = tl.where(seen, tl.sum(kk * q[None, :], axis=1) * scale + mask, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf) = 0
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(sc - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(s, s0, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
+                                          HAS_MASK, RING, ROPE)
         if ROPE:  # the own slot, where it lies in this program's share and is visible: one more step
             here = (own >= start) & (own < end)
             if HAS_MASK:
@@ -699,6 +723,20 @@ ATTEND_MIN_CHUNK = 64
 ATTEND_MAX_CHUNK = 256
 
 
+# attend()'s programs of split 0 load their first block of keys and values (slots 0 to BLOCK_S - 1)
+# at once with the row's bounds, which then only mask them, where this is True: one wait fewer on
+# each program's chain of loads (the global stack's attention at 64 rows and ~40 patches a row
+# took as long over the ~14 rows whose patch closes as over all 64: its time is that chain, not
+# the bytes; twenty-sixth session). Read as the kernel is launched (and captured)
+ATTEND_FIRST_BLOCK = True
+
+# attend()'s launch configuration, (BLOCK_S, num_warps), for (head dim, RoPE in the kernel) where
+# given here, in place of the autotuner's choice: that is made on the first call of a shape, when
+# a generator's caches hold its warm-up's few keys, and lasts while they fill (the global stack's
+# ~4 patches a row then, ~40 late in a batch-64 grid cell)
+ATTEND_CONFIG: dict[tuple[int, bool], tuple[int, int]] = {}
+
+
 def attend_splits(programs: int, n_keys: int) -> int:
     """Programs a row and head for attend() over `n_keys` slots when rows x heads = `programs`:
     enough for ATTEND_PROGRAMS in all and for chunks of at most ATTEND_MAX_CHUNK keys, but never
@@ -778,13 +816,16 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         splits = attend_splits(B * N, S)
     part = out if splits == 1 else torch.empty(B, N, splits, H + 2, dtype=torch.float32, device=out.device)
     cos, sin, slot, s_rope, s_slot = (out, out, out, 0, 0) if rope is None else rope
-    _attend_kernel[(B, N, splits)](
+    fixed = ATTEND_CONFIG.get((H, rope is not None))
+    kernel, meta = (_attend_kernel, {}) if fixed is None else \
+        (_attend_kernel.fn, {"BLOCK_S": fixed[0], "num_warps": fixed[1]})
+    kernel[(B, N, splits)](
         q, k, v, m, out, part, out if last is None else last, out if first is None else first, S, H ** -0.5,
         N, k.shape[1], period, *q_strides, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
         0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
-        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None)
+        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None, PRE=ATTEND_FIRST_BLOCK, **meta)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

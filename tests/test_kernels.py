@@ -280,12 +280,25 @@ def test_hash_embed_equals_the_model_embedding(dtype):
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol)
 
 
+@pytest.fixture(params=[(None, True), (16, True), (16, False)], ids=["tuned", "block16", "block16-late"])
+def attend_blocks(request, monkeypatch):
+    """The attention kernel as tuned (one configuration under the interpreter: blocks of 64 slots,
+    more than most caches here), and with blocks of 16 slots (kernels.ATTEND_CONFIG), where the
+    first block, loaded with the row's bounds (kernels.ATTEND_FIRST_BLOCK), and the loop over the
+    blocks after it both run, or with that off (every block loaded after the bounds)."""
+    block, early = request.param
+    if block is not None:
+        monkeypatch.setattr(kernels, "ATTEND_CONFIG", {(h, rope): (block, 1) for h in (16, 64, 128)
+                                                       for rope in (False, True)})
+    monkeypatch.setattr(kernels, "ATTEND_FIRST_BLOCK", early)
+
+
 # the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
 # and round once to the dtype: one bf16 step (2^-7 relative) at the largest magnitude at most
 @pytest.mark.parametrize("splits", [1, 3])  # one program a row and head, or three and their combination
 @pytest.mark.parametrize(("N", "NK", "S", "n_keys"), [(4, 4, 8, None), (4, 2, 150, 130)])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
-def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys, splits):
+def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys, splits, attend_blocks):
     """One query a row over a cache's first n_keys slots with an additive mask: GQA, q a strided
     view (as the fused q|k|v product leaves it), and a row whose only visible key is the last, so
     the online softmax starts on fully masked key blocks (S = 150 spans several blocks) and, split,
@@ -317,7 +330,7 @@ def test_attend_equals_sdpa(dtype, tol, N, NK, S, n_keys, splits):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
-def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits):
+def test_rope_attend_equals_rope_write_then_attend(dtype, tol, per_row, splits, attend_blocks):
     """RoPE, the cache writes and the attention in one kernel give what rope_write and attend give
     in two: the output, and k and v written at each row's slot of every key/value head and nowhere
     else, over a q|k|v product's strided rows with grouped queries (4 on 2). The RoPE is computed
@@ -419,7 +432,7 @@ def _ring_visible(n: int, S: int, start: list[int], window: int) -> torch.Tensor
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("n", "window"), [(5, 8), (21, 8), (21, 5), (21, 0)])
 @pytest.mark.parametrize("rope", [False, True])
-def test_attend_over_a_ring_equals_its_mask(rope, n, window, splits, one_attend_config):
+def test_attend_over_a_ring_equals_its_mask(rope, n, window, splits, one_attend_config, attend_blocks):
     """A ring's bounds (`ring`: the position, each row's document start, the window) show the
     attention kernel what the ring's mask shows, and nothing else: the same kernel, the same
     loads and sums, so the same output bit for bit (fp32), with NaN in every slot the rows must
@@ -558,7 +571,7 @@ def test_attend_reads_no_slot_after_last(per_row, splits):
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_attend_reads_only_first_to_last(splits):
+def test_attend_reads_only_first_to_last(splits, attend_blocks):
     """`first` and `last` bound each row's slots from both sides (the encoder's cached bytes of
     the open patch), without a mask: every slot in between is seen, and the slots outside hold
     NaN, so only the bounds keep them out; grouped queries (8 query heads on 2 key/value heads,
@@ -581,6 +594,32 @@ def test_attend_reads_only_first_to_last(splits):
                                               v[row:row + 1, :, a:b + 1], enable_gqa=True)
         torch.testing.assert_close(out[row], want[0, :, 0], rtol=0, atol=1e-5)
     assert not out[-1].any()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_first_block_loaded_early_sums_as_the_loop(splits, monkeypatch):
+    """The first block of slots loaded with the row's bounds (kernels.ATTEND_FIRST_BLOCK) joins the
+    online softmax as the loop's first block would: where a row's slots start at 0 (masks, rings,
+    `last` alone) the blocks and their sums are the same, so the output is the same bit for bit;
+    with `first` past 0 the blocks after it are cut at other slots, the same within rounding."""
+    B, N, H, S = 4, 4, 16, 150
+    monkeypatch.setattr(kernels, "ATTEND_CONFIG", {(H, False): (16, 1)})
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, N, H, generator=g).to(DEV)
+    k = torch.randn(B, N, S, H, generator=g).to(DEV)
+    v = torch.randn(B, N, S, H, generator=g).to(DEV)
+    mask = torch.where(torch.rand(B, 1, 1, S, generator=g) < 0.7, 0.0, float("-inf")).to(DEV)
+    last = torch.tensor([149, 15, 16, 70], device=DEV)
+    first = torch.tensor([0, 3, 16, 40], device=DEV)
+    outs = {}
+    for early in (True, False):
+        monkeypatch.setattr(kernels, "ATTEND_FIRST_BLOCK", early)
+        outs[early] = (kernels.attend(q, k, v, mask, splits=splits), kernels.attend(q, k, v, None, splits=splits,
+                                                                                        last=last),
+                       kernels.attend(q, k, v, None, splits=splits, last=last, first=first))
+    assert torch.equal(outs[True][0], outs[False][0])
+    assert torch.equal(outs[True][1], outs[False][1])
+    torch.testing.assert_close(outs[True][2], outs[False][2], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(("switched", "rows"), [
