@@ -1,0 +1,125 @@
+"""Compile bltkit's attention kernels for Hopper (sm_90) on any machine with Triton, GPU or not, and
+print each launch configuration's registers a thread and stack bytes (spills), as ptxas reports
+them: a CPU-only session's check that a kernel written under Triton's interpreter compiles, and
+what its candidates cost in registers, which bounds how many programs an SM holds at once.
+
+Covers `kernels._attend_kernel` in each way the generator calls it (the global step's RoPE with
+first/last bounds, the rings', a mask, the encoder's open patch, plain) with every configuration
+its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not,
+and `kernels._cross_attend_kernel` with its candidates. Exits 1 if any fails to compile.
+
+    python benchmarks/hopper_compile.py [--head-dims 64 128]
+
+It needs Triton with its bundled ptxas and no TRITON_INTERPRET (it compiles, nothing runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("hopper_compile.py compiles for a GPU: unset TRITON_INTERPRET")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bltkit import kernels
+
+TARGET = GPUTarget("cuda", 90, 32)  # an H100 / H200
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+ATTEND_TYPES = dict(
+    q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", m_ptr="*bf16", o_ptr="*bf16", part_ptr="*fp32",
+    last_ptr="*i64", first_ptr="*i64", S="i32", scale="fp32", N="i32", NK="i32", QN="i32", sq_b="i32",
+    sq_n="i32", sk_b="i32", sk_n="i32", sk_s="i32", sv_b="i32", sv_n="i32", sv_s="i32", sm_b="i32",
+    sm_s="i32", s_last="i32", SPLITS="i32", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", s_rope="i32",
+    s_slot="i32", window="i32")
+# (what, HAS_LAST, HAS_FIRST, HAS_MASK, ROPE, RING): the generator's calls of the attention kernel
+ATTEND_CALLS = [
+    ("global step (RoPE, bounds)", True, True, False, True, False),
+    ("ring (RoPE, bounds)", True, True, False, True, True),
+    ("mask", True, False, True, False, False),
+    ("open patch (bounds)", True, True, False, False, False),
+    ("plain", False, False, False, False, False),
+]
+CROSS_TYPES = dict(
+    x_ptr="*bf16", w_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", B="i32", D="i32", scale="fp32",
+    N="i32", NK="i32", K="i32", sx_b="i32", sk_b="i32", sk_n="i32", sk_s="i32", sv_b="i32", sv_n="i32", sv_s="i32")
+
+
+def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int):
+    """The kernel compiled for TARGET, `consts` its constexpr (or value-specialised) arguments."""
+    names = list(inspect.signature(jit_fn.fn).parameters)
+    signature = {n: "constexpr" if n in consts else types[n] for n in names}
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def usage(compiled) -> tuple[int, int]:
+    """(registers a thread, stack bytes a thread) of a compiled kernel, read off its cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    if regs is None or stack is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{out}")
+    return int(regs.group(1)), int(stack.group(1))
+
+
+def candidates(tuner) -> list[tuple[dict, int]]:
+    """An autotuner's configurations as (constexprs, warps), repeats dropped."""
+    out = []
+    for c in tuner.configs:
+        item = (dict(c.kwargs), c.num_warps)
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128],
+                    help="head dims to compile the attention kernel for (blt-1b: 128 global, 64 byte-level)")
+    args = ap.parse_args()
+    failed = 0
+
+    def report(what: str, fn, types: dict, consts: dict, warps: int) -> None:
+        nonlocal failed
+        try:
+            regs, stack = usage(compile_for_hopper(fn, types, consts, warps))
+            print(f"{what}: {regs} registers, {stack} stack bytes{'  (spills)' if stack else ''}", flush=True)
+        except Exception as e:  # report every failure, not only the first
+            failed += 1
+            print(f"{what}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+
+    configs = candidates(kernels._attend_kernel)
+    for H, (what, last, first, mask, rope, ring) in itertools.product(args.head_dims, ATTEND_CALLS):
+        if rope and not ring and H != max(args.head_dims):
+            continue  # the global step: the widest heads
+        for (meta, warps), pre in itertools.product(configs, (True, False)):
+            consts = dict(H=H, HAS_LAST=last, HAS_FIRST=first, HAS_MASK=mask, ROPE=rope, RING=ring, PRE=pre, **meta)
+            report(f"attend {what}, H {H}, BLOCK_S {meta['BLOCK_S']} x {warps} warps, first block "
+                   f"{'early' if pre else 'late'}", kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps)
+    # a one-slot cache: Triton specialises an integer argument of 1 as a constant
+    report("attend plain, S = 1", kernels._attend_kernel.fn, ATTEND_TYPES,
+           dict(S=1, H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
+                PRE=True), 1)
+    for (meta, warps), K in itertools.product(candidates(kernels._cross_attend_kernel), (None, 1)):
+        consts = dict(H=64, HP=64, IEEE=False, **meta) | ({} if K is None else {"K": K})
+        report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
+               f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps)
+    print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_90", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
