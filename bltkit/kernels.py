@@ -340,9 +340,13 @@ if triton is not None:
     # one warp a program: the best at 64 rows for the rings and the decoder's cross-attention (H200,
     # nineteenth session, benchmarks/attend_configs.py: 10.3 against 11.3 µs over the decoder's
     # ring, 3.0 against 3.6 over a patch's 2 units); tuned per head dim too (stacks of different
-    # head dims can share every other key)
+    # head dims can share every other key). Blocks of 16 slots with one warp: the best over the
+    # global cache at ~40 patches a row there (8.2 against 9.2 µs as tuned), and for heads of 128
+    # the one candidate that neither spills nor holds fewer than 8 programs an SM (compiled for
+    # sm_90, benchmarks/hopper_compile.py, twenty-seventh session: 168 registers; 32 x 1 warp and
+    # 128 x 4 spill 300-1,300 bytes a thread, 64 x 4 holds 2 programs an SM, 64 x 8 one)
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
-                                       {"BLOCK_S": 32}], [4, 2, 4, 8, 1]),
+                                       {"BLOCK_S": 32}, {"BLOCK_S": 16}], [4, 2, 4, 8, 1, 1]),
                      key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING", "PRE"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
