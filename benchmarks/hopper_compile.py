@@ -89,6 +89,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128],
                     help="head dims to compile the attention kernel for (blt-1b: 128 global, 64 byte-level)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the global step's call (the widest heads) and the rings' (the narrowest), with "
+                         "the first block early, and cross_attend's first two candidates (a test's check, "
+                         "~30 s where all take ~4 minutes)")
     args = ap.parse_args()
     failed = 0
 
@@ -102,10 +106,13 @@ def main() -> int:
             print(f"{what}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
 
     configs = candidates(kernels._attend_kernel)
-    for H, (what, last, first, mask, rope, ring) in itertools.product(args.head_dims, ATTEND_CALLS):
+    calls, early = (ATTEND_CALLS[:2], (True,)) if args.quick else (ATTEND_CALLS, (True, False))
+    for H, (what, last, first, mask, rope, ring) in itertools.product(args.head_dims, calls):
         if rope and not ring and H != max(args.head_dims):
             continue  # the global step: the widest heads
-        for (meta, warps), pre in itertools.product(configs, (True, False)):
+        if args.quick and ring and H != min(args.head_dims):
+            continue  # the rings: the narrowest
+        for (meta, warps), pre in itertools.product(configs, early):
             consts = dict(H=H, HAS_LAST=last, HAS_FIRST=first, HAS_MASK=mask, ROPE=rope, RING=ring, PRE=pre, **meta)
             report(f"attend {what}, H {H}, BLOCK_S {meta['BLOCK_S']} x {warps} warps, first block "
                    f"{'early' if pre else 'late'}", kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps)
@@ -113,7 +120,8 @@ def main() -> int:
     report("attend plain, S = 1", kernels._attend_kernel.fn, ATTEND_TYPES,
            dict(S=1, H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
                 PRE=True), 1)
-    for (meta, warps), K in itertools.product(candidates(kernels._cross_attend_kernel), (None, 1)):
+    cross = candidates(kernels._cross_attend_kernel)
+    for (meta, warps), K in itertools.product(cross[:2] if args.quick else cross, (None, 1)):
         consts = dict(H=64, HP=64, IEEE=False, **meta) | ({} if K is None else {"K": K})
         report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
                f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps)

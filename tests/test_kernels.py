@@ -280,6 +280,29 @@ def test_hash_embed_equals_the_model_embedding(dtype):
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol)
 
 
+def test_attention_kernels_compile_for_hopper():
+    """The attention kernels compile for sm_90 (an H100 / H200) with every configuration their
+    autotuners may pick, here too without a GPU: Triton's compiler and its bundled ptxas, in a
+    process without the interpreter (benchmarks/hopper_compile.py --quick). The interpreter runs
+    what the compiler may refuse (it found the cross-attention's spills in the twenty-seventh
+    session, where no GPU was lent)."""
+    import subprocess
+    import sys
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip("this Triton has no bundled ptxas and cuobjdump")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "hopper_compile.py"), "--quick"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all compiled for sm_90" in run.stdout
+    assert "global step (RoPE, bounds), H 128, BLOCK_S 16 x 1 warps" in run.stdout
+
+
 @pytest.fixture(params=[(None, True), (16, True), (16, False)], ids=["tuned", "block16", "block16-late"])
 def attend_blocks(request, monkeypatch):
     """The attention kernel as tuned (one configuration under the interpreter: blocks of 64 slots,
