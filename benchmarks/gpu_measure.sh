@@ -36,8 +36,12 @@
 # (all kept), ENTROPY_SMS (lost), generate_kernels and a batch-64 trace (docs/benchmarks.md); the
 # twenty-sixth decode_gap (the grid's step grows with the caches: 2.28 ms at the start, 2.65 after
 # 128 bytes), attend_configs, the global attention over closing rows only (lost), the commit and
-# greedy kernels (kept); its grid got no machine. Next: ONLY="gpu_tests generate_kernels", then the
-# step late in the grid's generation, where the growing caches' attention goes:
+# greedy kernels (kept); its grid got no machine. The twenty-seventh got none either (its attention
+# kernel's first block loaded with the bounds, kernels.ATTEND_FIRST_BLOCK, and the 16 x 1 candidate,
+# compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). Next, one call:
+#   ONLY="gpu_tests attend_configs decode_gap generate_kernels" GAP_VARIANTS="base kernels.ATTEND_FIRST_BLOCK=False
+#     kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(64,4)} base"
+# then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
 #   ONLY="gpu_tests generate_byte"  (the byte graph tested, then timed against the grid)
@@ -75,10 +79,11 @@ run profile_generate_b64 "${GEN64_LIMIT:-150}" python benchmarks/profile_generat
 run decode_gap 200 python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
 # what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
 run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
-# kernels.attend per launch configuration at 64 rows (nineteenth session), and kernels.residual_norm
+# kernels.attend per launch configuration at 64 rows (nineteenth session; since the twenty-seventh
+# the global step's RoPE call over 14-64 patches, each with the first block early and late), and kernels.residual_norm
 # (an fp32-output product, then the residual add and the next RMSNorm in one kernel) against
 # addmm + RMSNorm (twentieth session: it won, and the generator runs it past KERNEL_MAX_ROWS rows)
-run attend_configs 90 python benchmarks/attend_configs.py
+run attend_configs 150 python benchmarks/attend_configs.py
 run fused_norm 60 python benchmarks/fused_norm.py
 # one global layer's chain at 64 rows: cuBLAS's products against Triton's, with and without
 # programmatic dependent launch (twenty-first session: they won alone and lost in the step)
