@@ -1,4 +1,4 @@
-"""Compile bltkit's attention kernels for Hopper (sm_90) on any machine with Triton, GPU or not, and
+"""Compile bltkit's Triton kernels for Hopper (sm_90) on any machine with Triton, GPU or not, and
 print each launch configuration's registers a thread and stack bytes (spills), as ptxas reports
 them: a CPU-only session's check that a kernel written under Triton's interpreter compiles, and
 what its candidates cost in registers, which bounds how many programs an SM holds at once.
@@ -6,7 +6,8 @@ what its candidates cost in registers, which bounds how many programs an SM hold
 Covers `kernels._attend_kernel` in each way the generator calls it (the global step's RoPE with
 first/last bounds, the rings', a mask, the encoder's open patch, plain) with every configuration
 its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not,
-and `kernels._cross_attend_kernel` with its candidates. Exits 1 if any fails to compile.
+`kernels._cross_attend_kernel` with its candidates, and every other kernel as blt-1b's generator
+launches it (each autotuner's candidates). Exits 1 if any fails to compile.
 
     python benchmarks/hopper_compile.py [--head-dims 64 128]
 
@@ -49,6 +50,27 @@ ATTEND_CALLS = [
     ("mask", True, False, True, False, False),
     ("open patch (bounds)", True, True, False, False, False),
     ("plain", False, False, False, False, False),
+]
+# the other kernels, as blt-1b's generator launches them: (kernel, pointer types other than bf16,
+# float arguments (the rest are int32), constexpr sets, warps where no autotuner chooses)
+I64 = "i64"
+OTHERS = [
+    ("_norm_qkv_rope_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), {"eps"}, [dict(H=128), dict(H=64)], 4),
+    ("_rope_write_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), set(), [dict(H=128), dict(H=64)], 4),
+    ("_norm_swiglu_kernel", {}, {"eps"}, [{}], 4),
+    ("_swiglu_kernel", {}, set(), [dict(BLOCK=1024)], 4),
+    ("_norm_cross_attend_kernel", {}, {"eps", "scale"}, [dict(H=64, BLOCK_K=2)], 4),
+    ("_attend_combine_kernel", dict(part_ptr="fp32"), set(), [dict(H=128, BLOCK_J=2), dict(H=64, BLOCK_J=4)], 4),
+    ("_add_norm_kernel", dict(acc_ptr="fp32"), {"eps", "beta"}, [dict(BLOCK_D=2048), dict(BLOCK_D=1024)], 4),
+    ("_norms_kernel", {}, {"eps"}, [dict(BLOCK_D=1024)], 4),
+    ("_hash_embed_kernel", dict(x_ptr=I64, hist_ptr=I64, coef_ptr=I64), set(),
+     [dict(WIDTH=8, BLOCK_W=8, BLOCK_D=1024)], 4),
+    ("_commit_rows_kernel", dict(close_ptr="i1"), set(), [dict(B3=16, B4=2, B5=64)], 4),
+    ("_greedy_kernel", dict(logits_ptr="fp32", next_ptr=I64), set(), [dict(BLOCK_V=512)], 4),
+    ("_advance_kernel", dict(x_ptr=I64, doc_ptr=I64, n_ptr=I64, start_ptr=I64), set(),
+     [dict(HAS_START=True, BLOCK=64), dict(HAS_START=False, BLOCK=64)], 4),
+    ("_feed_kernel", dict(n_ptr=I64, lens_ptr=I64, buf_ptr=I64, next_ptr=I64, x_ptr=I64), set(), [dict(BLOCK=64)], 4),
+    ("_linear_add_kernel", {}, {"beta"}, [{}], 4),
 ]
 CROSS_TYPES = dict(
     x_ptr="*bf16", w_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", B="i32", D="i32", scale="fp32",
@@ -125,6 +147,17 @@ def main() -> int:
         consts = dict(H=64, HP=64, IEEE=False, **meta) | ({} if K is None else {"K": K})
         report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
                f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps)
+    if not args.quick:
+        for name, pointers, floats, const_sets, warps in OTHERS:
+            tuner = getattr(kernels, name)
+            fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction
+            names = list(inspect.signature(fn.fn).parameters)
+            types = {n: ("*" + pointers.get(n, "bf16")) if n.endswith("_ptr") else "fp32" if n in floats else "i32"
+                     for n in names}
+            tuned = candidates(tuner) if tuner is not fn else [({}, warps)]
+            for consts, (meta, w) in itertools.product(const_sets, tuned):
+                shown = ", ".join(f"{k} {v}" for k, v in {**consts, **meta}.items())
+                report(f"{name.strip('_')}{' ' + shown if shown else ''} x {w} warps", fn, types, consts | meta, w)
     print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_90", flush=True)
     return 1 if failed else 0
 
