@@ -31,6 +31,7 @@ CANDIDATES = [(16, 1), (32, 1), (32, 2), (64, 2), (64, 4), (64, 8), (128, 4)]  #
 
 def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
+    defaults = kernels.ATTEND_FIRST_BLOCK, kernels.ATTEND_CONFIG
     for name, B, N, NK, H, S, seen, kind in CASES:
         g = torch.Generator(device=dev).manual_seed(0)
         k = torch.randn(B, NK, S, H, device=dev, dtype=dt, generator=g)
@@ -68,7 +69,8 @@ def main() -> None:
             line.append(f"{'early' if early else 'late'}: tuned {tuned:.1f} µs ({bytes_read / tuned / 1e6:.2f} TB/s), "
                         f"best {best}, worst {rows[-1][0]:.1f}")
         print(f"{name}: " + "; ".join(line), flush=True)
-    kernels.ATTEND_FIRST_BLOCK, kernels.ATTEND_CONFIG = True, {}
+    kernels.ATTEND_FIRST_BLOCK, kernels.ATTEND_CONFIG = defaults
+    kernels._attend_kernel.cache.clear()
 
 
 if __name__ == "__main__":
