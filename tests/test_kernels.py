@@ -280,12 +280,13 @@ def test_hash_embed_equals_the_model_embedding(dtype):
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=tol)
 
 
-def test_attention_kernels_compile_for_hopper():
-    """The attention kernels compile for sm_90 (an H100 / H200) with every configuration their
-    autotuners may pick, here too without a GPU: Triton's compiler and its bundled ptxas, in a
-    process without the interpreter (benchmarks/hopper_compile.py --quick). The interpreter runs
-    what the compiler may refuse (it found the cross-attention's spills in the twenty-seventh
-    session, where no GPU was lent)."""
+def test_kernels_compile_for_hopper():
+    """Every kernel the generator launches compiles for sm_90 (an H100 / H200), the attention
+    kernel with every configuration its autotuner may pick, here too without a GPU: Triton's
+    compiler and its bundled ptxas, in a process without the interpreter
+    (benchmarks/hopper_compile.py --quick). The interpreter runs what the compiler may refuse
+    (the tool found the cross-attention's spills in the twenty-seventh session, where no GPU was
+    lent)."""
     import subprocess
     import sys
 
