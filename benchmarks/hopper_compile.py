@@ -51,37 +51,84 @@ ATTEND_CALLS = [
     ("open patch (bounds)", True, True, False, False, False),
     ("plain", False, False, False, False, False),
 ]
+
+
+def attend_values(what: str, H: int) -> dict:
+    """The attention kernel's integer arguments as blt-1b's batch-64 step passes them (64 rows, 16
+    heads, caches of 256 slots): Triton specialises on them (below)."""
+    S, N, NK = (2, 16, 16) if what == "plain" else (256, 16, 16)
+    v = dict(S=S, N=N, NK=NK, QN=N, sk_b=NK * S * H, sk_n=S * H, sk_s=H, sv_b=NK * S * H, sv_n=S * H, sv_s=H,
+             sm_b=0, sm_s=1, s_last=1, SPLITS=1, s_rope=0, s_slot=0, window=0, sq_b=N * H, sq_n=H)
+    if what.startswith("global"):  # q|k|v rows; each row its own slot, RoPE row and bounds
+        v.update(sq_b=(N + 2 * NK) * H, sq_n=0, s_rope=H // 2, s_slot=1)
+    elif what.startswith("ring"):  # one position for all rows, the window
+        v.update(sq_b=(N + 2 * NK) * H, sq_n=0, s_last=0, window=512)
+    elif what == "mask":
+        v.update(sm_b=S)
+    elif what.startswith("open"):  # the patch's 2 units' queries, `period` N over the encoder's cache
+        v.update(N=2 * N, sq_b=2 * N * H, s_last=0)
+    return v
+
+
 # the other kernels, as blt-1b's generator launches them: (kernel, pointer types other than bf16,
-# float arguments (the rest are int32), constexpr sets, warps where no autotuner chooses)
+# float arguments, integer arguments' values (Triton specialises on them), constexpr sets, warps
+# where no autotuner chooses)
 I64 = "i64"
 OTHERS = [
-    ("_norm_qkv_rope_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), {"eps"}, [dict(H=128), dict(H=64)], 4),
-    ("_rope_write_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), set(), [dict(H=128), dict(H=64)], 4),
-    ("_norm_swiglu_kernel", {}, {"eps"}, [{}], 4),
-    ("_swiglu_kernel", {}, set(), [dict(BLOCK=1024)], 4),
-    ("_norm_cross_attend_kernel", {}, {"eps", "scale"}, [dict(H=64, BLOCK_K=2)], 4),
-    ("_attend_combine_kernel", dict(part_ptr="fp32"), set(), [dict(H=128, BLOCK_J=2), dict(H=64, BLOCK_J=4)], 4),
-    ("_add_norm_kernel", dict(acc_ptr="fp32"), {"eps", "beta"}, [dict(BLOCK_D=2048), dict(BLOCK_D=1024)], 4),
-    ("_norms_kernel", {}, {"eps"}, [dict(BLOCK_D=1024)], 4),
+    ("_norm_qkv_rope_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), {"eps"},
+     dict(D=2048, N=16, NK=16, skc_b=16 * 256 * 128, skc_n=256 * 128, skc_r=128, svc_b=16 * 256 * 128,
+          svc_n=256 * 128, svc_r=128, s_slot=0, s_rope=0), [dict(H=128), dict(H=64)], 4),
+    ("_rope_write_kernel", dict(cos_ptr="fp32", sin_ptr="fp32", slot_ptr=I64), set(),
+     dict(N=16, NK=16, sy_b=6144, skc_b=16 * 256 * 128, skc_n=256 * 128, skc_r=128, svc_b=16 * 256 * 128,
+          svc_n=256 * 128, svc_r=128, s_slot=1, s_rope=64), [dict(H=128), dict(H=64)], 4),
+    ("_norm_swiglu_kernel", {}, {"eps"}, dict(D=2048, F=5632), [{}], 4),
+    ("_swiglu_kernel", {}, set(), dict(F=5632, sy_b=11264), [dict(BLOCK=1024)], 4),
+    ("_norm_cross_attend_kernel", {}, {"eps", "scale"},
+     dict(D=1024, N=16, NK=16, K=2, sk_b=2048, sk_n=128, sk_s=64, sv_b=2048, sv_n=128, sv_s=64),
+     [dict(H=64, BLOCK_K=2)], 4),
+    ("_attend_combine_kernel", dict(part_ptr="fp32"), set(), dict(N=16, SPLITS=2), [dict(H=128, BLOCK_J=2)], 4),
+    ("_add_norm_kernel", dict(acc_ptr="fp32"), {"eps", "beta"}, dict(B=64, D=2048, S=2),
+     [dict(BLOCK_D=2048), dict(BLOCK_D=1024)], 4),
+    ("_norms_kernel", {}, {"eps"}, dict(R=64, D=1024, L=9), [dict(BLOCK_D=1024)], 4),
     ("_hash_embed_kernel", dict(x_ptr=I64, hist_ptr=I64, coef_ptr=I64), set(),
-     [dict(WIDTH=8, BLOCK_W=8, BLOCK_D=1024)], 4),
-    ("_commit_rows_kernel", dict(close_ptr="i1"), set(), [dict(B3=16, B4=2, B5=64)], 4),
-    ("_greedy_kernel", dict(logits_ptr="fp32", next_ptr=I64), set(), [dict(BLOCK_V=512)], 4),
-    ("_advance_kernel", dict(x_ptr=I64, doc_ptr=I64, n_ptr=I64, start_ptr=I64), set(),
+     dict(D=1024, W=7, n_tables=6, vocab=500002, s_hist=7, s_out=1024), [dict(WIDTH=8, BLOCK_W=8, BLOCK_D=1024)], 4),
+    ("_commit_rows_kernel", dict(close_ptr="i1"), set(),
+     dict(n1=9, s0=9 * 64 * 2048, s1=64 * 2048, s2=2048, s3=128, s4=64, s5=1, d0=9 * 64 * 2048, d1=64 * 2048,
+          d2=2048, d3=128, d4=64, d5=1, N3=16, N4=2, N5=64), [dict(B3=16, B4=2, B5=64)], 4),
+    ("_greedy_kernel", dict(logits_ptr="fp32", next_ptr=I64), set(), dict(V=260, sx_b=260, sl_b=260),
+     [dict(BLOCK_V=512)], 4),
+    ("_advance_kernel", dict(x_ptr=I64, doc_ptr=I64, n_ptr=I64, start_ptr=I64), set(), dict(B=64, EOS=2),
      [dict(HAS_START=True, BLOCK=64), dict(HAS_START=False, BLOCK=64)], 4),
-    ("_feed_kernel", dict(n_ptr=I64, lens_ptr=I64, buf_ptr=I64, next_ptr=I64, x_ptr=I64), set(), [dict(BLOCK=64)], 4),
-    ("_linear_add_kernel", {}, {"beta"}, [{}], 4),
+    ("_feed_kernel", dict(n_ptr=I64, lens_ptr=I64, buf_ptr=I64, next_ptr=I64, x_ptr=I64), set(),
+     dict(B=64, s_buf=321), [dict(BLOCK=64)], 4),
+    ("_linear_add_kernel", {}, {"beta"}, dict(D=1024, K=1024, sa_b=1024), [{}], 4),
 ]
 CROSS_TYPES = dict(
     x_ptr="*bf16", w_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", B="i32", D="i32", scale="fp32",
     N="i32", NK="i32", K="i32", sx_b="i32", sk_b="i32", sk_n="i32", sk_s="i32", sv_b="i32", sv_n="i32", sv_s="i32")
+CROSS_VALUES = dict(B=64, D=1024, N=16, NK=16, K=2, sx_b=1024, sk_b=2048, sk_n=128, sk_s=64, sv_b=2048, sv_n=128,
+                    sv_s=64)
 
 
-def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int):
-    """The kernel compiled for TARGET, `consts` its constexpr (or value-specialised) arguments."""
+def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int, values: dict | None = None):
+    """The kernel compiled for TARGET, `consts` its constexprs. `values`: integer arguments' values,
+    specialised as Triton's launcher does: an integer of 1 becomes a constant, one divisible by 16
+    carries that divisibility (as does every pointer: PyTorch's allocations are aligned), which is
+    what lets the compiler vectorise loads (without it every bf16 is a 2-byte load)."""
     names = list(inspect.signature(jit_fn.fn).parameters)
+    consts = dict(consts)
+    attrs = {}
+    for n, v in (values or {}).items():
+        if n not in consts and v == 1:
+            consts[n] = 1
+        elif n not in consts and v % 16 == 0:
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
+    for n in names:
+        if n not in consts and types.get(n, "").startswith("*"):
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
     signature = {n: "constexpr" if n in consts else types[n] for n in names}
-    src = ASTSource(fn=jit_fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
@@ -118,10 +165,10 @@ def main() -> int:
     args = ap.parse_args()
     failed = 0
 
-    def report(what: str, fn, types: dict, consts: dict, warps: int) -> None:
+    def report(what: str, fn, types: dict, consts: dict, warps: int, values: dict) -> None:
         nonlocal failed
         try:
-            regs, stack = usage(compile_for_hopper(fn, types, consts, warps))
+            regs, stack = usage(compile_for_hopper(fn, types, consts, warps, values))
             print(f"{what}: {regs} registers, {stack} stack bytes{'  (spills)' if stack else ''}", flush=True)
         except Exception as e:  # report every failure, not only the first
             failed += 1
@@ -137,17 +184,19 @@ def main() -> int:
         for (meta, warps), pre in itertools.product(configs, early):
             consts = dict(H=H, HAS_LAST=last, HAS_FIRST=first, HAS_MASK=mask, ROPE=rope, RING=ring, PRE=pre, **meta)
             report(f"attend {what}, H {H}, BLOCK_S {meta['BLOCK_S']} x {warps} warps, first block "
-                   f"{'early' if pre else 'late'}", kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps)
+                   f"{'early' if pre else 'late'}", kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps,
+                   attend_values(what, H))
     # a one-slot cache: Triton specialises an integer argument of 1 as a constant
     report("attend plain, S = 1", kernels._attend_kernel.fn, ATTEND_TYPES,
-           dict(S=1, H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
-                PRE=True), 1)
+           dict(H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
+                PRE=True), 1, attend_values("plain", 64) | {"S": 1})
     cross = candidates(kernels._cross_attend_kernel)
     for (meta, warps), K in itertools.product(cross[:2] if args.quick else cross, (None, 1)):
         consts = dict(H=64, HP=64, IEEE=False, **meta) | ({} if K is None else {"K": K})
         report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
-               f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps)
-    for name, pointers, floats, const_sets, warps in OTHERS:
+               f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps,
+               CROSS_VALUES | ({} if K is None else {"K": K}))
+    for name, pointers, floats, values, const_sets, warps in OTHERS:
         tuner = getattr(kernels, name)
         fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction
         names = list(inspect.signature(fn.fn).parameters)
@@ -156,7 +205,8 @@ def main() -> int:
         tuned = candidates(tuner) if tuner is not fn else [({}, warps)]
         for consts, (meta, w) in itertools.product(const_sets, tuned[:1] if args.quick else tuned):
             shown = ", ".join(f"{k} {v}" for k, v in {**consts, **meta}.items())
-            report(f"{name.strip('_')}{' ' + shown if shown else ''} x {w} warps", fn, types, consts | meta, w)
+            report(f"{name.strip('_')}{' ' + shown if shown else ''} x {w} warps", fn, types, consts | meta, w,
+                   values)
     print(f"{'all compiled' if not failed else f'{failed} failed'} for sm_90", flush=True)
     return 1 if failed else 0
 
