@@ -231,11 +231,7 @@ if triton is not None:
         g = tl.load(y_ptr + b * sy_b + F + f, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * F + f, _silu_mul(a, g, dt), mask=ok)
 
-    # the first three spill (88-128 stack bytes a thread, compiled for sm_90 with heads of 64:
-    # benchmarks/hopper_compile.py, twenty-seventh session); the same tiles over 8 warps do not
-    # (128: 168 registers, 64: 80)
-    @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}, {"BLOCK_D": 128},
-                                       {"BLOCK_D": 64}], [4, 4, 8, 8, 8]),
+    @triton.autotune(configs=_configs([{"BLOCK_D": 128}, {"BLOCK_D": 256}, {"BLOCK_D": 512}], [4, 4, 8]),
                      key=["D", "N", "NK", "K"])
     @triton.jit
     def _norm_cross_attend_kernel(x_ptr, g_ptr, w_ptr, k_ptr, v_ptr, out_ptr, D, eps, scale, N, NK, K,
