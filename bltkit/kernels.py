@@ -262,6 +262,15 @@ if triton is not None:
         o = tl.sum(p[:, None] * vv.to(tl.float32), axis=0)
         tl.store(out_ptr + (b * N + head) * H + h, o.to(dt))
 
+    @triton.jit
+    def _unit_step(q, kk, vv, scale, m_i, l_i, o):
+        """One unit of cross_attend's online softmax (every row of the block sees it)."""
+        sc = tl.sum(q * kk.to(tl.float32), axis=1) * scale
+        m_new = tl.maximum(m_i, sc)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new)
+        return m_new, l_i * alpha + p, o * alpha[:, None] + p[:, None] * vv.to(tl.float32)
+
     # BLOCK_B rows a program share each tile of the head's q weights (tl.dot): at 64 rows a
     # program a row and head (norm_cross_attend) would read the 2 MB of blt-1b's decoder q weights
     # 64 times over
@@ -280,6 +289,17 @@ if triton is not None:
         h = tl.arange(0, HP)  # the head's features, padded to tl.dot's least width
         hok = h < H
         acc = tl.zeros([BLOCK_B, HP], dtype=tl.float32)
+        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        m2 = rok[:, None] & hok[None, :]
+        # the first two units' keys and values load before the product (which they do not need),
+        # not after it: one wait fewer on the program's chain of loads (blt-1b has 2 units)
+        k_rows = k_ptr + rows[:, None] * sk_b + kvh * sk_n + h[None, :]
+        v_rows = v_ptr + rows[:, None] * sv_b + kvh * sv_n + h[None, :]
+        k0 = tl.load(k_rows, mask=m2, other=0.0)
+        v0 = tl.load(v_rows, mask=m2, other=0.0)
+        m1 = m2 & (h < tl.minimum(K - 1, 1) * HP)[None, :]  # a second unit, where there is one
+        k1 = tl.load(k_rows + sk_s, mask=m1, other=0.0)
+        v1 = tl.load(v_rows + sv_s, mask=m1, other=0.0)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dok = d < D
@@ -292,21 +312,17 @@ if triton is not None:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee") if IEEE \
                 else tl.dot(x, w, acc)
         q = acc.to(dt).to(tl.float32)  # the q product's output, rounded as F.linear's
-        kvh = head // (N // NK)  # grouped-query heads share a key/value head
+        # the row's K cached units, all visible: an online softmax over them, unit by unit
         m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
         o = tl.zeros([BLOCK_B, HP], dtype=tl.float32)
-        m2 = rok[:, None] & hok[None, :]
-        for u in range(K):  # the row's K cached units, all visible: an online softmax over them
-            kk = tl.load(k_ptr + rows[:, None] * sk_b + kvh * sk_n + u * sk_s + h[None, :], mask=m2, other=0.0)
-            vv = tl.load(v_ptr + rows[:, None] * sv_b + kvh * sv_n + u * sv_s + h[None, :], mask=m2, other=0.0)
-            sc = tl.sum(q * kk.to(tl.float32), axis=1) * scale
-            m_new = tl.maximum(m_i, sc)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new)
-            l_i = l_i * alpha + p
-            o = o * alpha[:, None] + p[:, None] * vv.to(tl.float32)
-            m_i = m_new
+        m_i, l_i, o = _unit_step(q, k0, v0, scale, m_i, l_i, o)
+        if K > 1:
+            m_i, l_i, o = _unit_step(q, k1, v1, scale, m_i, l_i, o)
+        for u in range(2, K):
+            kk = tl.load(k_rows + u * sk_s, mask=m2, other=0.0)
+            vv = tl.load(v_rows + u * sv_s, mask=m2, other=0.0)
+            m_i, l_i, o = _unit_step(q, kk, vv, scale, m_i, l_i, o)
         tl.store(out_ptr + rows[:, None] * (N * H) + head * H + h[None, :], (o / l_i[:, None]).to(dt), mask=m2)
 
     @triton.jit
