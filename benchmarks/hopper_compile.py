@@ -6,7 +6,8 @@ what its candidates cost in registers, which bounds how many programs an SM hold
 Covers `kernels._attend_kernel` in each way the generator calls it (the global step's RoPE with
 first/last bounds, the rings', a mask, the encoder's open patch, plain) with every configuration
 its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not,
-`kernels._cross_attend_kernel` with its candidates, and every other kernel as blt-1b's generator
+`kernels._cross_attend_kernel` with its candidates (its first units early and late,
+kernels.CROSS_UNITS_EARLY), and every other kernel as blt-1b's generator
 launches it (each autotuner's candidates). Exits 1 if any fails to compile.
 
     python benchmarks/hopper_compile.py [--head-dims 64 128]
@@ -191,11 +192,11 @@ def main() -> int:
            dict(H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
                 PRE=True), 1, attend_values("plain", 64) | {"S": 1})
     cross = candidates(kernels._cross_attend_kernel)
-    for (meta, warps), K in itertools.product(cross[:2] if args.quick else cross, (None, 1)):
-        consts = dict(H=64, HP=64, IEEE=False, **meta) | ({} if K is None else {"K": K})
+    for (meta, warps), K, units_early in itertools.product(cross[:2] if args.quick else cross, (None, 1), early):
+        consts = dict(H=64, HP=64, IEEE=False, EARLY=units_early, **meta) | ({} if K is None else {"K": K})
         report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
-               f"K {'a number' if K is None else K}", kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps,
-               CROSS_VALUES | ({} if K is None else {"K": K}))
+               f"K {'a number' if K is None else K}, units {'early' if units_early else 'late'}",
+               kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps, CROSS_VALUES | ({} if K is None else {"K": K}))
     for name, pointers, floats, values, const_sets, warps in OTHERS:
         tuner = getattr(kernels, name)
         fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction

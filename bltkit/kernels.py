@@ -271,17 +271,25 @@ if triton is not None:
         p = tl.exp(sc - m_new)
         return m_new, l_i * alpha + p, o * alpha[:, None] + p[:, None] * vv.to(tl.float32)
 
+    @triton.jit
+    def _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP: tl.constexpr):
+        """cross_attend's keys and values of a row block's first two units (the second masked out
+        where K is 1)."""
+        m1 = m2 & (h < tl.minimum(K - 1, 1) * HP)[None, :]
+        return (tl.load(k_rows, mask=m2, other=0.0), tl.load(v_rows, mask=m2, other=0.0),
+                tl.load(k_rows + sk_s, mask=m1, other=0.0), tl.load(v_rows + sv_s, mask=m1, other=0.0))
+
     # BLOCK_B rows a program share each tile of the head's q weights (tl.dot): at 64 rows a
     # program a row and head (norm_cross_attend) would read the 2 MB of blt-1b's decoder q weights
     # 64 times over
     @triton.autotune(configs=_configs([{"BLOCK_B": 16, "BLOCK_D": 128}, {"BLOCK_B": 32, "BLOCK_D": 128},
                                        {"BLOCK_B": 64, "BLOCK_D": 64}, {"BLOCK_B": 16, "BLOCK_D": 256},
                                        {"BLOCK_B": 64, "BLOCK_D": 128}, {"BLOCK_B": 16, "BLOCK_D": 64}],
-                                      [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H"])
+                                      [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H", "EARLY"])
     @triton.jit
     def _cross_attend_kernel(x_ptr, w_ptr, k_ptr, v_ptr, out_ptr, B, D, scale, N, NK, K, sx_b,
                              sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr, HP: tl.constexpr,
-                             IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                             IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         head = tl.program_id(1)
         dt = out_ptr.dtype.element_ty
@@ -291,15 +299,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_B, HP], dtype=tl.float32)
         kvh = head // (N // NK)  # grouped-query heads share a key/value head
         m2 = rok[:, None] & hok[None, :]
-        # the first two units' keys and values load before the product (which they do not need),
-        # not after it: one wait fewer on the program's chain of loads (blt-1b has 2 units)
         k_rows = k_ptr + rows[:, None] * sk_b + kvh * sk_n + h[None, :]
         v_rows = v_ptr + rows[:, None] * sv_b + kvh * sv_n + h[None, :]
-        k0 = tl.load(k_rows, mask=m2, other=0.0)
-        v0 = tl.load(v_rows, mask=m2, other=0.0)
-        m1 = m2 & (h < tl.minimum(K - 1, 1) * HP)[None, :]  # a second unit, where there is one
-        k1 = tl.load(k_rows + sk_s, mask=m1, other=0.0)
-        v1 = tl.load(v_rows + sv_s, mask=m1, other=0.0)
+        if EARLY:  # the first two units before the product, which they do not need (CROSS_UNITS_EARLY)
+            k0, v0, k1, v1 = _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dok = d < D
@@ -312,6 +315,8 @@ if triton is not None:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee") if IEEE \
                 else tl.dot(x, w, acc)
         q = acc.to(dt).to(tl.float32)  # the q product's output, rounded as F.linear's
+        if not EARLY:
+            k0, v0, k1, v1 = _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP)
         # the row's K cached units, all visible: an online softmax over them, unit by unit
         m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -730,7 +735,8 @@ def cross_attend(xn_BD: torch.Tensor, w_q: torch.Tensor, k: torch.Tensor, v: tor
     _cross_attend_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_heads)](
         xn_BD, w_q, k, v, out, B, D, H ** -0.5, n_heads, n_kv, K, xn_BD.stride(0),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H=H, HP=max(16, H), IEEE=xn_BD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+        H=H, HP=max(16, H), IEEE=xn_BD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        EARLY=CROSS_UNITS_EARLY)
     return out
 
 
@@ -742,6 +748,13 @@ ATTEND_PROGRAMS = 512
 ATTEND_MIN_CHUNK = 64
 ATTEND_MAX_CHUNK = 256
 
+
+# cross_attend()'s programs load their row block's first two units' keys and values before the q
+# product, which does not need them, where this is True (after it where False): one wait fewer on
+# each decoder layer's cross-attention at 64 rows (blt-1b has 2 units; twenty-seventh session, not
+# yet timed; compiled for sm_90 it holds 80 registers a thread where it held 64, no spills:
+# benchmarks/hopper_compile.py). Read as the kernel is launched (and captured)
+CROSS_UNITS_EARLY = True
 
 # attend()'s programs of split 0 load their first block of keys and values (slots 0 to BLOCK_S - 1)
 # at once with the row's bounds, which then only mask them, where this is True: one wait fewer on

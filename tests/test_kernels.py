@@ -183,11 +183,14 @@ def test_norm_cross_attend_equals_the_pytorch_step(dtype, tol, N, NK, K):
 
 # B: fewer rows than a row block, and rows over three blocks of 16 (the last one partial); heads
 # of 8 (padded to tl.dot's 16), 16 and 32; GQA; K of 1-3 units
+@pytest.mark.parametrize("early", [True, False])  # the first two units loaded before the q product or after
 @pytest.mark.parametrize(("B", "N", "NK", "K", "H"), [(3, 4, 4, 2, 16), (37, 4, 2, 3, 8), (40, 2, 1, 1, 32)])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
-def test_cross_attend_equals_the_pytorch_step(dtype, tol, B, N, NK, K, H):
+def test_cross_attend_equals_the_pytorch_step(dtype, tol, B, N, NK, K, H, early, monkeypatch):
     """kernels.cross_attend = the decoder's cross-attention after its norm: the q product rounded
-    to the dtype (F.linear's), then SDPA over the row's K units; xn a strided view."""
+    to the dtype (F.linear's), then SDPA over the row's K units; xn a strided view; its first
+    two units' keys and values loaded before the product (kernels.CROSS_UNITS_EARLY) or after."""
+    monkeypatch.setattr(kernels, "CROSS_UNITS_EARLY", early)
     g = torch.Generator().manual_seed(2)
     D = 72  # not a multiple of any input block: the masked tail is read as zeros
     xn = torch.randn(B, 2 * D, generator=g).to(DEV, dtype)[:, :D]
