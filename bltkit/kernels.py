@@ -362,10 +362,10 @@ if triton is not None:
     # nineteenth session, benchmarks/attend_configs.py: 10.3 against 11.3 µs over the decoder's
     # ring, 3.0 against 3.6 over a patch's 2 units); tuned per head dim too (stacks of different
     # head dims can share every other key). Blocks of 16 slots with one warp: the best over the
-    # global cache at ~40 patches a row there (8.2 against 9.2 µs as tuned), and for heads of 128
-    # the one candidate that neither spills nor holds fewer than 8 programs an SM (compiled for
-    # sm_90, benchmarks/hopper_compile.py, twenty-seventh session: 168 registers; 32 x 1 warp and
-    # 128 x 4 spill 300-1,300 bytes a thread, 64 x 4 holds 2 programs an SM, 64 x 8 one)
+    # global cache at ~40 patches a row there (8.2 against 9.2 µs as tuned); compiled for sm_90
+    # (benchmarks/hopper_compile.py, twenty-seventh session) it holds 125 registers a thread over
+    # heads of 128, so the global step's 1,024 programs at 64 rows run in one wave, as with 32 x 1
+    # and 32 x 2, where 64 x 4 takes two and 64 x 8 four
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}, {"BLOCK_S": 16}], [4, 2, 4, 8, 1, 1]),
                      key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING", "PRE"])
