@@ -41,7 +41,8 @@
 # units before its q product, kernels.CROSS_UNITS_EARLY, and the 16 x 1 candidate,
 # compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). Next, one call:
 #   ONLY="gpu_tests attend_configs decode_gap generate_kernels" GAP_VARIANTS="base kernels.ATTEND_FIRST_BLOCK=False
-#     kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(32,2)} base"
+#     kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(32,2)}
+#     kernels.ATTEND_CONFIG={(128,True):(64,4)} base"
 # then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
@@ -77,7 +78,7 @@ run profile_generate_b64 "${GEN64_LIMIT:-150}" python benchmarks/profile_generat
 # the batch-64 step over the grid's 128 steps, under variants of bltkit.generate's switches
 # (GAP_VARIANTS="base NAME=VALUE;NAME=VALUE ...", twenty-sixth session)
 # shellcheck disable=SC2086
-run decode_gap 200 python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
+run decode_gap 260 python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
 # what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
 run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
 # kernels.attend per launch configuration at 64 rows (nineteenth session; since the twenty-seventh
