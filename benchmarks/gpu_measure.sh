@@ -38,10 +38,11 @@
 # 128 bytes), attend_configs, the global attention over closing rows only (lost), the commit and
 # greedy kernels (kept); its grid got no machine. The twenty-seventh got none either (its attention
 # kernel's first block loaded with the bounds, kernels.ATTEND_FIRST_BLOCK, the cross-attention's first
-# units before its q product, kernels.CROSS_UNITS_EARLY, and the 16 x 1 candidate,
+# units before its q product, kernels.CROSS_UNITS_EARLY, a block ahead in the attention's loop,
+# kernels.ATTEND_AHEAD, and the 16 x 1 candidate,
 # compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). Next, one call:
 #   ONLY="gpu_tests attend_configs decode_gap generate_kernels" GAP_VARIANTS="base kernels.ATTEND_FIRST_BLOCK=False
-#     kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(32,2)}
+#     kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(32,2)}
 #     kernels.ATTEND_CONFIG={(128,True):(64,4)} base"
 # then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"

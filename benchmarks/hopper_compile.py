@@ -5,7 +5,8 @@ what its candidates cost in registers, which bounds how many programs an SM hold
 
 Covers `kernels._attend_kernel` in each way the generator calls it (the global step's RoPE with
 first/last bounds, the rings', a mask, the encoder's open patch, plain) with every configuration
-its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not,
+its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not, the
+loop's blocks a block ahead (kernels.ATTEND_AHEAD) and not,
 `kernels._cross_attend_kernel` with its candidates (its first units early and late,
 kernels.CROSS_UNITS_EARLY), and every other kernel as blt-1b's generator
 launches it (each autotuner's candidates). Exits 1 if any fails to compile.
@@ -182,15 +183,16 @@ def main() -> int:
             continue  # the global step: the widest heads
         if args.quick and ring and H != min(args.head_dims):
             continue  # the rings: the narrowest
-        for (meta, warps), pre in itertools.product(configs, early):
-            consts = dict(H=H, HAS_LAST=last, HAS_FIRST=first, HAS_MASK=mask, ROPE=rope, RING=ring, PRE=pre, **meta)
+        for (meta, warps), pre, ahead in itertools.product(configs, early, early):
+            consts = dict(H=H, HAS_LAST=last, HAS_FIRST=first, HAS_MASK=mask, ROPE=rope, RING=ring, PRE=pre,
+                          AHEAD=ahead, **meta)
             report(f"attend {what}, H {H}, BLOCK_S {meta['BLOCK_S']} x {warps} warps, first block "
-                   f"{'early' if pre else 'late'}", kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps,
-                   attend_values(what, H))
+                   f"{'early' if pre else 'late'}, {'a block ahead' if ahead else 'one block at a time'}",
+                   kernels._attend_kernel.fn, ATTEND_TYPES, consts, warps, attend_values(what, H))
     # a one-slot cache: Triton specialises an integer argument of 1 as a constant
     report("attend plain, S = 1", kernels._attend_kernel.fn, ATTEND_TYPES,
            dict(H=64, BLOCK_S=16, HAS_LAST=False, HAS_FIRST=False, HAS_MASK=False, ROPE=False, RING=False,
-                PRE=True), 1, attend_values("plain", 64) | {"S": 1})
+                PRE=True, AHEAD=True), 1, attend_values("plain", 64) | {"S": 1})
     cross = candidates(kernels._cross_attend_kernel)
     for (meta, warps), K, units_early in itertools.product(cross[:2] if args.quick else cross, (None, 1), early):
         consts = dict(H=64, HP=64, IEEE=False, EARLY=units_early, **meta) | ({} if K is None else {"K": K})

@@ -331,6 +331,16 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * (N * H) + head * H + h[None, :], (o / l_i[:, None]).to(dt), mask=m2)
 
     @triton.jit
+    def _block_loads(k_row, v_row, m_row, sk_s, sv_s, sm_s, s, h, ok, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+        """A block of slots s' mask (HAS_MASK; zeros otherwise, unread), keys and values, at once."""
+        mk = tl.zeros([BLOCK_S], dtype=tl.float32)
+        if HAS_MASK:
+            mk = tl.load(m_row + s * sm_s, mask=ok, other=float("-inf")).to(tl.float32)
+        kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
+        return mk, kk, vv
+
+    @triton.jit
     def _attend_block(s, lo, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
                       HAS_MASK: tl.constexpr, RING: tl.constexpr, ROPE: tl.constexpr):
         """One block of attend's online softmax: slots s (those in [lo, end) visible as the mode
@@ -368,13 +378,14 @@ if triton is not None:
     # and 32 x 2, where 64 x 4 takes two and 64 x 8 four
     @triton.autotune(configs=_configs([{"BLOCK_S": 64}, {"BLOCK_S": 32}, {"BLOCK_S": 128}, {"BLOCK_S": 64},
                                        {"BLOCK_S": 32}, {"BLOCK_S": 16}], [4, 2, 4, 8, 1, 1]),
-                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING", "PRE"])
+                     key=["S", "N", "NK", "H", "SPLITS", "HAS_LAST", "HAS_FIRST", "HAS_MASK", "ROPE", "RING", "PRE", "AHEAD"])
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, m_ptr, o_ptr, part_ptr, last_ptr, first_ptr, S, scale, N, NK, QN,
                        sq_b, sq_n, sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, sm_b, sm_s, s_last, SPLITS,
                        cos_ptr, sin_ptr, slot_ptr, s_rope, s_slot, window,
                        H: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LAST: tl.constexpr, HAS_FIRST: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr, PRE: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ROPE: tl.constexpr, RING: tl.constexpr, PRE: tl.constexpr,
+                       AHEAD: tl.constexpr):
         b = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)  # this program's share of the keys (flash-decoding)
@@ -385,12 +396,8 @@ if triton is not None:
         s_pre = tl.arange(0, BLOCK_S)
         if PRE:  # split 0 loads the first BLOCK_S slots with the row's bounds, not after them (one
             # wait fewer on the program's chain of loads); the bounds only mask them below
-            pre = s_pre < tl.where(split == 0, S, 0)
-            mk_pre = 0.0
-            if HAS_MASK:
-                mk_pre = tl.load(m_ptr + b * sm_b + s_pre * sm_s, mask=pre, other=float("-inf"))
-            kk_pre = tl.load(k_row + s_pre[:, None] * sk_s + h[None, :], mask=pre[:, None], other=0.0)
-            vv_pre = tl.load(v_row + s_pre[:, None] * sv_s + h[None, :], mask=pre[:, None], other=0.0)
+            mk_pre, kk_pre, vv_pre = _block_loads(k_row, v_row, m_ptr + b * sm_b, sk_s, sv_s, sm_s, s_pre, h,
+                                                  s_pre < tl.where(split == 0, S, 0), BLOCK_S, HAS_MASK)
         n_read = S
         if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
             n_read = tl.minimum(S, tl.load(last_ptr + b * s_last).to(tl.int32) + 1)
@@ -426,17 +433,26 @@ if triton is not None:
             m_i, l_i, acc = _attend_block(s_pre, start, end, at, lo_at, S, own, q, scale, mk_pre, kk_pre, vv_pre,
                                           m_i, l_i, acc, HAS_MASK, RING, ROPE)
             rest = tl.maximum(start, BLOCK_S)
-        for s0 in range(rest, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < end
-            # the mask, keys and values load at once (no load waits for another)
-            mk = 0.0
-            if HAS_MASK:
-                mk = tl.load(m_ptr + b * sm_b + s * sm_s, mask=ok, other=float("-inf"))
-            kk = tl.load(k_row + s[:, None] * sk_s + h[None, :], mask=ok[:, None], other=0.0)
-            vv = tl.load(v_row + s[:, None] * sv_s + h[None, :], mask=ok[:, None], other=0.0)
-            m_i, l_i, acc = _attend_block(s, s0, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
-                                          HAS_MASK, RING, ROPE)
+        m_row = m_ptr + b * sm_b
+        if AHEAD:  # each block's loads go out before the block before it is summed: two blocks in
+            # flight, one wait where the loop waited twice (ATTEND_AHEAD)
+            s = rest + tl.arange(0, BLOCK_S)
+            mk, kk, vv = _block_loads(k_row, v_row, m_row, sk_s, sv_s, sm_s, s, h, s < end, BLOCK_S, HAS_MASK)
+            for s0 in range(rest, end, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                nxt = s + BLOCK_S
+                mk_n, kk_n, vv_n = _block_loads(k_row, v_row, m_row, sk_s, sv_s, sm_s, nxt, h, nxt < end, BLOCK_S,
+                                                HAS_MASK)
+                m_i, l_i, acc = _attend_block(s, s0, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
+                                              HAS_MASK, RING, ROPE)
+                mk, kk, vv = mk_n, kk_n, vv_n
+        else:
+            for s0 in range(rest, end, BLOCK_S):  # online softmax over key blocks (one pass, fp32)
+                s = s0 + tl.arange(0, BLOCK_S)
+                # the mask, keys and values load at once (no load waits for another)
+                mk, kk, vv = _block_loads(k_row, v_row, m_row, sk_s, sv_s, sm_s, s, h, s < end, BLOCK_S, HAS_MASK)
+                m_i, l_i, acc = _attend_block(s, s0, end, at, lo_at, S, own, q, scale, mk, kk, vv, m_i, l_i, acc,
+                                              HAS_MASK, RING, ROPE)
         if ROPE:  # the own slot, where it lies in this program's share and is visible: one more step
             here = (own >= start) & (own < end)
             if HAS_MASK:
@@ -763,6 +779,13 @@ CROSS_UNITS_EARLY = True
 # the bytes; twenty-sixth session). Read as the kernel is launched (and captured)
 ATTEND_FIRST_BLOCK = True
 
+# attend()'s loop over the blocks after the first loads each block before it sums the one before
+# it where this is True, so two blocks' loads are in flight: compiled for sm_90 the loop is not
+# software-pipelined, so each block waited a round trip of its own (twenty-seventh session,
+# benchmarks/hopper_compile.py and the kernel's machine code; not yet timed). Read as the kernel
+# is launched (and captured)
+ATTEND_AHEAD = True
+
 # attend()'s launch configuration, (BLOCK_S, num_warps), for (head dim, RoPE in the kernel) where
 # given here, in place of the autotuner's choice: that is made on the first call of a shape, when
 # a generator's caches hold its warm-up's few keys, and lasts while they fill (the global stack's
@@ -858,7 +881,8 @@ def _attend_launch(q, q_strides, B: int, N: int, k: torch.Tensor, v: torch.Tenso
         v.stride(1), v.stride(2), 0 if mask is None or m.shape[0] == 1 else m.stride(0), m.stride(-1),
         1 if last is not None and last.numel() > 1 else 0, splits, cos, sin, slot, s_rope, s_slot,
         0 if ring is None else ring, H=H, HAS_LAST=last is not None, HAS_FIRST=first is not None,
-        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None, PRE=ATTEND_FIRST_BLOCK, **meta)
+        HAS_MASK=mask is not None, ROPE=rope is not None, RING=ring is not None, PRE=ATTEND_FIRST_BLOCK,
+        AHEAD=ATTEND_AHEAD, **meta)
     if splits > 1:
         _attend_combine_kernel[(B, N)](part, out, N, splits, H=H, BLOCK_J=triton.next_power_of_2(splits))
     return out

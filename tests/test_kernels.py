@@ -307,17 +307,20 @@ def test_kernels_compile_for_hopper():
     assert "global step (RoPE, bounds), H 128, BLOCK_S 16 x 1 warps" in run.stdout
 
 
-@pytest.fixture(params=[(None, True), (16, True), (16, False)], ids=["tuned", "block16", "block16-late"])
+@pytest.fixture(params=[(None, True, True), (16, True, True), (16, False, False), (16, True, False)],
+                ids=["tuned", "block16", "block16-late", "block16-one-ahead"])
 def attend_blocks(request, monkeypatch):
     """The attention kernel as tuned (one configuration under the interpreter: blocks of 64 slots,
     more than most caches here), and with blocks of 16 slots (kernels.ATTEND_CONFIG), where the
     first block, loaded with the row's bounds (kernels.ATTEND_FIRST_BLOCK), and the loop over the
-    blocks after it both run, or with that off (every block loaded after the bounds)."""
-    block, early = request.param
+    blocks after it, each block loaded before the one before it is summed (kernels.ATTEND_AHEAD),
+    all run; or with either off."""
+    block, early, ahead = request.param
     if block is not None:
         monkeypatch.setattr(kernels, "ATTEND_CONFIG", {(h, rope): (block, 1) for h in (16, 64, 128)
                                                        for rope in (False, True)})
     monkeypatch.setattr(kernels, "ATTEND_FIRST_BLOCK", early)
+    monkeypatch.setattr(kernels, "ATTEND_AHEAD", ahead)
 
 
 # the kernel and the reference both compute in fp32 from the same inputs (summation order apart)
@@ -628,7 +631,8 @@ def test_first_block_loaded_early_sums_as_the_loop(splits, monkeypatch):
     """The first block of slots loaded with the row's bounds (kernels.ATTEND_FIRST_BLOCK) joins the
     online softmax as the loop's first block would: where a row's slots start at 0 (masks, rings,
     `last` alone) the blocks and their sums are the same, so the output is the same bit for bit;
-    with `first` past 0 the blocks after it are cut at other slots, the same within rounding."""
+    with `first` past 0 the blocks after it are cut at other slots, the same within rounding.
+    Loading each block before the one before it is summed (kernels.ATTEND_AHEAD) changes no sum."""
     B, N, H, S = 4, 4, 16, 150
     monkeypatch.setattr(kernels, "ATTEND_CONFIG", {(H, False): (16, 1)})
     g = torch.Generator().manual_seed(9)
@@ -639,14 +643,18 @@ def test_first_block_loaded_early_sums_as_the_loop(splits, monkeypatch):
     last = torch.tensor([149, 15, 16, 70], device=DEV)
     first = torch.tensor([0, 3, 16, 40], device=DEV)
     outs = {}
-    for early in (True, False):
+    for early, ahead in ((True, True), (False, True), (True, False), (False, False)):
         monkeypatch.setattr(kernels, "ATTEND_FIRST_BLOCK", early)
-        outs[early] = (kernels.attend(q, k, v, mask, splits=splits), kernels.attend(q, k, v, None, splits=splits,
-                                                                                        last=last),
-                       kernels.attend(q, k, v, None, splits=splits, last=last, first=first))
-    assert torch.equal(outs[True][0], outs[False][0])
-    assert torch.equal(outs[True][1], outs[False][1])
-    torch.testing.assert_close(outs[True][2], outs[False][2], rtol=0, atol=1e-6)
+        monkeypatch.setattr(kernels, "ATTEND_AHEAD", ahead)
+        outs[early, ahead] = (kernels.attend(q, k, v, mask, splits=splits),
+                              kernels.attend(q, k, v, None, splits=splits, last=last),
+                              kernels.attend(q, k, v, None, splits=splits, last=last, first=first))
+    want = outs[False, False]  # every block after the bounds, one at a time: the loop as it was
+    for got in outs.values():
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-6)
+    assert torch.equal(outs[True, True][2], outs[True, False][2])  # the blocks ahead change no sum
 
 
 @pytest.mark.parametrize(("switched", "rows"), [
