@@ -64,6 +64,19 @@ def _module(name: str) -> tuple:
     return mod, attr
 
 
+def tuned_attention() -> str:
+    """What the attention kernel's autotuner chose (on the warm-up's first calls) for each of its
+    keys with RoPE in the kernel (the global step's and the rings'): head dim, slots -> BLOCK_S x warps."""
+    tuner = kernels._attend_kernel
+    names = tuner.keys if hasattr(tuner, "keys") else []
+    out = []
+    for key, config in tuner.cache.items():
+        k = dict(zip(names, key, strict=False))
+        if k.get("ROPE"):
+            out.append(f"H {k.get('H')} S {k.get('S')}: {config.kwargs.get('BLOCK_S')} x {config.num_warps}")
+    return "; ".join(sorted(set(out))) or "none with RoPE"
+
+
 def parse_variant(text: str) -> dict:
     if text == "base":
         return {}
@@ -117,6 +130,7 @@ def main() -> None:
         print(f"{text}: {ms:.3f} ms a step (host); GPU start to start: mean {statistics.mean(gaps):.3f}, first "
               f"{gaps[0]:.3f}, last 16 {statistics.mean(gaps[-16:]):.3f}, slowest {max(rest):.3f}; patches "
               f"{gen.stats['patches']}; rows as the first variant's: {same}/{len(out)}", flush=True)
+        print(f"  attention autotuner's choices: {tuned_attention()}", flush=True)
     for name, value in defaults.items():
         setattr(*_module(name), value)
 
