@@ -68,10 +68,9 @@ def tuned_attention() -> str:
     """What the attention kernel's autotuner chose (on the warm-up's first calls) for each of its
     keys with RoPE in the kernel (the global step's and the rings'): head dim, slots -> BLOCK_S x warps."""
     tuner = kernels._attend_kernel
-    names = tuner.keys if hasattr(tuner, "keys") else []
     out = []
-    for key, config in tuner.cache.items():
-        k = dict(zip(names, key, strict=False))
+    for key, config in tuner.cache.items():  # the key: the autotuner's key arguments, then dtypes
+        k = dict(zip(tuner.keys, key, strict=False))
         if k.get("ROPE"):
             out.append(f"H {k.get('H')} S {k.get('S')}: {config.kwargs.get('BLOCK_S')} x {config.num_warps}")
     return "; ".join(sorted(set(out))) or "none with RoPE"

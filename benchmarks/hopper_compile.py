@@ -39,12 +39,17 @@ from bltkit import kernels
 TARGET = GPUTarget("cuda", 90, 32)  # an H100 / H200
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-ATTEND_TYPES = dict(
-    q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", m_ptr="*bf16", o_ptr="*bf16", part_ptr="*fp32",
-    last_ptr="*i64", first_ptr="*i64", S="i32", scale="fp32", N="i32", NK="i32", QN="i32", sq_b="i32",
-    sq_n="i32", sk_b="i32", sk_n="i32", sk_s="i32", sv_b="i32", sv_n="i32", sv_s="i32", sm_b="i32",
-    sm_s="i32", s_last="i32", SPLITS="i32", cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64", s_rope="i32",
-    s_slot="i32", window="i32")
+
+
+def arg_types(jit_fn, pointers: dict, floats: set) -> dict:
+    """Each argument's Triton type: `*_ptr` a pointer to bf16 unless `pointers` names another,
+    `floats` fp32, the rest int32 (constexprs are taken out by compile_for_hopper)."""
+    return {n: ("*" + pointers.get(n, "bf16")) if n.endswith("_ptr") else "fp32" if n in floats else "i32"
+            for n in inspect.signature(jit_fn.fn).parameters}
+
+
+ATTEND_TYPES = arg_types(kernels._attend_kernel.fn, dict(part_ptr="fp32", last_ptr="i64", first_ptr="i64",
+                                                          cos_ptr="fp32", sin_ptr="fp32", slot_ptr="i64"), {"scale"})
 # (what, HAS_LAST, HAS_FIRST, HAS_MASK, ROPE, RING): the generator's calls of the attention kernel
 ATTEND_CALLS = [
     ("global step (RoPE, bounds)", True, True, False, True, False),
@@ -105,9 +110,7 @@ OTHERS = [
      dict(B=64, s_buf=321), [dict(BLOCK=64)], 4),
     ("_linear_add_kernel", {}, {"beta"}, dict(D=1024, K=1024, sa_b=1024), [{}], 4),
 ]
-CROSS_TYPES = dict(
-    x_ptr="*bf16", w_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", B="i32", D="i32", scale="fp32",
-    N="i32", NK="i32", K="i32", sx_b="i32", sk_b="i32", sk_n="i32", sk_s="i32", sv_b="i32", sv_n="i32", sv_s="i32")
+CROSS_TYPES = arg_types(kernels._cross_attend_kernel.fn, {}, {"scale"})
 CROSS_VALUES = dict(B=64, D=1024, N=16, NK=16, K=2, sx_b=1024, sk_b=2048, sk_n=128, sk_s=64, sv_b=2048, sv_n=128,
                     sv_s=64)
 
@@ -202,9 +205,7 @@ def main() -> int:
     for name, pointers, floats, values, const_sets, warps in OTHERS:
         tuner = getattr(kernels, name)
         fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction
-        names = list(inspect.signature(fn.fn).parameters)
-        types = {n: ("*" + pointers.get(n, "bf16")) if n.endswith("_ptr") else "fp32" if n in floats else "i32"
-                 for n in names}
+        types = arg_types(fn, pointers, floats)
         tuned = candidates(tuner) if tuner is not fn else [({}, warps)]
         for consts, (meta, w) in itertools.product(const_sets, tuned[:1] if args.quick else tuned):
             shown = ", ".join(f"{k} {v}" for k, v in {**consts, **meta}.items())

@@ -393,10 +393,11 @@ if triton is not None:
         kvh = (head % QN) // (QN // NK)  # grouped-query heads share a key/value head (QN: attend's `period`)
         k_row = k_ptr + b * sk_b + kvh * sk_n
         v_row = v_ptr + b * sv_b + kvh * sv_n
+        m_row = m_ptr + b * sm_b
         s_pre = tl.arange(0, BLOCK_S)
         if PRE:  # split 0 loads the first BLOCK_S slots with the row's bounds, not after them (one
             # wait fewer on the program's chain of loads); the bounds only mask them below
-            mk_pre, kk_pre, vv_pre = _block_loads(k_row, v_row, m_ptr + b * sm_b, sk_s, sv_s, sm_s, s_pre, h,
+            mk_pre, kk_pre, vv_pre = _block_loads(k_row, v_row, m_row, sk_s, sv_s, sm_s, s_pre, h,
                                                   s_pre < tl.where(split == 0, S, 0), BLOCK_S, HAS_MASK)
         n_read = S
         if HAS_LAST:  # the row's last visible slot, read on the device (no shape per cache fill)
@@ -433,7 +434,6 @@ if triton is not None:
             m_i, l_i, acc = _attend_block(s_pre, start, end, at, lo_at, S, own, q, scale, mk_pre, kk_pre, vv_pre,
                                           m_i, l_i, acc, HAS_MASK, RING, ROPE)
             rest = tl.maximum(start, BLOCK_S)
-        m_row = m_ptr + b * sm_b
         if AHEAD:  # each block's loads go out before the block before it is summed: two blocks in
             # flight, one wait where the loop waited twice (ATTEND_AHEAD)
             s = rest + tl.arange(0, BLOCK_S)
@@ -456,7 +456,7 @@ if triton is not None:
         if ROPE:  # the own slot, where it lies in this program's share and is visible: one more step
             here = (own >= start) & (own < end)
             if HAS_MASK:
-                m_own = tl.load(m_ptr + b * sm_b + own * sm_s, mask=here, other=float("-inf")).to(tl.float32)
+                m_own = tl.load(m_row + own * sm_s, mask=here, other=float("-inf")).to(tl.float32)
             else:
                 m_own = tl.where(here, 0.0, float("-inf"))
             sc_own = tl.where(m_own != float("-inf"), tl.sum(k_new * q, axis=0) * scale + m_own, float("-inf"))
