@@ -320,9 +320,15 @@ def _typed(v: Any, tp: Any, key: str) -> Any:
             raise bad()
         return int(v)
     if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise bad()
-        return float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # a whole number past a float's range
+            raise bad() from None
+        if math.isnan(v):
+            raise bad()
+        return v
     if tp is str:
         if isinstance(v, os.PathLike):  # (a path given in Python)
             return os.fspath(v)

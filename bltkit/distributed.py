@@ -215,7 +215,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer, rank_sta
         with _single_process_ok():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     except dcp.CheckpointException as e:  # DCP wraps a Ctrl-C in the middle of writing: unwrap it
-        _raise_not_damage(e)
+        stop = _not_damage(e)
+        if stop is not None:
+            raise stop from None
         raise
     torch.save(rank_state, tmp / f"rank_{info.rank:05d}.pt")
     barrier()
@@ -275,25 +277,32 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, info: DistInfo) -> 
     # (a BaseException, not an Exception); a Ctrl-C or running out of memory while loading says
     # nothing of the files, so it stops the run as it is (the checkpoint is not set aside)
     except (Exception, dcp.CheckpointException) as e:
-        _raise_not_damage(e)
         error = e
-    if all_reduce_sum(torch.tensor([float(error is not None)], device=info.device)).item() > 0:
+    stop = None if error is None else _not_damage(error)
+    # every rank learns of every failure before any raises: one rank alone leaving the collective
+    # (its own out-of-memory, say, that DCP did not wrap for all) would leave the others waiting
+    failed, stopped = all_reduce_sum(torch.tensor([float(error is not None), float(stop is not None)],
+                                                  device=info.device)).tolist()
+    if stop is not None:
+        raise stop from None
+    if stopped > 0:
+        raise RuntimeError(f"another rank was interrupted or ran out of memory loading checkpoint {path}; "
+                           "it is kept as it is")
+    if failed > 0:
         why = _one_line(error) if error is not None else "another rank could not read its part"
         raise CheckpointError(f"checkpoint {path} is unreadable ({why})") from error
     return rank_state
 
 
-def _raise_not_damage(e: BaseException) -> None:
-    """Re-raise what a checkpoint's read or write failed of that is not its files' fault: a Ctrl-C
+def _not_damage(e: BaseException) -> BaseException | None:
+    """What a checkpoint's read failed of that is not its files' fault, to raise instead: a Ctrl-C
     (which DCP wraps in a CheckpointException, as any rank's failure) or running out of memory."""
     import torch.distributed.checkpoint as dcp
 
     causes = [exc for exc, _ in e.failures.values()] if isinstance(e, dcp.CheckpointException) else [e]
     if any(isinstance(c, KeyboardInterrupt) for c in causes):
-        raise KeyboardInterrupt from None
-    oom = next((c for c in causes if isinstance(c, torch.OutOfMemoryError)), None)
-    if oom is not None:
-        raise oom
+        return KeyboardInterrupt()
+    return next((c for c in causes if isinstance(c, torch.OutOfMemoryError)), None)
 
 
 def _one_line(e: BaseException) -> str:

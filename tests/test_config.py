@@ -345,8 +345,10 @@ def test_overrides_rederive_derived_fields():
 
 def test_typed_fields_take_what_the_dataclasses_take():
     """The JSON type checks accept what the config classes themselves accept: one path where a list
-    belongs (DataConfig takes a lone path), paths as os.PathLike from Python; and a number too large
-    for an integer is refused as a config error, not an OverflowError."""
+    belongs (DataConfig takes a lone path), paths as os.PathLike from Python. Numbers past a float's
+    range: a whole number where an int belongs is that int (the check read it as a float first:
+    OverflowError), where a float belongs a config error, not an OverflowError; JSON's 1e400 (inf)
+    is no whole number."""
     from pathlib import Path
 
     from bltkit.data import DataConfig
@@ -355,3 +357,7 @@ def test_typed_fields_take_what_the_dataclasses_take():
     assert apply_overrides(DataConfig(paths=[Path("a")]), ["seed=1"]).paths == ["a"]
     with pytest.raises(ValueError, match="config key seed must be a whole number"):
         from_dict(DataConfig, {"seed": 1e400})
+    huge = json.loads("1" + "0" * 400)
+    assert from_dict(DataConfig, {"paths": "c.txt", "seed": huge}).seed == huge
+    with pytest.raises(ValueError, match="config key val_fraction"):
+        from_dict(DataConfig, {"paths": "c.txt", "val_fraction": huge})

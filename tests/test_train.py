@@ -381,6 +381,33 @@ def test_interrupted_load_keeps_the_checkpoint(four_steps, corpus, tmp_path, mon
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
 
 
+def test_every_rank_learns_of_a_load_stopped_anywhere(four_steps, corpus, tmp_path, monkeypatch):
+    """A rank that runs out of memory while a checkpoint loads, outside DCP (which would tell every
+    rank), still joins the collective before it raises, so the others are not left waiting; the
+    others then stop too (here: one process told by the sum that another rank stopped), and the
+    checkpoint is kept as it is."""
+    out = _copy(four_steps[0], tmp_path / "run")
+    real = torch.load
+
+    def oom_on_rank_state(f, *args, **kwargs):
+        if str(f).endswith(".pt") and "rank_" in str(f):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(f, *args, **kwargs)
+
+    reduced = []
+    real_sum = distributed.all_reduce_sum
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: reduced.append(t.clone()) or real_sum(t))
+    monkeypatch.setattr(torch, "load", oom_on_rank_state)
+    with pytest.raises(torch.OutOfMemoryError):
+        _run(out, corpus, "train.steps=6")
+    assert any(t.tolist() == [1.0, 1.0] for t in reduced)  # the flags went out before the raise
+    monkeypatch.setattr(torch, "load", real)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t.fill_(1.0))  # another rank's stop
+    with pytest.raises(RuntimeError, match="another rank was interrupted or ran out of memory loading checkpoint"):
+        _run(out, corpus, "train.steps=6")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000002", "step_000004"]
+
+
 def test_no_validation_split_means_no_evaluation(corpus, tmp_path, capsys):
     """data.val_fraction=0 (docs: an empty validation split) trains, and says once that it does not evaluate."""
     rows = _run(tmp_path / "run", corpus, "train.steps=2", "data.val_fraction=0", "train.eval_batches=1",
