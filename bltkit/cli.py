@@ -21,8 +21,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-
-
 def _read_text_arg(text: str) -> str:
     """A text argument, '-' for standard input, checked to be UTF-8 (an argument of other bytes
     reaches Python with surrogate escapes, which no model can read)."""
@@ -159,12 +157,10 @@ def add_patch_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_patch(args) -> None:
-    from pathlib import Path
-
     from .inspect import patch_report, render_patch_html, render_patch_report
 
-    if args.html and (Path(args.html).is_dir() or not Path(args.html).parent.is_dir()):  # (before the model loads)
-        raise ValueError(f"--html {args.html}: give a file in an existing folder")
+    if args.html:
+        check_output_file("--html", args.html)  # (before the model loads)
     report = patch_report(_resolve_model(args.model), _read_text_arg(args.text), mode=args.mode,
                           threshold=args.threshold, max_patch_length=args.max_patch_length,
                           patch_size=args.patch_size)
@@ -381,7 +377,7 @@ def _lazy(module: str, name: str):
     return run
 
 
-from .cli_data import add_data_args, add_eval_args  # noqa: E402  (torch-free argument definitions)
+from .cli_data import add_data_args, add_eval_args, check_output_file  # noqa: E402  (torch-free)
 from .cli_train import add_train_args  # noqa: E402
 
 COMMANDS = {

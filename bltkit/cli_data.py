@@ -112,15 +112,21 @@ def cmd_eval(args) -> None:
               f"{result['overall']['bpb'] / base['overall']['bpb']:.3f})")
 
 
+def check_output_file(flag: str, path) -> Path:
+    """A command's output file, checked before its work: a file in an existing folder."""
+    out = Path(path)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"{flag} {out}: give a file in an existing folder")
+    return out
+
+
 def _eval_tasks(args) -> None:
     # (the module imports without lm-eval; evaluate_tasks then says what to install)
     from .eval.harness import evaluate_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.output is not None:  # checked before the evaluation, not after it
-        out = Path(args.output)
-        if out.is_dir() or not out.parent.is_dir():
-            raise ValueError(f"--output {out}: give a file in an existing folder")
+        check_output_file("--output", args.output)
     try:
         result = evaluate_tasks(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                                 batch_size=args.batch_size, device=_device(args.device), dtype=args.dtype,

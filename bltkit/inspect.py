@@ -20,13 +20,15 @@ def patch_report(model_dir: str, text: str, mode: str | None = None, threshold: 
     from .config import PatcherConfig
     from .model import EntropyModel, patching
 
+    changes = {k: v for k, v in (("mode", mode), ("threshold", threshold), ("max_patch_length", max_patch_length),
+                                 ("patch_size", patch_size)) if v is not None}
+    # what PatcherConfig refuses whatever the mode (a NaN threshold, say) is refused before the model loads
+    dataclasses.replace(PatcherConfig(), **{k: v for k, v in changes.items() if k in ("threshold", "max_patch_length")})
     model = load_model(model_dir, dtype=torch.float32)  # entropies in fp32 (spec §3.3), as generation has them
     if isinstance(model, EntropyModel):
         entropy_model, pc = model, PatcherConfig()
     else:
         entropy_model, pc = model.entropy_model, model.config.patcher
-    changes = {k: v for k, v in (("mode", mode), ("threshold", threshold), ("max_patch_length", max_patch_length),
-                                 ("patch_size", patch_size)) if v is not None}
     pc = dataclasses.replace(pc, **changes)
     tokens = torch.tensor([encode(text)])
     entropies = entropy_model.entropies(tokens)[0] if entropy_model is not None else None

@@ -186,14 +186,15 @@ def _train(run: RunConfig, run_dir: Path, info, entropy_dir, resume: str, argv) 
     online_entropy = run.is_blt and run.model.patcher.mode == "entropy" and tc.patching == "online"
     uses_patcher = run.is_blt and run.model.entropy_model is not None
     own = run_dir / ENTROPY_DIR
+    given = None  # an --entropy-model that resuming sets aside for the run's own copy
     if uses_patcher and candidates and own.is_dir():  # the checkpoint holds the patcher it trained with
-        if info.is_main and entropy_dir is not None and not _same_patcher(Path(entropy_dir), own):
-            print(f"note: --entropy-model {entropy_dir} is not this run's patcher: resuming with the run's own "
-                  f"copy {own}, whose weights the checkpoint holds (train with another in a new --out)", flush=True)
-        entropy_dir = own
+        given, entropy_dir = entropy_dir, own
     entropy_dir = entropy_dir or default_entropy_dir(run.data.paths, tc.patching, tc.init_from)
     patcher = load_entropy_model(entropy_dir, device=dev, dtype=torch.float32) \
         if uses_patcher and entropy_dir is not None else None
+    if info.is_main and given is not None and not _same_patcher(Path(given), patcher):
+        print(f"note: --entropy-model {given} is not this run's patcher: resuming with the run's own "
+              f"copy {own}, whose weights the checkpoint holds (train with another in a new --out)", flush=True)
     # the run directory is self-contained; a fresh start replaces a copy left by an attempt without checkpoints
     if info.is_main and patcher is not None and (not own.is_dir() or (
             not candidates and os.path.abspath(entropy_dir) != os.path.abspath(own))):
@@ -447,12 +448,12 @@ def _write_run_files(run: RunConfig, run_dir: Path, step: int, changed: list, ar
     print(f"config ({run_dir / 'config.json'}):\n{text}", flush=True)
 
 
-def _same_patcher(given: Path, own: Path) -> bool:
-    """Does `given` hold the weights of the run's copy `own`? Compared in fp32, the dtype the copy
-    is saved in (a file hash would differ for a bf16 source of the same weights)."""
-    a = load_entropy_model(given, dtype=torch.float32).state_dict()
-    b = load_entropy_model(own, dtype=torch.float32).state_dict()
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+def _same_patcher(given: Path, patcher) -> bool:
+    """Does `given` hold the weights of `patcher` (the run's copy, loaded in fp32)? Compared in fp32,
+    the dtype the copy is saved in (a file hash would differ for a bf16 source of the same weights)."""
+    b = patcher.state_dict()
+    a = load_entropy_model(given, device=next(iter(b.values())).device, dtype=torch.float32).state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -236,7 +236,14 @@ def test_calibrate_refuses_impossible_targets(model_dir, tmp_path, argv, match, 
     assert "truncated" not in err
 
 
-def test_patch_refuses_a_nan_threshold(model_dir, capsys):
+def test_patch_refuses_a_nan_threshold(model_dir, capsys, monkeypatch):
+    """... before the model loads (the check is PatcherConfig's, run on the overrides first)."""
+    import bltkit.checkpoint
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the threshold was checked")
+
+    monkeypatch.setattr(bltkit.checkpoint, "load_model", no_load)
     with pytest.raises(SystemExit):
         main(["patch", "--model", str(model_dir), "hello there", "--threshold", "nan"])
     assert "threshold is NaN" in capsys.readouterr().err

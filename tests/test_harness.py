@@ -95,7 +95,9 @@ def test_generate_until_is_the_generator(tiny_model):
                          or None)[0].decode("utf-8", errors="replace") for p, kw in args]
     assert got == want
     assert stop.encode() not in got[0].encode()
-    assert len(got[0].encode()) < len(free)  # the stop string ended it
+    text = free.decode("utf-8", errors="replace")  # (like with like: text, not its bytes against free's)
+    assert text.startswith(got[0])
+    assert len(got[0]) < len(text)  # the stop string ended it
 
 
 def test_sampled_repeats_differ(tiny_model):

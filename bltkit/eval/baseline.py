@@ -3,7 +3,8 @@
 
 A Hugging Face causal LM (`transformers.AutoModelForCausalLM` with its tokenizer, a local folder or
 a hub id) reads each document as its tokenizer splits it, between the tokenizer's BOS and EOS
-tokens (where it has only one, that one on both sides), the documents one stream cut into windows
+tokens (where it has only one, or they are one token, as GPT-2's <|endoftext|>, one between
+documents), the documents one stream cut into windows
 of the model's length, each token after a window's first predicted once (the windowing of
 `bltkit.eval.bpb`). The nats of all those predictions are divided by ln 2 times the same count a
 BLT's bits per byte divides by: the documents' bytes plus, for their BOS and EOS, 2 a document less
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bytes import utf8_text
+from .bpb import MAX_WINDOW
 
 
 def load_baseline(name: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -40,26 +42,26 @@ def load_baseline(name: str | os.PathLike, device: str | torch.device = "cpu", d
 def _ids(docs, tokenizer, where: str) -> tuple[list[int], int, int, int]:
     """The token stream of `docs` (BOS + tokens + EOS each; where the tokenizer's BOS is its EOS, as
     GPT-2's <|endoftext|>, one between documents: it never saw two in a row), their byte count,
-    document count and count of document markers in the stream."""
+    document count and count of the documents' own tokens (markers not counted)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     bos, eos = (bos if bos is not None else eos), (eos if eos is not None else bos)
     if bos is None:
         raise ValueError("the baseline's tokenizer has neither a BOS nor an EOS token to mark documents")
     ids: list[int] = []
-    n_bytes = n_docs = marks = 0
+    n_bytes = n_docs = n_tokens = 0
     for i, doc in enumerate(docs):
         text = utf8_text(doc, f"{where}: document {i} (the baseline's tokenizer reads text)")
-        head = [] if ids and bos == eos else [bos]
-        ids += [*head, *tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += [*([] if ids and bos == eos else [bos]), *toks, eos]
         n_bytes += len(doc)
         n_docs += 1
-        marks += len(head) + 1
-    return ids, n_bytes, n_docs, marks
+        n_tokens += len(toks)
+    return ids, n_bytes, n_docs, n_tokens
 
 
 # the default window's tokens where a model allows more (some allow 131,072: a batch of those would
-# not fit in memory; a BLT's bits per byte reads windows of at most 4,096 bytes)
-DEFAULT_SEQ_LEN = 4096
+# not fit in memory): as many as a BLT's bits per byte reads bytes at most
+DEFAULT_SEQ_LEN = MAX_WINDOW
 
 
 @torch.no_grad()
@@ -85,7 +87,7 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
     files = []
     for path in paths:
         try:
-            ids, n_bytes, n_docs, marks = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer,
+            ids, n_bytes, n_docs, n_tokens = _ids(_first_bytes(iter_documents(path, text_field), max_bytes), tokenizer,
                                         str(path))
         except ValueError as e:
             cut = f" (--max-bytes {max_bytes} may cut a character: try a few more or fewer)" if max_bytes else ""
@@ -107,9 +109,9 @@ def baseline_bpb(model, tokenizer, paths: Sequence[str | os.PathLike], seq_len: 
             lp = F.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None])[..., 0]
             nats -= float((lp * mask[:, 1:]).sum())
         targets = n_bytes + 2 * n_docs - 1  # what a BLT's bits per byte divides by
-        files.append({"path": str(path), "bytes": n_bytes, "documents": n_docs, "tokens": len(ids) - marks,
+        files.append({"path": str(path), "bytes": n_bytes, "documents": n_docs, "tokens": n_tokens,
                       "nats": nats, "bpb": nats / (math.log(2) * targets), "targets": targets,
-                      "bytes_per_token": n_bytes / max(1, len(ids) - marks)})
+                      "bytes_per_token": n_bytes / max(1, n_tokens)})
     nats, targets = sum(f["nats"] for f in files), sum(f["targets"] for f in files)
     return {"files": files, "overall": {"bytes": sum(f["bytes"] for f in files), "targets": targets, "nats": nats,
                                         "bpb": nats / (math.log(2) * targets)}, "seq_len": seq_len}

@@ -23,12 +23,16 @@ from ..model.patching import starts_to_lengths
 NOTE = "BOS and EOS targets count (as in Meta's evaluation); targets equal to 0 (padding) do not"
 
 
+# a window's most bytes (the BPE baseline's default window is as many tokens)
+MAX_WINDOW = 4096
+
+
 def default_seq_len(model) -> int:
-    """Bytes per window: min(max_bytes, 4096, max_patches - 1) for a BLT (one-byte patches must
-    still fit the global model), `max_seqlen` for an EntropyModel."""
+    """Bytes per window: min(max_bytes, MAX_WINDOW, max_patches - 1) for a BLT (one-byte patches
+    must still fit the global model), `max_seqlen` for an EntropyModel."""
     cfg = model.config
     if hasattr(cfg, "max_bytes"):
-        return min(cfg.max_bytes, 4096, cfg.max_patches - 1)
+        return min(cfg.max_bytes, MAX_WINDOW, cfg.max_patches - 1)
     return cfg.max_seqlen
 
 

@@ -4,8 +4,9 @@
 - `loglikelihood`: log p(continuation | context) from one forward over BOS + context +
   continuation, the continuation's bytes scored (the patcher is causal, so the context patches as
   it would alone); `is_greedy` where every continuation byte is the argmax;
-- `loglikelihood_rolling`: a document's whole log-likelihood over windows of the model's length,
-  each prediction with as much context as fits (the harness's own window rule);
+- `loglikelihood_rolling`: a document's whole log-likelihood over the harness's rolling windows
+  (`context_len=1`): each window BOS, past the first one earlier byte, then `max_length - 2`
+  bytes, each scored once;
 - `generate_until`: `bltkit.Generator`, greedy unless `do_sample`, stopping at the `until`
   strings (cut from the output) or after `max_gen_toks` bytes.
 A context longer than the model allows keeps its last bytes (after BOS), as the harness's
@@ -200,7 +201,9 @@ class BLTLM(LM):
             if temperature > 0:  # the k-th copy of a sampled request (repeats) draws with seed + k:
                 # the noise is keyed by seed and prompt, so copies would otherwise all be one sample
                 ask = (req.args[0], tuple(until), n, temperature, top_k, top_p, seed)
-                seed, seen[ask] = seed + seen.get(ask, 0), seen.get(ask, 0) + 1
+                k = seen.get(ask, 0)
+                seen[ask] = k + 1
+                seed += k
             key = (tuple(until), n, temperature, top_k, top_p, seed)
             groups.setdefault(key, []).append(i)
         for (until, n, temperature, top_k, top_p, seed), idx in groups.items():
