@@ -595,6 +595,20 @@ HASH_EMBED = True
 # session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.28 with this off); read when a Generator is made
 CROSS_ATTEND = True
 
+# Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows (with DECODER_NORMS) on
+# bltkit.kernels' Triton products where this is True: each residual product writes its rows' sums
+# of squares beside them (kernels.product_residual), and the next one RMS-norms its input on the
+# way in (kernels.product_rope: the norm, q|k|v, RoPE and the ring writes; kernels.product_swiglu:
+# the norm, w1|w3 and SwiGLU; kernels.cross_attend's q; kernels.product: the final norm and the
+# output head). A decoder layer then takes 7 kernels where cuBLAS's products with the norms, RoPE
+# and SwiGLU kernels after them took 11: 36 fewer on blt-1b's batch-64 chain. The twenty-first
+# session's Triton products lost in the global stack (2.67-2.73 against 2.55-2.59 ms a step),
+# beside the entropy model's stream; the decoder runs after that stream has finished (twenty-fifth
+# session's trace). Written in the twenty-eighth session without a GPU (tested under Triton's
+# interpreter, compiled for sm_90 on the CPU); off until a GPU times it (`decode_gap.py --variants
+# base generate.DECODER_PRODUCTS=True`); read when a Generator is made
+DECODER_PRODUCTS = False
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -789,6 +803,9 @@ class Generator:
         self._global_bounds = bool(kernels) and GLOBAL_BOUNDS
         self._ring_bounds = self._kernel_choice.attend and RING_BOUNDS
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
+        from . import kernels as _k  # (its constants need no Triton)
+
+        self._decoder_products = self._decoder_norms and DECODER_PRODUCTS and self.cfg.decoder.dim % _k.SS_COLS == 0
         self._cross_q = self._cross_kernel and CROSS_ATTEND  # kernels.cross_attend past the block kernels' rows
         self._step_kernels = bool(kernels) and STEP_KERNELS  # kernels.advance and kernels.feed
         self._commit_kernel = bool(kernels) and COMMIT_KERNEL  # kernels.commit_rows
@@ -1199,6 +1216,8 @@ class Generator:
         (cos, sin, R), (slot, mask) = prep if prep is not None else self._back_prep()
         z = self.h
         kern = isinstance(R, tuple) and self._cross_kernel and z.shape[0] <= KERNEL_MAX_ROWS  # block kernels run
+        if isinstance(R, tuple) and self._decoder_products and not kern:  # DECODER_PRODUCTS
+            return self._back_products(z, R, slot, mask)
         if isinstance(R, tuple) and self._decoder_norms and not kern:  # DECODER_NORMS
             return self._back_fused(z, cos, sin, R, slot, mask)
         for i, layer in enumerate(dec.layers):
@@ -1235,6 +1254,40 @@ class Generator:
             z, xn = _block_step(layer, self.dec.k[i], self.dec.v[i], z, cos, sin, slot, mask, self.fused, R,
                                 self._kernel_choice, self.n, own=z is not self.h, normed=xn, norm_out=first_norm(i + 1))
         return dec.output(xn)[:, 0]
+
+    def _back_products(self, z: torch.Tensor, R: tuple, slot: torch.Tensor, mask) -> torch.Tensor:
+        """`_back` past the block kernels' rows on bltkit.kernels' products (DECODER_PRODUCTS):
+        the residual stream x stays unnormed, each residual product writes its rows' sums of
+        squares `ss`, and the next product (or cross_attend) norms x on the way in; the first
+        norm as the model runs it. Per layer: cross_attend, its wo with the doubled residual,
+        q|k|v with RoPE and the ring writes, the attention, wo, w1|w3 with SwiGLU, w2."""
+        from . import kernels
+
+        dec = self.model.local_decoder
+        B = z.shape[0]
+        x, ss = z.reshape(B, -1), None
+
+        def normed(norm) -> tuple[torch.Tensor, tuple | None]:  # a product's input and its `norm`
+            return (x, (ss, norm.weight, norm.eps)) if ss is not None else (norm(x), None)
+
+        for i, layer in enumerate(dec.layers):
+            j = dec.cross_index(i)
+            if j is not None:
+                cl = dec.cross_attn_layers[j]
+                a, norm = normed(cl.cross_attn_norm_q)
+                heads = kernels.cross_attend(a, cl.wq.weight, self.dec_xk[j], self.dec_xv[j], norm=norm)
+                x, ss = kernels.product_residual(heads, cl.wo.weight, x, beta=2.0)
+            att, kc, vc = layer.attention, self.dec.k[i], self.dec.v[i]
+            a, norm = normed(layer.attention_norm)
+            q = kernels.product_rope(a, self.fused.qkv[id(layer)], *R, att.n_heads, att.n_kv_heads, kc, vc, slot,
+                                     norm=norm)
+            out = _attend(q, kc, vc, mask, kernel=self._kernel_choice.attend, last=self.n)
+            x, ss = kernels.product_residual(out.reshape(B, -1), att.wo.weight, x)
+            a, norm = normed(layer.ffn_norm)
+            m = kernels.product_swiglu(a, self.fused.w13[id(layer)], norm=norm)
+            x, ss = kernels.product_residual(m, layer.feed_forward.w2.weight, x)
+        a, norm = normed(dec.norm)
+        return kernels.product(a, dec.output.weight, norm=norm)
 
     @torch.no_grad()
     def _prefill(self, tokens_BT: torch.Tensor) -> None:

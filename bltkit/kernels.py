@@ -75,6 +75,13 @@ def supported(head_dim: int) -> bool:
     return head_dim >= 4 and head_dim & (head_dim - 1) == 0
 
 
+# `_product_kernel`'s epilogues (its EPI; `product` and the functions after it)
+EPI_RESIDUAL, EPI_ROPE, EPI_SWIGLU, EPI_PLAIN = 0, 1, 2, 3
+# a residual product (EPI_RESIDUAL) writes each output row's sum of squares over every SS_COLS
+# columns, from which the next product's NORM takes the row's RMSNorm: its width must divide by it
+SS_COLS = 16
+
+
 def _configs(options: list[dict], warps: list[int]) -> list:
     """Autotuning candidates; one under the interpreter, where timing them means nothing."""
     configs = [triton.Config(o, num_warps=w) for o, w in zip(options, warps, strict=True)]
@@ -287,9 +294,12 @@ if triton is not None:
                                        {"BLOCK_B": 64, "BLOCK_D": 128}, {"BLOCK_B": 16, "BLOCK_D": 64}],
                                       [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H", "EARLY"])
     @triton.jit
-    def _cross_attend_kernel(x_ptr, w_ptr, k_ptr, v_ptr, out_ptr, B, D, scale, N, NK, K, sx_b,
-                             sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, H: tl.constexpr, HP: tl.constexpr,
-                             IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr):
+    def _cross_attend_kernel(x_ptr, w_ptr, k_ptr, v_ptr, out_ptr, ss_ptr, g_ptr, B, D, scale, N, NK, K, sx_b,
+                             sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, T, eps, H: tl.constexpr, HP: tl.constexpr,
+                             IEEE: tl.constexpr, NORM: tl.constexpr, TP: tl.constexpr, BLOCK_B: tl.constexpr,
+                             BLOCK_D: tl.constexpr, EARLY: tl.constexpr):
+        """NORM: x's rows RMS-normed on the way in, as _product_kernel's NORM (from the T sums of
+        squares ss [T, B] of the residual product that made x, and the norm weight g)."""
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         head = tl.program_id(1)
         dt = out_ptr.dtype.element_ty
@@ -303,10 +313,14 @@ if triton is not None:
         v_rows = v_ptr + rows[:, None] * sv_b + kvh * sv_n + h[None, :]
         if EARLY:  # the first two units before the product, which they do not need (CROSS_UNITS_EARLY)
             k0, v0, k1, v1 = _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP)
+        if NORM:
+            rstd = _rows_rstd(ss_ptr, rows, rok, B, T, D, eps, TP)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dok = d < D
             x = tl.load(x_ptr + rows[:, None] * sx_b + d[None, :], mask=rok[:, None] & dok[None, :], other=0.0)
+            if NORM:
+                x = _normed_tile(x, g_ptr, d, dok, rstd, dt)
             w = tl.load(w_ptr + (head * H + h)[None, :] * D + d[:, None], mask=dok[:, None] & hok[None, :],
                         other=0.0)  # [BLOCK_D, HP]: the head's rows of w_q, transposed
             # IEEE: fp32 products in fp32 (tl.dot's default on a GPU rounds them to tf32); under the
@@ -631,6 +645,114 @@ if triton is not None:
         x = tl.load(x_ptr + b * D + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * D + rows, (beta * x + acc).to(dt), mask=rmask)  # addmm's one rounding
 
+    # the kernels' copies of the module's constants (a kernel reads only constexpr globals)
+    _EPI_RESIDUAL, _EPI_SWIGLU, _EPI_PLAIN = tl.constexpr(EPI_RESIDUAL), tl.constexpr(EPI_SWIGLU), tl.constexpr(EPI_PLAIN)
+    _SS_COLS = tl.constexpr(SS_COLS)
+
+    @triton.jit
+    def _rows_rstd(ss_ptr, m, mok, M, T, D, eps, TP: tl.constexpr):
+        """RMSNorm's 1 / sqrt(mean(x^2) + eps) of rows m from the T partial sums of squares [T, M]
+        a residual product wrote (EPI_RESIDUAL), summed in a fixed order."""
+        t = tl.arange(0, TP)
+        ss = tl.load(ss_ptr + t[:, None] * M + m[None, :], mask=(t < T)[:, None] & mok[None, :], other=0.0)
+        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / D + eps)
+
+    @triton.jit
+    def _normed_tile(xt, g_ptr, k, kok, rstd, dt):
+        """A tile of x's rows RMS-normed as F.rms_norm rounds it (x * rstd * w in fp32, rounded once)."""
+        g = tl.load(g_ptr + k, mask=kok, other=0.0).to(tl.float32)
+        return (xt.to(tl.float32) * rstd[:, None] * g[None, :]).to(dt)
+
+    # BLOCK_M rows by BLOCK_N output features, BLOCK_K inputs a step. The twenty-first session's
+    # products of this form (benchmarks/pdl_chain.py, H200, 64 rows, 4 warps, 4 stages) ran within
+    # 0.5 µs of cuBLAS for blt-1b's global shapes on their own (64x128 and 32x64 blocks of N x K
+    # among each one's best); the decoder's are narrower (1,024 features), so smaller blocks and
+    # row tiles give its products more programs
+    @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                              for m, n, k, w, s in ((64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 64, 4, 4),
+                                                    (64, 16, 128, 4, 4), (32, 32, 128, 4, 4), (32, 64, 64, 4, 4),
+                                                    (16, 32, 128, 4, 4), (16, 64, 128, 4, 3))][
+                                  :1 if os.environ.get("TRITON_INTERPRET") == "1" else None],
+                     key=["M", "N", "K", "EPI", "NORM"])
+    @triton.jit
+    def _product_kernel(x_ptr, ss_ptr, g_ptr, w_ptr, o_ptr, res_ptr, sso_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
+                        slot_ptr, M, N, K, T, sx, eps, beta, NQ, NK, s_rope, s_slot, skc_b, skc_n, skc_r, svc_b,
+                        svc_n, svc_r, NORM: tl.constexpr, EPI: tl.constexpr, H: tl.constexpr, TP: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x @ w.T for rows of x [M, K] (any row stride) and w [N, K], each program BLOCK_M rows by
+        BLOCK_N outputs. NORM: x's rows RMS-normed on the way in (norm weight g, eps; their
+        rstd from the T sums of squares ss [T, M] of the residual product that made x). EPI:
+        EPI_RESIDUAL: o = beta * res + x @ w.T [M, N] (one rounding, addmm's), and sso [N / SS_COLS,
+          M] the sums of squares of o's rounded rows, SS_COLS columns each (the next NORM's);
+        EPI_ROPE: (q|k|v; adjacent columns RoPE's pairs) the outputs rounded to the dtype, RoPE on
+          the q and k heads (fp32, rounded once), q into o [M, NQ, H] and k, v into the caches at
+          each row's slot (rope_write's arithmetic);
+        EPI_SWIGLU: (w = [w1; w3]) silu(a) * b into o [M, N / 2], as _silu_mul rounds it: a
+          program's block is BLOCK_N / 2 rows of w1 and the same rows of w3;
+        EPI_PLAIN: o = x @ w.T [M, N] rounded to the dtype (F.linear's)."""
+        HALF: tl.constexpr = BLOCK_N // 2
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mok = m < M
+        j = tl.arange(0, BLOCK_N)
+        if EPI == _EPI_SWIGLU:
+            f = pid_n * HALF + j % HALF
+            wrow = f + (j // HALF) * (N // 2)
+            nok = f < N // 2
+        else:
+            wrow = pid_n * BLOCK_N + j
+            nok = wrow < N
+        dt = o_ptr.dtype.element_ty
+        if NORM:
+            rstd = _rows_rstd(ss_ptr, m, mok, M, T, K, eps, TP)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kok = k < K
+            xt = tl.load(x_ptr + m[:, None] * sx + k[None, :], mask=mok[:, None] & kok[None, :], other=0.0)
+            if NORM:
+                xt = _normed_tile(xt, g_ptr, k, kok, rstd, dt)
+            wt = tl.load(w_ptr + wrow[None, :].to(tl.int64) * K + k[:, None], mask=nok[None, :] & kok[:, None],
+                         other=0.0)
+            # IEEE as in _cross_attend_kernel: fp32 without TF32, and the interpreter's bf16
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee") if IEEE \
+                else tl.dot(xt, wt, acc)
+        ok = mok[:, None] & nok[None, :]
+        if EPI == _EPI_RESIDUAL:
+            at = m[:, None] * N + wrow[None, :]
+            y = (beta * tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32) + acc).to(dt)
+            tl.store(o_ptr + at, y, mask=ok)
+            yf = tl.where(ok, y.to(tl.float32), 0.0)
+            parts = tl.sum(tl.reshape(yf * yf, [BLOCK_M, BLOCK_N // _SS_COLS, _SS_COLS]), axis=2)
+            c = pid_n * (BLOCK_N // _SS_COLS) + tl.arange(0, BLOCK_N // _SS_COLS)
+            tl.store(sso_ptr + c[None, :] * M + m[:, None], parts, mask=mok[:, None] & (c * _SS_COLS < N)[None, :])
+        elif EPI == _EPI_SWIGLU:
+            a, g = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))
+            fo = pid_n * HALF + tl.arange(0, HALF)
+            y = _silu_mul(a.to(dt).to(tl.float32), g.to(dt).to(tl.float32), dt)
+            tl.store(o_ptr + m[:, None] * (N // 2) + fo[None, :], y, mask=mok[:, None] & (fo < N // 2)[None, :])
+        elif EPI == _EPI_PLAIN:
+            tl.store(o_ptr + m[:, None] * N + wrow[None, :], acc.to(dt), mask=ok)
+        else:  # EPI_ROPE: adjacent columns are RoPE's pairs (even, odd)
+            e, o = tl.split(tl.reshape(acc, [BLOCK_M, HALF, 2]))
+            e = e.to(dt).to(tl.float32)  # the product's outputs, rounded as F.linear's
+            o = o.to(dt).to(tl.float32)
+            col = pid_n * BLOCK_N + 2 * tl.arange(0, HALF)  # a pair's even column
+            head = col // H  # q heads, then k heads, then v heads
+            i = (col % H) // 2
+            pok = mok[:, None] & (col < N)[None, :]
+            turn = pok & (head < NQ + NK)[None, :]
+            c = tl.load(cos_ptr + m[:, None] * s_rope + i[None, :], mask=turn, other=1.0)
+            s = tl.load(sin_ptr + m[:, None] * s_rope + i[None, :], mask=turn, other=0.0)
+            e, o = e * c - o * s, o * c + e * s
+            slot = tl.load(slot_ptr + m * s_slot, mask=mok, other=0)
+            q_at = o_ptr + (m[:, None] * NQ + head[None, :]) * H
+            k_at = kc_ptr + m[:, None] * skc_b + (head - NQ)[None, :] * skc_n + slot[:, None] * skc_r
+            v_at = vc_ptr + m[:, None] * svc_b + (head - NQ - NK)[None, :] * svc_n + slot[:, None] * svc_r
+            at = tl.where((head < NQ)[None, :], q_at, tl.where((head < NQ + NK)[None, :], k_at, v_at)) + 2 * i[None, :]
+            tl.store(at, e.to(dt), mask=pok)
+            tl.store(at + 1, o.to(dt), mask=pok)
+
 
 def _check_weight(w: torch.Tensor, name: str) -> None:
     """The kernels read a weight [out, in] as contiguous rows (nn.Linear's layout): another layout
@@ -734,12 +856,14 @@ def norm_cross_attend(x_BD: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     return out
 
 
-def cross_attend(xn_BD: torch.Tensor, w_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def cross_attend(xn_BD: torch.Tensor, w_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 norm: tuple | None = None) -> torch.Tensor:
     """`norm_cross_attend` for many rows, after the norm: softmax(q k^T / sqrt(H)) v [B, N * H]
     for one position a row, q = w_q xn (w_q [N * H, D]; xn normed already, rows may be strided)
     and k, v [B, Nkv, K, H] the row's K cached keys and values (all visible). One kernel for the
     q product (row blocks of it, tl.dot) and the attention, where cuBLAS's product and
-    `attend` took two."""
+    `attend` took two. `norm` (ss, weight, eps): xn is not normed yet, and the kernel norms it
+    on the way in (the products' NORM: ss the sums of squares `product_residual` returned with it)."""
     _check_weight(w_q, "w_q")
     assert xn_BD.stride(1) == 1, "cross_attend needs contiguous rows of xn"
     B, D = xn_BD.shape
@@ -748,10 +872,11 @@ def cross_attend(xn_BD: torch.Tensor, w_q: torch.Tensor, k: torch.Tensor, v: tor
     assert w_q.shape == (n_heads * H, D), f"cross_attend: w_q {tuple(w_q.shape)} for rows of {D}, heads of {H}"
     assert n_heads % n_kv == 0, f"cross_attend: {n_heads} heads over {n_kv} key/value heads"
     out = torch.empty(B, n_heads * H, dtype=xn_BD.dtype, device=xn_BD.device)
+    ss, g, eps, T = _norm_args(norm, xn_BD, out)
     _cross_attend_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), n_heads)](
-        xn_BD, w_q, k, v, out, B, D, H ** -0.5, n_heads, n_kv, K, xn_BD.stride(0),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H=H, HP=max(16, H), IEEE=xn_BD.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        xn_BD, w_q, k, v, out, ss, g, B, D, H ** -0.5, n_heads, n_kv, K, xn_BD.stride(0),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), T, eps,
+        H=H, HP=max(16, H), IEEE=_ieee(xn_BD), NORM=norm is not None, TP=triton.next_power_of_2(max(T, 1)),
         EARLY=CROSS_UNITS_EARLY)
     return out
 
@@ -936,6 +1061,108 @@ def residual_norm(x_BD: torch.Tensor, a_BK: torch.Tensor, weight: torch.Tensor, 
     out = torch.empty_like(x_BD)
     _add_norm_kernel[(B,)](x_BD, acc, norm_weight, out, B, D, acc.shape[0], eps, beta,
                            BLOCK_D=triton.next_power_of_2(D))
+    return out
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    """Do tl.dot's products run in fp32 without TF32 (fp32 inputs; and the interpreter, whose bf16
+    tl.dot is wrong in Triton 3.9: there bf16 values are multiplied exactly in fp32)?"""
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _norm_args(norm: tuple | None, x_BK: torch.Tensor, spare: torch.Tensor) -> tuple:
+    """A kernel's NORM arguments (ss, norm weight, eps, T) for x's rows, from `norm` = (ss [K /
+    SS_COLS, B] fp32, weight [K], eps) as a residual product made them; without it `spare` stands
+    in for the pointers, which are not read."""
+    if norm is None:
+        return spare, spare, 0.0, 0
+    ss, weight, eps = norm
+    B, K = x_BK.shape
+    assert K % SS_COLS == 0 and ss.shape == (K // SS_COLS, B) and ss.dtype == torch.float32 and ss.is_contiguous(), \
+        f"norm: sums of squares {tuple(ss.shape)} {ss.dtype} for {B} rows of {K} (product_residual's, [K / SS_COLS, B])"
+    assert weight.shape == (K,), f"norm: a weight of {tuple(weight.shape)} for rows of {K}"
+    return ss, weight, float(eps), ss.shape[0]
+
+
+def _product(x_BK: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epi: int, norm: tuple | None = None,
+             res: torch.Tensor | None = None, sso: torch.Tensor | None = None, beta: float = 1.0,
+             rope: tuple | None = None, blocks: tuple[int, int, int] | None = None) -> None:
+    """Launches _product_kernel (its docstring says what each EPI writes); `blocks` (BLOCK_M,
+    BLOCK_N, BLOCK_K), 4 warps, in place of the tuned choice (for tests)."""
+    _check_weight(weight, "weight")
+    assert x_BK.stride(1) == 1, "the products need contiguous rows of x"
+    M, K = x_BK.shape
+    N = weight.shape[0]
+    assert weight.shape[1] == K, f"a product of rows of {K} with a weight of {tuple(weight.shape)}"
+    ss, g, eps, T = _norm_args(norm, x_BK, out)
+    cos, sin, kc, vc, slot, NQ, NK = rope if rope is not None else (out, out, out, out, out, 0, 0)
+    H = kc.shape[-1] if rope is not None else 2
+    args = (x_BK, ss, g, weight, out, out if res is None else res, out if sso is None else sso, cos, sin, kc, vc,
+            slot, M, N, K, T, x_BK.stride(0), eps, beta, NQ, NK,
+            _rope_stride(cos, sin) if rope is not None else 0, 1 if rope is not None and slot.numel() == M > 1 else 0,
+            kc.stride(0) if rope else 0, kc.stride(1) if rope else 0, kc.stride(2) if rope else 0,
+            vc.stride(0) if rope else 0, vc.stride(1) if rope else 0, vc.stride(2) if rope else 0)
+    consts = dict(NORM=norm is not None, EPI=epi, H=H, TP=triton.next_power_of_2(max(T, 1)), IEEE=_ieee(x_BK))
+    if blocks is None:
+        _product_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **consts)
+    else:  # the tuner's kernel itself, with one fixed choice
+        bm, bn, bk = blocks
+        _product_kernel.fn[(triton.cdiv(N, bn), triton.cdiv(M, bm))](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
+                                                                     BLOCK_K=bk)
+
+
+def product(x_BK: torch.Tensor, weight: torch.Tensor, norm: tuple | None = None,
+            blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x @ weight.T [B, N] in x's dtype (F.linear's), x's rows normed on the way in with `norm`
+    (ss, norm weight, eps; ss the sums of squares `product_residual` returned with x): one kernel
+    for RMSNorm and the product (blocks of rows, tl.dot)."""
+    out = torch.empty(x_BK.shape[0], weight.shape[0], dtype=x_BK.dtype, device=x_BK.device)
+    _product(x_BK, weight, out, EPI_PLAIN, norm, blocks=blocks)
+    return out
+
+
+def product_residual(a_BK: torch.Tensor, weight: torch.Tensor, x_BD: torch.Tensor, beta: float = 1.0,
+                     norm: tuple | None = None, blocks: tuple[int, int, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(beta * x + a @ weight.T [B, D], one rounding as addmm's; ss [D / SS_COLS, B] fp32, the
+    sums of squares of its rows' rounded values over every SS_COLS features): a residual product
+    whose result the next product (`product`, `product_rope`, `product_swiglu`, `cross_attend`
+    with norm=(ss, weight, eps)) RMS-norms on the way in, so that the norm takes no kernel of its
+    own. x [B, D] contiguous, not overwritten (autotuning runs a call several times)."""
+    B, D = x_BD.shape
+    assert x_BD.is_contiguous() and weight.shape[0] == D, \
+        f"product_residual: x {tuple(x_BD.shape)} (contiguous) with a weight of {tuple(weight.shape)}"
+    assert D % SS_COLS == 0, f"product_residual: rows of {D} features; it needs a multiple of {SS_COLS}"
+    out = torch.empty_like(x_BD)
+    ss = torch.empty(D // SS_COLS, B, dtype=torch.float32, device=x_BD.device)
+    _product(a_BK, weight, out, EPI_RESIDUAL, norm, res=x_BD, sso=ss, beta=beta, blocks=blocks)
+    return out, ss
+
+
+def product_rope(x_BK: torch.Tensor, w_qkv: torch.Tensor, cos_H2: torch.Tensor, sin_H2: torch.Tensor, n_heads: int,
+                 n_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: torch.Tensor,
+                 norm: tuple | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`norm_qkv_rope` for many rows (`rope_write` with its product): q [B, N, H], and k, v into
+    the caches at `slot` (`cos_H2`, `sin_H2`, `slot` as norm_qkv_rope's), x's rows normed on the
+    way in with `norm` (as `product`'s; without it x is normed already): one kernel for the norm,
+    the q|k|v product, RoPE and the cache writes."""
+    H = k_cache.shape[-1]
+    assert w_qkv.shape[0] == (n_heads + 2 * n_kv_heads) * H, \
+        f"product_rope: w_qkv {tuple(w_qkv.shape)} for {n_heads} + 2 x {n_kv_heads} heads of {H}"
+    q = torch.empty(x_BK.shape[0], n_heads, H, dtype=x_BK.dtype, device=x_BK.device)
+    _product(x_BK, w_qkv, q, EPI_ROPE, norm, rope=(cos_H2, sin_H2, k_cache, v_cache, slot, n_heads, n_kv_heads),
+             blocks=blocks)
+    return q
+
+
+def product_swiglu(x_BK: torch.Tensor, w13: torch.Tensor, norm: tuple | None = None,
+                   blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`norm_swiglu` for many rows: silu(w1 x) * w3 x [B, F] (w13 = [w1; w3], [2F, D]), x's rows
+    normed on the way in with `norm` (as `product`'s): one kernel for the norm, the w1|w3
+    product and SwiGLU."""
+    assert w13.shape[0] % 2 == 0, f"product_swiglu: w13 {tuple(w13.shape)} is not [w1; w3]"
+    out = torch.empty(x_BK.shape[0], w13.shape[0] // 2, dtype=x_BK.dtype, device=x_BK.device)
+    _product(x_BK, w13, out, EPI_SWIGLU, norm, blocks=blocks)
     return out
 
 

@@ -538,6 +538,130 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, beta):
     torch.testing.assert_close(n.float(), _rnd(n_want, dtype), rtol=0, atol=tol * n_want.abs().max().item())
 
 
+# the products' blocks: the tuned choice (under the interpreter its first candidate, 64 x 64 x
+# 128: one block of rows, columns and inputs here), or blocks of 16 (three row blocks, the last
+# partial; several column blocks and input steps, the last of each partial)
+PRODUCT_BLOCKS = [None, (16, 16, 16)]
+
+
+def _residual_case(dtype, B=37, D=48, K=72, seed=6):
+    """x [B, D], a [B, K] (a strided view), w [D, K], a norm weight [D]: D a multiple of SS_COLS
+    but of no larger block, K of none."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
+    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
+    norm = RMSNorm(D).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    return x, a, w, norm
+
+
+def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """F.rms_norm's result (fp32, one rounding) of x's rounded values, in fp32."""
+    return _rnd(F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps), x.dtype)
+
+
+@pytest.mark.parametrize("blocks", PRODUCT_BLOCKS)
+@pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the decoder cross-attention's double one
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_product_residual_equals_addmm_with_its_sums_of_squares(dtype, tol, beta, blocks):
+    """beta x + a W^T in fp32 and one rounding (addmm's), x left as it was, and the sums of
+    squares of the result's rounded values over each SS_COLS features of a row ([D / SS_COLS,
+    B], fp32: exact but for the order of 16 terms)."""
+    x, a, w, _ = _residual_case(dtype)
+    B, D = x.shape
+    x0 = x.clone()
+    h, ss = kernels.product_residual(a, w, x, beta=beta, blocks=blocks)
+    want = beta * x.float() + a.float() @ w.float().T
+    assert h.dtype == dtype and ss.dtype == torch.float32 and ss.shape == (D // kernels.SS_COLS, B)
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(h.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+    ss_want = h.float().pow(2).view(B, -1, kernels.SS_COLS).sum(-1).T
+    torch.testing.assert_close(ss, ss_want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("blocks", PRODUCT_BLOCKS)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_products_norm_their_input_on_the_way_in(dtype, tol, blocks):
+    """After a residual product, product (the output head), product_swiglu (w1|w3) and
+    cross_attend (q) with norm=(ss, weight, eps) equal F.rms_norm of the residual stream, then
+    the PyTorch step (the product rounded as F.linear's, SwiGLU as F.silu(a) * b rounds it,
+    SDPA over the units); without `norm`, of an input normed already."""
+    x, a, w, norm = _residual_case(dtype)
+    h, ss = kernels.product_residual(a, w, x, blocks=blocks)
+    B, D = h.shape
+    hn = _rms(norm, h)
+    g = torch.Generator().manual_seed(8)
+    w_out = (torch.randn(40, D, generator=g) / D**0.5).to(DEV, dtype)
+    w13 = (torch.randn(2 * 24, D, generator=g) / D**0.5).to(DEV, dtype)
+    with_norm = (ss, norm.weight, norm.eps)
+    for got in (kernels.product(h, w_out, norm=with_norm, blocks=blocks),
+                kernels.product(hn.to(dtype), w_out, blocks=blocks)):
+        want = hn @ w_out.float().T
+        assert got.shape == (B, 40) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+    y1, y3 = _rnd(hn @ w13.float().T, dtype).chunk(2, dim=-1)
+    want = _rnd(_rnd(F.silu(y1), dtype) * y3, dtype)
+    got = kernels.product_swiglu(h, w13, norm=with_norm, blocks=blocks)
+    assert got.shape == (B, 24)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=tol * want.abs().max().item())
+    N, NK, K, H = 4, 2, 3, 8
+    w_q = (torch.randn(N * H, D, generator=g) / D**0.5).to(DEV, dtype)
+    k = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    v = torch.randn(B, NK, K, H, generator=g).to(DEV, dtype)
+    q = _rnd(hn @ w_q.float().T, dtype).view(B, N, 1, H)
+    want = F.scaled_dot_product_attention(q, k.float(), v.float(), enable_gqa=True).reshape(B, N * H)
+    got = kernels.cross_attend(h, w_q, k, v, norm=with_norm)
+    torch.testing.assert_close(got.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("blocks", PRODUCT_BLOCKS)
+@pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot and position, or each row's
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
+def test_product_rope_equals_the_pytorch_step(dtype, tol, per_row, blocks):
+    """product_rope after a residual product: F.rms_norm of the residual stream, the q|k|v
+    product rounded as F.linear's, apply_rope on q and k; k and v written at each row's slot and
+    nowhere else."""
+    N, NK, H, R = 4, 2, 16, 8
+    x, a, w, norm = _residual_case(dtype, B=19, D=64)
+    h, ss = kernels.product_residual(a, w, x, blocks=blocks)
+    B, D = h.shape
+    g = torch.Generator().manual_seed(9)
+    w_qkv = (torch.randn((N + 2 * NK) * H, D, generator=g) / D**0.5).to(DEV, dtype)
+    pos = torch.randint(0, 200, (B if per_row else 1, 1), generator=g).to(DEV)
+    slots = torch.randint(0, R, (B,), generator=g).tolist() if per_row else [5] * B
+    cos, sin = rope_cos_sin(pos, H, 10000.0)
+    c, s_ = cos.reshape(len(pos), -1).squeeze(0).contiguous(), sin.reshape(len(pos), -1, 2)[..., 1].squeeze(0)
+    kc = torch.zeros(B, NK, R, H, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    slot = torch.tensor(slots if per_row else [5], device=DEV)
+    q = kernels.product_rope(h, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot, norm=(ss, norm.weight, norm.eps),
+                             blocks=blocks)
+    y = _rnd(_rms(norm, h) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)
+    qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]
+    rows = torch.arange(B)
+    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]
+    scale = y.abs().max().item()
+    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y[:, 0, N + NK:])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
+    written = torch.zeros(B, R, dtype=torch.bool)
+    written[rows, slots] = True
+    assert not kc.transpose(1, 2)[~written].any()
+    assert not vc.transpose(1, 2)[~written].any()
+
+
+def test_products_refuse_what_they_cannot_norm():
+    """A norm's sums of squares of another shape, or a residual width that SS_COLS does not
+    divide, is refused with what was wrong, not read out of bounds."""
+    x, a, w, norm = _residual_case(torch.float32)
+    h, ss = kernels.product_residual(a, w, x)
+    with pytest.raises(AssertionError, match="sums of squares"):
+        kernels.product(h, w.T.contiguous(), norm=(ss[:-1], norm.weight, norm.eps))
+    with pytest.raises(AssertionError, match="multiple of 16"):
+        kernels.product_residual(a, w[:40], x[:, :40].contiguous())
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
 def test_norms_equal_rms_norm_under_each_weight(dtype, tol):
     """kernels.norms: each row normed once and scaled by each of L weights, as L F.rms_norm calls
@@ -870,6 +994,44 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     # the decoder's cross K/V committed and the greedy byte taken by their kernels (COMMIT_KERNEL,
     # GREEDY_KERNEL) whatever the other switches
     assert min(step_calls["commit_rows"], step_calls["greedy"]) >= 1
+
+
+def test_generator_decoder_products_equal_reference(monkeypatch):
+    """generate.DECODER_PRODUCTS: past KERNEL_MAX_ROWS rows the decoder runs on the Triton
+    products (each residual product with its sums of squares, the next product norming on the way
+    in) with the reference's bytes; the products run every decoder step's projections, and
+    neither residual_norm nor rope_attend runs for the decoder."""
+    from bltkit import generate
+
+    monkeypatch.setattr(generate, "DECODER_PRODUCTS", True)
+    model = make_model(seed=6).to(DEV)
+    prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
+    want = reference_generate(model, prompts, 10, stop_at_eos=False)
+    calls, caches = collections.Counter(), set()
+
+    def counted(name):
+        fn = getattr(kernels, name)
+
+        def run(*a, **k):
+            calls[name, k.get("beta", 1.0)] += 1
+            if name == "rope_attend":
+                caches.add(a[4].data_ptr())  # the key cache it writes
+            return fn(*a, **k)
+        return run
+
+    for name in ("product", "product_residual", "product_rope", "product_swiglu", "residual_norm", "rope_attend"):
+        monkeypatch.setattr(kernels, name, counted(name))
+    gen = Generator(model, kernels=True)
+    assert gen.generate_ids(prompts, 10, stop_at_eos=False) == want
+    dec = model.local_decoder
+    traced = 10 if model.device.type == "cpu" else 1  # (a GPU replays its graphs)
+    assert calls["product", 1.0] >= traced
+    assert calls["product_rope", 1.0] == calls["product_swiglu", 1.0] == len(dec.layers) * calls["product", 1.0]
+    assert calls["product_residual", 2.0] == len(dec.cross_attn_layers) * calls["product", 1.0]
+    assert calls["product_residual", 1.0] == 2 * len(dec.layers) * calls["product", 1.0]
+    assert calls["residual_norm", 2.0] == 0  # the decoder cross-attention's doubled residual: a product's
+    # RoPE and the cache writes run in rope_attend for the other stacks, never for the decoder's rings
+    assert calls["rope_attend", 1.0] and not caches & {k.data_ptr() for k in gen.dec.k}
 
 
 @INTERPRETER_SLOW
