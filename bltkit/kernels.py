@@ -1078,8 +1078,11 @@ def _norm_args(norm: tuple | None, x_BK: torch.Tensor, spare: torch.Tensor) -> t
         return spare, spare, 0.0, 0
     ss, weight, eps = norm
     B, K = x_BK.shape
-    assert K % SS_COLS == 0 and ss.shape == (K // SS_COLS, B) and ss.dtype == torch.float32 and ss.is_contiguous(), \
-        f"norm: sums of squares {tuple(ss.shape)} {ss.dtype} for {B} rows of {K} (product_residual's, [K / SS_COLS, B])"
+    what = f"norm: sums of squares {tuple(ss.shape)} {ss.dtype} for {B} rows of {K} (product_residual's: [K / SS_COLS, B] fp32)"
+    assert K % SS_COLS == 0, what
+    assert ss.shape == (K // SS_COLS, B), what
+    assert ss.dtype == torch.float32, what
+    assert ss.is_contiguous(), what
     assert weight.shape == (K,), f"norm: a weight of {tuple(weight.shape)} for rows of {K}"
     return ss, weight, float(eps), ss.shape[0]
 
@@ -1130,8 +1133,8 @@ def product_residual(a_BK: torch.Tensor, weight: torch.Tensor, x_BD: torch.Tenso
     with norm=(ss, weight, eps)) RMS-norms on the way in, so that the norm takes no kernel of its
     own. x [B, D] contiguous, not overwritten (autotuning runs a call several times)."""
     B, D = x_BD.shape
-    assert x_BD.is_contiguous() and weight.shape[0] == D, \
-        f"product_residual: x {tuple(x_BD.shape)} (contiguous) with a weight of {tuple(weight.shape)}"
+    assert x_BD.is_contiguous(), "product_residual needs a contiguous x"
+    assert weight.shape[0] == D, f"product_residual: x {tuple(x_BD.shape)} with a weight of {tuple(weight.shape)}"
     assert D % SS_COLS == 0, f"product_residual: rows of {D} features; it needs a multiple of {SS_COLS}"
     out = torch.empty_like(x_BD)
     ss = torch.empty(D // SS_COLS, B, dtype=torch.float32, device=x_BD.device)

@@ -574,7 +574,9 @@ def test_product_residual_equals_addmm_with_its_sums_of_squares(dtype, tol, beta
     x0 = x.clone()
     h, ss = kernels.product_residual(a, w, x, beta=beta, blocks=blocks)
     want = beta * x.float() + a.float() @ w.float().T
-    assert h.dtype == dtype and ss.dtype == torch.float32 and ss.shape == (D // kernels.SS_COLS, B)
+    assert h.dtype == dtype
+    assert ss.dtype == torch.float32
+    assert ss.shape == (D // kernels.SS_COLS, B)
     assert torch.equal(x, x0)
     torch.testing.assert_close(h.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
     ss_want = h.float().pow(2).view(B, -1, kernels.SS_COLS).sum(-1).T
@@ -599,7 +601,8 @@ def test_products_norm_their_input_on_the_way_in(dtype, tol, blocks):
     for got in (kernels.product(h, w_out, norm=with_norm, blocks=blocks),
                 kernels.product(hn.to(dtype), w_out, blocks=blocks)):
         want = hn @ w_out.float().T
-        assert got.shape == (B, 40) and got.dtype == dtype
+        assert got.shape == (B, 40)
+        assert got.dtype == dtype
         torch.testing.assert_close(got.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
     y1, y3 = _rnd(hn @ w13.float().T, dtype).chunk(2, dim=-1)
     want = _rnd(_rnd(F.silu(y1), dtype) * y3, dtype)
@@ -1031,7 +1034,8 @@ def test_generator_decoder_products_equal_reference(monkeypatch):
     assert calls["product_residual", 1.0] == 2 * len(dec.layers) * calls["product", 1.0]
     assert calls["residual_norm", 2.0] == 0  # the decoder cross-attention's doubled residual: a product's
     # RoPE and the cache writes run in rope_attend for the other stacks, never for the decoder's rings
-    assert calls["rope_attend", 1.0] and not caches & {k.data_ptr() for k in gen.dec.k}
+    assert calls["rope_attend", 1.0]
+    assert not caches & {k.data_ptr() for k in gen.dec.k}
 
 
 @INTERPRETER_SLOW
