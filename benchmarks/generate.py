@@ -152,6 +152,9 @@ def main() -> None:
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
                              "keeps the constant's value")
+    ap.add_argument("--decoder-products", choices=["auto", "on", "off"], default="auto",
+                    help="with the kernels, the decoder past KERNEL_MAX_ROWS rows on Triton products with each norm "
+                         "in the next product (generate.DECODER_PRODUCTS); auto (the default) keeps the constant's value")
     ap.add_argument("--kernel-max-rows", type=int, default=None, metavar="N",
                     help="with the kernels, the most rows the Triton block steps take (generate.KERNEL_MAX_ROWS; "
                          "default: the constant's value), larger batches run cuBLAS's products")
@@ -169,6 +172,8 @@ def main() -> None:
     for name in switches:
         if (value := getattr(args, f"{name}_kernel")) != "auto":
             setattr(generate, f"{name.upper()}_KERNEL", value == "on")
+    if args.decoder_products != "auto":
+        generate.DECODER_PRODUCTS = args.decoder_products == "on"
     if args.kernel_max_rows is not None:
         generate.KERNEL_MAX_ROWS = args.kernel_max_rows
     if args.attend_max_keys is not None:

@@ -40,10 +40,16 @@
 # kernel's first block loaded with the bounds, kernels.ATTEND_FIRST_BLOCK, the cross-attention's first
 # units before its q product, kernels.CROSS_UNITS_EARLY, a block ahead in the attention's loop,
 # kernels.ATTEND_AHEAD, and the 16 x 1 candidate,
-# compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). Next, one call:
-#   ONLY="gpu_tests attend_configs decode_gap generate_kernels" GAP_VARIANTS="base kernels.ATTEND_FIRST_BLOCK=False
-#     kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)} kernels.ATTEND_CONFIG={(128,True):(32,2)}
-#     kernels.ATTEND_CONFIG={(128,True):(64,4)} base"
+# compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). The twenty-eighth got
+# none either (the decoder on Triton products with each norm in the next product's prologue,
+# generate.DECODER_PRODUCTS, off until timed). Next, first (the tests, then the decoder's products
+# and the twenty-seventh session's switches on the grid's 128 steps):
+#   ONLY="gpu_tests decode_gap" GAP_VARIANTS="base DECODER_PRODUCTS=True kernels.ATTEND_FIRST_BLOCK=False
+#     kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)}
+#     base DECODER_PRODUCTS=True"
+# then the grid (DECODER_PRODUCTS=on where its variant won: generate.py --decoder-products on) and
+# attend_configs:
+#   ONLY="attend_configs generate_kernels" DECODER_PRODUCTS=on
 # then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
@@ -97,7 +103,7 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
-  --json "$OUT/generate_kernels.json"
+  --decoder-products "${DECODER_PRODUCTS:-auto}" --json "$OUT/generate_kernels.json"
 # the same with a byte's steps as one CUDA graph, the patch step in a conditional node
 # (Generator(byte_graph=True): no host sync a byte under 8 rows; written in the fifteenth session
 # without a GPU, off by default until this and gpu_tests have run)

@@ -8,7 +8,8 @@ first/last bounds, the rings', a mask, the encoder's open patch, plain) with eve
 its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_BLOCK) and not, the
 loop's blocks a block ahead (kernels.ATTEND_AHEAD) and not,
 `kernels._cross_attend_kernel` with its candidates (its first units early and late,
-kernels.CROSS_UNITS_EARLY), and every other kernel as blt-1b's generator
+kernels.CROSS_UNITS_EARLY; its input normed on the way in or not), `kernels._product_kernel`
+with each candidate as the decoder's products call it (generate.DECODER_PRODUCTS), and every other kernel as blt-1b's generator
 launches it (each autotuner's candidates). Exits 1 if any fails to compile.
 
     python benchmarks/hopper_compile.py [--head-dims 64 128]
@@ -110,12 +111,31 @@ OTHERS = [
      dict(B=64, s_buf=321), [dict(BLOCK=64)], 4),
     ("_linear_add_kernel", {}, {"beta"}, dict(D=1024, K=1024, sa_b=1024), [{}], 4),
 ]
-CROSS_TYPES = arg_types(kernels._cross_attend_kernel.fn, {}, {"scale"})
+CROSS_TYPES = arg_types(kernels._cross_attend_kernel.fn, dict(ss_ptr="fp32"), {"scale", "eps"})
 CROSS_VALUES = dict(B=64, D=1024, N=16, NK=16, K=2, sx_b=1024, sk_b=2048, sk_n=128, sk_s=64, sv_b=2048, sv_n=128,
-                    sv_s=64)
+                    sv_s=64, T=64)
+PRODUCT_TYPES = arg_types(kernels._product_kernel.fn, dict(ss_ptr="fp32", sso_ptr="fp32", cos_ptr="fp32",
+                                                           sin_ptr="fp32", slot_ptr=I64), {"eps", "beta"})
+# (what, EPI, NORM, K, N): the decoder's products at blt-1b's batch 64 (generate.DECODER_PRODUCTS)
+PRODUCT_CALLS = [
+    ("wo (cross, self) + residual", kernels.EPI_RESIDUAL, False, 1024, 1024),
+    ("w2 + residual", kernels.EPI_RESIDUAL, False, 2816, 1024),
+    ("norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 1024, 3072),
+    ("norm + w1|w3 + SwiGLU", kernels.EPI_SWIGLU, True, 1024, 5632),
+    ("norm + output head", kernels.EPI_PLAIN, True, 1024, 260),
+]
 
 
-def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int, values: dict | None = None):
+def product_values(K: int, N: int) -> dict:
+    """The product kernel's integer arguments as the decoder's batch-64 step passes them (a ring of
+    512 slots, 16 heads of 64; one slot and RoPE row for every row; T: the norm's SS_COLS chunks)."""
+    S, NK, H = 512, 16, 64
+    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=16, NK=NK, s_rope=0, s_slot=0, skc_b=NK * S * H,
+                skc_n=S * H, skc_r=H, svc_b=NK * S * H, svc_n=S * H, svc_r=H)
+
+
+def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int, values: dict | None = None,
+                       num_stages: int | None = None):
     """The kernel compiled for TARGET, `consts` its constexprs. `values`: integer arguments' values,
     specialised as Triton's launcher does: an integer of 1 becomes a constant, one divisible by 16
     carries that divisibility (as does every pointer: PyTorch's allocations are aligned), which is
@@ -134,7 +154,8 @@ def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int, values
     signature = {n: "constexpr" if n in consts else types[n] for n in names}
     src = ASTSource(fn=jit_fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()},
                     attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def usage(compiled) -> tuple[int, int]:
@@ -170,10 +191,10 @@ def main() -> int:
     args = ap.parse_args()
     failed = 0
 
-    def report(what: str, fn, types: dict, consts: dict, warps: int, values: dict) -> None:
+    def report(what: str, fn, types: dict, consts: dict, warps: int, values: dict, stages: int | None = None) -> None:
         nonlocal failed
         try:
-            regs, stack = usage(compile_for_hopper(fn, types, consts, warps, values))
+            regs, stack = usage(compile_for_hopper(fn, types, consts, warps, values, stages))
             print(f"{what}: {regs} registers, {stack} stack bytes{'  (spills)' if stack else ''}", flush=True)
         except Exception as e:  # report every failure, not only the first
             failed += 1
@@ -198,10 +219,21 @@ def main() -> int:
                 PRE=True, AHEAD=True), 1, attend_values("plain", 64) | {"S": 1})
     cross = candidates(kernels._cross_attend_kernel)
     for (meta, warps), K, units_early in itertools.product(cross[:2] if args.quick else cross, (None, 1), early):
-        consts = dict(H=64, HP=64, IEEE=False, EARLY=units_early, **meta) | ({} if K is None else {"K": K})
-        report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
-               f"K {'a number' if K is None else K}, units {'early' if units_early else 'late'}",
-               kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps, CROSS_VALUES | ({} if K is None else {"K": K}))
+        for norm in (False, True) if K is None else (False,):  # its input normed already, or normed on the way in
+            consts = dict(H=64, HP=64, IEEE=False, EARLY=units_early, NORM=norm, TP=64, **meta) | \
+                ({} if K is None else {"K": K})
+            report(f"cross_attend H 64, BLOCK_B {meta['BLOCK_B']}, BLOCK_D {meta['BLOCK_D']} x {warps} warps, "
+                   f"K {'a number' if K is None else K}, units {'early' if units_early else 'late'}"
+                   f"{', normed on the way in' if norm else ''}",
+                   kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps,
+                   CROSS_VALUES | ({} if K is None else {"K": K}))
+    tuned = kernels._product_kernel.configs
+    for (what, epi, norm, K, N), c in itertools.product(PRODUCT_CALLS, tuned[:1] if args.quick else tuned):
+        consts = dict(NORM=norm, EPI=epi, H=64, TP=triton.next_power_of_2(K // kernels.SS_COLS), IEEE=False,
+                      **c.kwargs)
+        report(f"product {what} ({K} -> {N}), blocks {c.kwargs['BLOCK_M']} x {c.kwargs['BLOCK_N']} x "
+               f"{c.kwargs['BLOCK_K']}, {c.num_warps} warps, {c.num_stages} stages",
+               kernels._product_kernel.fn, PRODUCT_TYPES, consts, c.num_warps, product_values(K, N), c.num_stages)
     for name, pointers, floats, values, const_sets, warps in OTHERS:
         tuner = getattr(kernels, name)
         fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction

@@ -1,7 +1,7 @@
 """Triton kernels for the generator's one-position block step (optional: needs `triton`).
 
 A byte step on a GPU is bound by its count of small kernels, not by bandwidth (docs/benchmarks.md:
-~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Fourteen kernels here replace the
+~1-2 µs an elementwise kernel, 4-9 µs a matrix-vector product). Eighteen kernels here replace the
 chains of a step that surround its matrix-vector products, and its attention call:
 
 - `norm_qkv_rope`: RMSNorm, the q|k|v product, RoPE on q and k, and the write of k and v into the
@@ -42,10 +42,16 @@ chains of a step that surround its matrix-vector products, and its attention cal
   (flash-decoding; `attend_splits`).
 - `rope_attend`: `rope_write` and `attend` in one kernel (each program takes the row's own new
   key and value from its registers, not from the cache another program writes).
+- `product_residual`, `product_rope`, `product_swiglu`, `product`: products for many rows (blocks
+  of rows, `tl.dot`) with their epilogues (the residual add; RoPE and the cache writes; SwiGLU;
+  none), where the norm before each needs no kernel of its own: a residual product writes its rows'
+  sums of squares over every SS_COLS features beside them, and the next product (or
+  `cross_attend`) RMS-norms its input from them on the way in (the decoder past a few rows,
+  generate.DECODER_PRODUCTS).
 
-Each projecting program computes whole output rows from the full input row, so no partial sums cross
-programs; the input's norm is recomputed by every program (a D-long reduction, cheap next to the
-weights it reads). Rounding follows the PyTorch path step by step (every tensor the reference
+Each projecting program computes whole output features from the full input row, so no partial sums
+of a product cross programs; the input's norm is recomputed by every program (a D-long reduction,
+cheap next to the weights it reads), or taken from the sums of squares the product before wrote. Rounding follows the PyTorch path step by step (every tensor the reference
 materialises in the model's dtype is rounded to it here too), so in fp32 the results agree to
 summation order; `attend` keeps its softmax weights in fp32 (SDPA's flash kernels round them to
 the dtype before the product with v), so in bf16 it is off by at most a final rounding. `TRITON_INTERPRET=1` runs them on a CPU (tests/test_kernels.py).
