@@ -609,6 +609,13 @@ CROSS_ATTEND = True
 # base generate.DECODER_PRODUCTS=True`); read when a Generator is made
 DECODER_PRODUCTS = False
 
+# Generator(kernels=True) runs the global stack past KERNEL_MAX_ROWS rows on the same products
+# (DECODER_PRODUCTS') where this is True: 5 kernels a layer where it takes 8 (75 fewer for blt-1b's
+# 25 layers). The twenty-first session's Triton products there (with residual_norm kept after wo
+# and w2) lost beside the entropy model's stream, so off; written in the twenty-eighth session, for
+# a GPU to time (`decode_gap.py --variants base GLOBAL_PRODUCTS=True`); read when a Generator is made
+GLOBAL_PRODUCTS = False
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -806,6 +813,8 @@ class Generator:
         from . import kernels as _k  # (its constants need no Triton)
 
         self._decoder_products = self._decoder_norms and DECODER_PRODUCTS and self.cfg.decoder.dim % _k.SS_COLS == 0
+        self._global_products = (self.fused_global is not None and GLOBAL_PRODUCTS
+                                 and self.cfg.global_transformer.dim % _k.SS_COLS == 0)
         self._cross_q = self._cross_kernel and CROSS_ATTEND  # kernels.cross_attend past the block kernels' rows
         self._step_kernels = bool(kernels) and STEP_KERNELS  # kernels.advance and kernels.feed
         self._commit_kernel = bool(kernels) and COMMIT_KERNEL  # kernels.commit_rows
@@ -1121,12 +1130,29 @@ class Generator:
             gmask, g_last = self._global_mask(L), self.p
         widx = idx.view(B, 1, 1, 1)
         xn = None  # the next layer's attention norm of x, where the last layer's w2 kernel made it
+        x2, ss = x.view(B, -1), None  # with GLOBAL_PRODUCTS: the residual stream, its rows' sums of squares
         for i, layer in enumerate(gt.layers):
             att = layer.attention
             kc, vc = self.g_k[i], self.g_v[i]
             if kernel_rope is not None and B <= KERNEL_MAX_ROWS:  # the Triton block step
                 x = _block_step_kernels(layer, kc, vc, x, idx, gmask, fg, kernel_rope, L, self._kernel_choice, g_last,
                                         g_first)
+                continue
+            if kernel_rope is not None and self._global_products:  # GLOBAL_PRODUCTS: Triton's products, each
+                # norm in the next one (as `_back_products`); x2 the residual stream, ss its sums of squares
+                from . import kernels
+
+                an = layer.attention_norm
+                a, norm = (x2, (ss, an.weight, an.eps)) if ss is not None else (an(x2), None)
+                q = kernels.product_rope(a, fg.qkv[id(layer)], *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc,
+                                         idx, norm=norm)
+                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=g_last, first=g_first)
+                x2, ss = kernels.product_residual(out.view(B, -1), att.wo.weight, x2)
+                gated = kernels.product_swiglu(x2, fg.w13[id(layer)], norm=(ss, layer.ffn_norm.weight,
+                                                                             layer.ffn_norm.eps))
+                x2, ss = kernels.product_residual(gated, layer.feed_forward.w2.weight, x2)
+                if i + 1 == len(gt.layers):
+                    x = x2.view(B, 1, -1)
                 continue
             if kernel_rope is not None:  # cuBLAS's products; RoPE, the cache writes and the attention in
                 # one kernel, and each residual add with the norm after it in another

@@ -999,43 +999,50 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
     assert min(step_calls["commit_rows"], step_calls["greedy"]) >= 1
 
 
-def test_generator_decoder_products_equal_reference(monkeypatch):
-    """generate.DECODER_PRODUCTS: past KERNEL_MAX_ROWS rows the decoder runs on the Triton
-    products (each residual product with its sums of squares, the next product norming on the way
-    in) with the reference's bytes; the products run every decoder step's projections, and
-    neither residual_norm nor rope_attend runs for the decoder."""
+def test_generator_products_equal_reference(monkeypatch):
+    """generate.DECODER_PRODUCTS and GLOBAL_PRODUCTS: past KERNEL_MAX_ROWS rows the decoder and
+    the global stack run on the Triton products (each residual product with its sums of squares,
+    the next product norming on the way in) with the reference's bytes: the products run every
+    decoder step's projections and write the decoder's rings and the global caches, and neither
+    residual_norm nor rope_attend runs for them."""
     from bltkit import generate
 
     monkeypatch.setattr(generate, "DECODER_PRODUCTS", True)
+    monkeypatch.setattr(generate, "GLOBAL_PRODUCTS", True)
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
     want = reference_generate(model, prompts, 10, stop_at_eos=False)
-    calls, caches = collections.Counter(), set()
+    calls, caches = collections.Counter(), collections.defaultdict(set)
 
-    def counted(name):
+    def counted(name, cache_arg=None):
         fn = getattr(kernels, name)
 
         def run(*a, **k):
             calls[name, k.get("beta", 1.0)] += 1
-            if name == "rope_attend":
-                caches.add(a[4].data_ptr())  # the key cache it writes
+            if cache_arg is not None:
+                caches[name].add(a[cache_arg].data_ptr())  # the key cache it writes (residual_norm: its weight)
             return fn(*a, **k)
         return run
 
-    for name in ("product", "product_residual", "product_rope", "product_swiglu", "residual_norm", "rope_attend"):
-        monkeypatch.setattr(kernels, name, counted(name))
+    for name, cache_arg in (("product", None), ("product_residual", None), ("product_rope", 6),
+                            ("product_swiglu", None), ("residual_norm", 2), ("rope_attend", 4)):
+        monkeypatch.setattr(kernels, name, counted(name, cache_arg))
     gen = Generator(model, kernels=True)
     assert gen.generate_ids(prompts, 10, stop_at_eos=False) == want
     dec = model.local_decoder
     traced = 10 if model.device.type == "cpu" else 1  # (a GPU replays its graphs)
-    assert calls["product", 1.0] >= traced
-    assert calls["product_rope", 1.0] == calls["product_swiglu", 1.0] == len(dec.layers) * calls["product", 1.0]
-    assert calls["product_residual", 2.0] == len(dec.cross_attn_layers) * calls["product", 1.0]
-    assert calls["product_residual", 1.0] == 2 * len(dec.layers) * calls["product", 1.0]
-    assert calls["residual_norm", 2.0] == 0  # the decoder cross-attention's doubled residual: a product's
-    # RoPE and the cache writes run in rope_attend for the other stacks, never for the decoder's rings
-    assert calls["rope_attend", 1.0]
-    assert not caches & {k.data_ptr() for k in gen.dec.k}
+    steps = calls["product", 1.0]  # the decoder's last: a call a step
+    assert steps >= traced
+    assert calls["product_residual", 2.0] == len(dec.cross_attn_layers) * steps
+    decoder_rings = {k.data_ptr() for k in gen.dec.k}
+    global_caches = {k.data_ptr() for k in gen.g_k}
+    assert decoder_rings | global_caches == caches["product_rope"]
+    assert not (decoder_rings | global_caches) & caches["rope_attend"]
+    assert caches["rope_attend"]  # the other stacks' rings, as before
+    # (as are their residual norms: neither the decoder's nor the global stack's weights)
+    both = [*dec.layers, *dec.cross_attn_layers, *model.global_transformer.layers]
+    assert not {p.data_ptr() for m in both for p in m.parameters()} & caches["residual_norm"]
+    assert caches["residual_norm"]
 
 
 @INTERPRETER_SLOW
