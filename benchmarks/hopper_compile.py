@@ -9,7 +9,8 @@ its autotuner may pick, with the first block loaded early (kernels.ATTEND_FIRST_
 loop's blocks a block ahead (kernels.ATTEND_AHEAD) and not,
 `kernels._cross_attend_kernel` with its candidates (its first units early and late,
 kernels.CROSS_UNITS_EARLY; its input normed on the way in or not), `kernels._product_kernel`
-with each candidate as the decoder's products call it (generate.DECODER_PRODUCTS), and every other kernel as blt-1b's generator
+with each candidate as the decoder's and the global stack's products call it
+(generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS), and every other kernel as blt-1b's generator
 launches it (each autotuner's candidates). Exits 1 if any fails to compile.
 
     python benchmarks/hopper_compile.py [--head-dims 64 128]
@@ -116,22 +117,30 @@ CROSS_VALUES = dict(B=64, D=1024, N=16, NK=16, K=2, sx_b=1024, sk_b=2048, sk_n=1
                     sv_s=64, T=64)
 PRODUCT_TYPES = arg_types(kernels._product_kernel.fn, dict(ss_ptr="fp32", sso_ptr="fp32", cos_ptr="fp32",
                                                            sin_ptr="fp32", slot_ptr=I64), {"eps", "beta"})
-# (what, EPI, NORM, K, N): the decoder's products at blt-1b's batch 64 (generate.DECODER_PRODUCTS)
+# (what, EPI, NORM, K, N, global): the decoder's products at blt-1b's batch 64
+# (generate.DECODER_PRODUCTS), and the global stack's (GLOBAL_PRODUCTS)
 PRODUCT_CALLS = [
-    ("wo (cross, self) + residual", kernels.EPI_RESIDUAL, False, 1024, 1024),
-    ("w2 + residual", kernels.EPI_RESIDUAL, False, 2816, 1024),
-    ("norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 1024, 3072),
-    ("norm + w1|w3 + SwiGLU", kernels.EPI_SWIGLU, True, 1024, 5632),
-    ("norm + output head", kernels.EPI_PLAIN, True, 1024, 260),
+    ("decoder wo (cross, self) + residual", kernels.EPI_RESIDUAL, False, 1024, 1024, False),
+    ("decoder w2 + residual", kernels.EPI_RESIDUAL, False, 2816, 1024, False),
+    ("decoder norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 1024, 3072, False),
+    ("decoder norm + w1|w3 + SwiGLU", kernels.EPI_SWIGLU, True, 1024, 5632, False),
+    ("decoder norm + output head", kernels.EPI_PLAIN, True, 1024, 260, False),
+    ("global wo + residual", kernels.EPI_RESIDUAL, False, 2048, 2048, True),
+    ("global w2 + residual", kernels.EPI_RESIDUAL, False, 5632, 2048, True),
+    ("global norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 2048, 6144, True),
+    ("global norm + w1|w3 + SwiGLU", kernels.EPI_SWIGLU, True, 2048, 11264, True),
 ]
 
 
-def product_values(K: int, N: int) -> dict:
-    """The product kernel's integer arguments as the decoder's batch-64 step passes them (a ring of
-    512 slots, 16 heads of 64; one slot and RoPE row for every row; T: the norm's SS_COLS chunks)."""
-    S, NK, H = 512, 16, 64
-    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=16, NK=NK, s_rope=0, s_slot=0, skc_b=NK * S * H,
-                skc_n=S * H, skc_r=H, svc_b=NK * S * H, svc_n=S * H, svc_r=H)
+def product_values(K: int, N: int, glob: bool) -> dict:
+    """The product kernel's integer arguments as the batch-64 step passes them: the decoder's (a
+    ring of 512 slots, 16 heads of 64, one slot and RoPE row for every row) or the global stack's
+    (a cache of 512 patches, 16 heads of 128, each row its own slot and RoPE row); T: the norm's
+    SS_COLS chunks."""
+    S, NK, H = 512, 16, 128 if glob else 64
+    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=16, NK=NK, s_rope=H // 2 if glob else 0,
+                s_slot=1 if glob else 0, skc_b=NK * S * H, skc_n=S * H, skc_r=H, svc_b=NK * S * H, svc_n=S * H,
+                svc_r=H)
 
 
 def compile_for_hopper(jit_fn, types: dict, consts: dict, num_warps: int, values: dict | None = None,
@@ -228,12 +237,14 @@ def main() -> int:
                    kernels._cross_attend_kernel.fn, CROSS_TYPES, consts, warps,
                    CROSS_VALUES | ({} if K is None else {"K": K}))
     tuned = kernels._product_kernel.configs
-    for (what, epi, norm, K, N), c in itertools.product(PRODUCT_CALLS, tuned[:1] if args.quick else tuned):
-        consts = dict(NORM=norm, EPI=epi, H=64, TP=triton.next_power_of_2(K // kernels.SS_COLS), IEEE=False,
-                      **c.kwargs)
+    calls = [c for c in PRODUCT_CALLS if not c[-1]] if args.quick else PRODUCT_CALLS
+    for (what, epi, norm, K, N, glob), c in itertools.product(calls, tuned[:1] if args.quick else tuned):
+        consts = dict(NORM=norm, EPI=epi, H=128 if glob else 64, TP=triton.next_power_of_2(K // kernels.SS_COLS),
+                      IEEE=False, **c.kwargs)
         report(f"product {what} ({K} -> {N}), blocks {c.kwargs['BLOCK_M']} x {c.kwargs['BLOCK_N']} x "
                f"{c.kwargs['BLOCK_K']}, {c.num_warps} warps, {c.num_stages} stages",
-               kernels._product_kernel.fn, PRODUCT_TYPES, consts, c.num_warps, product_values(K, N), c.num_stages)
+               kernels._product_kernel.fn, PRODUCT_TYPES, consts, c.num_warps, product_values(K, N, glob),
+               c.num_stages)
     for name, pointers, floats, values, const_sets, warps in OTHERS:
         tuner = getattr(kernels, name)
         fn = tuner.fn if isinstance(tuner, triton.runtime.Autotuner) else tuner  # the JITFunction

@@ -351,6 +351,31 @@ def _swiglu(ff, hn: torch.Tensor, w13: torch.Tensor | None = None, kernel: bool 
     return F.silu(a) * b
 
 
+def _prologue(norm, x_BD: torch.Tensor, ss: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
+    """A product's input and its `norm` argument (bltkit.kernels' products): x with the sums of
+    squares its residual product wrote (the product norms x on the way in), or, where no residual
+    product made x, norm(x) made here."""
+    return (x_BD, (ss, norm.weight, norm.eps)) if ss is not None else (norm(x_BD), None)
+
+
+def _product_block(layer, x_BD: torch.Tensor, ss: torch.Tensor | None, fused: _Fused, rope: tuple,
+                   kc: torch.Tensor, vc: torch.Tensor, slot: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm block for one new position on bltkit.kernels' products (DECODER_PRODUCTS,
+    GLOBAL_PRODUCTS, FRONT_PRODUCTS): norm, q|k|v, RoPE and the cache writes at `slot` in one
+    kernel, `attend(q)` (the attention over the caches), wo with its residual, norm, w1|w3 and
+    SwiGLU in one, w2 with its residual. x [B, D] unnormed and `ss` its sums of squares (None:
+    x is not a residual product's) -> the block's (x, ss); x is not overwritten."""
+    from . import kernels
+
+    att, B = layer.attention, x_BD.shape[0]
+    a, norm = _prologue(layer.attention_norm, x_BD, ss)
+    q = kernels.product_rope(a, fused.qkv[id(layer)], *rope, att.n_heads, att.n_kv_heads, kc, vc, slot, norm=norm)
+    x_BD, ss = kernels.product_residual(attend(q).reshape(B, -1), att.wo.weight, x_BD)
+    a, norm = _prologue(layer.ffn_norm, x_BD, ss)
+    gated = kernels.product_swiglu(a, fused.w13[id(layer)], norm=norm)
+    return kernels.product_residual(gated, layer.feed_forward.w2.weight, x_BD)
+
+
 def _block_step_kernels(layer, kc, vc, x_B1D, slot, mask, fused: _Fused, rope: tuple,
                         n_keys: int | None = None, choice: _KernelChoice = _DEFAULT_KERNELS,
                         last: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
@@ -616,6 +641,14 @@ DECODER_PRODUCTS = False
 # a GPU to time (`decode_gap.py --variants base GLOBAL_PRODUCTS=True`); read when a Generator is made
 GLOBAL_PRODUCTS = False
 
+# Generator(kernels=True) runs the entropy model's and the encoder's steps past KERNEL_MAX_ROWS rows
+# on the same products where this is True: 5 kernels a block where they take 8 (blt-1b: 14 + 1
+# blocks; the entropy model's final norm and output head one kernel for two). The entropy model runs
+# beside the global stack, and its ~140 kernels a byte slow the stack's layers (twenty-second
+# session); written in the twenty-eighth session, off until a GPU times it (`decode_gap.py
+# --variants base FRONT_PRODUCTS=True`); read when a Generator is made
+FRONT_PRODUCTS = False
+
 # Generator(kernels=True) runs its Triton block steps up to this many rows: their programs each
 # read a block of weights (a share of a head's q|k|v, some rows of w1|w3) for one row
 # (matrix-vector products), which is what one to a few rows need; more rows share cuBLAS's matrix
@@ -815,6 +848,8 @@ class Generator:
         self._decoder_products = self._decoder_norms and DECODER_PRODUCTS and self.cfg.decoder.dim % _k.SS_COLS == 0
         self._global_products = (self.fused_global is not None and GLOBAL_PRODUCTS
                                  and self.cfg.global_transformer.dim % _k.SS_COLS == 0)
+        front = [self.cfg.encoder.dim] + ([self.cfg.entropy_model.dim] if model.entropy_model is not None else [])
+        self._front_products = self._cross_kernel and FRONT_PRODUCTS and all(d % _k.SS_COLS == 0 for d in front)
         self._cross_q = self._cross_kernel and CROSS_ATTEND  # kernels.cross_attend past the block kernels' rows
         self._step_kernels = bool(kernels) and STEP_KERNELS  # kernels.advance and kernels.feed
         self._commit_kernel = bool(kernels) and COMMIT_KERNEL  # kernels.commit_rows
@@ -981,12 +1016,33 @@ class Generator:
         slot, mask = self.ent.advance(self.n, self.doc, self.doc_start)
         cos, sin, R = self._rope_at(self.n.view(1, 1), ec)
         h = em.tok_embeddings(x_B[:, None])
-        for i, layer in enumerate(em.layers):
-            h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice, self.n, own=True)
-        logits = em.output(em.norm(h))[:, 0].float()
+        if self._products(R, x_B):  # FRONT_PRODUCTS
+            from . import kernels
+
+            x, ss = h.view(h.shape[0], -1), None
+            for i, layer in enumerate(em.layers):
+                x, ss = self._ring_block(layer, x, ss, self.ent, i, R, slot, mask)
+            a, norm = _prologue(em.norm, x, ss)
+            logits = kernels.product(a, em.output.weight, norm=norm).float()
+        else:
+            for i, layer in enumerate(em.layers):
+                h = _block_step(layer, self.ent.k[i], self.ent.v[i], h, cos, sin, slot, mask, self.fused, R,
+                                self._kernel_choice, self.n, own=True)
+            logits = em.output(em.norm(h))[:, 0].float()
         logp = torch.log_softmax(logits, dim=-1)
         return -(logp.exp() * logp).sum(-1)
+
+    def _products(self, R, x_B: torch.Tensor) -> bool:
+        """Do the entropy model's and the encoder's steps run on bltkit.kernels' products
+        (FRONT_PRODUCTS; the kernels' RoPE halves `R`, more rows than the block kernels take)?"""
+        return self._front_products and isinstance(R, tuple) and x_B.shape[0] > KERNEL_MAX_ROWS
+
+    def _ring_block(self, layer, x: torch.Tensor, ss: torch.Tensor | None, ring: _Ring, i: int, R: tuple,
+                    slot: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i of a byte-level stack over its ring on the products (`_product_block`)."""
+        kc, vc = ring.k[i], ring.v[i]
+        return _product_block(layer, x, ss, self.fused, R, kc, vc, slot,
+                              lambda q: _attend(q, kc, vc, mask, kernel=self._kernel_choice.attend, last=self.n))
 
     def _close_decision(self, x_B: torch.Tensor, H_B: torch.Tensor | None) -> torch.Tensor:
         """Does the patch holding byte n close after it (= does n+1 start a patch)? spec §13.4."""
@@ -1040,9 +1096,14 @@ class Generator:
         h = e
         pooled_yet = False
         at = self.n.view(1)
+        products, ss = self._products(R, x_B), None  # FRONT_PRODUCTS
         for i, layer in enumerate(enc.layers):
-            h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
-                            self._kernel_choice, self.n, own=True)
+            if products:
+                x, ss = self._ring_block(layer, h.view(h.shape[0], -1), ss, self.enc, i, R, slot, mask)
+                h = x.view_as(h)
+            else:
+                h = _block_step(layer, self.enc.k[i], self.enc.v[i], h, cos, sin, slot, mask, self.fused, R,
+                                self._kernel_choice, self.n, own=True)
             j = enc.cross_index(i)
             if j is not None:
                 cross = enc.cross_attn_layers[j]
@@ -1139,18 +1200,11 @@ class Generator:
                                         g_first)
                 continue
             if kernel_rope is not None and self._global_products:  # GLOBAL_PRODUCTS: Triton's products, each
-                # norm in the next one (as `_back_products`); x2 the residual stream, ss its sums of squares
-                from . import kernels
-
-                an = layer.attention_norm
-                a, norm = (x2, (ss, an.weight, an.eps)) if ss is not None else (an(x2), None)
-                q = kernels.product_rope(a, fg.qkv[id(layer)], *kernel_rope, att.n_heads, att.n_kv_heads, kc, vc,
-                                         idx, norm=norm)
-                out = _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend, last=g_last, first=g_first)
-                x2, ss = kernels.product_residual(out.view(B, -1), att.wo.weight, x2)
-                gated = kernels.product_swiglu(x2, fg.w13[id(layer)], norm=(ss, layer.ffn_norm.weight,
-                                                                             layer.ffn_norm.eps))
-                x2, ss = kernels.product_residual(gated, layer.feed_forward.w2.weight, x2)
+                # norm in the next one; x2 the residual stream, ss its sums of squares
+                x2, ss = _product_block(
+                    layer, x2, ss, fg, kernel_rope, kc, vc, idx,
+                    lambda q, kc=kc, vc=vc: _attend(q, kc, vc, gmask, L, kernel=self._kernel_choice.attend,
+                                                    last=g_last, first=g_first))
                 if i + 1 == len(gt.layers):
                     x = x2.view(B, 1, -1)
                 continue
@@ -1286,33 +1340,20 @@ class Generator:
         the residual stream x stays unnormed, each residual product writes its rows' sums of
         squares `ss`, and the next product (or cross_attend) norms x on the way in; the first
         norm as the model runs it. Per layer: cross_attend, its wo with the doubled residual,
-        q|k|v with RoPE and the ring writes, the attention, wo, w1|w3 with SwiGLU, w2."""
+        then `_product_block`."""
         from . import kernels
 
         dec = self.model.local_decoder
-        B = z.shape[0]
-        x, ss = z.reshape(B, -1), None
-
-        def normed(norm) -> tuple[torch.Tensor, tuple | None]:  # a product's input and its `norm`
-            return (x, (ss, norm.weight, norm.eps)) if ss is not None else (norm(x), None)
-
+        x, ss = z.reshape(z.shape[0], -1), None
         for i, layer in enumerate(dec.layers):
             j = dec.cross_index(i)
             if j is not None:
                 cl = dec.cross_attn_layers[j]
-                a, norm = normed(cl.cross_attn_norm_q)
+                a, norm = _prologue(cl.cross_attn_norm_q, x, ss)
                 heads = kernels.cross_attend(a, cl.wq.weight, self.dec_xk[j], self.dec_xv[j], norm=norm)
                 x, ss = kernels.product_residual(heads, cl.wo.weight, x, beta=2.0)
-            att, kc, vc = layer.attention, self.dec.k[i], self.dec.v[i]
-            a, norm = normed(layer.attention_norm)
-            q = kernels.product_rope(a, self.fused.qkv[id(layer)], *R, att.n_heads, att.n_kv_heads, kc, vc, slot,
-                                     norm=norm)
-            out = _attend(q, kc, vc, mask, kernel=self._kernel_choice.attend, last=self.n)
-            x, ss = kernels.product_residual(out.reshape(B, -1), att.wo.weight, x)
-            a, norm = normed(layer.ffn_norm)
-            m = kernels.product_swiglu(a, self.fused.w13[id(layer)], norm=norm)
-            x, ss = kernels.product_residual(m, layer.feed_forward.w2.weight, x)
-        a, norm = normed(dec.norm)
+            x, ss = self._ring_block(layer, x, ss, self.dec, i, R, slot, mask)
+        a, norm = _prologue(dec.norm, x, ss)
         return kernels.product(a, dec.output.weight, norm=norm)
 
     @torch.no_grad()

@@ -1000,49 +1000,43 @@ def test_generator_kernels_only_for_few_rows(decoder_norms, rope_attend, cross_a
 
 
 def test_generator_products_equal_reference(monkeypatch):
-    """generate.DECODER_PRODUCTS and GLOBAL_PRODUCTS: past KERNEL_MAX_ROWS rows the decoder and
-    the global stack run on the Triton products (each residual product with its sums of squares,
-    the next product norming on the way in) with the reference's bytes: the products run every
-    decoder step's projections and write the decoder's rings and the global caches, and neither
-    residual_norm nor rope_attend runs for them."""
+    """generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS and FRONT_PRODUCTS: past KERNEL_MAX_ROWS rows
+    every stack runs on the Triton products (each residual product with its sums of squares, the
+    next product norming on the way in) with the reference's bytes: the products write every
+    ring and the global cache, the decoder's and the entropy model's output heads are products,
+    and neither residual_norm nor rope_attend runs."""
     from bltkit import generate
 
-    monkeypatch.setattr(generate, "DECODER_PRODUCTS", True)
-    monkeypatch.setattr(generate, "GLOBAL_PRODUCTS", True)
+    for name in ("DECODER_PRODUCTS", "GLOBAL_PRODUCTS", "FRONT_PRODUCTS"):
+        monkeypatch.setattr(generate, name, True)
     model = make_model(seed=6).to(DEV)
     prompts = random_prompts(seed=7, n=generate.KERNEL_MAX_ROWS + 1)
     want = reference_generate(model, prompts, 10, stop_at_eos=False)
-    calls, caches = collections.Counter(), collections.defaultdict(set)
+    calls, touched = collections.Counter(), collections.defaultdict(set)
 
-    def counted(name, cache_arg=None):
+    def counted(name, arg):
         fn = getattr(kernels, name)
 
         def run(*a, **k):
             calls[name, k.get("beta", 1.0)] += 1
-            if cache_arg is not None:
-                caches[name].add(a[cache_arg].data_ptr())  # the key cache it writes (residual_norm: its weight)
+            touched[name].add(a[arg].data_ptr())  # the key cache it writes, or the weight it reads
             return fn(*a, **k)
         return run
 
-    for name, cache_arg in (("product", None), ("product_residual", None), ("product_rope", 6),
-                            ("product_swiglu", None), ("residual_norm", 2), ("rope_attend", 4)):
-        monkeypatch.setattr(kernels, name, counted(name, cache_arg))
+    for name, arg in (("product", 1), ("product_residual", 1), ("product_rope", 6), ("product_swiglu", 1),
+                      ("residual_norm", 2), ("rope_attend", 4)):
+        monkeypatch.setattr(kernels, name, counted(name, arg))
     gen = Generator(model, kernels=True)
     assert gen.generate_ids(prompts, 10, stop_at_eos=False) == want
-    dec = model.local_decoder
-    traced = 10 if model.device.type == "cpu" else 1  # (a GPU replays its graphs)
-    steps = calls["product", 1.0]  # the decoder's last: a call a step
-    assert steps >= traced
+    dec, em = model.local_decoder, model.entropy_model
+    assert touched["product"] == {dec.output.weight.data_ptr(), em.output.weight.data_ptr()}
+    steps = calls["product", 1.0] // 2  # a decoder step and an entropy step each
+    assert steps >= (10 if model.device.type == "cpu" else 1)  # (a GPU replays its graphs)
     assert calls["product_residual", 2.0] == len(dec.cross_attn_layers) * steps
-    decoder_rings = {k.data_ptr() for k in gen.dec.k}
-    global_caches = {k.data_ptr() for k in gen.g_k}
-    assert decoder_rings | global_caches == caches["product_rope"]
-    assert not (decoder_rings | global_caches) & caches["rope_attend"]
-    assert caches["rope_attend"]  # the other stacks' rings, as before
-    # (as are their residual norms: neither the decoder's nor the global stack's weights)
-    both = [*dec.layers, *dec.cross_attn_layers, *model.global_transformer.layers]
-    assert not {p.data_ptr() for m in both for p in m.parameters()} & caches["residual_norm"]
-    assert caches["residual_norm"]
+    rings = [gen.ent, gen.enc, gen.dec]
+    assert touched["product_rope"] == {k.data_ptr() for r in rings for k in r.k} | {k.data_ptr() for k in gen.g_k}
+    assert not calls["rope_attend", 1.0]
+    assert not calls["residual_norm", 1.0] + calls["residual_norm", 2.0]
 
 
 @INTERPRETER_SLOW
