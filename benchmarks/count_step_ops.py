@@ -2,7 +2,7 @@
 kernel launches, which bound the byte step on a GPU: docs/benchmarks.md).
 
     python benchmarks/count_step_ops.py --preset blt-1b hash_vocab=1024 [--no-fuse]
-    python benchmarks/count_step_ops.py --kernels [--rows 9] [--off HASH_EMBED ...]
+    python benchmarks/count_step_ops.py --kernels [--rows 9] [--off HASH_EMBED ...] [--on DECODER_PRODUCTS ...]
 
 Views, reshapes and no-op casts are left out; a matrix product counts once, an RMSNorm too
 (F.rms_norm, on a CPU as on CUDA, since the fifteenth session); allocations (torch.empty) launch
@@ -14,7 +14,8 @@ Triton's CPU interpreter, needs `triton`; past KERNEL_MAX_ROWS and PATCH_EVERY_B
 global step beside the entropy model), on a model with blt-1b's layer counts and small widths:
 PyTorch operators plus Triton launches, each part of the step apart, and which of them a CUDA
 step runs on the second stream beside the chain. `--off NAME`: a generate module switch off
-(HASH_EMBED, CROSS_ATTEND, RING_BOUNDS, SIDE_COUNTS, ...), to count what it saves.
+(HASH_EMBED, CROSS_ATTEND, RING_BOUNDS, SIDE_COUNTS, ...), to count what it saves; `--on NAME`
+one on (DECODER_PRODUCTS, GLOBAL_PRODUCTS, FRONT_PRODUCTS).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ SMALL_1B = ["encoder.dim=64", "encoder.n_heads=4", "encoder.cross_attn_n_heads=4
             "entropy_model.dim=64", "entropy_model.n_heads=4", "hash_vocab=64"]
 
 
-def count_kernels(rows: int, off: list[str]) -> None:
-    """The overlapping step's parts counted as `count` does, plus Triton launches."""
+def count_kernels(rows: int, off: list[str], on: list[str] = ()) -> None:
+    """The overlapping step's parts counted as `count` does, plus Triton launches; the switches
+    `off` turned off and `on` turned on."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -76,10 +78,11 @@ def count_kernels(rows: int, off: list[str]) -> None:
 
     from bltkit import generate, kernels
 
-    for name in off:
-        if not isinstance(getattr(generate, name, None), bool):
-            raise SystemExit(f"--off {name}: not a switch of bltkit.generate")
-        setattr(generate, name, False)
+    for flag, names, value in (("--off", off, False), ("--on", on, True)):
+        for name in names:
+            if not isinstance(getattr(generate, name, None), bool):
+                raise SystemExit(f"{flag} {name}: not a switch of bltkit.generate")
+            setattr(generate, name, value)
     kernels.ATTEND_PROGRAMS = 1  # blt-1b's 64 rows x 16 heads need no split (nor its combining kernel)
     launches: collections.Counter = collections.Counter()
     run = interpreter.InterpretedFunction.run
@@ -117,7 +120,7 @@ def count_kernels(rows: int, off: list[str]) -> None:
         top = ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in (ops + launches).most_common(6))
         print(f"{name:14s} {'side' if beside else 'main'} {n:4d} kernels | {top}")
     print(f"a step: {chain + side} kernels, {chain} on the chain, {side} beside it"
-          + (f" (switched off: {', '.join(off)})" if off else ""))
+          + (f" (switched off: {', '.join(off)})" if off else "") + (f" (switched on: {', '.join(on)})" if on else ""))
 
 
 def main() -> None:
@@ -130,12 +133,14 @@ def main() -> None:
                     "PATCH_EVERY_BYTE_ROWS: the batch-64 step's path)")
     ap.add_argument("--off", action="append", default=[], metavar="NAME",
                     help="with --kernels: a bltkit.generate switch off (repeatable)")
+    ap.add_argument("--on", action="append", default=[], metavar="NAME",
+                    help="with --kernels: a bltkit.generate switch on (repeatable; DECODER_PRODUCTS, ...)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. hash_vocab=1024 (memory)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     if args.kernels:
         os.environ["TRITON_INTERPRET"] = "1"  # read as bltkit.kernels is imported
-        count_kernels(args.rows, args.off)
+        count_kernels(args.rows, args.off, args.on)
         return
     model = random_model(args.preset, args.overrides, "cpu", torch.float32)
     gen = Generator(model, cuda_graphs=False, fuse=not args.no_fuse)

@@ -41,14 +41,16 @@
 # units before its q product, kernels.CROSS_UNITS_EARLY, a block ahead in the attention's loop,
 # kernels.ATTEND_AHEAD, and the 16 x 1 candidate,
 # compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). The twenty-eighth got
-# none either (the decoder on Triton products with each norm in the next product's prologue,
-# generate.DECODER_PRODUCTS, off until timed). Next, first (the tests, then the decoder's products
-# and the twenty-seventh session's switches on the grid's 128 steps):
-#   ONLY="gpu_tests decode_gap" GAP_VARIANTS="base DECODER_PRODUCTS=True kernels.ATTEND_FIRST_BLOCK=False
-#     kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False kernels.ATTEND_CONFIG={(128,True):(16,1)}
-#     base DECODER_PRODUCTS=True"
-# then the grid (DECODER_PRODUCTS=on where its variant won: generate.py --decoder-products on) and
-# attend_configs:
+# none either (every stack on Triton products with each norm in the next product's prologue,
+# generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS, FRONT_PRODUCTS: 333 -> 221 kernels on the batch-64
+# chain, off until timed). Next, first (the tests, then the products and the twenty-seventh
+# session's switches on the grid's 128 steps; the all-products variant also lands in the output):
+#   ONLY="gpu_tests decode_gap" GAP_VARIANTS="base DECODER_PRODUCTS=True GLOBAL_PRODUCTS=True
+#     FRONT_PRODUCTS=True DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True;FRONT_PRODUCTS=True
+#     kernels.ATTEND_FIRST_BLOCK=False kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False base"
+# (GAP_LIMIT=560: decode_gap takes 260 s unless told, ~30 s a variant, more where products tune), then the grid
+# (DECODER_PRODUCTS=on where the decoder's variant won: generate.py --decoder-products on; set the
+# other constants the same way if they won) and attend_configs:
 #   ONLY="attend_configs generate_kernels" DECODER_PRODUCTS=on
 # then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
@@ -85,7 +87,7 @@ run profile_generate_b64 "${GEN64_LIMIT:-150}" python benchmarks/profile_generat
 # the batch-64 step over the grid's 128 steps, under variants of bltkit.generate's switches
 # (GAP_VARIANTS="base NAME=VALUE;NAME=VALUE ...", twenty-sixth session)
 # shellcheck disable=SC2086
-run decode_gap 260 python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
+run decode_gap "${GAP_LIMIT:-260}" python benchmarks/decode_gap.py --variants ${GAP_VARIANTS:-base}
 # what the entropy model beside the global stack costs the batch-64 step (twenty-second session: ~0.19 ms)
 run entropy_contention 120 python benchmarks/entropy_contention.py --batch 64
 # kernels.attend per launch configuration at 64 rows (nineteenth session; since the twenty-seventh

@@ -10,7 +10,7 @@ loop's blocks a block ahead (kernels.ATTEND_AHEAD) and not,
 `kernels._cross_attend_kernel` with its candidates (its first units early and late,
 kernels.CROSS_UNITS_EARLY; its input normed on the way in or not), `kernels._product_kernel`
 with each candidate as the decoder's and the global stack's products call it
-(generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS), and every other kernel as blt-1b's generator
+(generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS, FRONT_PRODUCTS), and every other kernel as blt-1b's generator
 launches it (each autotuner's candidates). Exits 1 if any fails to compile.
 
     python benchmarks/hopper_compile.py [--head-dims 64 128]
@@ -118,7 +118,8 @@ CROSS_VALUES = dict(B=64, D=1024, N=16, NK=16, K=2, sx_b=1024, sk_b=2048, sk_n=1
 PRODUCT_TYPES = arg_types(kernels._product_kernel.fn, dict(ss_ptr="fp32", sso_ptr="fp32", cos_ptr="fp32",
                                                            sin_ptr="fp32", slot_ptr=I64), {"eps", "beta"})
 # (what, EPI, NORM, K, N, global): the decoder's products at blt-1b's batch 64
-# (generate.DECODER_PRODUCTS), and the global stack's (GLOBAL_PRODUCTS)
+# (generate.DECODER_PRODUCTS), the global stack's (GLOBAL_PRODUCTS), and those of the entropy
+# model's shapes that the decoder's do not cover (FRONT_PRODUCTS; the encoder's are the decoder's)
 PRODUCT_CALLS = [
     ("decoder wo (cross, self) + residual", kernels.EPI_RESIDUAL, False, 1024, 1024, False),
     ("decoder w2 + residual", kernels.EPI_RESIDUAL, False, 2816, 1024, False),
@@ -129,6 +130,9 @@ PRODUCT_CALLS = [
     ("global w2 + residual", kernels.EPI_RESIDUAL, False, 5632, 2048, True),
     ("global norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 2048, 6144, True),
     ("global norm + w1|w3 + SwiGLU", kernels.EPI_SWIGLU, True, 2048, 11264, True),
+    ("entropy norm + q|k|v + RoPE", kernels.EPI_ROPE, True, 768, 2304, False),
+    ("entropy w2 + residual", kernels.EPI_RESIDUAL, False, 2048, 768, False),
+    ("entropy norm + output head", kernels.EPI_PLAIN, True, 768, 260, False),
 ]
 
 
@@ -138,7 +142,8 @@ def product_values(K: int, N: int, glob: bool) -> dict:
     (a cache of 512 patches, 16 heads of 128, each row its own slot and RoPE row); T: the norm's
     SS_COLS chunks."""
     S, NK, H = 512, 16, 128 if glob else 64
-    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=16, NK=NK, s_rope=H // 2 if glob else 0,
+    NK = 12 if K == 768 else NK  # the entropy model's 12 heads
+    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=NK, NK=NK, s_rope=H // 2 if glob else 0,
                 s_slot=1 if glob else 0, skc_b=NK * S * H, skc_n=S * H, skc_r=H, svc_b=NK * S * H, svc_n=S * H,
                 svc_r=H)
 
