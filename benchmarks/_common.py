@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import time
 
@@ -53,3 +54,26 @@ def timed(fn, device, repeat: int = 1):
         out = fn()
     sync(device)
     return out, (time.perf_counter() - t) / repeat
+
+
+def constant(name: str) -> tuple:
+    """(module, attribute) for a module constant's NAME: bltkit.generate's, or bltkit.kernels' as
+    kernels.NAME (the switches that `--variants` and `--set` take)."""
+    from bltkit import generate, kernels
+
+    mod, attr = (kernels, name.removeprefix("kernels.")) if name.startswith("kernels.") else (generate, name)
+    if not hasattr(mod, attr):
+        raise SystemExit(f"{mod.__name__} has no {attr!r}")
+    return mod, attr
+
+
+def parse_constants(text: str) -> dict:
+    """`NAME=VALUE;NAME=VALUE` (values as Python literals; `base` or nothing: none) -> {NAME: value}."""
+    if text in ("base", ""):
+        return {}
+    out = {}
+    for item in text.split(";"):
+        name, _, value = item.partition("=")
+        constant(name.strip())
+        out[name.strip()] = ast.literal_eval(value.strip())
+    return out

@@ -17,7 +17,6 @@ each step: the mean, the first step, the slowest).
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
 import itertools
 import os
@@ -27,10 +26,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SAMPLE_TEXT, calibrate_threshold, random_model, with_threshold
+from _common import (
+    SAMPLE_TEXT,
+    calibrate_threshold,
+    constant,
+    parse_constants,
+    random_model,
+    with_threshold,
+)
 from generate import prompts_of
 
-from bltkit import generate, kernels
+from bltkit import kernels
 from bltkit.bytes import encode
 from bltkit.generate import Generator
 
@@ -56,14 +62,6 @@ def timed_steps(gen: Generator, prompts, steps: int) -> tuple[float, list[float]
     return gen.stats["decode_s"] / steps * 1e3, gaps
 
 
-def _module(name: str) -> tuple:
-    """(module, attribute) for a variant's NAME: bltkit.generate's, or bltkit.kernels' as kernels.NAME."""
-    mod, attr = (kernels, name.removeprefix("kernels.")) if name.startswith("kernels.") else (generate, name)
-    if not hasattr(mod, attr):
-        raise SystemExit(f"{mod.__name__} has no {attr!r}")
-    return mod, attr
-
-
 def tuned_attention() -> str:
     """What the attention kernel's autotuner chose (on the warm-up's first calls) for each of its
     keys with RoPE in the kernel (the global step's and the rings'): head dim, slots -> BLOCK_S x warps."""
@@ -76,17 +74,6 @@ def tuned_attention() -> str:
     return "; ".join(sorted(set(out))) or "none with RoPE"
 
 
-def parse_variant(text: str) -> dict:
-    if text == "base":
-        return {}
-    out = {}
-    for item in text.split(";"):
-        name, _, value = item.partition("=")
-        _module(name.strip())
-        out[name.strip()] = ast.literal_eval(value.strip())
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -97,7 +84,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["base"],
                     help="each NAME=VALUE;NAME=VALUE of bltkit.generate's constants (kernels.NAME: bltkit.kernels'), or base")
     args = ap.parse_args()
-    variants = [(v, parse_variant(v)) for v in args.variants]
+    variants = [(v, parse_constants(v)) for v in args.variants]
     model = random_model("blt-1b", [], "cuda", torch.bfloat16)
     calib = torch.tensor([encode(SAMPLE_TEXT * 4)], device="cuda")
     with_threshold(model, calibrate_threshold(model, calib, 4.5))
@@ -106,11 +93,11 @@ def main() -> None:
     else:
         prompts = [(SAMPLE_TEXT * (args.prompt_len // len(SAMPLE_TEXT) + 2)).encode()[:args.prompt_len - 1]] * args.batch
     names = {name for _, v in variants for name in v}
-    defaults = {name: getattr(*_module(name)) for name in names}
+    defaults = {name: getattr(*constant(name)) for name in names}
     want = None
     for text, values in variants:
         for name, value in {**defaults, **values}.items():
-            setattr(*_module(name), value)
+            setattr(*constant(name), value)
         kernels._attend_kernel.cache.clear()  # the autotuner chooses again (ATTEND_FIRST_BLOCK is in its key)
         gen = None
         gc.collect()
@@ -131,7 +118,7 @@ def main() -> None:
               f"{gen.stats['patches']}; rows as the first variant's: {same}/{len(out)}", flush=True)
         print(f"  attention autotuner's choices: {tuned_attention()}", flush=True)
     for name, value in defaults.items():
-        setattr(*_module(name), value)
+        setattr(*constant(name), value)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import SAMPLE_TEXT, calibrate_threshold, random_model, sync, with_threshold
+from _common import (
+    SAMPLE_TEXT,
+    calibrate_threshold,
+    constant,
+    parse_constants,
+    random_model,
+    sync,
+    with_threshold,
+)
 
 from bltkit import generate, kernels
 from bltkit.bytes import encode
@@ -152,9 +160,9 @@ def main() -> None:
         ap.add_argument(f"--{name}-kernel", choices=["auto", "on", "off"], default="auto",
                         help=f"with the kernels, {what} (generate.{name.upper()}_KERNEL); auto (the default) "
                              "keeps the constant's value")
-    ap.add_argument("--decoder-products", choices=["auto", "on", "off"], default="auto",
-                    help="with the kernels, the decoder past KERNEL_MAX_ROWS rows on Triton products with each norm "
-                         "in the next product (generate.DECODER_PRODUCTS); auto (the default) keeps the constant's value")
+    ap.add_argument("--set", default="", metavar="NAME=VALUE;...",
+                    help="bltkit.generate's constants (kernels.NAME: bltkit.kernels'), values as Python literals, "
+                         "e.g. 'DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True' (decode_gap.py's variants)")
     ap.add_argument("--kernel-max-rows", type=int, default=None, metavar="N",
                     help="with the kernels, the most rows the Triton block steps take (generate.KERNEL_MAX_ROWS; "
                          "default: the constant's value), larger batches run cuBLAS's products")
@@ -172,8 +180,8 @@ def main() -> None:
     for name in switches:
         if (value := getattr(args, f"{name}_kernel")) != "auto":
             setattr(generate, f"{name.upper()}_KERNEL", value == "on")
-    if args.decoder_products != "auto":
-        generate.DECODER_PRODUCTS = args.decoder_products == "on"
+    for name, value in parse_constants(args.set).items():
+        setattr(*constant(name), value)
     if args.kernel_max_rows is not None:
         generate.KERNEL_MAX_ROWS = args.kernel_max_rows
     if args.attend_max_keys is not None:

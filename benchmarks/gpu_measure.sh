@@ -49,9 +49,8 @@
 #     FRONT_PRODUCTS=True DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True;FRONT_PRODUCTS=True
 #     kernels.ATTEND_FIRST_BLOCK=False kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False base"
 # (GAP_LIMIT=560: decode_gap takes 260 s unless told, ~30 s a variant, more where products tune), then the grid
-# (DECODER_PRODUCTS=on where the decoder's variant won: generate.py --decoder-products on; set the
-# other constants the same way if they won) and attend_configs:
-#   ONLY="attend_configs generate_kernels" DECODER_PRODUCTS=on
+# with the switches that won on (GRID_SET, generate.py --set) and attend_configs:
+#   ONLY="attend_configs generate_kernels" GRID_SET="DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True;FRONT_PRODUCTS=True"
 # then the step late in the grid's generation, where the growing caches' attention goes:
 #   ONLY=profile_generate_b64 GEN64_VARIANTS=kernels GEN64_TABLE="--table-kernels --grid-prompts --at 112 --trace $OUT/tr"
 # and on a PyTorch with torch.cuda.CUDAGraph.begin_capture_to_if_node:
@@ -105,7 +104,7 @@ run generate 170 python benchmarks/generate.py --preset blt-1b --dtype bf16 --ch
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels off --speculate off --json "$OUT/generate.json"
 run generate_kernels 300 python benchmarks/generate.py --preset blt-1b --dtype bf16 --check-fp32 8 --hf-bytes 8 \
   --batches 1 8 64 --prompt-lens 64 2048 --new-bytes 128 --kernels on --speculate on \
-  --decoder-products "${DECODER_PRODUCTS:-auto}" --json "$OUT/generate_kernels.json"
+  --set "${GRID_SET:-}" --json "$OUT/generate_kernels.json"
 # the same with a byte's steps as one CUDA graph, the patch step in a conditional node
 # (Generator(byte_graph=True): no host sync a byte under 8 rows; written in the fifteenth session
 # without a GPU, off by default until this and gpu_tests have run)
