@@ -620,8 +620,8 @@ HASH_EMBED = True
 # session; twenty-fifth session, H200, blt-1b, bf16, `profile_generate.py --batch 64 --steps 32`: 2.26 ms a step with every switch on, 2.28 with this off); read when a Generator is made
 CROSS_ATTEND = True
 
-# Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows (with DECODER_NORMS) on
-# bltkit.kernels' Triton products where this is True: each residual product writes its rows' sums
+# Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows on bltkit.kernels' Triton
+# products where this is True: each residual product writes its rows' sums
 # of squares beside them (kernels.product_residual), and the next one RMS-norms its input on the
 # way in (kernels.product_rope: the norm, q|k|v, RoPE and the ring writes; kernels.product_swiglu:
 # the norm, w1|w3 and SwiGLU; kernels.cross_attend's q; kernels.product: the final norm and the
@@ -631,7 +631,7 @@ CROSS_ATTEND = True
 # beside the entropy model's stream; the decoder runs after that stream has finished (twenty-fifth
 # session's trace). Written in the twenty-eighth session without a GPU (tested under Triton's
 # interpreter, compiled for sm_90 on the CPU); off until a GPU times it (`decode_gap.py --variants
-# base generate.DECODER_PRODUCTS=True`); read when a Generator is made
+# base DECODER_PRODUCTS=True`); read when a Generator is made
 DECODER_PRODUCTS = False
 
 # Generator(kernels=True) runs the global stack past KERNEL_MAX_ROWS rows on the same products
@@ -845,7 +845,7 @@ class Generator:
         self._decoder_norms = self._cross_kernel and DECODER_NORMS
         from . import kernels as _k  # (its constants need no Triton)
 
-        self._decoder_products = self._decoder_norms and DECODER_PRODUCTS and self.cfg.decoder.dim % _k.SS_COLS == 0
+        self._decoder_products = self._cross_kernel and DECODER_PRODUCTS and self.cfg.decoder.dim % _k.SS_COLS == 0
         self._global_products = (self.fused_global is not None and GLOBAL_PRODUCTS
                                  and self.cfg.global_transformer.dim % _k.SS_COLS == 0)
         front = [self.cfg.encoder.dim] + ([self.cfg.entropy_model.dim] if model.entropy_model is not None else [])

@@ -46,12 +46,13 @@ chains of a step that surround its matrix-vector products, and its attention cal
   of rows, `tl.dot`) with their epilogues (the residual add; RoPE and the cache writes; SwiGLU;
   none), where the norm before each needs no kernel of its own: a residual product writes its rows'
   sums of squares over every SS_COLS features beside them, and the next product (or
-  `cross_attend`) RMS-norms its input from them on the way in (the decoder past a few rows,
-  generate.DECODER_PRODUCTS).
+  `cross_attend`) RMS-norms its input from them on the way in (every stack past a few rows:
+  generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS, FRONT_PRODUCTS).
 
 Each projecting program computes whole output features from the full input row, so no partial sums
 of a product cross programs; the input's norm is recomputed by every program (a D-long reduction,
-cheap next to the weights it reads), or taken from the sums of squares the product before wrote. Rounding follows the PyTorch path step by step (every tensor the reference
+cheap next to the weights it reads), or taken from the sums of squares the product before wrote.
+Rounding follows the PyTorch path step by step (every tensor the reference
 materialises in the model's dtype is rounded to it here too), so in fp32 the results agree to
 summation order; `attend` keeps its softmax weights in fp32 (SDPA's flash kernels round them to
 the dtype before the product with v), so in bf16 it is off by at most a final rounding. `TRITON_INTERPRET=1` runs them on a CPU (tests/test_kernels.py).
@@ -298,7 +299,7 @@ if triton is not None:
     @triton.autotune(configs=_configs([{"BLOCK_B": 16, "BLOCK_D": 128}, {"BLOCK_B": 32, "BLOCK_D": 128},
                                        {"BLOCK_B": 64, "BLOCK_D": 64}, {"BLOCK_B": 16, "BLOCK_D": 256},
                                        {"BLOCK_B": 64, "BLOCK_D": 128}, {"BLOCK_B": 16, "BLOCK_D": 64}],
-                                      [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H", "EARLY"])
+                                      [4, 4, 4, 4, 8, 2]), key=["B", "D", "N", "NK", "K", "H", "EARLY", "NORM"])
     @triton.jit
     def _cross_attend_kernel(x_ptr, w_ptr, k_ptr, v_ptr, out_ptr, ss_ptr, g_ptr, B, D, scale, N, NK, K, sx_b,
                              sk_b, sk_n, sk_s, sv_b, sv_n, sv_s, T, eps, H: tl.constexpr, HP: tl.constexpr,
