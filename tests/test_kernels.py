@@ -80,6 +80,21 @@ BF16_TOL = 2**-6
 
 # the tuned choice (under the interpreter its first: 16 pairs a program, more than a head of 8 has,
 # so half its lanes are masked), 2 pairs (four programs a head), 8 (a whole head a program)
+def _assert_rope_written(q, kc, vc, slots, qk, v_want, scale: float, tol: float) -> None:
+    """q [B, N, H] and each row's k (qk's heads after N) and v at its slot as wanted, within tol *
+    scale, and no other slot of either cache written."""
+    N = q.shape[1]
+    B, _, R, _ = kc.shape
+    rows = torch.arange(B)
+    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]  # B NK H
+    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, v_want)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
+    written = torch.zeros(B, R, dtype=torch.bool)
+    written[rows, slots] = True
+    assert not kc.transpose(1, 2)[~written].any()  # only each row's slot is written
+    assert not vc.transpose(1, 2)[~written].any()
+
+
 @pytest.mark.parametrize("pairs", [None, 2, 8])
 @pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot, or each row's global-cache slot
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
@@ -97,15 +112,7 @@ def test_norm_qkv_rope_equals_the_pytorch_step(dtype, tol, per_row, pairs):
     q = kernels.norm_qkv_rope(x, norm.weight, norm.eps, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot, pairs)
     y = _rnd(_normed(norm, x) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)  # fp32 accumulation
     qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]  # (apply_rope computes in fp32)
-    scale = y.abs().max().item()
-    rows = torch.arange(B)
-    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]  # B NK H
-    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y[:, 0, N + NK:])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-    written = torch.zeros(B, R, dtype=torch.bool)
-    written[rows, slots] = True
-    assert not kc.transpose(1, 2)[~written].any()  # only each row's slot is written
-    assert not vc.transpose(1, 2)[~written].any()
+    _assert_rope_written(q, kc, vc, slots, qk, y[:, 0, N + NK:], y.abs().max().item(), tol)
 
 
 @pytest.mark.parametrize("per_row", [False, True])  # a ring's shared slot and position, or each row's
@@ -127,15 +134,7 @@ def test_rope_write_equals_the_pytorch_step(dtype, tol, per_row):
     q = kernels.rope_write(y, c, s_.contiguous(), N, NK, kc, vc, slot)
     y4 = y.reshape(B, 1, N + 2 * NK, H)
     qk = apply_rope(y4[:, :, :N + NK], cos, sin)[:, 0]
-    rows = torch.arange(B)
-    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]
-    scale = y.abs().max().item()
-    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y4[:, 0, N + NK:])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-    written = torch.zeros(B, R, dtype=torch.bool)
-    written[rows, slots] = True
-    assert not kc.transpose(1, 2)[~written].any()
-    assert not vc.transpose(1, 2)[~written].any()
+    _assert_rope_written(q, kc, vc, slots, qk, y4[:, 0, N + NK:], y.abs().max().item(), tol)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOL)])
@@ -643,15 +642,7 @@ def test_product_rope_equals_the_pytorch_step(dtype, tol, per_row, blocks):
                              blocks=blocks)
     y = _rnd(_rms(norm, h) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)
     qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]
-    rows = torch.arange(B)
-    k_got, v_got = kc[rows, :, slots], vc[rows, :, slots]
-    scale = y.abs().max().item()
-    for got, want in ((q, qk[:, :N]), (k_got, qk[:, N:]), (v_got, y[:, 0, N + NK:])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol * scale)
-    written = torch.zeros(B, R, dtype=torch.bool)
-    written[rows, slots] = True
-    assert not kc.transpose(1, 2)[~written].any()
-    assert not vc.transpose(1, 2)[~written].any()
+    _assert_rope_written(q, kc, vc, slots, qk, y[:, 0, N + NK:], y.abs().max().item(), tol)
 
 
 def test_products_refuse_what_they_cannot_norm():
