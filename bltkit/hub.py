@@ -18,13 +18,19 @@ _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*")
 
 def resolve(src: str | os.PathLike) -> Path:
     """`src` as a local folder: itself where it exists (or cannot be a repository id: the caller
-    then says it is missing), else the hub repository's snapshot, fetched or from the cache."""
+    then says it is missing), else the hub repository's snapshot, fetched or from the cache. A
+    missing path whose first folder exists here is not fetched: a ValueError says so."""
     path = Path(src)
     text = os.fspath(src)
-    # a local folder's path with a typo (runs/exp1/fnal, where runs/ exists) is a missing local
-    # path, not a hub repository to fetch
-    if path.exists() or not _REPO.fullmatch(text) or Path(text.split("/")[0]).exists():
+    if path.exists() or not _REPO.fullmatch(text):
         return path
+    first = text.split("/")[0]
+    if Path(first).exists():  # a local folder's path with a typo (runs/exp1/fnal, where runs/ exists)
+        # is a missing local path, not a hub repository to fetch: say why it was not fetched
+        raise ValueError(f"{text} does not exist here. It was read as a local path, not a Hugging Face hub "
+                         f"repository id, because {first}/ exists in the working directory: correct the path, "
+                         "or to fetch the repository run from a directory without that folder (or pass the "
+                         "folder you downloaded)")
     org, name, *sub = text.split("/")
     repo = f"{org}/{name}"
     try:

@@ -445,12 +445,15 @@ def test_bad_device_is_not_blamed_on_the_file(saved, monkeypatch):
 
 def test_a_mistyped_local_path_is_not_fetched_from_the_hub(tmp_path, monkeypatch):
     """`runs/exp1/fnal` where runs/ exists is a missing local folder, never a hub repository id
-    (bltkit.hub.resolve would otherwise ask the network for the repository runs/exp1)."""
+    (bltkit.hub.resolve would otherwise ask the network for the repository runs/exp1), and the
+    error says why it was not fetched; an existing folder is itself."""
     from bltkit import hub
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # (no network asked: the import fails)
     (tmp_path / "runs" / "exp1").mkdir(parents=True)
-    assert hub.resolve("runs/exp1/fnal") == Path("runs/exp1/fnal")
+    with pytest.raises(ValueError, match=r"runs/exp1/fnal does not exist.*because runs/ exists"):
+        hub.resolve("runs/exp1/fnal")
+    assert hub.resolve("runs/exp1") == Path("runs/exp1")
     with pytest.raises(ValueError, match="Hugging Face hub"):  # an id whose first folder is not here is one
         hub.resolve("someorg/somemodel")
