@@ -43,12 +43,14 @@
 # compiled for sm_90 on the CPU by benchmarks/hopper_compile.py, not run). The twenty-eighth got
 # none either (every stack on Triton products with each norm in the next product's prologue,
 # generate.DECODER_PRODUCTS, GLOBAL_PRODUCTS, FRONT_PRODUCTS: 333 -> 221 kernels on the batch-64
-# chain, off until timed). Next, first (the tests, then the products and the twenty-seventh
-# session's switches on the grid's 128 steps; the all-products variant also lands in the output):
-#   ONLY="gpu_tests decode_gap" GAP_VARIANTS="base DECODER_PRODUCTS=True GLOBAL_PRODUCTS=True
+# chain, off until timed). Next: the compiled tests (one call; the products compile each candidate
+# for each shape, so the limit is raised), then the products and the twenty-seventh session's
+# switches on the grid's 128 steps (a second call; ~30 s a variant, more where the products tune):
+#   ONLY=gpu_tests GPU_TESTS_LIMIT=560
+#   ONLY=decode_gap GAP_LIMIT=560 GAP_VARIANTS="base DECODER_PRODUCTS=True GLOBAL_PRODUCTS=True
 #     FRONT_PRODUCTS=True DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True;FRONT_PRODUCTS=True
 #     kernels.ATTEND_FIRST_BLOCK=False kernels.ATTEND_AHEAD=False kernels.CROSS_UNITS_EARLY=False base"
-# (GAP_LIMIT=560: decode_gap takes 260 s unless told, ~30 s a variant, more where products tune), then the grid
+# then the grid
 # with the switches that won on (GRID_SET, generate.py --set) and attend_configs:
 #   ONLY="attend_configs generate_kernels" GRID_SET="DECODER_PRODUCTS=True;GLOBAL_PRODUCTS=True;FRONT_PRODUCTS=True"
 # then the step late in the grid's generation, where the growing caches' attention goes:
@@ -69,7 +71,7 @@ run() {
 run flex_check 200 python benchmarks/flex_check.py --preset blt-1b --seq-len 8192 --rows 2
 run block_masks 60 python benchmarks/block_masks.py --batch 32 --seq-len 4096 --patches 2048
 # the generator's GPU-only tests: Triton kernels compiled, the speculative step's second stream
-run gpu_tests 300 python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+run gpu_tests "${GPU_TESTS_LIMIT:-300}" python -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
   "tests/test_generate.py::test_speculation_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_overlap_on_cuda_equals_plain_steps" \
   "tests/test_generate.py::test_entropy_model_on_fewer_sms_equals_plain_steps" \

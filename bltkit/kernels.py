@@ -670,15 +670,16 @@ if triton is not None:
         g = tl.load(g_ptr + k, mask=kok, other=0.0).to(tl.float32)
         return (xt.to(tl.float32) * rstd[:, None] * g[None, :]).to(dt)
 
-    # BLOCK_M rows by BLOCK_N output features, BLOCK_K inputs a step. The twenty-first session's
-    # products of this form (benchmarks/pdl_chain.py, H200, 64 rows, 4 warps, 4 stages) ran within
-    # 0.5 µs of cuBLAS for blt-1b's global shapes on their own (64x128 and 32x64 blocks of N x K
-    # among each one's best); the decoder's are narrower (1,024 features), so smaller blocks and
-    # row tiles give its products more programs
+    # BLOCK_M rows by BLOCK_N output features, BLOCK_K inputs a step (6 candidates: each compiles
+    # for each key on a GPU's first call). The twenty-first session's products of this form
+    # (benchmarks/pdl_chain.py, H200, 64 rows, 4 warps, 4 stages) ran within 0.5 µs of cuBLAS for
+    # blt-1b's global shapes on their own, best over 2-4 slices of K (partial sums added by the
+    # next kernel); these do not split K (the epilogue needs whole sums), so blocks of 16-32 rows
+    # give a narrow product more programs instead (each reads its weights again, from L2). If they
+    # lose for want of programs, slices of K with the last slice's program summing them are next
     @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                               for m, n, k, w, s in ((64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 64, 4, 4),
-                                                    (64, 16, 128, 4, 4), (32, 32, 128, 4, 4), (32, 64, 64, 4, 4),
-                                                    (16, 32, 128, 4, 4), (16, 64, 128, 4, 3))][
+                                                    (64, 16, 128, 4, 4), (32, 32, 128, 4, 4), (16, 32, 128, 4, 4))][
                                   :1 if os.environ.get("TRITON_INTERPRET") == "1" else None],
                      key=["M", "N", "K", "EPI", "NORM"])
     @triton.jit

@@ -537,10 +537,11 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, beta):
     torch.testing.assert_close(n.float(), _rnd(n_want, dtype), rtol=0, atol=tol * n_want.abs().max().item())
 
 
-# the products' blocks: the tuned choice (under the interpreter its first candidate, 64 x 64 x
-# 128: one block of rows, columns and inputs here), or blocks of 16 (three row blocks, the last
-# partial; several column blocks and input steps, the last of each partial)
-PRODUCT_BLOCKS = [None, (16, 16, 16)]
+# the products' blocks (BLOCK_M, BLOCK_N, BLOCK_K): the autotuner's first candidate (one block of
+# rows, columns and inputs here), or blocks of 16 (three row blocks, the last partial; several
+# column blocks and input steps, the last of each partial). Fixed, not tuned: on a GPU each
+# candidate of each key compiles (~1-2 s); the generator's test runs the tuner's path
+PRODUCT_BLOCKS = [(64, 64, 128), (16, 16, 16)]
 
 
 def _residual_case(dtype, B=37, D=48, K=72, seed=6):
