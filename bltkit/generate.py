@@ -621,15 +621,15 @@ HASH_EMBED = True
 CROSS_ATTEND = True
 
 # Generator(kernels=True) runs the decoder past KERNEL_MAX_ROWS rows on bltkit.kernels' Triton
-# products where this is True: each residual product writes its rows' sums
-# of squares beside them (kernels.product_residual), and the next one RMS-norms its input on the
-# way in (kernels.product_rope: the norm, q|k|v, RoPE and the ring writes; kernels.product_swiglu:
-# the norm, w1|w3 and SwiGLU; kernels.cross_attend's q; kernels.product: the final norm and the
-# output head). A decoder layer then takes 7 kernels where cuBLAS's products with the norms, RoPE
-# and SwiGLU kernels after them took 11: 36 fewer on blt-1b's batch-64 chain. The twenty-first
-# session's Triton products lost in the global stack (2.67-2.73 against 2.55-2.59 ms a step),
-# beside the entropy model's stream; the decoder runs after that stream has finished (twenty-fifth
-# session's trace). Written in the twenty-eighth session without a GPU (tested under Triton's
+# products where this is True: each residual product writes its rows' sums of squares beside them
+# (kernels.product_residual), and the next one RMS-norms its input on the way in
+# (kernels.product_rope: the norm, q|k|v, RoPE and the ring writes; kernels.product_swiglu: the
+# norm, w1|w3 and SwiGLU; kernels.cross_attend's q; kernels.product: the final norm and the output
+# head). A decoder layer then takes 7 kernels where cuBLAS's products with the norms, RoPE and
+# SwiGLU kernels after them took 11: 37 fewer on blt-1b's batch-64 chain (count_step_ops.py). The
+# twenty-first session's Triton products lost in the global stack (2.67-2.73 against 2.55-2.59 ms
+# a step), beside the entropy model's stream; the decoder runs after that stream has finished
+# (twenty-fifth session's trace). Written in the twenty-eighth session without a GPU (tested under Triton's
 # interpreter, compiled for sm_90 on the CPU); off until a GPU times it (`decode_gap.py --variants
 # base DECODER_PRODUCTS=True`); read when a Generator is made
 DECODER_PRODUCTS = False
