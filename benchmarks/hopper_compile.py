@@ -69,7 +69,7 @@ def attend_values(what: str, H: int) -> dict:
     v = dict(S=S, N=N, NK=NK, QN=N, sk_b=NK * S * H, sk_n=S * H, sk_s=H, sv_b=NK * S * H, sv_n=S * H, sv_s=H,
              sm_b=0, sm_s=1, s_last=1, SPLITS=1, s_rope=0, s_slot=0, window=0, sq_b=N * H, sq_n=H)
     if what.startswith("global"):  # q|k|v rows; each row its own slot, RoPE row and bounds
-        v.update(sq_b=(N + 2 * NK) * H, sq_n=0, s_rope=H // 2, s_slot=1)
+        v.update(sq_b=(N + 2 * NK) * H, sq_n=0, s_rope=H, s_slot=1)  # (rows of [B, 2, H/2] halves)
     elif what.startswith("ring"):  # one position for all rows, the window
         v.update(sq_b=(N + 2 * NK) * H, sq_n=0, s_last=0, window=512)
     elif what == "mask":
@@ -139,11 +139,12 @@ PRODUCT_CALLS = [
 def product_values(K: int, N: int, glob: bool) -> dict:
     """The product kernel's integer arguments as the batch-64 step passes them: the decoder's (a
     ring of 512 slots, 16 heads of 64, one slot and RoPE row for every row) or the global stack's
-    (a cache of 512 patches, 16 heads of 128, each row its own slot and RoPE row); T: the norm's
+    (a cache of 512 patches, 16 heads of 128, each row its own slot and RoPE row, the halves'
+    rows H apart); T: the norm's
     SS_COLS chunks."""
     S, NK, H = 512, 16, 128 if glob else 64
     NK = 12 if K == 768 else NK  # the entropy model's 12 heads
-    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=NK, NK=NK, s_rope=H // 2 if glob else 0,
+    return dict(M=64, N=N, K=K, T=K // kernels.SS_COLS, sx=K, NQ=NK, NK=NK, s_rope=H if glob else 0,
                 s_slot=1 if glob else 0, skc_b=NK * S * H, skc_n=S * H, skc_r=H, svc_b=NK * S * H, svc_n=S * H,
                 svc_r=H)
 

@@ -108,11 +108,13 @@ if triton is not None:
 
     @triton.jit
     def _normed(x_row, g_ptr, d, D, rstd):
-        """RMSNorm of a chunk as bltkit's RMSNorm rounds it: (x * rstd) in the dtype, times w."""
+        """RMSNorm of a chunk as bltkit's RMSNorm (F.rms_norm) rounds it: x * rstd * w in fp32,
+        rounded once to the dtype (it rounded x * rstd first until the twenty-eighth session, one
+        rounding more than the model's, in bf16)."""
         dt = x_row.dtype.element_ty
         x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        return ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+        return (x * rstd * g).to(dt).to(tl.float32)
 
     @triton.jit
     def _silu_mul(a, g, dt):

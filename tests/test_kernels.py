@@ -54,10 +54,9 @@ def _rnd(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _normed(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """bltkit's RMSNorm with its two roundings (normalised, then times the weight)."""
-    xf = x.float()
-    n = _rnd(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps), x.dtype)
-    return _rnd(n * norm.weight.float(), x.dtype)
+    """bltkit's RMSNorm (F.rms_norm: x * rstd * w in fp32, rounded once) of x's rounded values, in
+    fp32."""
+    return _rnd(F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps), x.dtype)
 
 
 def _case(dtype, B=3, D=96, N=4, NK=2, H=16, R=8, F_=40, seed=0):
@@ -557,11 +556,6 @@ def _residual_case(dtype, B=37, D=48, K=72, seed=6):
     return x, a, w, norm
 
 
-def _rms(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """F.rms_norm's result (fp32, one rounding) of x's rounded values, in fp32."""
-    return _rnd(F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps), x.dtype)
-
-
 @pytest.mark.parametrize("blocks", PRODUCT_BLOCKS)
 @pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the decoder cross-attention's double one
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
@@ -593,7 +587,7 @@ def test_products_norm_their_input_on_the_way_in(dtype, tol, blocks):
     x, a, w, norm = _residual_case(dtype)
     h, ss = kernels.product_residual(a, w, x, blocks=blocks)
     B, D = h.shape
-    hn = _rms(norm, h)
+    hn = _normed(norm, h)
     g = torch.Generator().manual_seed(8)
     w_out = (torch.randn(40, D, generator=g) / D**0.5).to(DEV, dtype)
     w13 = (torch.randn(2 * 24, D, generator=g) / D**0.5).to(DEV, dtype)
@@ -641,7 +635,7 @@ def test_product_rope_equals_the_pytorch_step(dtype, tol, per_row, blocks):
     slot = torch.tensor(slots if per_row else [5], device=DEV)
     q = kernels.product_rope(h, w_qkv, c, s_.contiguous(), N, NK, kc, vc, slot, norm=(ss, norm.weight, norm.eps),
                              blocks=blocks)
-    y = _rnd(_rms(norm, h) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)
+    y = _rnd(_normed(norm, h) @ w_qkv.float().T, dtype).view(B, 1, N + 2 * NK, H)
     qk = _rnd(apply_rope(y[:, :, :N + NK], cos, sin), dtype)[:, 0]
     _assert_rope_written(q, kc, vc, slots, qk, y[:, 0, N + NK:], y.abs().max().item(), tol)
 
