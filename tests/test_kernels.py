@@ -511,6 +511,19 @@ def test_linear_add_equals_addmm(dtype, tol, beta):
     torch.testing.assert_close(out.float(), _rnd(want, dtype), rtol=0, atol=tol * want.abs().max().item())
 
 
+def _residual_case(dtype, B=37, D=48, K=72, seed=6):
+    """x [B, D], a [B, K] (a strided view), w [D, K], a norm weight [D] (by default D a multiple of
+    SS_COLS but of no larger block, K of none)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g).to(DEV, dtype)
+    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
+    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
+    norm = RMSNorm(D).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    return x, a, w, norm
+
+
 @pytest.mark.parametrize("beta", [1.0, 2.0])  # the blocks' residual; the decoder cross-attention's double one
 @pytest.mark.parametrize("splits", [1, 2, 7])  # 7: K not a multiple, one product
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
@@ -519,14 +532,8 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, beta):
     the kernel; and the norm after it, F.rms_norm's (fp32, one rounding); a with a row stride;
     rows that are not a power of two long. In bf16 one step at the largest magnitude (the
     slices' sums differ from one product's in order)."""
-    B, D, K = 5, 40, 600
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(B, D, generator=g).to(DEV, dtype)
-    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
-    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
-    norm = RMSNorm(D).to(DEV, dtype)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
+    x, a, w, norm = _residual_case(dtype, B=5, D=40, K=600)
+    D = x.shape[1]
     h_want = beta * x.float() + a.float() @ w.float().T
     n_want = F.rms_norm(_rnd(h_want, dtype), (D,), norm.weight.float(), norm.eps)
     h = x.clone()
@@ -541,19 +548,6 @@ def test_residual_norm_equals_addmm_then_rmsnorm(dtype, tol, splits, beta):
 # column blocks and input steps, the last of each partial). Fixed, not tuned: on a GPU each
 # candidate of each key compiles (~1-2 s); the generator's test runs the tuner's path
 PRODUCT_BLOCKS = [(64, 64, 128), (16, 16, 16)]
-
-
-def _residual_case(dtype, B=37, D=48, K=72, seed=6):
-    """x [B, D], a [B, K] (a strided view), w [D, K], a norm weight [D]: D a multiple of SS_COLS
-    but of no larger block, K of none."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g).to(DEV, dtype)
-    a = torch.randn(B, K + 8, generator=g).to(DEV, dtype)[:, :K]
-    w = (torch.randn(D, K, generator=g) / K**0.5).to(DEV, dtype)
-    norm = RMSNorm(D).to(DEV, dtype)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=g))
-    return x, a, w, norm
 
 
 @pytest.mark.parametrize("blocks", PRODUCT_BLOCKS)
