@@ -288,6 +288,15 @@ if triton is not None:
         return m_new, l_i * alpha + p, o * alpha[:, None] + p[:, None] * vv.to(tl.float32)
 
     @triton.jit
+    def _dot(x, w, acc, IEEE: tl.constexpr):
+        """acc + x @ w. IEEE: fp32 products in fp32 (tl.dot's default on a GPU rounds them to tf32);
+        under the interpreter bf16 too (its bf16 tl.dot is wrong: Triton 3.9), exact products of
+        bf16 values summed in fp32, as the GPU's bf16 tensor-core product sums them."""
+        if IEEE:
+            return tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x, w, acc)
+
+    @triton.jit
     def _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP: tl.constexpr):
         """cross_attend's keys and values of a row block's first two units (the second masked out
         where K is 1)."""
@@ -332,11 +341,7 @@ if triton is not None:
                 x = _normed_tile(x, g_ptr, d, dok, rstd, dt)
             w = tl.load(w_ptr + (head * H + h)[None, :] * D + d[:, None], mask=dok[:, None] & hok[None, :],
                         other=0.0)  # [BLOCK_D, HP]: the head's rows of w_q, transposed
-            # IEEE: fp32 products in fp32 (tl.dot's default on a GPU rounds them to tf32); under the
-            # interpreter bf16 too (its bf16 tl.dot is wrong: Triton 3.9), exact products of bf16
-            # values summed in fp32, as the GPU's bf16 tensor-core product sums them
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee") if IEEE \
-                else tl.dot(x, w, acc)
+            acc = _dot(x, w, acc, IEEE)
         q = acc.to(dt).to(tl.float32)  # the q product's output, rounded as F.linear's
         if not EARLY:
             k0, v0, k1, v1 = _first_units(k_rows, v_rows, sk_s, sv_s, m2, h, K, HP)
@@ -724,9 +729,7 @@ if triton is not None:
                 xt = _normed_tile(xt, g_ptr, k, kok, rstd, dt)
             wt = tl.load(w_ptr + wrow[None, :].to(tl.int64) * K + k[:, None], mask=nok[None, :] & kok[:, None],
                          other=0.0)
-            # IEEE as in _cross_attend_kernel: fp32 without TF32, and the interpreter's bf16
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee") if IEEE \
-                else tl.dot(xt, wt, acc)
+            acc = _dot(xt, wt, acc, IEEE)
         ok = mok[:, None] & nok[None, :]
         if EPI == _EPI_RESIDUAL:
             at = m[:, None] * N + wrow[None, :]
@@ -1108,13 +1111,15 @@ def _product(x_BK: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epi: i
     N = weight.shape[0]
     assert weight.shape[1] == K, f"a product of rows of {K} with a weight of {tuple(weight.shape)}"
     ss, g, eps, T = _norm_args(norm, x_BK, out)
-    cos, sin, kc, vc, slot, NQ, NK = rope if rope is not None else (out, out, out, out, out, 0, 0)
-    H = kc.shape[-1] if rope is not None else 2
+    if rope is not None:  # (cos, sin, k cache, v cache, slot, q heads, k/v heads)
+        cos, sin, kc, vc, slot, NQ, NK = rope
+        H = kc.shape[-1]
+        at = (NQ, NK, _rope_stride(cos, sin), 1 if slot.numel() == M > 1 else 0, *kc.stride()[:3], *vc.stride()[:3])
+    else:  # (`out` stands in for the pointers, which are not read)
+        cos = sin = kc = vc = slot = out
+        H, at = 2, (0,) * 10
     args = (x_BK, ss, g, weight, out, out if res is None else res, out if sso is None else sso, cos, sin, kc, vc,
-            slot, M, N, K, T, x_BK.stride(0), eps, beta, NQ, NK,
-            _rope_stride(cos, sin) if rope is not None else 0, 1 if rope is not None and slot.numel() == M > 1 else 0,
-            kc.stride(0) if rope else 0, kc.stride(1) if rope else 0, kc.stride(2) if rope else 0,
-            vc.stride(0) if rope else 0, vc.stride(1) if rope else 0, vc.stride(2) if rope else 0)
+            slot, M, N, K, T, x_BK.stride(0), eps, beta, *at)
     consts = dict(NORM=norm is not None, EPI=epi, H=H, TP=triton.next_power_of_2(max(T, 1)), IEEE=_ieee(x_BK))
     if blocks is None:
         _product_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **consts)
